@@ -1,0 +1,47 @@
+# ccat: staged workflow. Every target sets up the environment it needs first.
+#   make demo | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
+#   make bench
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET ?= cremad
+RAW ?= data/raw/$(DATASET)
+SHARDS ?= shards/$(DATASET)
+WORKERS ?= 0
+# Published split lists, as NAME=FILE words; by default the ones `make download` fetched.
+SPLITS ?= $(if $(wildcard $(RAW)/splits/train.csv),train=$(RAW)/splits/train.csv test=$(RAW)/splits/test.csv)
+DEMO_DIR ?= runs/demo
+
+.PHONY: install download shards demo test bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+download: install
+	$(BIN)/ccat-data download $(DATASET) --out $(dir $(RAW))
+
+shards: install
+	$(BIN)/ccat-data build $(DATASET) --raw $(RAW) --out $(SHARDS) --workers $(WORKERS) \
+		$(foreach s,$(SPLITS),--split $(s))
+	$(BIN)/ccat-data verify $(SHARDS)
+
+# The built-in dataset end to end: synthetic raw CREMA-D -> shards -> verify -> info.
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(BIN)/ccat-data synth cremad --out $(DEMO_DIR)/raw --clips 240 --seed 0
+	$(BIN)/ccat-data build cremad --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards \
+		--frame-size 64 --seconds 3.0 --shard-size 64 --workers $(WORKERS)
+	$(BIN)/ccat-data verify $(DEMO_DIR)/shards
+	$(BIN)/ccat-data info $(DEMO_DIR)/shards
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	@for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -1,0 +1,71 @@
+"""Open a built dataset and iterate its decoded samples.
+
+The manifest is the only source of dataset facts (classes, modalities, shapes, counts):
+training code asks a :class:`BuiltDataset`, never a table of dataset names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from ccat.data import spec
+from ccat.data.spec import Sample, decode_sample
+
+__all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]
+
+
+class DatasetError(RuntimeError):
+    """A built dataset is missing, unfinished, or does not follow the shard format."""
+
+
+class BuiltDataset:
+    """A finished build on the local disk: its manifest and its shards."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest["dataset"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def modalities(self) -> dict[str, dict[str, Any]]:
+        return dict(self.manifest["modalities"])
+
+    @property
+    def splits(self) -> list[str]:
+        known = [s for s in spec.SPLIT_NAMES if s in self.manifest["splits"]]
+        return known + sorted(set(self.manifest["splits"]) - set(known))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def num_samples(self, split: str) -> int:
+        spec.shards_of(self.manifest, split)
+        return self.manifest["splits"][split]["num_samples"]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / s.name for s in spec.shards_of(self.manifest, split)]
+
+    def iter_samples(self, split: str) -> Iterator[Sample]:
+        """Decoded samples of ``split`` in shard order."""
+        for path in self.shard_paths(split):
+            with open(path, "rb") as f:
+                for key, members in spec.iter_tar_samples(f):
+                    yield decode_sample(key, members, self.modalities)
+
+
+def open_dataset(path: str | Path) -> BuiltDataset:
+    """Open the built dataset at ``path`` (a folder holding ``manifest.json``)."""
+    root = Path(path)
+    try:
+        return BuiltDataset(root, spec.load_manifest(root))
+    except spec.SpecError as err:
+        raise DatasetError(str(err)) from None

@@ -1,0 +1,91 @@
+"""CREMA-D: ``AudioWAV/<id>.wav`` and ``VideoFlash/<id>.flv`` per clip, 6 emotions.
+
+Ids are ``<actor>_<sentence>_<emotion>_<level>``; the label is the third field.
+Published split files are ``<id>,<EMO>`` rows (CRLF, sometimes with a UTF-8 BOM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccat.data import spec
+from preprocess import media
+from preprocess.datasets import LayoutError, register
+from preprocess.splits import Entry, SplitError, read_text_lines
+
+CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
+AUDIO_DIR, AUDIO_SUFFIX = "AudioWAV", ".wav"
+VIDEO_DIR, VIDEO_SUFFIX = "VideoFlash", ".flv"
+DEFAULT_SECONDS = 3.0  # published CREMA-D code (OGM-GE); the CCAT paper states 20 s
+
+
+def label_of(clip_id: str) -> int | None:
+    """Class index from the id's third ``_`` field, or None when the id does not parse."""
+    fields = clip_id.split("_")
+    if len(fields) != 4 or fields[2] not in CLASSES:
+        return None
+    return CLASSES.index(fields[2])
+
+
+@register("cremad")
+@dataclass
+class Cremad:
+    """The CREMA-D recipe: the wav for audio, the flv's video track for frames."""
+
+    audio: media.AudioParams = field(default_factory=lambda: media.AudioParams(DEFAULT_SECONDS))
+    video: media.VideoParams = field(default_factory=media.VideoParams)
+    name: str = "cremad"
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+
+    def modalities(self) -> dict[str, dict[str, Any]]:
+        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
+
+    def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
+        audio_dir, video_dir = raw / AUDIO_DIR, raw / VIDEO_DIR
+        if not raw.is_dir():
+            raise LayoutError(f"{raw} does not exist; pass the CREMA-D folder that holds "
+                              f"{AUDIO_DIR}/ and {VIDEO_DIR}/ (`make download DATASET=cremad`)")
+        missing = [d.name + "/" for d in (audio_dir, video_dir) if not d.is_dir()]
+        if missing:
+            raise LayoutError(f"{raw} is not a CREMA-D folder: it lacks {' and '.join(missing)}; "
+                              f"expected {AUDIO_DIR}/<id>{AUDIO_SUFFIX} and "
+                              f"{VIDEO_DIR}/<id>{VIDEO_SUFFIX} inside it")
+        ids = {p.stem for p in audio_dir.glob(f"*{AUDIO_SUFFIX}")}
+        ids |= {p.stem for p in video_dir.glob(f"*{VIDEO_SUFFIX}")}
+        if not ids:
+            raise LayoutError(f"{raw} holds no {AUDIO_DIR}/*{AUDIO_SUFFIX} or "
+                              f"{VIDEO_DIR}/*{VIDEO_SUFFIX} files; is it the CREMA-D folder?")
+        entries, unusable = {}, []
+        for clip_id in sorted(ids):
+            label = label_of(clip_id)
+            if label is None or not spec.KEY_PATTERN.match(clip_id):
+                unusable.append({"id": clip_id, "split": None,
+                                 "reason": "file name is not a CREMA-D clip id"})
+                continue
+            entries[clip_id] = Entry(clip_id, label, {
+                "audio": f"{AUDIO_DIR}/{clip_id}{AUDIO_SUFFIX}",
+                "video": f"{VIDEO_DIR}/{clip_id}{VIDEO_SUFFIX}"})
+        return entries, unusable
+
+    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+        rows = []
+        for number, line in enumerate(read_text_lines(path), start=1):
+            clip_id, sep, emotion = line.partition(",")
+            if not sep or emotion.strip() not in CLASSES:
+                raise SplitError(f"{path} line {number} is {line!r}; CREMA-D split files have "
+                                 f"'<id>,<EMO>' rows with EMO in {' '.join(CLASSES)}")
+            rows.append((clip_id.strip(), CLASSES.index(emotion.strip())))
+        return rows
+
+    def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
+        audio_path, video_path = raw / entry.sources["audio"], raw / entry.sources["video"]
+        for modality, path in (("audio", audio_path), ("video", video_path)):
+            if not path.is_file():
+                raise media.MediaError(f"{modality} file is missing", entry.sources[modality])
+        spectrogram, audio_meta = media.audio_features(audio_path, self.audio)
+        frames, video_meta = media.sample_frames(video_path, self.video)
+        members = {"audio.npy": spec.encode_npy(spectrogram)}
+        members.update({f"video.{i}.jpg": jpeg for i, jpeg in enumerate(frames)})
+        return members, {"audio": audio_meta, "video": video_meta}

@@ -1,0 +1,120 @@
+"""Split assignment: published split files when given, else seeded class-stratified splits.
+
+A validation split is always carved from train (seeded, stratified) unless a split file
+for it is given, because hyperparameters (LoRA rank, beta) are chosen on validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VAL_SALT = 1  # separate random streams for the test and the validation carve
+TEST_SALT = 2
+
+
+class SplitError(ValueError):
+    """A split file cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One sample the recipe found: its key, class index and source files (relative)."""
+
+    key: str
+    label: int
+    sources: dict[str, str]
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file, tolerating a UTF-8 BOM and CRLF line ends."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise SplitError(f"split file {path} does not exist; check the --split path") from None
+    except UnicodeDecodeError as err:
+        raise SplitError(f"split file {path} is not UTF-8 text ({err}); "
+                         "pass the published split file unchanged") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stratified_carve(entries: list[Entry], fraction: float, seed: int,
+                     salt: int) -> tuple[list[Entry], list[Entry]]:
+    """Split ``entries`` into ``(kept, carved)`` with ``fraction`` of every class carved.
+
+    Deterministic: entries are sorted by key per class before a seeded shuffle.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise SplitError(f"split fraction {fraction} must be in [0, 1)")
+    by_class: dict[int, list[Entry]] = defaultdict(list)
+    for entry in sorted(entries, key=lambda e: e.key):
+        by_class[entry.label].append(entry)
+    rng = np.random.default_rng([seed, salt])
+    kept, carved = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = rng.permutation(len(members))
+        take = int(round(fraction * len(members)))
+        if fraction > 0 and take == 0 and len(members) > 1:
+            take = 1  # a tiny class still gives the carved split one sample
+        carved.extend(members[i] for i in order[:take])
+        kept.extend(members[i] for i in order[take:])
+    return sorted(kept, key=lambda e: e.key), sorted(carved, key=lambda e: e.key)
+
+
+def assign_splits(found: dict[str, Entry], listed: dict[str, list[tuple[str, int]]] | None,
+                  *, seed: int, val_fraction: float, test_fraction: float,
+                  ) -> tuple[dict[str, list[Entry]], list[dict[str, str]]]:
+    """Assign the found entries to train/val/test.
+
+    ``listed`` maps split name -> [(key, label)] from published split files; ids listed
+    there with no media become skipped records. Without split files, a stratified
+    ``test_fraction`` of everything found becomes test. Returns ``(splits, skipped)``.
+    """
+    skipped: list[dict[str, str]] = []
+    if listed:
+        splits: dict[str, list[Entry]] = {}
+        for split, rows in listed.items():
+            members = []
+            for key, label in rows:
+                entry = found.get(key)
+                if entry is None:
+                    skipped.append({"id": key, "split": split, "reason": "no media for this id"})
+                elif entry.label != label:
+                    skipped.append({"id": key, "split": split,
+                                    "reason": "split file label disagrees with the media",
+                                    "detail": f"file says {label}, media say {entry.label}"})
+                else:
+                    members.append(entry)
+            splits[split] = sorted(members, key=lambda e: e.key)
+    else:
+        train, test = stratified_carve(list(found.values()), test_fraction, seed, TEST_SALT)
+        splits = {"train": train, "test": test}
+    if "val" not in splits and "train" in splits:
+        splits["train"], splits["val"] = stratified_carve(splits["train"], val_fraction, seed,
+                                                          VAL_SALT)
+    return splits, skipped
+
+
+def parse_split_arguments(values: list[str]) -> dict[str, Path]:
+    """``["train=a.csv", "test=b.csv"]`` -> ``{"train": Path("a.csv"), ...}``."""
+    parsed: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SplitError(f"--split {value!r} must look like NAME=FILE, e.g. "
+                             "train=../shared/data/cremad/train.csv")
+        if name not in ("train", "val", "test"):
+            raise SplitError(f"--split {value!r}: the split name must be train, val or test")
+        if name in parsed:
+            raise SplitError(f"--split {name}= is given twice; give each split once")
+        parsed[name] = Path(path)
+    return parsed
