@@ -27,8 +27,8 @@ build_app = typer.Typer(no_args_is_help=True, help="Build the shards of one data
 synth_app = typer.Typer(no_args_is_help=True, help="Write a small synthetic raw dataset.")
 app.add_typer(build_app, name="build")
 app.add_typer(synth_app, name="synth")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (LayoutError, SplitError, writer.BuildError, spec.SpecError, check.VerifyError,
                downloads.DownloadError, media.MediaError)
 
@@ -214,3 +214,7 @@ def main() -> None:
     except USER_ERRORS as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

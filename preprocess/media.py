@@ -17,6 +17,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import soundfile
 import soxr
 import torch
@@ -77,7 +78,8 @@ class VideoParams:
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"kind": "frames", **asdict(self), "encoding": "jpeg",
-                "sampling": "segment-centres", "resize": "swscale-bicubic", "color": "RGB"}
+                "sampling": "segment-centres", "resize": "swscale-bicubic-then-rgb",
+                "color": "RGB"}
 
 
 # ---------------------------------------------------------------- audio
@@ -139,7 +141,7 @@ def log_spectrogram(signal: np.ndarray, rate: int, params: AudioParams) -> np.nd
     window = torch.hann_window(params.n_fft, periodic=True, dtype=torch.float64)
     stft = torch.stft(torch.from_numpy(fixed), params.n_fft, params.hop_length, window=window,
                       center=True, pad_mode="constant", return_complex=True)
-    return torch.log(stft.abs() + params.log_eps).to(torch.float16).numpy()
+    return np.log(np.abs(stft.numpy()) + params.log_eps).astype(np.float16)
 
 
 def audio_features(path: Path, params: AudioParams) -> tuple[np.ndarray, dict[str, Any]]:
@@ -224,9 +226,16 @@ def _keyframe_before(packets: list[av.Packet], target_pts: int) -> int:
     return best
 
 
+# Reused scalers keep their swscale contexts: a fresh one per frame costs ~2 ms to set up.
+_RESIZER, _TO_RGB = VideoReformatter(), VideoReformatter()
+
+
 def _encode_jpeg(frame: av.VideoFrame, params: VideoParams) -> bytes:
-    rgb = frame.reformat(width=params.size, height=params.size, format="rgb24",
-                         interpolation="BICUBIC").to_ndarray()
+    """Resize in the decoder's colour space, then convert the small frame to RGB: half the
+    cost of converting at full size, the same antialiased bicubic filter."""
+    resized = _RESIZER.reformat(frame, width=params.size, height=params.size,
+                                interpolation="BICUBIC")
+    rgb = _TO_RGB.reformat(resized, format="rgb24").to_ndarray()
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=params.quality)
     return buf.getvalue()

@@ -258,23 +258,24 @@ def _check_disjoint(listed: dict[str, list[tuple[str, int]]], files: dict[str, P
             seen[key] = split
 
 
-def _prepare_out(out: Path, fingerprint: str) -> None:
+def _prepare_out(out: Path, head: dict[str, Any]) -> None:
     """Create ``out`` or check that what it holds is this same build (to resume)."""
-    state = out / STATE_DIR / "fingerprint"
+    state = out / STATE_DIR / "head.json"
     previous = None
     if (out / spec.MANIFEST_NAME).is_file():
-        previous = json.loads((out / spec.MANIFEST_NAME).read_text()).get("fingerprint")
+        previous = json.loads((out / spec.MANIFEST_NAME).read_text())
     elif state.is_file():
-        previous = state.read_text().strip()
+        previous = json.loads(state.read_text())
     elif out.is_dir() and any(out.iterdir()):
         raise BuildError(f"{out} is not empty and holds no build of this toolkit; "
                          "choose an empty --out folder")
-    if previous is not None and previous != fingerprint:
-        raise BuildError(f"{out} already holds a build with other parameters (fingerprint "
-                         f"{previous[:12]}, this one {fingerprint[:12]}); "
-                         "choose another --out or delete that folder")
+    if previous is not None and previous["fingerprint"] != head["fingerprint"]:
+        changed = spec.diff_fingerprint_params(spec.fingerprint_params(previous),
+                                               spec.fingerprint_params(head))
+        raise BuildError(f"{out} already holds a build with other parameters "
+                         f"({'; '.join(changed)}); choose another --out or delete that folder")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    state.write_text(fingerprint)
+    _atomic_write(state, spec.encode_json(head))
 
 
 def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
@@ -288,7 +289,7 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
-    _prepare_out(out, head["fingerprint"])
+    _prepare_out(out, head)
     writers = {name: SplitWriter.resume(name, out, options.shard_size, len(recipe.classes))
                for name in _ordered(splits)}
     tasks = [(name, entry) for name, w in writers.items() if not w.finished

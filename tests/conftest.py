@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny synthetic CREMA-D raw tree and its build, made once per session."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from preprocess import cli
+from preprocess.datasets.synth import synthesize_cremad
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Small on purpose: 64x48 video, 1 s spectrograms (257 x 63), 32 px frames.
+TINY_BUILD = ["--frame-size", "32", "--seconds", "1.0", "--shard-size", "4", "--workers", "1"]
+
+
+def invoke(args: list) -> int:
+    """Run ``ccat-data ARGS`` in this process through its console entry point."""
+    argv = sys.argv
+    sys.argv = ["ccat-data", *map(str, args)]
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def run_cli(args: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``invoke`` with the exit code, stdout and stderr it printed."""
+    capsys.readouterr()
+    code = invoke(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def synth_tree(out: Path, clips: int = 24, seed: int = 0) -> list[str]:
+    return synthesize_cremad(out, clips, seed, width=64, height=48, duration=(0.8, 1.4))
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic raw CREMA-D tree; copy it before changing it."""
+    root = tmp_path_factory.mktemp("raw") / "cremad"
+    synth_tree(root)
+    return root
+
+
+@pytest.fixture()
+def raw_copy(synth_raw: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic raw tree, free to damage."""
+    return Path(shutil.copytree(synth_raw, tmp_path / "cremad"))
+
+
+@pytest.fixture(scope="session")
+def built(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic tree built once with TINY_BUILD."""
+    out = tmp_path_factory.mktemp("shards") / "cremad"
+    assert invoke(["build", "cremad", "--raw", synth_raw, "--out", out, *TINY_BUILD]) == 0
+    return out

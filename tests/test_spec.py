@@ -1,0 +1,83 @@
+"""The shard format: member names, tar round trip, manifest checks and the fingerprint."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from ccat.data import spec
+
+MODALITIES = {"audio": {"kind": "spectrogram", "shape": [257, 4], "dtype": "float16"},
+              "video": {"kind": "frames", "num_frames": 3, "size": 8}}
+
+
+def manifest(**changes) -> dict:
+    base = {"spec_version": 1, "dataset": "cremad", "classes": ["A", "B"],
+            "modalities": MODALITIES, "splits": {"train": {"num_samples": 0, "shards": []}},
+            "skipped": [], "sources": {"split": {"seed": 0}, "build": {"workers": 2}},
+            "fingerprint": "", "tool_version": "0.1.0"}
+    return {**base, **changes}
+
+
+def test_audio_video_member_names_are_exactly_the_spec() -> None:
+    assert spec.sample_members(MODALITIES) == [
+        "audio.npy", "label.cls", "meta.json", "video.0.jpg", "video.1.jpg", "video.2.jpg"]
+
+
+def test_tar_round_trip_is_deterministic_and_decodes() -> None:
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(jpeg, format="JPEG", quality=95)
+    members = {"audio.npy": spec.encode_npy(np.ones((257, 4), np.float16)),
+               "label.cls": spec.encode_label(1), "meta.json": spec.encode_json({"id": "k_1"}),
+               **{f"video.{i}.jpg": jpeg.getvalue() for i in range(3)}}
+
+    def tar_bytes() -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            spec.write_sample(tar, "k_1", members)
+        return buf.getvalue()
+
+    assert tar_bytes() == tar_bytes()
+    [(key, read)] = list(spec.iter_tar_samples(io.BytesIO(tar_bytes())))
+    sample = spec.decode_sample(key, read, MODALITIES)
+    assert sample.label == 1 and sample.meta == {"id": "k_1"}
+    assert sample.data["audio"].dtype == np.float16
+    assert sample.data["video"].shape == (3, 8, 8, 3)
+    with pytest.raises(spec.SpecError, match="expected"):
+        spec.decode_sample(key, {k: v for k, v in read.items() if k != "video.2.jpg"}, MODALITIES)
+
+
+def test_keys_with_dots_are_refused() -> None:
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar, pytest.raises(spec.SpecError):
+        spec.write_sample(tar, "a.b", {"label.cls": b"0"})
+
+
+@pytest.mark.parametrize("name", ["pipe:curl x", "../x.tar", "/etc/x.tar", "train-0.tar"])
+def test_shard_names_that_could_leave_the_dataset_are_refused(name: str) -> None:
+    bad = manifest(splits={"train": {"num_samples": 1, "shards": [
+        {"name": name, "num_samples": 1, "bytes": 1, "sha256": "x"}]}})
+    with pytest.raises(spec.SpecError, match="shard names must look like"):
+        spec.check_manifest(bad)
+
+
+def test_manifest_keys_are_fixed() -> None:
+    spec.check_manifest(manifest())
+    with pytest.raises(spec.SpecError, match="unexpected \\['extra'\\]"):
+        spec.check_manifest(manifest(extra=1))
+    with pytest.raises(spec.SpecError, match="spec version 2"):
+        spec.check_manifest(manifest(spec_version=2))
+
+
+def test_fingerprint_ignores_build_only_settings_and_names_what_differs() -> None:
+    a = manifest()
+    b = manifest(sources={"split": {"seed": 0}, "build": {"workers": 16}})
+    c = manifest(sources={"split": {"seed": 3}, "build": {"workers": 2}})
+    assert spec.compute_fingerprint(a) == spec.compute_fingerprint(b)
+    assert spec.compute_fingerprint(a) != spec.compute_fingerprint(c)
+    assert spec.diff_fingerprint_params(spec.fingerprint_params(a), spec.fingerprint_params(c)) == [
+        "sources.split.seed: 0 -> 3"]
