@@ -18,8 +18,9 @@ from rich.table import Table
 
 from ccat.data import spec
 from preprocess import check, download as downloads, media, writer
-from preprocess.datasets import LayoutError, cremad
+from preprocess.datasets import LayoutError, cremad, ks, mvsa
 from preprocess.splits import SplitError, parse_split_arguments
+from preprocess.text import TokenizerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn raw benchmark media into verified WebDataset shards.")
@@ -30,7 +31,7 @@ app.add_typer(synth_app, name="synth")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (LayoutError, SplitError, writer.BuildError, spec.SpecError, check.VerifyError,
-               downloads.DownloadError, media.MediaError)
+               downloads.DownloadError, media.MediaError, TokenizerError)
 
 Raw = Annotated[Path, typer.Option("--raw", help="The raw dataset folder.")]
 Out = Annotated[Path, typer.Option("--out", help="Where the shards and manifest.json go.")]
@@ -64,10 +65,56 @@ def build_cremad(
     """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
     recipe = cremad.Cremad(audio=media.AudioParams(seconds=seconds),
                            video=media.VideoParams(num_frames=num_frames, size=frame_size))
-    options = writer.BuildOptions(seed=seed, val_fraction=val_fraction,
-                                  test_fraction=test_fraction, shard_size=shard_size,
-                                  workers=workers or _cores(), strict=strict)
-    _run_build(recipe, raw, out, parse_split_arguments(split or []), options)
+    _run_build(recipe, raw, out, parse_split_arguments(split or []),
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+
+
+@build_app.command("ks")
+def build_ks(
+    raw: Raw, out: Out, split: Splits = None,
+    classes: Annotated[Optional[Path], typer.Option(
+        help="Class names, one a line, in label order (the lists' label indices).")] = None,
+    seconds: Annotated[float, typer.Option(
+        help="Fixed audio duration: the clips' 10 s.")] = ks.DEFAULT_SECONDS,
+    frame_size: FrameSize = 224, num_frames: NumFrames = 3, workers: Workers = 0,
+    shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
+    test_fraction: TestFraction = 0.1, strict: Strict = False,
+) -> None:
+    """Kinetics-Sounds: clips (.mp4/.mkv/.webm/.avi, flat or per class) -> spectrograms + frames."""
+    recipe = ks.KineticsSounds(audio=media.AudioParams(seconds=seconds),
+                               video=media.VideoParams(num_frames=num_frames, size=frame_size),
+                               classes_file=classes)
+    _run_build(recipe, raw, out, parse_split_arguments(split or []),
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+
+
+@build_app.command("mvsa")
+def build_mvsa(
+    raw: Raw, out: Out, split: Splits = None,
+    labels: Annotated[str, typer.Option(
+        help="agree: text and image labels equal (the published rule); resolve: drop "
+             "positive/negative conflicts, neutral yields.")] = "agree",
+    multiple: Annotated[bool, typer.Option(
+        help="MVSA-Multiple: three annotator columns, majority vote per modality.")] = False,
+    tokenizer: Annotated[str, typer.Option(
+        help="BERT WordPiece tokenizer: a hub name or a local folder.")] = mvsa.DEFAULT_TOKENIZER,
+    max_length: Annotated[int, typer.Option(help="Token ids per text, [CLS]/[SEP] included.")
+                          ] = mvsa.DEFAULT_MAX_LENGTH,
+    shorter_side: Annotated[int, typer.Option(help="Stored images' shorter side, px.")] = 256,
+    workers: Workers = 0, shard_size: ShardSize = 256, seed: Seed = 0,
+    val_fraction: ValFraction = 0.1, test_fraction: TestFraction = 0.1, strict: Strict = False,
+) -> None:
+    """MVSA: data/<id>.jpg + data/<id>.txt + labelResultAll.txt -> images + token ids."""
+    recipe = mvsa.Mvsa(image=media.ImageParams(shorter_side=shorter_side), tokenizer=tokenizer,
+                       max_length=max_length, labels=labels, multiple=multiple)
+    _run_build(recipe, raw, out, parse_split_arguments(split or []),
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+
+
+def _options(seed: int, val_fraction: float, test_fraction: float, shard_size: int,
+             workers: int, strict: bool) -> writer.BuildOptions:
+    return writer.BuildOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                               shard_size=shard_size, workers=workers or _cores(), strict=strict)
 
 
 def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],

@@ -111,19 +111,26 @@ def _decode_audio_track(path: Path) -> tuple[np.ndarray, int, int]:
             if not container.streams.audio:
                 raise MediaError("the clip has no audio track")
             stream = container.streams.audio[0]
-            chunks = [frame.to_ndarray().astype(np.float64).reshape(
-                          frame.layout.nb_channels if frame.format.is_planar else 1, -1)
-                      for frame in container.decode(stream)]
+            chunks = [_planar_float(frame) for frame in container.decode(stream)]
     except av.FFmpegError as err:
         raise MediaError("audio is unreadable", str(err)) from None
     if not chunks:
         return np.zeros(0), stream.rate or 0, stream.channels or 1
-    channels = stream.channels or 1
-    interleaved = not stream.format.is_planar
-    data = np.concatenate(chunks, axis=1)
-    if interleaved:
+    return np.concatenate(chunks, axis=1).mean(axis=0), stream.rate, chunks[0].shape[0]
+
+
+def _planar_float(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded audio frame as float64 [channels, samples] in [-1, 1]."""
+    data = frame.to_ndarray()
+    channels = frame.layout.nb_channels
+    if not frame.format.is_planar:
         data = data.reshape(-1, channels).T
-    return data.mean(axis=0), stream.rate, channels
+    kind = frame.format.name.rstrip("p")
+    if kind == "u8":
+        return (data.astype(np.float64) - 128.0) / 128.0
+    if kind in ("s16", "s32", "s64"):
+        return data.astype(np.float64) / float(2 ** (frame.format.bits - 1))
+    return data.astype(np.float64)
 
 
 def fit_duration(signal: np.ndarray, num_samples: int) -> np.ndarray:
@@ -239,3 +246,53 @@ def _encode_jpeg(frame: av.VideoFrame, params: VideoParams) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=params.quality)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """Everything that changes the bytes of a stored image."""
+
+    shorter_side: int = 256
+    quality: int = JPEG_QUALITY
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"kind": "image", **asdict(self), "encoding": "jpeg", "exif_transpose": True,
+                "alpha": "composited on white", "resize": "pil-bicubic", "color": "RGB"}
+
+
+def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, Any]]:
+    """JPEG bytes of the image upright, in RGB, shorter side resized; and its provenance."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.seek(0)  # an animated GIF's first frame
+            meta = {"format": img.format, "mode": img.mode, "width": img.width,
+                    "height": img.height}
+            upright = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(upright)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise MediaError("image is unreadable", str(err)) from None
+    scale = params.shorter_side / min(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    resized = rgb.resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    resized.save(buf, format="JPEG", quality=params.quality)
+    meta.update(stored_width=size[0], stored_height=size[1])
+    return buf.getvalue(), meta
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: alpha composited on white, 16/32-bit greys scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        grey = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 1.0)
+        img = Image.fromarray(np.clip(grey / peak * 255.0, 0, 255).astype(np.uint8))
+    if img.mode == "P" or img.mode in ("LA", "PA", "RGBA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -15,6 +15,7 @@ import numpy as np
 
 VAL_SALT = 1  # separate random streams for the test and the validation carve
 TEST_SALT = 2
+UNKNOWN_LABEL = -1  # an entry whose class only a split file can tell (e.g. a flat clip folder)
 
 
 class SplitError(ValueError):
@@ -23,7 +24,8 @@ class SplitError(ValueError):
 
 @dataclass(frozen=True)
 class Entry:
-    """One sample the recipe found: its key, class index and source files (relative)."""
+    """One sample the recipe found: its key, class index (or UNKNOWN_LABEL) and source
+    files relative to the raw folder."""
 
     key: str
     label: int
@@ -88,6 +90,8 @@ def assign_splits(found: dict[str, Entry], listed: dict[str, list[tuple[str, int
                 entry = found.get(key)
                 if entry is None:
                     skipped.append({"id": key, "split": split, "reason": "no media for this id"})
+                elif entry.label == UNKNOWN_LABEL:
+                    members.append(Entry(entry.key, label, entry.sources))
                 elif entry.label != label:
                     skipped.append({"id": key, "split": split,
                                     "reason": "split file label disagrees with the media",
@@ -96,7 +100,11 @@ def assign_splits(found: dict[str, Entry], listed: dict[str, list[tuple[str, int
                     members.append(entry)
             splits[split] = sorted(members, key=lambda e: e.key)
     else:
-        train, test = stratified_carve(list(found.values()), test_fraction, seed, TEST_SALT)
+        unlabelled = [e for e in found.values() if e.label == UNKNOWN_LABEL]
+        skipped += [{"id": e.key, "split": None, "reason": "no label: no split file names it"}
+                    for e in unlabelled]
+        labelled = [e for e in found.values() if e.label != UNKNOWN_LABEL]
+        train, test = stratified_carve(labelled, test_fraction, seed, TEST_SALT)
         splits = {"train": train, "test": test}
     if "val" not in splits and "train" in splits:
         splits["train"], splits["val"] = stratified_carve(splits["train"], val_fraction, seed,

@@ -91,15 +91,21 @@ def _process(task: tuple[str, Entry]) -> Result:
     try:
         members, meta = recipe.process(_WORKER["raw"], entry)
     except MediaError as err:
-        return Result(split, entry.key, entry.label, reason=err.reason, detail=err.detail)
+        return Result(split, entry.key, entry.label, reason=err.reason,
+                      detail=_relative(err.detail))
     except Exception as err:  # noqa: BLE001 - one bad file must never stop a build
         return Result(split, entry.key, entry.label, reason="unexpected error while decoding",
-                      detail=f"{type(err).__name__}: {err}")
+                      detail=_relative(f"{type(err).__name__}: {err}"))
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
     members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
     return Result(split, entry.key, entry.label, members)
+
+
+def _relative(detail: str) -> str:
+    """Error details name files relative to the raw folder: manifests stay machine-free."""
+    return detail.replace(f"{_WORKER['raw']}{os.sep}", "")
 
 
 def _results(tasks: list[tuple[str, Entry]], recipe: Recipe, raw: Path,
@@ -228,6 +234,7 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
                                     test_fraction=options.test_fraction)
+    unusable, missing = _explain_missing(unusable, missing)
     in_splits = {key for rows in listed.values() for key, _ in rows}
     unlisted = len(set(found) - in_splits) if listed else 0
     head = {
@@ -246,6 +253,17 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     }
     head["fingerprint"] = spec.compute_fingerprint({**head, "splits": {}, "skipped": []})
     return head, splits, unusable + missing, unlisted
+
+
+def _explain_missing(unusable: list[dict], missing: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A listed id that the recipe found but could not use keeps the recipe's reason (and
+    gets the split that lists it) instead of 'no media for this id'."""
+    problems = {record["id"]: record for record in unusable}
+    explained = []
+    for record in missing:
+        problem = problems.pop(record["id"], None)
+        explained.append({**problem, "split": record["split"]} if problem else record)
+    return list(problems.values()), explained
 
 
 def _check_disjoint(listed: dict[str, list[tuple[str, int]]], files: dict[str, Path]) -> None:

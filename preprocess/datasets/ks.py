@@ -1,0 +1,110 @@
+"""Kinetics-Sounds: 10 s YouTube clips (usually H.264 + AAC ``.mp4``), 31 actions.
+
+Clips are found recursively by file name, flat or under per-class folders. The published
+lists are ``<clip id>,10,<label index>`` rows (CRLF) in two id styles: train ids are
+``<youtube id>_<start:06d>_<end:06d>``, test ids ``<youtube id>_<start seconds>``. Both
+(and files named either way) map to one key, ``<youtube id>_<start seconds>``, so a clip is
+found whichever style its list or its file name uses. Real copies of Kinetics are always
+incomplete: listed clips without a file are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccat.data import spec
+from preprocess import media
+from preprocess.datasets import LayoutError, register
+from preprocess.splits import UNKNOWN_LABEL, Entry, SplitError, read_text_lines
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
+DEFAULT_SECONDS = 10.0  # the clips' length; the paper's pipeline and OGM-GE's KS code use it
+YOUTUBE_ID_LENGTH = 11
+
+
+def clip_key(clip_id: str) -> str | None:
+    """``<youtube id>_<start seconds>`` for either id style, or None when it does not parse."""
+    youtube_id, sep, rest = clip_id[:YOUTUBE_ID_LENGTH], clip_id[YOUTUBE_ID_LENGTH:12], \
+        clip_id[12:]
+    times = rest.split("_")
+    if sep != "_" or len(youtube_id) != YOUTUBE_ID_LENGTH or not 1 <= len(times) <= 2 \
+            or not all(t.isdigit() for t in times):
+        return None
+    key = f"{youtube_id}_{int(times[0])}"
+    return key if spec.KEY_PATTERN.match(key) else None
+
+
+def read_classes(path: Path) -> list[str]:
+    names = read_text_lines(path)
+    if len(set(names)) != len(names):
+        raise SplitError(f"{path} names a class twice; give one class name a line")
+    return names
+
+
+@register("ks")
+@dataclass
+class KineticsSounds:
+    """Audio from the clip's own audio track, frames from its video track."""
+
+    audio: media.AudioParams = field(default_factory=lambda: media.AudioParams(DEFAULT_SECONDS))
+    video: media.VideoParams = field(default_factory=media.VideoParams)
+    classes_file: Path | None = None
+    name: str = "ks"
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.classes_file is not None:
+            self.classes = read_classes(self.classes_file)
+
+    def modalities(self) -> dict[str, dict[str, Any]]:
+        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
+
+    def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
+        if not raw.is_dir():
+            raise LayoutError(f"{raw} does not exist; pass the folder that holds the "
+                              "Kinetics-Sounds clips (flat or in per-class folders)")
+        clips = sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
+                       and p.is_file())
+        if not clips:
+            raise LayoutError(f"{raw} holds no {'/'.join(VIDEO_SUFFIXES)} clips; expected "
+                              "Kinetics-Sounds clips named by clip id, flat or per class")
+        if not self.classes:
+            self.classes = sorted({p.parent.name for p in clips if p.parent != raw})
+        entries: dict[str, Entry] = {}
+        unusable: list[dict[str, Any]] = []
+        for path in clips:
+            key, relative = clip_key(path.stem), path.relative_to(raw).as_posix()
+            if key is None or key in entries:
+                reason = "the same clip is stored twice" if key else "file name is not a clip id"
+                unusable.append({"id": key or path.stem, "split": None, "reason": reason,
+                                 "detail": relative})
+                continue
+            folder = path.parent.name
+            label = self.classes.index(folder) if folder in self.classes else UNKNOWN_LABEL
+            entries[key] = Entry(key, label, {"clip": relative})
+        return entries, unusable
+
+    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+        if not self.classes:
+            raise SplitError(f"{path} gives label indices only; pass --classes FILE with the "
+                             "class names (one a line, in label order)")
+        rows = []
+        for number, line in enumerate(read_text_lines(path), start=1):
+            fields = [f.strip() for f in line.split(",")]
+            key = clip_key(fields[0]) if fields else None
+            if len(fields) != 3 or key is None or not fields[2].isdigit() \
+                    or int(fields[2]) >= len(self.classes):
+                raise SplitError(f"{path} line {number} is {line!r}; Kinetics-Sounds lists have "
+                                 f"'<clip id>,<n>,<label 0..{len(self.classes) - 1}>' rows")
+            rows.append((key, int(fields[2])))
+        return rows
+
+    def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
+        path = raw / entry.sources["clip"]
+        spectrogram, audio_meta = media.audio_features(path, self.audio)
+        frames, video_meta = media.sample_frames(path, self.video)
+        members = {"audio.npy": spec.encode_npy(spectrogram)}
+        members.update({f"video.{i}.jpg": jpeg for i, jpeg in enumerate(frames)})
+        return members, {"audio": audio_meta, "video": video_meta}

@@ -1,0 +1,131 @@
+"""MVSA-Single and MVSA-Multiple: tweets as ``data/<id>.jpg`` + ``data/<id>.txt`` pairs.
+
+``labelResultAll.txt`` beside ``data/`` holds a header and ``<id>\\t<text>,<image>`` rows
+(MVSA-Multiple: three ``<text>,<image>`` annotator columns, reduced by majority vote per
+modality first). Label rules: ``agree`` keeps pairs whose text and image labels are equal
+(the published split's rule: 2592 of 4869 in MVSA-Single); ``resolve`` drops
+positive/negative conflicts and lets neutral yield to the other label. Published splits
+are jsonl files of ``{"id", "label", "text", "img"}`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccat.data import spec
+from preprocess import media, text
+from preprocess.datasets import LayoutError, register
+from preprocess.splits import Entry, SplitError, read_text_lines
+
+CLASSES = ["negative", "neutral", "positive"]
+NEUTRAL = "neutral"
+LABEL_FILE = "labelResultAll.txt"
+DATA_DIR = "data"
+LABEL_RULES = ("agree", "resolve")
+DEFAULT_TOKENIZER = "bert-base-uncased"
+DEFAULT_MAX_LENGTH = 128
+
+
+def majority(labels: list[str]) -> str | None:
+    """The label most annotators gave, or None when no label has a strict majority."""
+    (top, count), *rest = Counter(labels).most_common() or [(None, 0)]
+    return top if not rest or count > rest[0][1] else None
+
+
+def apply_rule(text_label: str, image_label: str, rule: str) -> str | None:
+    """The sample's label under ``rule``, or None when the rule drops the pair."""
+    if text_label == image_label:
+        return text_label
+    if rule == "agree" or NEUTRAL not in (text_label, image_label):
+        return None
+    return image_label if text_label == NEUTRAL else text_label
+
+
+@register("mvsa")
+@dataclass
+class Mvsa:
+    """Image from the .jpg, BERT token ids (and the text) from the .txt."""
+
+    image: media.ImageParams = field(default_factory=media.ImageParams)
+    tokenizer: str = DEFAULT_TOKENIZER
+    max_length: int = DEFAULT_MAX_LENGTH
+    labels: str = "agree"
+    multiple: bool = False
+    name: str = "mvsa"
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABEL_RULES:
+            raise SplitError(f"--labels {self.labels!r}: choose one of {', '.join(LABEL_RULES)}")
+
+    def modalities(self) -> dict[str, dict[str, Any]]:
+        tokens = {"kind": "tokens", **text.tokenizer_facts(self.tokenizer, self.max_length)}
+        return {"image": self.image.manifest_entry(), "text": tokens}
+
+    def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
+        label_file = raw / LABEL_FILE
+        if not (raw / DATA_DIR).is_dir() or not label_file.is_file():
+            raise LayoutError(f"{raw} is not an MVSA folder: expected {DATA_DIR}/<id>.jpg, "
+                              f"{DATA_DIR}/<id>.txt and {LABEL_FILE} inside it")
+        entries, unusable = {}, []
+        for key, text_label, image_label in self._label_rows(label_file):
+            label = None if text_label is None or image_label is None else \
+                apply_rule(text_label, image_label, self.labels)
+            if label is None:
+                unusable.append({"id": key, "split": None,
+                                 "reason": f"label rule '{self.labels}' drops the pair",
+                                 "detail": f"text {text_label}, image {image_label}"})
+                continue
+            entries[key] = Entry(key, CLASSES.index(label), {
+                "image": f"{DATA_DIR}/{key}.jpg", "text": f"{DATA_DIR}/{key}.txt"})
+        return entries, unusable
+
+    def _label_rows(self, path: Path) -> list[tuple[str, str | None, str | None]]:
+        """``(id, text label, image label)`` per row, annotators reduced by majority."""
+        lines = read_text_lines(path)
+        rows = []
+        for number, line in enumerate(lines[1:], start=2):
+            key, *columns = line.split("\t")
+            pairs = [c.strip().split(",") for c in columns]
+            expected = 3 if self.multiple else 1
+            if len(pairs) != expected or any(len(p) != 2 or not set(p) <= set(CLASSES)
+                                             for p in pairs) or not spec.KEY_PATTERN.match(key):
+                kind = "MVSA-Multiple" if self.multiple else "MVSA-Single"
+                raise LayoutError(f"{path} line {number} is {line!r}; {kind} label rows are "
+                                  f"'<id>' and {expected} tab-separated '<text>,<image>' "
+                                  f"columns{'' if self.multiple else ' (use --multiple for MVSA-Multiple)'}")
+            rows.append((key, majority([p[0] for p in pairs]), majority([p[1] for p in pairs])))
+        return rows
+
+    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+        rows = []
+        for number, line in enumerate(read_text_lines(path), start=1):
+            try:
+                record = json.loads(line)
+                rows.append((str(record["id"]), CLASSES.index(record["label"])))
+            except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+                raise SplitError(f"{path} line {number} is not a jsonl row with \"id\" and "
+                                 f"\"label\" in {CLASSES}") from None
+        return rows
+
+    def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
+        image_path, text_path = raw / entry.sources["image"], raw / entry.sources["text"]
+        if not image_path.is_file() and not text_path.is_file():
+            raise media.MediaError("no files for this label row", entry.sources["image"])
+        for modality, path in (("image", image_path), ("text", text_path)):
+            if not path.is_file():
+                raise media.MediaError(f"{modality} file is missing", entry.sources[modality])
+        tweet, encoding = text.decode_text(text_path.read_bytes())
+        if not tweet.strip():
+            raise media.MediaError("text is empty", entry.sources["text"])
+        ids, truncated = text.token_ids(tweet, self.tokenizer, self.max_length)
+        jpeg, image_meta = media.image_features(image_path, self.image)
+        members = {"image.jpg": jpeg, "text.ids.npy": spec.encode_npy(ids),
+                   "text.txt": tweet.encode("utf-8")}
+        text_meta = {"encoding": encoding, "re_decoded": encoding != "utf-8",
+                     "num_tokens": int(ids.size), "truncated": truncated}
+        return members, {"image": image_meta, "text": text_meta}

@@ -1,0 +1,71 @@
+"""Tweet text: bytes -> str with a recorded fallback, and BERT WordPiece token ids."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Tried in order; latin-1 maps every byte to a character, so decoding always ends there.
+FALLBACK_ENCODINGS = ("cp1252", "latin-1")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be loaded; the message says how to give one."""
+
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """``(text, encoding)``: UTF-8 (BOM tolerated) when valid, else the first fallback
+    that decodes the bytes without loss."""
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    for encoding in FALLBACK_ENCODINGS:
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes every byte string")
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> Any:
+    """A fast BERT WordPiece tokenizer from a local folder or a hub name (cached per process)."""
+    from transformers import AutoTokenizer
+
+    local = Path(name).is_dir()
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=local or _offline())
+    except (OSError, ValueError) as err:
+        raise TokenizerError(
+            f"cannot load the tokenizer {name!r} ({str(err).splitlines()[0]}); pass --tokenizer "
+            "with a local folder holding vocab.txt and tokenizer.json, or allow hub access"
+        ) from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def tokenizer_facts(name: str, max_length: int) -> dict[str, Any]:
+    """What the manifest records: the name, the vocabulary's hash, the length limit."""
+    tokenizer = load_tokenizer(name)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256("\n".join(token for token, _ in vocab).encode()).hexdigest()
+    return {"tokenizer": Path(name).name if Path(name).is_dir() else name,
+            "vocab_sha256": digest, "vocab_size": len(vocab), "max_length": max_length,
+            "lowercase": bool(getattr(tokenizer, "do_lower_case", False))}
+
+
+def token_ids(text: str, name: str, max_length: int) -> tuple[np.ndarray, bool]:
+    """int32 ids with [CLS]/[SEP], truncated to ``max_length``; and whether it was cut."""
+    tokenizer = load_tokenizer(name)
+    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=True, truncation=True,
+                    max_length=max_length)["input_ids"]
+    return np.asarray(ids, dtype=np.int32), len(full) > len(ids)
