@@ -23,7 +23,7 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO, Iterator
@@ -125,12 +125,14 @@ def decode_member(suffix: str, data: bytes) -> Any:
 
 @dataclass
 class Sample:
-    """One decoded sample: per-modality arrays, the label, the key and its provenance."""
+    """One decoded sample: per-modality arrays, the label, the key, its provenance, and
+    the stored text of token modalities (by modality name)."""
 
     key: str
     label: int
     data: dict[str, np.ndarray]
     meta: dict[str, Any]
+    text: dict[str, str] = field(default_factory=dict)
 
 
 def decode_sample(key: str, members: dict[str, bytes],
@@ -138,24 +140,25 @@ def decode_sample(key: str, members: dict[str, bytes],
     """Turn a sample's raw members into arrays, one per modality.
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
-    tokens -> int32 [L] (the text itself goes into ``meta['text']``).
+    tokens -> int32 [L] (the text itself goes into ``Sample.text``).
     """
     expected = sample_members(modalities)
     if sorted(members) != expected:
         raise SpecError(f"sample {key!r} has members {sorted(members)}, expected {expected}")
     meta = decode_member(META_MEMBER, members[META_MEMBER])
     data: dict[str, np.ndarray] = {}
+    texts: dict[str, str] = {}
     for name, params in modalities.items():
         decoded = [decode_member(s, members[s]) for s in modality_members(name, params)]
         if params["kind"] == "frames":
             data[name] = np.stack(decoded)
         elif params["kind"] == "tokens":
             data[name] = decoded[0]
-            meta["text"] = decoded[1]
+            texts[name] = decoded[1]
         else:
             data[name] = decoded[0]
     label = decode_member(LABEL_MEMBER, members[LABEL_MEMBER])
-    return Sample(key=key, label=label, data=data, meta=meta)
+    return Sample(key=key, label=label, data=data, meta=meta, text=texts)
 
 
 # ---------------------------------------------------------------- tar reading/writing
