@@ -10,7 +10,10 @@ RAW ?= data/raw/$(DATASET)
 SHARDS ?= shards/$(DATASET)
 WORKERS ?= 0
 # Published split lists, as NAME=FILE words; by default the ones `make download` fetched.
-SPLITS ?= $(if $(wildcard $(RAW)/splits/train.csv),train=$(RAW)/splits/train.csv test=$(RAW)/splits/test.csv)
+SPLITS_cremad = train=$(RAW)/splits/train.csv test=$(RAW)/splits/test.csv
+SPLITS_ks = train=$(RAW)/splits/train.txt test=$(RAW)/splits/test.txt
+SPLITS_mvsa = train=$(RAW)/splits/train.jsonl val=$(RAW)/splits/dev.jsonl test=$(RAW)/splits/test.jsonl
+SPLITS ?= $(if $(wildcard $(RAW)/splits/*),$(SPLITS_$(DATASET)))
 DEMO_DIR ?= runs/demo
 
 .PHONY: install download shards demo test bench clean-demo

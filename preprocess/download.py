@@ -11,9 +11,25 @@ from pathlib import Path
 from typing import Iterator
 
 CREMAD_REPO = "https://github.com/CheyneyComputerScience/CREMA-D.git"
-CREMAD_SPLITS = "https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/CREMAD/"
+OGM_GE_DATA = "https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/"
+QMF_DATA = "https://raw.githubusercontent.com/QingyangZhang/QMF/main/datasets/"
 CREMAD_FOLDERS = ("AudioWAV", "VideoFlash")
 TIMEOUT_S = 60
+# Published lists per dataset: (base URL, file names). Media that cannot be fetched here
+# are described in MEDIA_BY_HAND.
+LISTS = {
+    "cremad": (OGM_GE_DATA + "CREMAD/", ("train.csv", "test.csv")),
+    "ks": (OGM_GE_DATA + "KineticSound/", ("train.txt", "test.txt")),
+    "mvsa": (QMF_DATA + "MVSA_Single/", ("train.jsonl", "dev.jsonl", "test.jsonl")),
+}
+MEDIA_BY_HAND = {
+    "ks": ("Kinetics-Sounds media are YouTube clips: fetch the listed ids with a YouTube "
+           "downloader (e.g. yt-dlp, 10 s from each id's start second) into {target}; many "
+           "source videos are gone, and the build counts the missing ones"),
+    "mvsa": ("MVSA media are distributed by their authors (MCRLab, University of Ottawa): "
+             "unpack MVSA_Single so that {target} holds data/<id>.jpg, data/<id>.txt and "
+             "labelResultAll.txt"),
+}
 
 
 class DownloadError(RuntimeError):
@@ -22,12 +38,14 @@ class DownloadError(RuntimeError):
 
 def download(dataset: str, out: Path) -> Iterator[str]:
     """Fetch ``dataset`` into ``out/<dataset>``, yielding progress lines."""
-    if dataset != "cremad":
-        raise DownloadError(f"no downloader for {dataset!r} yet; get its raw files by hand as "
-                            "the README's dataset section says")
-    target = out / "cremad"
-    yield from _cremad_media(target)
-    yield from _cremad_splits(target / "splits")
+    if dataset not in LISTS:
+        raise DownloadError(f"no downloader for {dataset!r}; choose one of {', '.join(LISTS)}")
+    target = out / dataset
+    if dataset == "cremad":
+        yield from _cremad_media(target)
+    yield from _fetch_lists(dataset, target / "splits")
+    if dataset in MEDIA_BY_HAND:
+        yield MEDIA_BY_HAND[dataset].format(target=target)
 
 
 def _cremad_media(target: Path) -> Iterator[str]:
@@ -61,14 +79,15 @@ def _cremad_media(target: Path) -> Iterator[str]:
     yield f"CREMA-D media are in {target}"
 
 
-def _cremad_splits(target: Path) -> Iterator[str]:
+def _fetch_lists(dataset: str, target: Path) -> Iterator[str]:
+    base, names = LISTS[dataset]
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("train.csv", "test.csv"):
-        url = CREMAD_SPLITS + name
+    for name in names:
+        url = base + name
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
                 (target / name).write_bytes(response.read())
         except (urllib.error.URLError, OSError) as err:
-            raise DownloadError(f"could not fetch {url} ({err}); save the published split "
-                                f"lists train.csv and test.csv into {target} by hand") from None
-        yield f"split list {target / name}"
+            raise DownloadError(f"could not fetch {url} ({err}); save the published lists "
+                                f"{', '.join(names)} into {target} by hand") from None
+        yield f"published list {target / name}"
