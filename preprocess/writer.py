@@ -276,8 +276,11 @@ def _check_disjoint(listed: dict[str, list[tuple[str, int]]], files: dict[str, P
             seen[key] = split
 
 
-def _prepare_out(out: Path, head: dict[str, Any]) -> None:
-    """Create ``out`` or check that what it holds is this same build (to resume)."""
+def _prepare_out(out: Path, head: dict[str, Any]) -> dict[str, Any] | None:
+    """Create ``out`` or check that what it holds is this same build (to resume).
+
+    Returns the manifest when ``out`` already holds this build, finished.
+    """
     state = out / STATE_DIR / "head.json"
     previous = None
     if (out / spec.MANIFEST_NAME).is_file():
@@ -292,8 +295,11 @@ def _prepare_out(out: Path, head: dict[str, Any]) -> None:
                                                spec.fingerprint_params(head))
         raise BuildError(f"{out} already holds a build with other parameters "
                          f"({'; '.join(changed)}); choose another --out or delete that folder")
+    if previous is not None and "splits" in previous:
+        return previous
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(state, spec.encode_json(head))
+    return None
 
 
 def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
@@ -307,7 +313,11 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
-    _prepare_out(out, head)
+    finished = _prepare_out(out, head)
+    if finished is not None:
+        return BuildReport(manifest=finished, out=out, unlisted=unlisted,
+                           resumed_shards=sum(len(e["shards"]) for e in finished["splits"].values()),
+                           seconds=time.perf_counter() - start)
     writers = {name: SplitWriter.resume(name, out, options.shard_size, len(recipe.classes))
                for name in _ordered(splits)}
     tasks = [(name, entry) for name, w in writers.items() if not w.finished

@@ -157,6 +157,14 @@ def test_killed_build_resumes_to_the_same_bytes(built: Path, synth_raw: Path,
     assert not (out / ".build").exists()
 
 
+def test_building_a_finished_build_again_rewrites_nothing(built: Path, synth_raw: Path,
+                                                          capsys) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
+    code, out, _ = build(synth_raw, built, capsys=capsys)
+    assert code == 0 and "processed 0 clips" in out
+    assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
+
+
 def test_rebuild_into_a_folder_with_other_parameters_is_refused(
         built: Path, synth_raw: Path, capsys) -> None:
     code, _, err = build(synth_raw, built, "--seed", "1", capsys=capsys)
