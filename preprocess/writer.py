@@ -71,6 +71,7 @@ class Result:
     members: dict[str, bytes] | None = None
     reason: str = ""
     detail: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- worker side
@@ -92,10 +93,10 @@ def _process(task: tuple[str, Entry]) -> Result:
         members, meta = recipe.process(_WORKER["raw"], entry)
     except MediaError as err:
         return Result(split, entry.key, entry.label, reason=err.reason,
-                      detail=_relative(err.detail))
+                      detail=_relative(err.detail), sources=entry.sources)
     except Exception as err:  # noqa: BLE001 - one bad file must never stop a build
         return Result(split, entry.key, entry.label, reason="unexpected error while decoding",
-                      detail=_relative(f"{type(err).__name__}: {err}"))
+                      detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources)
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
     members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
@@ -329,7 +330,7 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     for result in _results(tasks, recipe, raw, options.workers):
         if options.strict and result.members is None:
             raise BuildError(_strict_message({"id": result.key, "reason": result.reason,
-                                              "detail": result.detail}))
+                                              "detail": result.detail}, result.sources))
         writers[result.split].add(result)
         report.processed += 1
         done += 1
@@ -347,10 +348,11 @@ def _ordered(splits: dict[str, list[Entry]]) -> list[str]:
     return [s for s in spec.SPLIT_NAMES if s in splits] + sorted(set(splits) - set(spec.SPLIT_NAMES))
 
 
-def _strict_message(record: dict[str, Any]) -> str:
+def _strict_message(record: dict[str, Any], sources: dict[str, str] | None = None) -> str:
     detail = f" ({record['detail']})" if record.get("detail") else ""
-    return (f"sample {record['id']}: {record['reason']}{detail}; fix or remove its files, "
-            "or build without --strict to skip it and record why")
+    files = f" [files: {', '.join(sources.values())}]" if sources else ""
+    return (f"sample {record['id']}{files}: {record['reason']}{detail}; fix or remove its "
+            "files, or build without --strict to skip it and record why")
 
 
 def _finish(out: Path, head: dict[str, Any], writers: dict[str, SplitWriter],

@@ -210,6 +210,7 @@ def test_strict_stops_at_the_first_bad_clip_naming_it(raw_copy: Path, tmp_path: 
     code, _, err = build(raw_copy, tmp_path / "out", "--strict", capsys=capsys)
     assert code == 1
     assert any(key in err and reason in err for key, reason in expected.items())
+    assert "AudioWAV/" in err and "VideoFlash/" in err  # names the files
     assert "Traceback" not in err
 
 
