@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -188,7 +189,7 @@ def verify(path: Annotated[Path, typer.Argument(help="A built dataset folder.")]
             report = check.verify(path, on_shard=lambda _: progress.advance(task))
         except check.VerifyError as err:
             progress.stop()
-            err_console.print(f"[red]verify failed:[/red] {err}")
+            err_console.print(f"[red]verify failed:[/red] {escape(str(err))}")
             raise typer.Exit(1) from None
     console.print(f"[green]ok[/green]: {report.shards} shards, {report.samples} samples, "
                   f"{_size(report.bytes)} match the manifest of {path}")
@@ -259,7 +260,7 @@ def main() -> None:
     try:
         app()
     except USER_ERRORS as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise SystemExit(1) from None
 
 
