@@ -28,6 +28,8 @@ TARGET_SAMPLE_RATE = 22050  # librosa's default rate, used by the published code
 N_FFT = 512
 HOP_LENGTH = 353
 JPEG_QUALITY = 95
+TRUNCATED_SHARE = 0.75  # video ending before this share of the declared duration,
+TRUNCATED_MIN_SECONDS = 0.5  # and this long before it, is cut off
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 
 
@@ -181,13 +183,11 @@ def sample_frames(path: Path, params: VideoParams) -> tuple[list[bytes], dict[st
             if not container.streams.video:
                 raise MediaError("the clip has no video track")
             stream = container.streams.video[0]
-            packets = [p for p in container.demux(stream) if p.size]
-            damaged = [i for i, p in enumerate(packets) if p.is_corrupt]
-            if damaged:
-                raise MediaError("video is truncated or corrupt",
-                                 f"packet {damaged[0]} of {len(packets)} is damaged")
+            everything = [p for p in container.demux() if p.size]
+            packets = [p for p in everything if p.stream is stream]
             if not packets:
                 raise MediaError("video has no frames")
+            _check_complete(container, stream, everything, packets)
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             indices = segment_centres(len(packets), params.num_frames)
             frames = _decode_at(stream.codec_context, packets, indices)
@@ -198,6 +198,23 @@ def sample_frames(path: Path, params: VideoParams) -> tuple[list[bytes], dict[st
             "width": frames[0].width, "height": frames[0].height,
             "frames_repeated": len(packets) < params.num_frames}
     return jpegs, meta
+
+
+def _check_complete(container: av.container.InputContainer, stream: av.video.VideoStream,
+                    everything: list[av.Packet], packets: list[av.Packet]) -> None:
+    """A cut-off file shows as a damaged last packet (of any stream) or, cut between
+    packets, as video ending well before the duration the container's header declares."""
+    damaged = [p for p in everything if p.is_corrupt]
+    if damaged:
+        raise MediaError("video is truncated or corrupt",
+                         f"a {damaged[0].stream.type} packet is damaged")
+    last = max(p.pts for p in packets if p.pts is not None) if packets[0].pts is not None else None
+    declared = container.duration / av.time_base if container.duration else None
+    if last is not None and declared and stream.time_base:
+        shown = float((last + (packets[-1].duration or 0)) * stream.time_base)
+        if shown < TRUNCATED_SHARE * declared and declared - shown > TRUNCATED_MIN_SECONDS:
+            raise MediaError("video is truncated or corrupt",
+                             f"video ends at {shown:.2f} s, the header says {declared:.2f} s")
 
 
 def _decode_at(codec: av.VideoCodecContext, packets: list[av.Packet],

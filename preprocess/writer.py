@@ -116,10 +116,22 @@ def _results(tasks: list[tuple[str, Entry]], recipe: Recipe, raw: Path,
         _init_worker(recipe, raw)
         yield from map(_process, tasks)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=(recipe, raw)) as pool:
+    with worker_context().Pool(workers, initializer=_init_worker,
+                               initargs=(recipe, raw)) as pool:
         yield from pool.imap(_process, tasks, chunksize=CHUNKSIZE)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a clean, single-threaded server that has imported the decoders.
+
+    Plain fork deadlocked: by then the parent may hold threads (codecs, BLAS, OpenMP) whose
+    locks a forked child inherits taken; spawn would re-import torch and PyAV per worker.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["preprocess.writer"])
+    return context
 
 
 # ---------------------------------------------------------------- shard side
