@@ -14,9 +14,12 @@ SPLITS_cremad = train=$(RAW)/splits/train.csv test=$(RAW)/splits/test.csv
 SPLITS_ks = train=$(RAW)/splits/train.txt test=$(RAW)/splits/test.txt
 SPLITS_mvsa = train=$(RAW)/splits/train.jsonl val=$(RAW)/splits/dev.jsonl test=$(RAW)/splits/test.jsonl
 SPLITS ?= $(if $(wildcard $(RAW)/splits/*),$(SPLITS_$(DATASET)))
+METHOD ?= ccat
+CONFIG ?= configs/$(DATASET).yaml
+RUN ?= runs/$(DATASET)/$(METHOD)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install download shards demo test bench clean-demo
+.PHONY: install download shards train eval demo test bench
 
 install: $(VENV)/.installed
 
@@ -36,14 +39,23 @@ shards: install
 		$(foreach s,$(SPLITS),--split $(s))
 	$(BIN)/ccat-data verify $(SHARDS)
 
-# The built-in dataset end to end: synthetic raw CREMA-D -> shards -> verify -> info.
+# Shards first when they are missing, then every stage of METHOD.
+train: install
+	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
+	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN)
+
+eval: install
+	$(BIN)/ccat eval --ckpt $(RUN)/best.pt --data $(SHARDS) --json $(RUN)/eval.json
+
+# The built-in dataset end to end: synthetic raw CREMA-D -> shards -> both CCAT stages -> eval.
 demo: install
 	rm -rf $(DEMO_DIR)
 	$(BIN)/ccat-data synth cremad --out $(DEMO_DIR)/raw --clips 240 --seed 0
 	$(BIN)/ccat-data build cremad --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards \
-		--frame-size 64 --seconds 3.0 --shard-size 64 --workers $(WORKERS)
+		--frame-size 32 --seconds 1.0 --shard-size 64 --workers $(WORKERS)
 	$(BIN)/ccat-data verify $(DEMO_DIR)/shards
-	$(BIN)/ccat-data info $(DEMO_DIR)/shards
+	$(BIN)/ccat train --config configs/demo.yaml --data $(DEMO_DIR)/shards --out $(DEMO_DIR)/ccat
+	$(BIN)/ccat eval --ckpt $(DEMO_DIR)/ccat/best.pt --json $(DEMO_DIR)/ccat/eval.json
 
 test: install
 	$(BIN)/python -m pytest -q

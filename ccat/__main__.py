@@ -1,0 +1,5 @@
+"""``python -m ccat`` and ``torchrun -m ccat``."""
+
+from ccat.cli import main
+
+main()

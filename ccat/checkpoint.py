@@ -1,0 +1,62 @@
+"""Checkpoints: atomic writes, RNG state capture, the data fingerprint check."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccat.data import spec
+from ccat.data.reader import BuiltDataset
+from ccat.errors import CcatError
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CcatError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise CcatError(f"{path} is not a readable ccat checkpoint ({err})") from None
+
+
+def check_fingerprint(ckpt: dict[str, Any], dataset: BuiltDataset, what: str) -> None:
+    """Refuse data whose fingerprint differs from the checkpoint's, naming the parameters."""
+    if ckpt["fingerprint"] == dataset.fingerprint:
+        return
+    diff = spec.diff_fingerprint_params(ckpt["fingerprint_params"],
+                                        spec.fingerprint_params(dataset.manifest))
+    raise CcatError(f"{what} was trained on data with fingerprint {ckpt['fingerprint'][:12]}, "
+                    f"but {dataset.root} has {dataset.fingerprint[:12]}; differing parameters: "
+                    f"{'; '.join(diff) or 'none recorded'}. Use the shards it was trained on.")

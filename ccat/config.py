@@ -1,0 +1,193 @@
+"""Typed run configuration: dataclasses with the paper's defaults, strict YAML, overrides.
+
+A run's config is layered: the dataclass defaults, then a YAML file, then ``--set
+key=value`` overrides. Loading is strict: an unknown key or a value of the wrong type is
+a :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are made from them."""
+
+    path: str = ""
+    batch_size: int = 32  # paper
+    workers: int = 2
+    shuffle_buffer: int = 512
+    frame_size: int = 0  # 0 = the manifest's frame size (224 for the paper's shards)
+    crop_scale_min: float = 0.08  # RandomResizedCrop's default lower bound
+    val_split: str = "val"
+
+
+@dataclass
+class ModelConfig:
+    """Encoders, fusion width and the LoRA rank; widths default to the paper's."""
+
+    width: int = 512  # model width D (paper: 512 for audio-video)
+    encoder_width: int = 64  # channels of the first ResNet stage (ResNet18: 64)
+    encoder_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ResNet18
+    encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder name; empty = by kind
+    heads: int = 8
+    ffn_mult: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a step schedule, the paper's settings; every stage restarts it."""
+
+    epochs: int = 150
+    lr: float = 1e-3
+    momentum: float = 0.9
+    # The paper states 0.1; the published baseline code uses 1e-4.
+    weight_decay: float = 0.1
+    step_size: int = 70  # lr / 10 every 70 epochs
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm per update; 0 = off
+
+
+@dataclass
+class MethodConfig:
+    """Which method trains and its hyperparameters (those of ``ccat`` unless noted)."""
+
+    name: str = "ccat"
+    lambda_reg: float = 0.001  # Eq. 8 weight of the contribution-balance term
+    rank: int = 2  # LoRA rank r
+    beta: float = 0.15  # contribution threshold for secondary updates (Eq. 12)
+    temperature: float = 1.0  # of the contribution estimator; 1 = the paper as written
+    pretrain_epochs: int = 0  # stage 1 epochs; 0 = optim.epochs
+    fresh_encoders: bool = True  # stage 2 re-initializes the encoders (Algorithm 1, line 4)
+    fixed_classifier: bool = True  # Table 2 ablation switches
+    alternating: bool = True
+    secondary: bool = True
+    lora: bool = True
+    fusion_rule: str = "mean"  # decision-level fusion at inference: mean or sum
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    seed: int = 0
+    out: str = "runs/run"
+    device: str = "auto"  # auto, cpu or cuda
+    # CPU only: deterministic kernels with oneDNN off, so a resumed run ends with exactly the
+    # weights of an uninterrupted one. oneDNN's strided 1x1 convolution backward is not
+    # deterministic, and with one thread torch 2.14.1's oneDNN corrupted the heap here, so
+    # one-thread runs keep oneDNN off either way.
+    deterministic: bool = True
+    threads: int = 0  # CPU intra-op threads; 0 = torch's default (one per core)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+def _check_value(key: str, hint: Any, value: Any) -> Any:
+    """Return ``value`` if it fits type ``hint`` (ints widen to float), else raise."""
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ConfigError(f"config key {key!r} must be a {origin.__name__}, got {value!r}")
+        args = typing.get_args(hint)
+        if origin is list:
+            return [_check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+        return {_check_value(key, args[0], k): _check_value(f"{key}.{k}", args[1], v)
+                for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r} has the wrong type: {value!r}")
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set ``values`` (nested dicts) onto dataclass ``obj`` in place, strictly."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; known keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, f"{dotted}.")
+        else:
+            setattr(obj, key, _check_value(dotted, hints[key], value))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``'method.beta=0.2'`` -> ``{'method': {'beta': 0.2}}``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.epochs=10")
+    return _nest(key.strip(), yaml.safe_load(raw) if raw else "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cli: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``--set`` overrides, then ``cli``: CLI options
+    given as ``{'data.path': ...}`` (None = not given)."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        merge(cfg, values)
+    for text in overrides:
+        merge(cfg, parse_override(text))
+    for dotted, value in (cli or {}).items():
+        if value is not None:
+            merge(cfg, _nest(dotted, value))
+    return cfg
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    """``('a.b', 1)`` -> ``{'a': {'b': 1}}``."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    merge(cfg, values)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,33 @@
+"""Per-sample modality contributions (Eq. 5-6), used by both CCAT stages and evaluation.
+
+For modality m and sample i, the InfoNCE estimate of MI(z_i^m, f_i) over the batch is
+
+    I_i^m = log N + log( exp(<f_i, z_i^m> / T) / sum_j exp(<f_i, z_j^m> / T) )   # Eq. 5
+
+on L2-normalized vectors, and c_i = softmax over modalities of I_i^m (Eq. 6).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def contributions(parts: dict[str, torch.Tensor], fused: torch.Tensor,
+                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Contribution c_i^m of each modality to each sample's fused representation.
+
+    ``parts`` maps modality -> (N, D) features (stage 1: pooled z^m; stage 2: logits),
+    ``fused`` is (N, D) (stage 1: BiCross output; stage 2: decision-level fused logits).
+    ``temperature`` divides the cosine similarities; 1 is the paper as written.
+    Returns modality -> (N,) contributions that sum to 1 over modalities.
+    """
+    f = F.normalize(fused, dim=-1)
+    scores = []
+    for z in parts.values():
+        sim = f @ F.normalize(z, dim=-1).t() / temperature  # (N, N): <f_i, z_j^m> / T
+        scores.append(math.log(len(f)) + sim.diag() - torch.logsumexp(sim, dim=1))  # Eq. 5
+    shares = torch.softmax(torch.stack(scores, dim=1), dim=1)  # Eq. 6
+    return {m: shares[:, k] for k, m in enumerate(parts)}

@@ -1,0 +1,200 @@
+"""Shards -> decoded, augmented batches, split by rank then worker (open_clip's stage list).
+
+Training: a seeded shard order identical on every rank, shards dealt to (rank, worker)
+slots, a shuffle buffer over undecoded samples, decode, augment, batch in the worker.
+Every rank yields the same number of batches per epoch (``num_train_batches``); a slot
+that runs out of samples starts over on its shards, so fewer shards than ranks x workers
+never hangs. Evaluation: every sample of the split exactly once across all slots.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
+
+from ccat.config import DataConfig
+from ccat.data import spec
+from ccat.data.reader import BuiltDataset, Sample, decode_sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
+
+
+@dataclass
+class Batch:
+    """A batch: sample keys, labels (B,) and one input tensor per modality."""
+
+    keys: list[str]
+    label: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.keys, self.label.to(device, non_blocking=True),
+                     {m: x.to(device, non_blocking=True) for m, x in self.inputs.items()})
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.keys, self.label.pin_memory(),
+                     {m: x.pin_memory() for m, x in self.inputs.items()})
+
+
+def crop_box(height: int, width: int, scale_min: float,
+             rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w), drawn from ``rng``; center crop fallback."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class Transform:
+    """Per-sample arrays -> tensors, by modality kind (train: augment; eval: normalize)."""
+
+    def __init__(self, modalities: dict[str, dict[str, Any]], cfg: DataConfig, train: bool):
+        self.modalities = modalities
+        self.cfg = cfg
+        self.train = train
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        for name, params in modalities.items():
+            if params["kind"] not in ("spectrogram", "frames"):
+                raise ValueError(f"modality {name!r} of kind {params['kind']!r} has no "
+                                 "training transform yet (spectrogram and frames do)")
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, params in self.modalities.items():
+            array = sample.data[name]
+            if params["kind"] == "spectrogram":
+                out[name] = torch.from_numpy(array.astype(np.float32))
+            else:
+                out[name] = self.frames(array, self.cfg.frame_size or params["size"], rng)
+        return out
+
+    def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> normalized float [N, 3, size, size]; one crop per clip."""
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        if self.train:
+            top, left, h, w = crop_box(x.shape[2], x.shape[3], self.cfg.crop_scale_min, rng)
+            x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+        elif tuple(x.shape[2:]) != (size, size):
+            x = TF.resize(x, [size, size], antialias=True)
+        return (x.float() / 255 - self.mean) / self.std
+
+
+def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Tensor]]) -> Batch:
+    return Batch(list(keys), torch.tensor(labels, dtype=torch.long),
+                 {m: torch.stack([x[m] for x in inputs]) for m in inputs[0]})
+
+
+class ShardStream(IterableDataset):
+    """Batches of one split for one rank; see the module docstring for the contract."""
+
+    def __init__(self, shards: list[Path], modalities: dict[str, dict[str, Any]],
+                 cfg: DataConfig, *, train: bool, seed: int, epoch: int, rank: int, world: int,
+                 num_batches: int = 0):
+        self.shards, self.modalities, self.cfg = shards, modalities, cfg
+        self.train, self.seed, self.epoch = train, seed, epoch
+        self.rank, self.world, self.num_batches = rank, world, num_batches
+        self.transform = Transform(modalities, cfg, train)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        rng = np.random.default_rng([self.seed, self.epoch, slot])
+        if self.train:
+            quota = self.num_batches // workers + (worker < self.num_batches % workers)
+            samples = self._shuffled(self._train_raw(slot, slots, rng), rng)
+        else:
+            quota, samples = -1, self._eval_raw(slot, slots)
+        yield from self._batches(samples, quota, rng)
+
+    def _read(self, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+        with open(path, "rb") as f:
+            yield from spec.iter_tar_samples(f)
+
+    def _train_raw(self, slot: int, slots: int,
+                   rng: np.random.Generator) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """This slot's shards, endlessly; the first pass order is the same on every rank."""
+        order = list(self.shards)
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        order = order * math.ceil(slots / len(order))  # every slot gets at least one shard
+        mine = order[slot::slots]
+        while True:
+            for path in mine:
+                yield from self._read(path)
+            rng.shuffle(mine)
+
+    def _eval_raw(self, slot: int, slots: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Whole shards per slot when there are enough, else every slots-th sample."""
+        if len(self.shards) >= slots:
+            for path in self.shards[slot::slots]:
+                yield from self._read(path)
+            return
+        index = 0
+        for path in self.shards:
+            for raw in self._read(path):
+                if index % slots == slot:
+                    yield raw
+                index += 1
+
+    def _shuffled(self, raw: Iterator, rng: np.random.Generator) -> Iterator:
+        """A shuffle buffer over undecoded samples."""
+        buffer: list = []
+        for item in raw:
+            if len(buffer) < self.cfg.shuffle_buffer:
+                buffer.append(item)
+                continue
+            pick = int(rng.integers(len(buffer)))
+            buffer[pick], item = item, buffer[pick]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _batches(self, raw: Iterator, quota: int, rng: np.random.Generator) -> Iterator[Batch]:
+        """Decode, transform and collate; stop after ``quota`` batches (-1: at the end)."""
+        keys, labels, inputs, made = [], [], [], 0
+        for key, members in raw:
+            if made == quota:
+                return
+            sample = decode_sample(key, members, self.modalities)
+            keys.append(key)
+            labels.append(sample.label)
+            inputs.append(self.transform(sample, rng))
+            if len(keys) == self.cfg.batch_size:
+                yield collate(keys, labels, inputs)
+                keys, labels, inputs, made = [], [], [], made + 1
+        if keys and quota < 0:
+            yield collate(keys, labels, inputs)
+
+
+def num_train_batches(dataset: BuiltDataset, batch_size: int, world: int) -> int:
+    """Batches every rank runs per epoch: the split divided evenly, the remainder dropped."""
+    return max(1, dataset.num_samples("train") // (batch_size * world))
+
+
+def make_loader(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,
+                epoch: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """A DataLoader over ``split`` for this rank; batches are made in its workers."""
+    stream = ShardStream(dataset.shard_paths(split), dataset.modalities, cfg, train=train,
+                         seed=seed, epoch=epoch, rank=rank, world=world,
+                         num_batches=num_train_batches(dataset, cfg.batch_size, world))
+    return DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                      pin_memory=torch.cuda.is_available())

@@ -1,0 +1,78 @@
+"""torchrun support: process group setup, the device of this rank, gathering results."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> Context:
+    """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Context(rank, world, dev)
+
+
+def configure_cpu(deterministic: bool, threads: int) -> None:
+    """Exact kernels (see ``RunConfig.deterministic``) and the intra-op thread count."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    if deterministic or torch.get_num_threads() == 1:
+        torch.backends.mkldnn.enabled = False  # see RunConfig.deterministic
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_model(model: nn.Module) -> None:
+    """Make every rank start from rank 0's parameters and buffers."""
+    if dist.is_initialized():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, 0)
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average floating buffers (BatchNorm running statistics) over ranks."""
+    if dist.is_initialized():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(dist.get_world_size())

@@ -1,0 +1,142 @@
+"""Evaluation: fused and per-modality accuracy, macro-F1, per-class accuracy, contributions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ccat import checkpoint, distributed
+from ccat.config import DataConfig, RunConfig, from_dict
+from ccat.contribution import contributions
+from ccat.data.pipeline import make_loader
+from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
+from ccat.errors import CcatError
+from ccat.methods import METHODS, Method
+from ccat.models import MultimodalModel
+
+console = Console()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; exact fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
+                  ctx: distributed.Context, cfg_data: DataConfig,
+                  temperature: float) -> dict[str, Any]:
+    """Every sample of ``split`` exactly once over all ranks: keys, labels, predictions."""
+    model.eval()
+    rows: dict[str, list] = {"keys": [], "label": [], "fused": [], "uni": [], "contrib": []}
+    loader = make_loader(dataset, split, cfg_data, train=False, seed=0, rank=ctx.rank,
+                         world=ctx.world)
+    for batch in loader:
+        batch = batch.to(ctx.device)
+        with autocast(ctx.device):
+            out = method.predict(model, batch)
+        shares = contributions({m: v.float() for m, v in out.unimodal.items()},
+                               out.fused.float(), temperature)
+        rows["keys"] += batch.keys
+        rows["label"].append(batch.label.cpu())
+        rows["fused"].append(out.fused.argmax(1).cpu())
+        rows["uni"].append(torch.stack([v.argmax(1) for v in out.unimodal.values()], 1).cpu())
+        rows["contrib"].append(torch.stack(list(shares.values()), 1).float().cpu())
+    model.train()
+    local = {k: (v if k == "keys" else torch.cat(v).numpy() if v else np.zeros((0,)))
+             for k, v in rows.items()}
+    merged = distributed.gather(local)
+    keys = [k for part in merged for k in part["keys"]]
+    expected = dataset.num_samples(split)
+    if len(keys) != expected or len(set(keys)) != expected:
+        raise CcatError(f"evaluation of {split!r} saw {len(keys)} samples "
+                        f"({len(set(keys))} distinct) but the manifest lists {expected}")
+    return {k: np.concatenate([p[k] for p in merged if len(p[k])]) for k in local if k != "keys"}
+
+
+def compute_metrics(pred: dict[str, Any], split: str, classes: list[str],
+                    modalities: list[str]) -> dict[str, Any]:
+    """The evaluation JSON: split, num_samples, accuracy, macro_f1, per-class, contribution."""
+    label, fused = pred["label"], pred["fused"]
+    accuracy = {"fused": float((fused == label).mean())}
+    accuracy.update({m: float((pred["uni"][:, k] == label).mean())
+                     for k, m in enumerate(modalities)})
+    f1s, per_class = [], {}
+    for c, name in enumerate(classes):
+        tp = float(((fused == c) & (label == c)).sum())
+        support, predicted = float((label == c).sum()), float((fused == c).sum())
+        f1s.append(2 * tp / (support + predicted) if support + predicted else 0.0)
+        per_class[name] = tp / support if support else 0.0
+    return {"split": split, "num_samples": int(len(label)), "accuracy": accuracy,
+            "macro_f1": float(np.mean(f1s)), "per_class_accuracy": per_class,
+            "contribution": {m: float(pred["contrib"][:, k].mean())
+                             for k, m in enumerate(modalities)}}
+
+
+def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
+             ctx: distributed.Context, cfg: RunConfig) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` (``cfg`` is the run's config)."""
+    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature)
+    return compute_metrics(pred, split, dataset.classes, model.modalities)
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics["accuracy"].items():
+        table.add_row(f"accuracy {name}", f"{value:.4f}")
+    table.add_row("macro-F1", f"{metrics['macro_f1']:.4f}")
+    for name, value in metrics["per_class_accuracy"].items():
+        table.add_row(f"class {name}", f"{value:.4f}")
+    for name, value in metrics["contribution"].items():
+        table.add_row(f"contribution {name}", f"{value:.4f}")
+    return table
+
+
+def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,
+                  device: torch.device) -> tuple[Method, MultimodalModel]:
+    """Rebuild the checkpoint's method and model, in the stage it was saved in."""
+    cfg = from_dict(ckpt["config"])
+    method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
+    model = method.build_model(dataset.modalities, len(dataset.classes), cfg.model)
+    method.begin_stage(method.stages()[ckpt["stage_index"]], model)
+    model.load_state_dict(ckpt["model"])
+    return method, model.to(device)
+
+
+def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
+                        json_path: str | Path | None = None) -> dict[str, Any]:
+    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``)."""
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = from_dict(ckpt["config"])
+    try:
+        dataset = open_dataset(data or cfg.data.path)
+    except DatasetError as err:
+        raise CcatError(str(err)) from None
+    checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
+    if split not in dataset.splits:
+        raise CcatError(f"{dataset.root} has no split {split!r}; it has {dataset.splits}")
+    ctx = distributed.setup(cfg.device)
+    if ctx.device.type == "cpu":
+        distributed.configure_cpu(cfg.deterministic, cfg.threads)
+    try:
+        method, model = load_for_eval(ckpt, dataset, ctx.device)
+        metrics = evaluate(method, model, dataset, split, ctx, cfg)
+    finally:
+        distributed.cleanup()
+    if ctx.main:
+        console.print(metrics_table(metrics, f"{ckpt_path} on {split}"))
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,63 @@
+"""Joint training baselines (Table 1, first rows): Sum and Concat fusion, one CE loss;
+and the unimodal ensemble."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ccat.data.pipeline import Batch
+from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions
+from ccat.models import MultimodalModel
+from ccat.step import Step
+
+
+class JointMethod(Method):
+    """Encoders, fusion and classifier trained together on the fused prediction's CE."""
+
+    def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
+        step.zero_grad()
+        loss = F.cross_entropy(model.fused_logits(model.encode_all(batch.inputs)), batch.label)
+        step.backward(loss)
+        step.step()
+        return {"loss": loss.item()}
+
+    def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
+        """Fused logits, and each modality's share of the head alone (Sec. 4.1)."""
+        feats = model.encode_all(batch.inputs)
+        unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
+        return Outputs(fused=model.fused_logits(feats), unimodal=unimodal)
+
+
+@METHODS.register("sum")
+class Sum(JointMethod):
+    fusion = "sum"
+
+
+@METHODS.register("concat")
+class Concat(JointMethod):
+    fusion = "concat"
+
+
+@METHODS.register("unimodal")
+class UnimodalEnsemble(Method):
+    """Each modality trained alone on its own block of the head; logits averaged.
+
+    The reference every balancing method has to beat. The modalities share only the
+    head's bias (Sec. 4.1's b / M split), so no encoder ever sees another modality's loss.
+    """
+
+    fusion = "concat"
+
+    def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
+        step.zero_grad()
+        losses = {m: F.cross_entropy(model.unimodal_logits(m, model.encode(batch.inputs, m)[1]),
+                                     batch.label) for m in model.modalities}
+        step.backward(torch.stack(list(losses.values())).sum())
+        step.step()
+        return {f"loss/{m}": v.item() for m, v in losses.items()}
+
+    def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
+        feats = model.encode_all(batch.inputs)
+        unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
+        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal)

@@ -1,0 +1,93 @@
+"""Fusion modules: BiCross (CCAT, appendix A.1), Sum and Concat (joint baselines).
+
+A fusion maps per-modality features to the fused vector f that the classifier reads,
+and says how the classifier scores one modality alone (Sec. 4.1 for the baselines).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccat.config import ModelConfig
+from ccat.registry import Registry
+
+Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (tokens, pooled)
+FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion")
+
+
+class CrossBlock(nn.Module):
+    """One cross-attention block: the query sequence attends to the context (App. A.1, Eq. 14-22)."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.ReLU(),
+                                 nn.Linear(ffn_mult * width, width))
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.attn(query, context, context, need_weights=False)
+        h = self.norm1(query + attended)  # Eq. 19: the residual is the query
+        h = self.norm2(h + self.ffn(h))
+        return h.mean(1)  # average pooling over the query's tokens
+
+
+@FUSIONS.register("bicross")
+class BiCross(nn.Module):
+    """Two cross-attention blocks, one per direction, their pooled outputs summed (App. A.1)."""
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        if len(modalities) != 2:
+            raise ValueError(f"BiCross fuses exactly two modalities, the data has {modalities}")
+        self.modalities = list(modalities)
+        self.blocks = nn.ModuleList(CrossBlock(cfg.width, cfg.heads, cfg.ffn_mult)
+                                    for _ in range(2))
+        self.out_dim = cfg.width
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        first, second = (feats[m][0] for m in self.modalities)
+        return self.blocks[0](second, first) + self.blocks[1](first, second)
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        """The shared classifier reads any modality's pooled vector directly."""
+        return classifier(z)
+
+
+@FUSIONS.register("sum")
+class SumFusion(nn.Module):
+    """f = sum of the pooled vectors; a modality alone scores W z^m + b / M (Sec. 4.1)."""
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.out_dim = cfg.width
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return torch.stack([feats[m][1] for m in self.modalities]).sum(0)
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, classifier.weight, classifier.bias / len(self.modalities))
+
+
+@FUSIONS.register("concat")
+class ConcatFusion(nn.Module):
+    """f = concatenated pooled vectors; a modality alone scores its block of W (Sec. 4.1)."""
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.width = cfg.width
+        self.out_dim = cfg.width * len(modalities)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return torch.cat([feats[m][1] for m in self.modalities], dim=1)
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        block = classifier.weight[:, index * self.width:(index + 1) * self.width]
+        return F.linear(z, block, classifier.bias / len(self.modalities))

@@ -1,0 +1,71 @@
+"""The shared classifier's per-modality LoRA adapter and the full multimodal model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccat.config import ModelConfig
+from ccat.models.encoders import build_encoder
+from ccat.models.fusion import FUSIONS, Features
+
+
+class LoRA(nn.Module):
+    """Low-rank update B A z of a linear layer's output (Hu et al.), scaled by alpha / r.
+
+    B starts at zero, so an adapter added at initialization leaves the logits unchanged.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float = 1.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_dim))
+        self.B = nn.Parameter(torch.zeros(out_dim, rank))
+        self.scale = alpha / rank
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.A.t() @ self.B.t()) * self.scale
+
+
+class MultimodalModel(nn.Module):
+    """Encoders per modality, a fusion, one shared linear classifier and optional LoRAs."""
+
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, num_classes: int,
+                 lora_rank: int = 0):
+        super().__init__()
+        self.modalities = list(encoders)
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.classifier = nn.Linear(fusion.out_dim, num_classes)
+        in_dim = next(iter(encoders.values())).proj.out_features
+        self.lora = nn.ModuleDict({m: LoRA(in_dim, num_classes, lora_rank) for m in encoders}
+                                  if lora_rank > 0 else {})
+
+    def encode(self, inputs: dict[str, torch.Tensor], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, L, D) and pooled vector (B, D) of one modality."""
+        return self.encoders[modality](inputs[modality])
+
+    def encode_all(self, inputs: dict[str, torch.Tensor]) -> Features:
+        return {m: self.encode(inputs, m) for m in self.modalities}
+
+    def fused_logits(self, feats: Features) -> torch.Tensor:
+        """Cls(fusion(z^1, ..., z^M)): the feature-level fused prediction."""
+        return self.classifier(self.fusion(feats))
+
+    def unimodal_logits(self, modality: str, z: torch.Tensor, lora: bool = False) -> torch.Tensor:
+        """Cls's score of one modality's pooled vector, plus LoRA_m(z) when asked (stage 2)."""
+        logits = self.fusion.unimodal_logits(self.classifier, self.modalities.index(modality), z)
+        if lora:
+            logits = logits + self.lora[modality](z)
+        return logits
+
+
+def build_model(modalities: dict[str, dict[str, Any]], num_classes: int, cfg: ModelConfig,
+                fusion: str, lora_rank: int = 0) -> MultimodalModel:
+    """A model for the manifest's ``modalities``; ``fusion`` is a registered fusion name."""
+    encoders = {m: build_encoder(m, params, cfg) for m, params in modalities.items()}
+    return MultimodalModel(encoders, FUSIONS.get(fusion)(list(modalities), cfg), num_classes,
+                           lora_rank)

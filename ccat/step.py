@@ -1,0 +1,75 @@
+"""The optimizer step a method sees: zero_grad, backward, step.
+
+It hides the optimizer, gradient clipping, the non-finite loss check and, under
+torchrun, the averaging of gradients across ranks. Methods call it once per update, so
+alternating per-modality updates read as Algorithm 1 reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn.utils import clip_grad_norm_
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss was NaN or infinite; the loop adds where it happened."""
+
+
+class Step:
+    """One optimizer behind ``zero_grad()``, ``backward(loss)`` and ``step()``.
+
+    Under torchrun the model is not wrapped in DistributedDataParallel: an alternating
+    update touches only Enc_m and LoRA_m, which DDP would either hang on or search for
+    with ``find_unused_parameters`` every step. Instead ``step()`` all-reduces, in one
+    flat bucket, exactly the gradients this update produced (plus a non-finite flag), so
+    every rank calls the same collectives in the same order and no bandwidth is spent
+    on parameters the update does not touch.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.updates = 0
+        self._finite = True
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._finite = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._finite = self._finite and bool(torch.isfinite(loss.detach()))
+        loss.backward()
+
+    def step(self) -> None:
+        """Average gradients over ranks, check them, clip, and update the parameters."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        bad = torch.tensor([0.0 if self._finite else 1.0],
+                           device=params[0].device if params else "cpu")
+        if self.world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [bad])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad) / self.world)
+                offset += p.numel()
+            bad = flat[-1:]
+        if bad.item() > 0:
+            raise NonFiniteLoss("the loss is not finite")
+        if self.grad_clip > 0:
+            clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+
+    def all_sum(self, value: float) -> float:
+        """``value`` summed over ranks (the value itself without torchrun)."""
+        if self.world == 1:
+            return value
+        total = torch.tensor([float(value)], device=self._device())
+        dist.all_reduce(total)
+        return total.item()
+
+    def _device(self) -> torch.device:
+        return self.optimizer.param_groups[0]["params"][0].device

@@ -1,0 +1,361 @@
+"""Synthetic CREMA-D: a small raw tree in the real layout, with a controlled modality imbalance.
+
+`synthesize_cremad` writes `AudioWAV/<id>.wav` (16 kHz mono PCM16) and `VideoFlash/<id>.flv`
+(FLV1 video plus the same sound as MP3) for ids in the CREMA-D pattern
+`<actor>_<sentence>_<EMO>_<level>`, so the real `cremad` recipe builds shards from it.
+
+Each modality carries the class through one of two cues; `easy` picks which modality gets
+which. The easy cue is LINEAR in what the encoder sees: its class mean differs, so a
+nearest-class-mean rule separates it almost at once.
+
+- audio, easy: a steady tone at a class-specific frequency over noise (one bright row of the
+  log-magnitude spectrogram).
+- video, easy: a class-specific tint of the background colour (the mean colour).
+
+The hard cue is a class-specific PERIODIC pattern whose phase (hence its sign) is random per
+clip, so every class averages to the same input and no linear rule on the raw input beats
+chance; a detector needs a nonlinear, phase-invariant feature (energy of a class filter).
+
+- video, hard: a faint luminance grating at a fixed spatial frequency with a class-specific
+  orientation, random phase and a slow random drift, over a random background colour,
+  a moving blob of random colour and coarse pixel noise that drifts over ~0.3 s.
+- audio, hard: a buzz (harmonics of a random pitch), amplitude-modulated at a class-specific
+  rate with random phase: vertical stripes in the spectrogram, a temporal grating.
+
+Measured with small CNNs (32x32 frames, 480 training clips of 96x72, SGD, 30 epochs): each
+hard cue alone reaches 1.0 test accuracy within 10-20 epochs, while joint Concat training,
+where the easy cue is solved in the first epoch, leaves the hard encoder's linear probe far
+behind (video 0.32 vs 1.0; audio 0.93 vs 1.0, and 0.74 vs 0.98 after 10 epochs). Lower
+`hard_strength` widens the gap, higher narrows it.
+
+Both cues survive the preprocessing rules: all tones stay below 8 kHz (the 16 kHz Nyquist)
+and are steady, so resampling to 22,050 Hz and tiling to 3 s keep them; modulation rates of
+4-18 Hz are periods of 3.5-16 frames of the 62.5 Hz spectrogram. Video patterns are defined
+in image-relative coordinates (cycles per frame, not per pixel), so an anisotropic resize to
+224x224 or 32x32 keeps the orientations distinct; they are constant or slowly varying, so
+any of the three sampled frames carries them. Noise is drawn on a fixed coarse grid for the
+same reason. Everything is drawn from `numpy` generators seeded by (seed, clip index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile
+import soxr
+
+CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
+ACTORS = tuple(range(1001, 1092))
+INTENSITY_SENTENCE = "IEO"  # as in CREMA-D, only this sentence was recorded at graded levels
+INTENSITY_LEVELS = ("LO", "MD", "HI", "XX")
+UNGRADED_LEVEL = "XX"
+MODALITIES = ("audio", "video")
+
+# Audio (generated at `sample_rate`, amplitudes relative to full scale 1.0).
+AUDIO_NOISE_STD = 0.05  # white noise floor under every clip
+CLASS_TONES_HZ = (440.0, 660.0, 990.0, 1485.0, 2228.0, 3341.0)  # easy cue: x1.5 apart
+TONE_JITTER = 0.01  # relative per-clip detuning of the class tone
+TONE_AMPLITUDE = 0.1  # easy tone amplitude at easy_strength 1
+CLASS_AM_RATES_HZ = (4.0, 5.5, 7.5, 10.0, 13.5, 18.0)  # hard cue: periods of 3.5-16 STFT frames
+FUNDAMENTAL_RANGE_HZ = (120.0, 300.0)  # hard cue carrier: a buzz of random (log-uniform) pitch
+HARMONIC_CEILING_HZ = 4000.0  # its harmonics stop here
+BUZZ_RMS = 0.1
+AM_DEPTH = 0.3  # hard cue: modulation depth at hard_strength 1 (capped at 1)
+DISTRACTOR_TONE_RANGE_HZ = (200.0, 6000.0)  # steady tone at a random frequency, any class
+DISTRACTOR_TONE_AMPLITUDE = 0.05
+PEAK_LIMIT = 0.99  # scale down a clip whose peak would clip PCM16
+FLV_AUDIO_RATE = 22050  # FLV's MP3 accepts 11025, 22050 or 44100 Hz
+FLV_AUDIO_CODEC = "mp3"
+MP3_COMPRESSION_LEVEL = 7  # LAME's -q: 0 slowest/best, 9 fastest; 7 halves the encode time
+
+# Video (intensities in [0, 1], positions in frame-relative units).
+BASE_GREY = 0.5
+BACKGROUND_COLOUR_STD = 0.04  # per-clip random colour, the same for every class
+TINT_AMPLITUDE = 0.25  # easy cue: class colour offset at easy_strength 1
+GRATING_CYCLES = 4.0  # hard cue: cycles per frame, resolvable even at 32x32
+CLASS_ORIENTATIONS_DEG = (0.0, 30.0, 60.0, 90.0, 120.0, 150.0)
+GRATING_AMPLITUDE = 0.016  # hard grating amplitude at hard_strength 1
+GRATING_DRIFT_MAX_HZ = 0.3  # slow random phase drift, cycles per second
+BLOB_RADIUS = 0.15  # distractor: Gaussian blob of random colour on a random straight path
+BLOB_AMPLITUDE = 0.25
+NOISE_GRID = (24, 32)  # rows, cols of the coarse pixel-noise grid
+PIXEL_NOISE_STD = 0.06
+NOISE_CORRELATION_S = 0.3  # noise drifts (cheap to encode) yet differs between sampled frames
+RGB_TO_YUV = np.array([[0.299, 0.587, 0.114],  # BT.601, the matrix FFmpeg assumes for FLV1
+                       [-0.168736, -0.331264, 0.5],
+                       [0.5, -0.418688, -0.081312]])
+YUV_SCALE = np.array([219.0, 224.0, 224.0])  # limited ("TV") range levels per unit
+YUV_OFFSET = np.array([16.0, 128.0, 128.0])
+FLV_VIDEO_CODEC = "flv"
+FLV_QSCALE = 6  # fixed quantiser (qmin = qmax; 2 is best, 31 worst): deterministic, clean
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip to synthesize: its CREMA-D id, class index, length and random stream."""
+
+    clip_id: str
+    label: int
+    num_frames: int
+    seed: tuple[int, int]
+
+
+def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: str = "audio",
+                      easy_strength: float = 1.0, hard_strength: float = 1.0,
+                      width: int = 96, height: int = 72, fps: int = 30,
+                      duration: float | tuple[float, float] = (2.0, 3.0),
+                      sample_rate: int = 16000,
+                      progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write a synthetic CREMA-D raw tree under `out` and return the sorted clip ids.
+
+    `easy` names the modality that gets the linear cue; the other gets the phase-random cue.
+    `easy_strength` and `hard_strength` scale the two cues' amplitudes (0 removes a cue).
+    `duration` in seconds is fixed or a (low, high) range drawn per clip. Same arguments give
+    byte-identical files. `progress(n)` is called with the number of clips written so far.
+    """
+    if easy not in MODALITIES:
+        raise ValueError(f"easy must be one of {MODALITIES}, got {easy!r}.")
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p, got {width}x{height}.")
+    out = Path(out)
+    (out / "AudioWAV").mkdir(parents=True, exist_ok=True)
+    (out / "VideoFlash").mkdir(parents=True, exist_ok=True)
+    strengths = {m: easy_strength if m == easy else hard_strength for m in MODALITIES}
+    roles = {m: "easy" if m == easy else "hard" for m in MODALITIES}
+    plans = plan_clips(num_clips, seed, duration, fps)
+    for done, plan in enumerate(plans, start=1):
+        rng = np.random.default_rng(plan.seed)
+        num_samples = round(plan.num_frames * sample_rate / fps)
+        sound = AUDIO_CUES[roles["audio"]](plan.label, num_samples, sample_rate, rng,
+                                          strengths["audio"])
+        frames = VIDEO_CUES[roles["video"]](plan.label, plan.num_frames, width, height, fps, rng,
+                                           strengths["video"])
+        soundfile.write(out / "AudioWAV" / f"{plan.clip_id}.wav", sound, sample_rate,
+                        subtype="PCM_16")
+        _write_flv(out / "VideoFlash" / f"{plan.clip_id}.flv", frames, sound, sample_rate, fps,
+                   (width, height))
+        if progress is not None:
+            progress(done)
+    return sorted(plan.clip_id for plan in plans)
+
+
+def plan_clips(num_clips: int, seed: int, duration: float | tuple[float, float],
+               fps: int) -> list[ClipPlan]:
+    """Unique CREMA-D ids with classes assigned round robin, and a length per clip."""
+    per_class = len(ACTORS) * (len(SENTENCES) - 1 + len(INTENSITY_LEVELS))
+    if not 0 < num_clips <= per_class * len(CLASSES):
+        raise ValueError(f"num_clips must be in 1..{per_class * len(CLASSES)}, got {num_clips}.")
+    low, high = (duration, duration) if np.isscalar(duration) else duration
+    if not 0 < low <= high:
+        raise ValueError(f"duration must be positive seconds or a (low, high) range, "
+                         f"got {duration}.")
+    rng = np.random.default_rng([seed, num_clips])
+    used: set[str] = set()
+    plans = []
+    for index in range(num_clips):
+        label = index % len(CLASSES)
+        clip_id = _draw_unique_id(CLASSES[label], rng, used)
+        seconds = rng.uniform(low, high)
+        plans.append(ClipPlan(clip_id, label, max(1, round(seconds * fps)), (seed, index)))
+    return plans
+
+
+def _draw_unique_id(emotion: str, rng: np.random.Generator, used: set[str]) -> str:
+    """Draw actor, sentence and level until the id is new; record it in `used`."""
+    while True:
+        actor = ACTORS[rng.integers(len(ACTORS))]
+        sentence = SENTENCES[rng.integers(len(SENTENCES))]
+        graded = sentence == INTENSITY_SENTENCE
+        level = INTENSITY_LEVELS[rng.integers(len(INTENSITY_LEVELS))] if graded else UNGRADED_LEVEL
+        clip_id = f"{actor}_{sentence}_{emotion}_{level}"
+        if clip_id not in used:
+            used.add(clip_id)
+            return clip_id
+
+
+def _audio_background(num_samples: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """White noise plus a steady tone at a random frequency, independent of the class."""
+    t = np.arange(num_samples) / sample_rate
+    freq = rng.uniform(*DISTRACTOR_TONE_RANGE_HZ)
+    tone = DISTRACTOR_TONE_AMPLITUDE * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+    return tone + AUDIO_NOISE_STD * rng.standard_normal(num_samples)
+
+
+def _audio_easy(label: int, num_samples: int, sample_rate: int, rng: np.random.Generator,
+                strength: float) -> np.ndarray:
+    """Linear cue: a steady tone at the class frequency, slightly detuned per clip."""
+    t = np.arange(num_samples) / sample_rate
+    freq = CLASS_TONES_HZ[label] * (1 + rng.uniform(-TONE_JITTER, TONE_JITTER))
+    cue = strength * TONE_AMPLITUDE * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+    return _limit_peak(cue + _audio_background(num_samples, sample_rate, rng))
+
+
+def _audio_hard(label: int, num_samples: int, sample_rate: int, rng: np.random.Generator,
+                strength: float) -> np.ndarray:
+    """Phase-random cue: a buzz of random pitch, amplitude-modulated at the class rate."""
+    t = np.arange(num_samples) / sample_rate
+    fundamental = np.exp(rng.uniform(*np.log(FUNDAMENTAL_RANGE_HZ)))
+    harmonics = fundamental * np.arange(1, int(HARMONIC_CEILING_HZ // fundamental) + 1)
+    phases = rng.uniform(0, 2 * np.pi, len(harmonics))
+    buzz = np.sin(2 * np.pi * harmonics[:, None] * t + phases[:, None]).sum(0)
+    depth = min(1.0, strength * AM_DEPTH)
+    envelope = 1 + depth * np.sin(2 * np.pi * CLASS_AM_RATES_HZ[label] * t
+                                  + rng.uniform(0, 2 * np.pi))
+    cue = BUZZ_RMS * np.sqrt(2 / len(harmonics)) * envelope * buzz
+    return _limit_peak(cue + _audio_background(num_samples, sample_rate, rng))
+
+
+def _limit_peak(sound: np.ndarray) -> np.ndarray:
+    """Return float32 audio scaled down only if its peak would exceed PEAK_LIMIT."""
+    peak = float(np.max(np.abs(sound), initial=0.0))
+    scale = PEAK_LIMIT / peak if peak > PEAK_LIMIT else 1.0
+    return (sound * scale).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """Per-clip video state: colour, optional grating and distractor blob path."""
+
+    colour: np.ndarray  # RGB background, shape [3]
+    grating: tuple[float, float, float, float] | None  # amplitude, angle, phase, drift Hz
+    blob_colour: np.ndarray  # RGB offset, shape [3]
+    blob_path: np.ndarray  # (start, end) centre in frame units, shape [2, 2]
+
+
+def _draw_scene(rng: np.random.Generator, tint: np.ndarray,
+                grating: tuple[float, float] | None) -> _Scene:
+    """Random scene; `tint` is added to the colour, `grating` is (amplitude, angle in rad)."""
+    colour = BASE_GREY + BACKGROUND_COLOUR_STD * rng.standard_normal(3) + tint
+    phase = rng.uniform(0, 2 * np.pi)  # also covers the polarity (sign) of the grating
+    drift = rng.uniform(-GRATING_DRIFT_MAX_HZ, GRATING_DRIFT_MAX_HZ)
+    wave = None if grating is None else (grating[0], grating[1], phase, drift)
+    blob_colour = BLOB_AMPLITUDE * rng.uniform(-1, 1, 3)
+    return _Scene(colour, wave, blob_colour, rng.uniform(0, 1, (2, 2)))
+
+
+def _class_tint(label: int) -> np.ndarray:
+    """Unit-chroma RGB offset whose hue is set by the class (zero mean over channels)."""
+    hue = 2 * np.pi * label / len(CLASSES)
+    axes = 2 * np.pi * np.arange(3) / 3
+    return np.cos(hue - axes) * np.sqrt(2 / 3)
+
+
+def _video_easy(label: int, num_frames: int, width: int, height: int, fps: int,
+                rng: np.random.Generator, strength: float) -> Iterator[np.ndarray]:
+    """Linear cue: the background colour is tinted by the class hue."""
+    scene = _draw_scene(rng, strength * TINT_AMPLITUDE * _class_tint(label), None)
+    return _render(scene, num_frames, width, height, fps, rng)
+
+
+def _video_hard(label: int, num_frames: int, width: int, height: int, fps: int,
+                rng: np.random.Generator, strength: float) -> Iterator[np.ndarray]:
+    """Phase-random cue: a grating oriented by the class, random phase and drift."""
+    angle = np.deg2rad(CLASS_ORIENTATIONS_DEG[label])
+    scene = _draw_scene(rng, np.zeros(3), (strength * GRATING_AMPLITUDE, angle))
+    return _render(scene, num_frames, width, height, fps, rng)
+
+
+class _Plane:
+    """One image plane of a yuv420p frame: its sampling grid and a reusable float buffer."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.v = (np.arange(height, dtype=np.float32) + 0.5) / height
+        self.u = (np.arange(width, dtype=np.float32) + 0.5) / width
+        self.rows = np.arange(height) * NOISE_GRID[0] // height
+        self.cols = np.arange(width) * NOISE_GRID[1] // width
+        self.values = np.empty((height, width), np.float32)
+        self.scratch = np.empty((height, width), np.float32)
+
+    def add_blob(self, centre: np.ndarray, level: float) -> None:
+        """Add a Gaussian blob (separable, so cheap) of peak `level` at `centre`."""
+        spread = np.float32(2 * BLOB_RADIUS ** 2)
+        across = np.exp(-(self.u - centre[0]) ** 2 / spread)
+        down = np.exp(-(self.v - centre[1]) ** 2 / spread) * np.float32(level)
+        np.multiply(down[:, None], across[None, :], out=self.scratch)
+        self.values += self.scratch
+
+    def fill_noise(self, grid: np.ndarray, base: float) -> None:
+        """Set the plane to `base` plus the coarse noise `grid` upsampled by repetition."""
+        np.take(grid[self.rows], self.cols, axis=1, out=self.values)
+        self.values += np.float32(base)
+
+
+def _grating_parts(scene: _Scene, luma: _Plane) -> tuple[np.ndarray, np.ndarray] | None:
+    """The grating's cosine and sine parts in luma levels, so a drift is a cheap rotation."""
+    if scene.grating is None:
+        return None
+    amplitude, angle, phase, _ = scene.grating
+    position = GRATING_CYCLES * (luma.u[None, :] * np.cos(angle) + luma.v[:, None] * np.sin(angle))
+    level = np.float32(YUV_SCALE[0] * amplitude)
+    return (level * np.cos(2 * np.pi * position + phase).astype(np.float32),
+            level * np.sin(2 * np.pi * position + phase).astype(np.float32))
+
+
+def _render(scene: _Scene, num_frames: int, width: int, height: int, fps: int,
+            rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Yield yuv420p frames ([height * 3 // 2, width] uint8), drawn directly in BT.601 levels.
+
+    Drawing in YUV skips an RGB buffer and a colour conversion per frame (2-3x faster at
+    480x360); the scene is a sum of terms, each converted once with the 3x3 matrix.
+    """
+    planes = [_Plane(height, width), _Plane(height // 2, width // 2),
+              _Plane(height // 2, width // 2)]
+    to_levels = YUV_SCALE[:, None] * RGB_TO_YUV
+    base, blob_levels = YUV_OFFSET + to_levels @ scene.colour, to_levels @ scene.blob_colour
+    grating = _grating_parts(scene, planes[0])
+    frame = np.empty(height * width * 3 // 2, np.uint8)
+    bounds = np.cumsum([0] + [plane.values.size for plane in planes])
+    memory = np.exp(-1 / (fps * NOISE_CORRELATION_S))
+    noise = PIXEL_NOISE_STD * rng.standard_normal((*NOISE_GRID, 3)) @ to_levels.T
+    for index in range(num_frames):
+        fresh = PIXEL_NOISE_STD * rng.standard_normal((*NOISE_GRID, 3)) @ to_levels.T
+        noise = memory * noise + np.sqrt(1 - memory ** 2) * fresh  # stationary AR(1) in time
+        progress = index / max(1, num_frames - 1)
+        centre = (1 - progress) * scene.blob_path[0] + progress * scene.blob_path[1]
+        for channel, plane in enumerate(planes):
+            plane.fill_noise(noise[..., channel].astype(np.float32), base[channel])
+            plane.add_blob(centre, blob_levels[channel])
+        if grating is not None:
+            shift = 2 * np.pi * scene.grating[3] * index / fps  # cos(p+s) = cos p cos s - ...
+            planes[0].values += grating[0] * np.float32(np.cos(shift))
+            planes[0].values -= grating[1] * np.float32(np.sin(shift))
+        for channel, plane in enumerate(planes):
+            np.clip(plane.values, 0, 255, out=plane.values)
+            plane.values += np.float32(0.5)  # round, then the cast truncates
+            np.copyto(frame[bounds[channel]:bounds[channel + 1]], plane.values.ravel(),
+                      casting="unsafe")
+        yield frame.reshape(-1, width)
+
+
+AUDIO_CUES = {"easy": _audio_easy, "hard": _audio_hard}
+VIDEO_CUES = {"easy": _video_easy, "hard": _video_hard}
+
+
+def _write_flv(path: Path, frames: Iterator[np.ndarray], sound: np.ndarray, sample_rate: int,
+               fps: int, size: tuple[int, int]) -> None:
+    """Mux FLV1 video frames and the sound, resampled to FLV_AUDIO_RATE, as MP3 into `path`."""
+    with av.open(str(path), "w", format="flv") as container:
+        video = container.add_stream(FLV_VIDEO_CODEC, rate=fps)
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        video.codec_context.thread_count = 1
+        video.options = {"qmin": str(FLV_QSCALE), "qmax": str(FLV_QSCALE)}
+        audio = container.add_stream(FLV_AUDIO_CODEC, rate=FLV_AUDIO_RATE)
+        audio.layout = "mono"
+        audio.options = {"compression_level": str(MP3_COMPRESSION_LEVEL)}
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
+            frame.pts = index
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        resampled = soxr.resample(sound, sample_rate, FLV_AUDIO_RATE, quality="HQ")
+        samples = np.clip(resampled, -1, 1).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = FLV_AUDIO_RATE, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())

@@ -1,0 +1,213 @@
+"""The synthetic CREMA-D generator: real layout and media, determinism, cues of unequal difficulty.
+
+The cue tests use cheap features of the raw files, not the shard builder: a linear rule
+(leave-one-out nearest class mean) on a binned audio magnitude spectrum or on block-averaged
+pixels, and a nonlinear phase-invariant detector (energy at each class's grating orientation
+or modulation rate) for the hard cue.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_ORIENTATIONS_DEG, CLASSES,
+                                       GRATING_CYCLES, synthesize_cremad)
+
+ID_PATTERN = re.compile(r"^(10(?:0[1-9]|[1-8]\d|9[01]))_(IEO|TIE|IOM|IWW|TAI|MTI|IWL|ITH|DFA|ITS"
+                        r"|TSI|WSI)_(ANG|DIS|FEA|HAP|NEU|SAD)_(LO|MD|HI|XX)$")
+SIZE = (64, 48)
+SMALL = dict(width=SIZE[0], height=SIZE[1], duration=(0.8, 1.6))
+CUE_CLIPS = 36  # 6 per class: enough for leave-one-out class means
+CHANCE = 1 / len(CLASSES)
+SPECTRUM_BIN_HZ = 50.0  # binning makes spectra of clips of different lengths comparable
+ENVELOPE_HOP_S = 0.01  # 100 Hz envelope: the fastest class rate (18 Hz) is well resolved
+ENVELOPE_WINDOW = 512  # Hann-weighted, so a steady tone leaves no ripple (as in the STFT)
+PIXEL_BLOCK = 8  # 64x48 frames -> 8x6 blocks of mean colour
+
+
+def label(clip_id: str) -> int:
+    return CLASSES.index(clip_id.split("_")[2])
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    """All frames of the clip's video track, [n, height, width, 3] uint8 RGB."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@functools.lru_cache(maxsize=None)
+def sampled_frames(path: Path) -> np.ndarray:
+    """The frames the shard builder keeps: centres of 3 equal segments, float [3, h, w, 3]."""
+    frames = decoded_frames(path)
+    return frames[[int((i + 0.5) * len(frames) / 3) for i in range(3)]].astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[int]]:
+    """12 clips of varying length; also records what `progress` was called with."""
+    root = tmp_path_factory.mktemp("synth") / "cremad"
+    calls: list[int] = []
+    ids = synthesize_cremad(root, 12, 0, progress=calls.append, **SMALL)
+    return root, ids, calls
+
+
+@pytest.fixture(scope="module", params=["audio", "video"])
+def cue_tree(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list[str]]:
+    root = tmp_path_factory.mktemp(f"easy_{request.param}")
+    ids = synthesize_cremad(root, CUE_CLIPS, 3, easy=request.param, width=SIZE[0],
+                            height=SIZE[1], duration=(1.0, 1.5))
+    return request.param, root, ids
+
+
+def test_layout_and_ids(tree: tuple[Path, list[str], list[int]]) -> None:
+    root, ids, calls = tree
+    assert ids == sorted(ids) and len(set(ids)) == 12
+    assert all(ID_PATTERN.match(i) for i in ids), ids
+    assert sorted(p.name for p in root.iterdir()) == ["AudioWAV", "VideoFlash"]
+    assert sorted(p.name for p in (root / "AudioWAV").iterdir()) == [f"{i}.wav" for i in ids]
+    assert sorted(p.name for p in (root / "VideoFlash").iterdir()) == [f"{i}.flv" for i in ids]
+    assert np.bincount([label(i) for i in ids], minlength=6).tolist() == [2] * 6
+    assert calls == list(range(1, 13))
+
+
+def test_media_formats(tree: tuple[Path, list[str], list[int]]) -> None:
+    root, ids, _ = tree
+    durations = set()
+    for clip_id in ids[:4]:
+        info = soundfile.info(root / "AudioWAV" / f"{clip_id}.wav")
+        assert (info.format, info.subtype, info.samplerate, info.channels) == (
+            "WAV", "PCM_16", 16000, 1)
+        with av.open(str(root / "VideoFlash" / f"{clip_id}.flv")) as container:
+            assert container.format.name == "flv"
+            video, audio = container.streams.video[0], container.streams.audio[0]
+            assert video.codec_context.codec.canonical_name == "flv1"
+            assert (video.codec_context.width, video.codec_context.height) == SIZE
+            sound = np.concatenate([f.to_ndarray().ravel() for f in container.decode(audio)])
+        frames = decoded_frames(root / "VideoFlash" / f"{clip_id}.flv")
+        assert frames.shape[1:] == (SIZE[1], SIZE[0], 3)
+        assert abs(len(frames) / 30 - info.duration) < 0.05  # audio and video agree
+        assert len(sound) / audio.rate > 0.9 * info.duration and np.abs(sound).max() > 0.05
+        durations.add(info.frames)
+    assert len(durations) > 1, "a duration range must give clips of different lengths"
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path,
+                                                 tree: tuple[Path, list[str], list[int]]) -> None:
+    root, ids, _ = tree
+    again = synthesize_cremad(tmp_path / "again", 12, 0, **SMALL)
+    assert again == ids
+    for clip_id in ids[:3]:
+        for sub, suffix in (("AudioWAV", "wav"), ("VideoFlash", "flv")):
+            name = f"{sub}/{clip_id}.{suffix}"
+            assert (root / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+        assert np.array_equal(decoded_frames(root / "VideoFlash" / f"{clip_id}.flv"),
+                              decoded_frames(tmp_path / "again" / "VideoFlash" / f"{clip_id}.flv"))
+    other = synthesize_cremad(tmp_path / "other", 12, 1, **SMALL)
+    assert other != ids
+    assert ((root / "AudioWAV" / f"{ids[0]}.wav").read_bytes()
+            != (tmp_path / "other" / "AudioWAV" / f"{other[0]}.wav").read_bytes())
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="easy"):
+        synthesize_cremad(tmp_path, 6, easy="text")
+    with pytest.raises(ValueError, match="even"):
+        synthesize_cremad(tmp_path, 6, width=63)
+    with pytest.raises(ValueError, match="num_clips"):
+        synthesize_cremad(tmp_path, 0)
+
+
+# ---------------------------------------------------------------- cue recoverability
+
+
+def nearest_mean_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out accuracy of the nearest class mean, a linear rule."""
+    x = features
+    hits = 0
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        means = np.stack([x[keep & (labels == c)].mean(0) for c in range(len(CLASSES))])
+        hits += int(np.argmin(((means - x[i]) ** 2).sum(1)) == labels[i])
+    return hits / len(x)
+
+
+def audio_spectrum(path: Path) -> np.ndarray:
+    """Magnitude spectrum of the whole wav in SPECTRUM_BIN_HZ bins up to 8 kHz, unit sum."""
+    sound, rate = soundfile.read(path, dtype="float64")
+    magnitude = np.abs(np.fft.rfft(sound))
+    bins = (np.fft.rfftfreq(len(sound), 1 / rate) // SPECTRUM_BIN_HZ).astype(int)
+    binned = np.bincount(bins, magnitude, minlength=int(rate / 2 // SPECTRUM_BIN_HZ) + 1)
+    return binned[: int(rate / 2 // SPECTRUM_BIN_HZ)] / binned.sum()
+
+
+def block_pixels(path: Path) -> np.ndarray:
+    """Mean over frames of PIXEL_BLOCK-px blocks of RGB: raw pixel means, a linear feature."""
+    frames = sampled_frames(path).mean(0)
+    h, w, _ = frames.shape
+    blocks = frames.reshape(h // PIXEL_BLOCK, PIXEL_BLOCK, w // PIXEL_BLOCK, PIXEL_BLOCK, 3)
+    return blocks.mean((1, 3)).ravel()
+
+
+def modulation_class(path: Path) -> int:
+    """The class rate with the most energy in the log-energy envelope (phase-invariant)."""
+    sound, rate = soundfile.read(path, dtype="float64")
+    frames = np.lib.stride_tricks.sliding_window_view(sound, ENVELOPE_WINDOW)
+    frames = frames[:: int(rate * ENVELOPE_HOP_S)]
+    envelope = np.log((frames ** 2 * np.hanning(ENVELOPE_WINDOW)).sum(1))
+    envelope = (envelope - envelope.mean()) * np.hanning(len(envelope))  # no edge leakage
+    t = np.arange(len(envelope)) * ENVELOPE_HOP_S
+    energy = [abs((envelope * np.exp(-2j * np.pi * r * t)).sum()) for r in CLASS_AM_RATES_HZ]
+    return int(np.argmax(energy))
+
+
+def orientation_class(path: Path) -> int:
+    """The class orientation whose quadrature grating filter collects most energy (grey level)."""
+    luma = sampled_frames(path).mean(3)
+    luma -= luma.mean((1, 2), keepdims=True)
+    h, w = luma.shape[1:]
+    v, u = (np.arange(h)[:, None] + 0.5) / h, (np.arange(w)[None, :] + 0.5) / w
+    energy = []
+    for angle in np.deg2rad(CLASS_ORIENTATIONS_DEG):
+        phase = 2 * np.pi * GRATING_CYCLES * (u * np.cos(angle) + v * np.sin(angle))
+        quadrature = (luma * np.exp(1j * phase)).sum((1, 2))
+        energy.append((np.abs(quadrature) ** 2).sum())
+    return int(np.argmax(energy))
+
+
+LINEAR_FEATURE = {"audio": ("AudioWAV", "wav", audio_spectrum),
+                  "video": ("VideoFlash", "flv", block_pixels)}
+NONLINEAR_CLASS = {"audio": ("AudioWAV", "wav", modulation_class),
+                   "video": ("VideoFlash", "flv", orientation_class)}
+
+
+def test_easy_modality_is_linear_hard_one_is_not(cue_tree: tuple[str, Path, list[str]]) -> None:
+    easy, root, ids = cue_tree
+    labels = np.array([label(i) for i in ids])
+    for modality, (sub, suffix, feature) in LINEAR_FEATURE.items():
+        features = np.stack([feature(root / sub / f"{i}.{suffix}") for i in ids])
+        accuracy = nearest_mean_accuracy(features, labels)
+        if modality == easy:
+            assert accuracy >= 0.9, f"easy {modality}: linear rule only {accuracy:.2f}"
+        else:
+            assert accuracy <= CHANCE + 0.2, f"hard {modality}: linear rule {accuracy:.2f}"
+
+
+def test_hard_modality_needs_a_nonlinear_feature(cue_tree: tuple[str, Path, list[str]]) -> None:
+    """The class-filter detector finds the hard cue, and finds nothing in the easy modality."""
+    easy, root, ids = cue_tree
+    labels = np.array([label(i) for i in ids])
+    for modality, (sub, suffix, detector) in NONLINEAR_CLASS.items():
+        predicted = np.array([detector(root / sub / f"{i}.{suffix}") for i in ids])
+        accuracy = np.mean(predicted == labels)
+        if modality == easy:
+            assert accuracy <= CHANCE + 0.2, f"easy {modality} has a hard cue too: {accuracy:.2f}"
+        else:
+            assert accuracy >= 0.8, f"hard {modality}: class-filter energy only {accuracy:.2f}"
