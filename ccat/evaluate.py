@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
+from ccat.ui import make_console
 from rich.table import Table
 
 from ccat import checkpoint, distributed
@@ -21,7 +21,7 @@ from ccat.errors import CcatError
 from ccat.methods import METHODS, Method
 from ccat.models import MultimodalModel
 
-console = Console()
+console = make_console()
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
+from ccat.ui import make_console
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,7 +28,7 @@ from ccat.methods import METHODS, Method, Stage
 from ccat.models import MultimodalModel
 from ccat.step import NonFiniteLoss, Step
 
-console = Console()
+console = make_console()
 
 
 def make_optimizer(model: MultimodalModel, cfg: RunConfig) -> tuple[Optimizer, LRScheduler]:
