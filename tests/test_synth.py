@@ -211,3 +211,14 @@ def test_hard_modality_needs_a_nonlinear_feature(cue_tree: tuple[str, Path, list
             assert accuracy <= CHANCE + 0.2, f"easy {modality} has a hard cue too: {accuracy:.2f}"
         else:
             assert accuracy >= 0.8, f"hard {modality}: class-filter energy only {accuracy:.2f}"
+
+
+def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
+    """The strength knobs really scale the cues: at 0 neither rule beats chance by much."""
+    ids = synthesize_cremad(tmp_path, 18, 3, easy="audio", easy_strength=0.0, hard_strength=0.0,
+                            width=SIZE[0], height=SIZE[1], duration=1.0)
+    labels = np.array([label(i) for i in ids])
+    spectra = np.stack([audio_spectrum(tmp_path / "AudioWAV" / f"{i}.wav") for i in ids])
+    assert nearest_mean_accuracy(spectra, labels) <= 0.5
+    predicted = [orientation_class(tmp_path / "VideoFlash" / f"{i}.flv") for i in ids]
+    assert np.mean(np.array(predicted) == labels) <= 0.5

@@ -114,7 +114,9 @@ def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: s
     """Write a synthetic CREMA-D raw tree under `out` and return the sorted clip ids.
 
     `easy` names the modality that gets the linear cue; the other gets the phase-random cue.
-    `easy_strength` and `hard_strength` scale the two cues' amplitudes (0 removes a cue).
+    `easy_strength` and `hard_strength` scale the two cues' amplitudes (0 removes a cue; the
+    audio modulation depth saturates at hard_strength 1 / AM_DEPTH). `sample_rate` is the
+    wav's; the FLV carries the same sound resampled to FLV_AUDIO_RATE.
     `duration` in seconds is fixed or a (low, high) range drawn per clip. Same arguments give
     byte-identical files. `progress(n)` is called with the number of clips written so far.
     """
@@ -359,3 +361,148 @@ def _write_flv(path: Path, frames: Iterator[np.ndarray], sound: np.ndarray, samp
         frame.sample_rate, frame.pts = FLV_AUDIO_RATE, 0
         container.mux(audio.encode(frame))
         container.mux(audio.encode())
+
+
+# ---------------------------------------------------------------- Kinetics-Sounds and MVSA
+# The same cues in the KS and MVSA layouts: KS clips carry AUDIO_CUES in an AAC track and
+# VIDEO_CUES in H.264 frames; MVSA images are one frame of VIDEO_CUES, and texts carry the
+# class through words (easy: a class word; hard: a polarity word XOR a negation, which no
+# bag-of-words linear rule separates).
+
+KS_CLASSES = ("bell_ringing", "drum_tapping", "kettle_whistling", "gravel_crunching",
+              "wind_chiming")  # made up; per-class folder names
+KS_MODALITIES = ("audio", "video")
+YOUTUBE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+YOUTUBE_ID_LENGTH = 11
+KS_MAX_START_S = 300  # clip start, the number after the id
+MP4_VIDEO_CODEC, MP4_AUDIO_CODEC = "libx264", "aac"
+X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}
+
+MVSA_CLASSES = ("negative", "neutral", "positive")  # labelResultAll.txt's names, in order
+MVSA_MODALITIES = ("text", "image")
+MVSA_DISAGREE_EVERY = 10  # every 10th pair: the image label differs (dropped by `agree`)
+CLASS_WORDS = (("awful", "terrible", "sad", "angry"), ("okay", "plain", "usual", "average"),
+               ("great", "happy", "lovely", "wonderful"))  # easy text cue, by class
+POLARITY_WORDS, NEGATION = ("bad", "good"), "not"  # hard text cue: positive = good XOR not
+NEUTRAL_HARD_WORDS = ("maybe", "perhaps")
+FILLER_WORDS = ("the", "a", "day", "city", "photo", "today", "street", "we", "saw", "this",
+                "morning", "people", "new", "car", "park", "with", "friends", "after", "work",
+                "and", "then", "went", "home", "look", "at", "that", "sky", "here", "is")
+FILLER_RANGE = (6, 16)  # filler words per tweet
+IMAGE_WIDTH_RANGE, IMAGE_HEIGHT_RANGE = (80, 128), (64, 112)  # varying image sizes, px
+
+
+def synthesize_ks(out: Path, num_clips: int = 60, seed: int = 0, *, easy: str = "audio",
+                  num_classes: int = len(KS_CLASSES), width: int = 96, height: int = 72,
+                  fps: int = 25, duration: float = 2.0, sample_rate: int = 16000,
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write `<class>/<11-char id>_<start>.mp4` clips (H.264 + AAC) under `out`.
+
+    Classes are the first `num_classes` of KS_CLASSES, round robin; `easy` names the modality
+    with the linear cue. Returns the sorted clip ids.
+    """
+    if easy not in KS_MODALITIES or not 1 < num_classes <= len(KS_CLASSES):
+        raise ValueError(f"easy must be one of {KS_MODALITIES} and num_classes in "
+                         f"2..{len(KS_CLASSES)}, got {easy!r}, {num_classes}.")
+    roles = {m: "easy" if m == easy else "hard" for m in KS_MODALITIES}
+    rng_ids, ids = np.random.default_rng([seed, num_clips, 1]), []
+    for index in range(num_clips):
+        label = index % num_classes
+        clip_id = _youtube_like_id(rng_ids, set(ids))
+        rng = np.random.default_rng([seed, index])
+        num_frames = max(1, round(duration * fps))
+        sound = AUDIO_CUES[roles["audio"]](label, round(duration * sample_rate), sample_rate,
+                                          rng, 1.0)
+        frames = VIDEO_CUES[roles["video"]](label, num_frames, width, height, fps, rng, 1.0)
+        path = Path(out) / KS_CLASSES[label] / f"{clip_id}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_mp4(path, frames, sound, sample_rate, fps, (width, height))
+        ids.append(clip_id)
+        if progress is not None:
+            progress(index + 1)
+    return sorted(ids)
+
+
+def _youtube_like_id(rng: np.random.Generator, used: set[str]) -> str:
+    """`<11 characters>_<start seconds>`, new to `used`."""
+    while True:
+        chars = rng.choice(list(YOUTUBE_ID_CHARS), YOUTUBE_ID_LENGTH)
+        clip_id = f"{''.join(chars)}_{int(rng.integers(0, KS_MAX_START_S))}"
+        if clip_id not in used:
+            return clip_id
+
+
+def _write_mp4(path: Path, frames: Iterator[np.ndarray], sound: np.ndarray, sample_rate: int,
+               fps: int, size: tuple[int, int]) -> None:
+    """Mux H.264 yuv420p frames and the sound as AAC; both streams exist before any packet."""
+    with av.open(str(path), "w", format="mp4") as container:
+        video = container.add_stream(MP4_VIDEO_CODEC, rate=fps)
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        video.codec_context.thread_count = 1
+        video.options = dict(X264_OPTIONS)
+        audio = container.add_stream(MP4_AUDIO_CODEC, rate=sample_rate)
+        audio.layout = "mono"
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
+            frame.pts = index
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        samples = np.clip(sound, -1, 1).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = sample_rate, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+
+
+def synthesize_mvsa(out: Path, num_pairs: int = 90, seed: int = 0, *, easy: str = "text",
+                    progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write MVSA-Single's layout under `out`: `data/<id>.jpg`, `data/<id>.txt` and
+    `labelResultAll.txt`; every MVSA_DISAGREE_EVERY-th pair has disagreeing labels.
+
+    `easy` names the modality with the easy cue (text: a class word; image: a class tint);
+    the other gets the hard one (text: polarity XOR negation; image: a faint grating).
+    Returns the sorted ids.
+    """
+    if easy not in MVSA_MODALITIES:
+        raise ValueError(f"easy must be one of {MVSA_MODALITIES}, got {easy!r}.")
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    rows = ["ID\ttext,image"]
+    for index in range(num_pairs):
+        key, label = str(index + 1), index % len(MVSA_CLASSES)
+        image_label = (label + 1) % len(MVSA_CLASSES) if index % MVSA_DISAGREE_EVERY == \
+            MVSA_DISAGREE_EVERY - 1 else label
+        rng = np.random.default_rng([seed, index])
+        tweet = _tweet(label, rng, hard=easy != "text")
+        (out / "data" / f"{key}.txt").write_text(tweet + "\n", encoding="utf-8")
+        _synth_image(image_label, rng, hard=easy != "image").save(out / "data" / f"{key}.jpg",
+                                                                  quality=90)
+        rows.append(f"{key}\t{MVSA_CLASSES[label]},{MVSA_CLASSES[image_label]}")
+        if progress is not None:
+            progress(index + 1)
+    (out / "labelResultAll.txt").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
+    return sorted(str(i + 1) for i in range(num_pairs))
+
+
+def _tweet(label: int, rng: np.random.Generator, hard: bool) -> str:
+    """Filler words with the class cue inserted at a random place."""
+    words = list(rng.choice(FILLER_WORDS, int(rng.integers(*FILLER_RANGE))))
+    if not hard:
+        cue = [str(rng.choice(CLASS_WORDS[label]))]
+    elif MVSA_CLASSES[label] == "neutral":
+        cue = [str(rng.choice(NEUTRAL_HARD_WORDS)), str(rng.choice(POLARITY_WORDS))]
+    else:  # positive = good XOR not: each word alone says nothing about the class
+        negated = bool(rng.integers(2))
+        polarity = POLARITY_WORDS[int(MVSA_CLASSES[label] == "positive") ^ negated]
+        cue = [NEGATION, polarity] if negated else [polarity]
+    at = int(rng.integers(len(words) + 1))
+    return " ".join(words[:at] + cue + words[at:])
+
+
+def _synth_image(label: int, rng: np.random.Generator, hard: bool):
+    """One frame of VIDEO_CUES as an RGB PIL image of a random size."""
+    width = 2 * int(rng.integers(IMAGE_WIDTH_RANGE[0] // 2, IMAGE_WIDTH_RANGE[1] // 2 + 1))
+    height = 2 * int(rng.integers(IMAGE_HEIGHT_RANGE[0] // 2, IMAGE_HEIGHT_RANGE[1] // 2 + 1))
+    yuv = next(iter(VIDEO_CUES["hard" if hard else "easy"](label, 1, width, height, 1, rng, 1.0)))
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p").to_image()
