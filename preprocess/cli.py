@@ -17,7 +17,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from ccat.data import spec
+from ccat.data import remote, spec
 from preprocess import check, download as downloads, media, writer
 from preprocess.datasets import LayoutError, cremad, ks, mvsa
 from preprocess.splits import SplitError, parse_split_arguments
@@ -32,6 +32,7 @@ app.add_typer(synth_app, name="synth")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (LayoutError, SplitError, writer.BuildError, spec.SpecError, check.VerifyError,
+               remote.RemoteError,
                downloads.DownloadError, media.MediaError, TokenizerError)
 
 Raw = Annotated[Path, typer.Option("--raw", help="The raw dataset folder.")]
@@ -178,9 +179,27 @@ def _size(num_bytes: float) -> str:
     return ""
 
 
+Location = Annotated[str, typer.Argument(
+    help="A built dataset: a folder, an http(s):// URL or any fsspec URL (s3://, gs://, ...).")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="Where remote shards are cached (default $CCAT_CACHE_DIR or ~/.cache/ccat/shards).")]
+
+
+def _local(location: str, cache_dir: Path | None) -> Path:
+    """The folder to read: ``location`` itself, or a verified local copy of a remote build."""
+    if not remote.is_remote(location):
+        return Path(location)
+    manifest = remote.load_manifest(location)
+    total = sum(len(e["shards"]) for e in manifest["splits"].values())
+    with _progress() as progress:
+        task = progress.add_task(f"fetching {location}", total=total)
+        return remote.materialize(location, cache_dir, on_shard=lambda _: progress.advance(task))
+
+
 @app.command()
-def verify(path: Annotated[Path, typer.Argument(help="A built dataset folder.")]) -> None:
+def verify(location: Location, cache_dir: CacheDir = None) -> None:
     """Recompute every sha256 and count, decode every sample, check shapes and dtypes."""
+    path = _local(location, cache_dir)
     manifest = spec.load_manifest(path)
     total = sum(len(e["shards"]) for e in manifest["splits"].values())
     with _progress() as progress:
@@ -192,13 +211,14 @@ def verify(path: Annotated[Path, typer.Argument(help="A built dataset folder.")]
             err_console.print(f"[red]verify failed:[/red] {escape(str(err))}")
             raise typer.Exit(1) from None
     console.print(f"[green]ok[/green]: {report.shards} shards, {report.samples} samples, "
-                  f"{_size(report.bytes)} match the manifest of {path}")
+                  f"{_size(report.bytes)} match the manifest of {location}")
 
 
 @app.command()
-def info(path: Annotated[Path, typer.Argument(help="A built dataset folder.")]) -> None:
+def info(location: Location) -> None:
     """Splits, counts, class histogram per split, parameters and fingerprint."""
-    manifest = spec.load_manifest(path)
+    manifest = (remote.load_manifest(location) if remote.is_remote(location)
+                else spec.load_manifest(Path(location)))
     console.print(f"[bold]{manifest['dataset']}[/bold] (spec v{manifest['spec_version']}, "
                   f"built by ccat-data {manifest['tool_version']})")
     table = Table(title="samples per class")
@@ -243,6 +263,43 @@ def synth_cremad(
     counts = Counter(cremad.CLASSES[cremad.label_of(i)] for i in ids)
     console.print(f"wrote {len(ids)} clips to {out} ({easy} is the easy modality); per class: "
                   + ", ".join(f"{c} {counts[c]}" for c in cremad.CLASSES))
+
+
+@synth_app.command("ks")
+def synth_ks(
+    out: Out,
+    clips: Annotated[int, typer.Option(help="Number of clips (round robin over the classes).")] = 60,
+    classes: Annotated[int, typer.Option(help="Number of classes, 2 to 5.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
+    easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
+    seconds: Annotated[float, typer.Option(help="Clip length, s.")] = 2.0,
+) -> None:
+    """A small Kinetics-Sounds tree: <class>/<id>_<start>.mp4, H.264 + AAC."""
+    from preprocess.datasets.synth import synthesize_ks
+
+    with _progress() as progress:
+        task = progress.add_task("writing synthetic Kinetics-Sounds", total=clips)
+        ids = synthesize_ks(out, clips, seed, easy=easy, num_classes=classes, duration=seconds,
+                            progress=lambda n: progress.update(task, completed=n))
+    console.print(f"wrote {len(ids)} clips in {classes} class folders to {out} "
+                  f"({easy} is the easy modality)")
+
+
+@synth_app.command("mvsa")
+def synth_mvsa(
+    out: Out,
+    pairs: Annotated[int, typer.Option(help="Number of image-text pairs.")] = 90,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
+    easy: Annotated[str, typer.Option(help="The easy modality: text or image.")] = "text",
+) -> None:
+    """A small MVSA-Single tree: data/<id>.jpg, data/<id>.txt, labelResultAll.txt."""
+    from preprocess.datasets.synth import synthesize_mvsa
+
+    with _progress() as progress:
+        task = progress.add_task("writing synthetic MVSA", total=pairs)
+        ids = synthesize_mvsa(out, pairs, seed, easy=easy,
+                              progress=lambda n: progress.update(task, completed=n))
+    console.print(f"wrote {len(ids)} pairs to {out} ({easy} is the easy modality)")
 
 
 @app.command()

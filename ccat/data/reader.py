@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from ccat.data import spec
+from ccat.data import remote, spec
 from ccat.data.spec import Sample, decode_sample
 
 __all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]
@@ -62,10 +62,15 @@ class BuiltDataset:
                     yield decode_sample(key, members, self.modalities)
 
 
-def open_dataset(path: str | Path) -> BuiltDataset:
-    """Open the built dataset at ``path`` (a folder holding ``manifest.json``)."""
-    root = Path(path)
+def open_dataset(path: str | Path, cache_dir: str | Path | None = None) -> BuiltDataset:
+    """Open the built dataset at ``path``: a folder holding ``manifest.json``, or a URL
+    (``http(s)://``, ``s3://``, ...) whose shards are fetched into ``cache_dir`` (default
+    ``$CCAT_CACHE_DIR`` or ``~/.cache/ccat/shards``) and verified first."""
     try:
+        if remote.is_remote(path):
+            root = remote.materialize(str(path), Path(cache_dir) if cache_dir else None)
+        else:
+            root = Path(path)
         return BuiltDataset(root, spec.load_manifest(root))
-    except spec.SpecError as err:
+    except (spec.SpecError, remote.RemoteError) as err:
         raise DatasetError(str(err)) from None
