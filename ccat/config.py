@@ -42,6 +42,10 @@ class ModelConfig:
     encoder_width: int = 64  # channels of the first ResNet stage (ResNet18: 64)
     encoder_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ResNet18
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder name; empty = by kind
+    # BERT text encoder: a hub name or a local folder (offline with HF_HUB_OFFLINE=1); with
+    # text_layers > 0 a from-scratch BertConfig of that many layers (width `width`) instead.
+    text_model: str = "bert-base-uncased"
+    text_layers: int = 0
     heads: int = 8
     ffn_mult: int = 4
 
@@ -58,6 +62,7 @@ class OptimConfig:
     step_size: int = 70  # lr / 10 every 70 epochs
     gamma: float = 0.1
     grad_clip: float = 0.0  # max gradient norm per update; 0 = off
+    encoder_lr: dict[str, float] = field(default_factory=dict)  # modality -> its encoder's lr
 
 
 @dataclass

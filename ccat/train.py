@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ccat import checkpoint, distributed
-from ccat.config import RunConfig, save_config, to_dict
+from ccat.config import ConfigError, RunConfig, save_config, to_dict
 from ccat.data import spec
 from ccat.data.pipeline import make_loader, num_train_batches
 from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
@@ -31,9 +31,24 @@ from ccat.step import NonFiniteLoss, Step
 console = make_console()
 
 
+def param_groups(model: MultimodalModel, encoder_lr: dict[str, float]) -> list[dict[str, Any]]:
+    """Trainable parameters, one group per modality named in ``encoder_lr`` at its own lr
+    (e.g. BERT's), the rest at the optimizer's lr."""
+    unknown = sorted(set(encoder_lr) - set(model.modalities))
+    if unknown:
+        raise ConfigError(f"optim.encoder_lr names {unknown}, not modalities of the data "
+                         f"({model.modalities})")
+    own = {id(p) for m in encoder_lr for p in model.encoders[m].parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
+    for m, lr in encoder_lr.items():
+        groups.append({"params": [p for p in model.encoders[m].parameters() if p.requires_grad],
+                       "lr": lr})
+    return groups
+
+
 def make_optimizer(model: MultimodalModel, cfg: RunConfig) -> tuple[Optimizer, LRScheduler]:
     """SGD over the trainable parameters and StepLR (lr * gamma every step_size epochs)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, cfg.optim.encoder_lr)
     opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
     return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.optim.step_size, cfg.optim.gamma)

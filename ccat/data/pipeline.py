@@ -27,6 +27,10 @@ from ccat.data.reader import BuiltDataset, Sample, decode_sample
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
+IMAGE_SIZE = 224  # crop side of image modalities when data.frame_size is 0 (the paper's)
+EVAL_CROP_FRACTION = 224 / 256  # eval: resize the shorter side to size / this, center crop
+PAD_ID = 0  # token id of padding: [PAD] in BERT WordPiece vocabularies, never real text
+KINDS = ("spectrogram", "frames", "image", "tokens")
 
 
 @dataclass
@@ -71,19 +75,37 @@ class Transform:
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         for name, params in modalities.items():
-            if params["kind"] not in ("spectrogram", "frames"):
+            if params["kind"] not in KINDS:
                 raise ValueError(f"modality {name!r} of kind {params['kind']!r} has no "
-                                 "training transform yet (spectrogram and frames do)")
+                                 f"training transform yet ({', '.join(KINDS)} do)")
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         out = {}
         for name, params in self.modalities.items():
-            array = sample.data[name]
-            if params["kind"] == "spectrogram":
+            array, kind = sample.data[name], params["kind"]
+            if kind == "spectrogram":
                 out[name] = torch.from_numpy(array.astype(np.float32))
+            elif kind == "tokens":
+                out[name] = torch.from_numpy(array.astype(np.int64))
+            elif kind == "image":
+                out[name] = self.image(array, self.cfg.frame_size or IMAGE_SIZE, rng)
             else:
                 out[name] = self.frames(array, self.cfg.frame_size or params["size"], rng)
         return out
+
+    def image(self, image: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 [H, W, 3] of any size -> normalized float [3, size, size].
+
+        Train: RandomResizedCrop + flip; eval: shorter side to size / EVAL_CROP_FRACTION,
+        then the center size x size crop.
+        """
+        image = np.array(image)  # a writable copy: decoded images are read-only
+        if self.train:
+            return self.frames(image[None], size, rng)[0]
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        x = TF.resize(x, round(size / EVAL_CROP_FRACTION), antialias=True)
+        x = TF.center_crop(x, [size, size])
+        return ((x.float() / 255 - self.mean) / self.std)[0]
 
     def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> normalized float [N, 3, size, size]; one crop per clip."""
@@ -99,8 +121,17 @@ class Transform:
 
 
 def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Tensor]]) -> Batch:
-    return Batch(list(keys), torch.tensor(labels, dtype=torch.long),
-                 {m: torch.stack([x[m] for x in inputs]) for m in inputs[0]})
+    """Stack each modality; token sequences (1-D, int64) are padded with PAD_ID to the
+    batch's longest, and the encoder reads the attention mask back as ``ids != PAD_ID``."""
+    stacked = {}
+    for m in inputs[0]:
+        items = [x[m] for x in inputs]
+        if items[0].dim() == 1 and not items[0].is_floating_point():
+            stacked[m] = torch.nn.utils.rnn.pad_sequence(items, batch_first=True,
+                                                         padding_value=PAD_ID)
+        else:
+            stacked[m] = torch.stack(items)
+    return Batch(list(keys), torch.tensor(labels, dtype=torch.long), stacked)
 
 
 class ShardStream(IterableDataset):

@@ -1,7 +1,10 @@
-"""Encoders: ResNet18 from scratch for spectrograms (1 channel) and video frames.
+"""Encoders: ResNet18 from scratch for spectrograms (1 channel) and video frames, ResNet50
+from scratch for images, BERT for token ids.
 
 Each encoder maps its modality's batch to a token sequence (B, L, D) and a pooled
-vector (B, D), D being the model width (a linear projection of the ResNet channels).
+vector (B, D), D being the model width (a linear projection of the encoder's channels).
+An encoder whose tokens can be padding (BERT) returns a third item, the (B, L) bool mask
+of real tokens, which its pooling and the fusion's attention respect.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import torch
 from torch import nn
 
 from ccat.config import ModelConfig
+from ccat.data.pipeline import PAD_ID
 from ccat.registry import Registry
 
 ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
 # The encoder factory's one table: which encoder reads which modality kind by default.
-DEFAULT_ENCODER_BY_KIND = {"spectrogram": "resnet18_audio", "frames": "resnet18_video"}
+DEFAULT_ENCODER_BY_KIND = {"spectrogram": "resnet18_audio", "frames": "resnet18_video",
+                           "image": "resnet50_image", "tokens": "bert_text"}
 
 
 class BasicBlock(nn.Module):
@@ -39,20 +44,44 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    """ResNet trunk: 7x7/2 stem, max pool, four stages (widths w, 2w, 4w, 8w)."""
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's ResNet v1.5), 1x1 expand x4."""
 
-    def __init__(self, in_channels: int, width: int, blocks: list[int]):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True), nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet trunk: 7x7/2 stem, max pool, four stages (widths w, 2w, 4w, 8w, times the
+    block's expansion: 1 for BasicBlock, 4 for Bottleneck)."""
+
+    def __init__(self, in_channels: int, width: int, blocks: list[int],
+                 block: type[nn.Module] = BasicBlock):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                                   nn.MaxPool2d(3, 2, 1))
         layers, cin = [], width
+        expansion = getattr(block, "expansion", 1)
         for i, n in enumerate(blocks):
-            cout = width * 2**i
             for j in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
+                layers.append(block(cin, width * 2**i, 2 if (j == 0 and i > 0) else 1))
+                cin = width * 2**i * expansion
         self.layers = nn.Sequential(*layers)
         self.out_channels = cin
         reset_weights(self)
@@ -77,9 +106,9 @@ def reset_weights(module: nn.Module) -> None:
 class _ResNetEncoder(nn.Module):
     """Shared part: ResNet trunk, feature map -> tokens, projection to the model width."""
 
-    def __init__(self, in_channels: int, cfg: ModelConfig):
+    def __init__(self, in_channels: int, cfg: ModelConfig, block: type[nn.Module] = BasicBlock):
         super().__init__()
-        self.trunk = ResNet(in_channels, cfg.encoder_width, cfg.encoder_blocks)
+        self.trunk = ResNet(in_channels, cfg.encoder_width, cfg.encoder_blocks, block)
         self.proj = nn.Linear(self.trunk.out_channels, cfg.width)
 
     def _tokens(self, images: torch.Tensor, batch: int) -> torch.Tensor:
@@ -113,6 +142,77 @@ class FramesEncoder(_ResNetEncoder):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self._tokens(x.flatten(0, 1), x.shape[0])
         return tokens, tokens.mean(1)
+
+
+@ENCODERS.register("resnet50_image")
+class ImageEncoder(_ResNetEncoder):
+    """Image [B, 3, H, W] through a bottleneck ResNet from scratch.
+
+    ``encoder_blocks`` [3, 4, 6, 3] with ``encoder_width`` 64 is ResNet50, layer for layer
+    torchvision's resnet50(weights=None) without its classifier; smaller for tests.
+    """
+
+    def __init__(self, params: dict[str, Any], cfg: ModelConfig):
+        super().__init__(3, cfg, Bottleneck)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self._tokens(x, x.shape[0])
+        return tokens, tokens.mean(1)
+
+
+@ENCODERS.register("bert_text")
+class TextEncoder(nn.Module):
+    """Token ids [B, L] padded with PAD_ID -> BERT's last hidden states projected to D.
+
+    Pretrained from ``model.text_model`` (a hub name or a local folder), or a from-scratch
+    BertConfig of ``model.text_layers`` layers sized by the manifest's vocabulary (tests).
+    Stage 2's fresh start reloads the pretrained weights (re-initializes the scratch one).
+    """
+
+    def __init__(self, params: dict[str, Any], cfg: ModelConfig):
+        super().__init__()
+        self.source, self.scratch = cfg.text_model, cfg.text_layers > 0
+        self.bert = self._load(params, cfg)
+        if self.bert.config.vocab_size < params["vocab_size"]:
+            raise ValueError(f"text model {cfg.text_model!r} has {self.bert.config.vocab_size} "
+                             f"tokens, the shards' tokenizer {params['vocab_size']}")
+        self.proj = nn.Linear(self.bert.config.hidden_size, cfg.width)
+
+    def _load(self, params: dict[str, Any], cfg: ModelConfig) -> nn.Module:
+        from transformers import BertConfig, BertModel
+
+        if not self.scratch:
+            return BertModel.from_pretrained(cfg.text_model, add_pooling_layer=False)
+        config = BertConfig(vocab_size=params["vocab_size"], hidden_size=cfg.width,
+                            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                            intermediate_size=cfg.ffn_mult * cfg.width,
+                            max_position_embeddings=max(512, params["max_length"]),
+                            pad_token_id=PAD_ID)
+        return BertModel(config, add_pooling_layer=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = ids != PAD_ID
+        hidden = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        tokens = self.proj(hidden)
+        return tokens, masked_mean(tokens, mask), mask
+
+    def reset(self) -> None:
+        if self.scratch:
+            self.bert.init_weights()
+        else:
+            from transformers import BertModel
+
+            fresh = BertModel.from_pretrained(self.source, add_pooling_layer=False)
+            self.bert.load_state_dict(fresh.state_dict())
+        self.proj.reset_parameters()
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens (B, L, D) where ``mask`` (B, L) is True; all of them if None."""
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def build_encoder(modality: str, params: dict[str, Any], cfg: ModelConfig) -> nn.Module:

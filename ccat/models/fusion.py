@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccat.config import ModelConfig
+from ccat.models.encoders import masked_mean
 from ccat.registry import Registry
 
-Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (tokens, pooled)
+Features = dict[str, tuple[torch.Tensor, ...]]  # modality -> (tokens, pooled[, mask])
 FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion")
+
+
+def token_mask(feature: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An encoder's tokens and its mask of real tokens (None: no padding)."""
+    return feature[0], feature[2] if len(feature) > 2 else None
 
 
 class CrossBlock(nn.Module):
@@ -30,11 +36,17 @@ class CrossBlock(nn.Module):
                                  nn.Linear(ffn_mult * width, width))
         self.norm2 = nn.LayerNorm(width)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.attn(query, context, context, need_weights=False)
+    def forward(self, query: torch.Tensor, context: torch.Tensor,
+                query_mask: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masks are (B, L) bool, True on real tokens; padded keys get no attention and
+        padded queries are left out of the pooling."""
+        padding = None if context_mask is None else ~context_mask
+        attended, _ = self.attn(query, context, context, key_padding_mask=padding,
+                                need_weights=False)
         h = self.norm1(query + attended)  # Eq. 19: the residual is the query
         h = self.norm2(h + self.ffn(h))
-        return h.mean(1)  # average pooling over the query's tokens
+        return masked_mean(h, query_mask)  # average pooling over the query's real tokens
 
 
 @FUSIONS.register("bicross")
@@ -51,8 +63,9 @@ class BiCross(nn.Module):
         self.out_dim = cfg.width
 
     def forward(self, feats: Features) -> torch.Tensor:
-        first, second = (feats[m][0] for m in self.modalities)
-        return self.blocks[0](second, first) + self.blocks[1](first, second)
+        (first, mask1), (second, mask2) = (token_mask(feats[m]) for m in self.modalities)
+        return self.blocks[0](second, first, mask2, mask1) + \
+            self.blocks[1](first, second, mask1, mask2)
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         """The shared classifier reads any modality's pooled vector directly."""
