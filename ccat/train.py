@@ -37,7 +37,7 @@ def param_groups(model: MultimodalModel, encoder_lr: dict[str, float]) -> list[d
     unknown = sorted(set(encoder_lr) - set(model.modalities))
     if unknown:
         raise ConfigError(f"optim.encoder_lr names {unknown}, not modalities of the data "
-                         f"({model.modalities})")
+                          f"({model.modalities})")
     own = {id(p) for m in encoder_lr for p in model.encoders[m].parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
     for m, lr in encoder_lr.items():

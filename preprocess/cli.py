@@ -268,7 +268,8 @@ def synth_cremad(
 @synth_app.command("ks")
 def synth_ks(
     out: Out,
-    clips: Annotated[int, typer.Option(help="Number of clips (round robin over the classes).")] = 60,
+    clips: Annotated[int, typer.Option(help="Number of clips, round robin over the classes.")
+                     ] = 60,
     classes: Annotated[int, typer.Option(help="Number of classes, 2 to 5.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",

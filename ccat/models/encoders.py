@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ccat.config import ModelConfig
+from ccat.config import ConfigError, ModelConfig
 from ccat.data.pipeline import PAD_ID
 from ccat.registry import Registry
 
@@ -174,7 +174,7 @@ class TextEncoder(nn.Module):
         self.source, self.scratch = cfg.text_model, cfg.text_layers > 0
         self.bert = self._load(params, cfg)
         if self.bert.config.vocab_size < params["vocab_size"]:
-            raise ValueError(f"text model {cfg.text_model!r} has {self.bert.config.vocab_size} "
+            raise ConfigError(f"text model {cfg.text_model!r} has {self.bert.config.vocab_size} "
                              f"tokens, the shards' tokenizer {params['vocab_size']}")
         self.proj = nn.Linear(self.bert.config.hidden_size, cfg.width)
 
@@ -182,7 +182,7 @@ class TextEncoder(nn.Module):
         from transformers import BertConfig, BertModel
 
         if not self.scratch:
-            return BertModel.from_pretrained(cfg.text_model, add_pooling_layer=False)
+            return load_pretrained_bert(cfg.text_model)
         config = BertConfig(vocab_size=params["vocab_size"], hidden_size=cfg.width,
                             num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
                             intermediate_size=cfg.ffn_mult * cfg.width,
@@ -200,11 +200,19 @@ class TextEncoder(nn.Module):
         if self.scratch:
             self.bert.init_weights()
         else:
-            from transformers import BertModel
-
-            fresh = BertModel.from_pretrained(self.source, add_pooling_layer=False)
-            self.bert.load_state_dict(fresh.state_dict())
+            self.bert.load_state_dict(load_pretrained_bert(self.source).state_dict())
         self.proj.reset_parameters()
+
+
+def load_pretrained_bert(source: str) -> nn.Module:
+    """BertModel (no pooler) from a hub name or a local folder; a bad source is a ConfigError."""
+    from transformers import BertModel
+
+    try:
+        return BertModel.from_pretrained(source, add_pooling_layer=False)
+    except OSError as err:
+        raise ConfigError(f"model.text_model {source!r} is neither a local BERT folder nor a "
+                          f"model the hub (or its offline cache) has: {err}") from None
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
