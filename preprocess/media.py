@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +148,15 @@ def log_spectrogram(signal: np.ndarray, rate: int, params: AudioParams) -> np.nd
         signal = soxr.resample(signal, rate, params.sample_rate, quality="HQ")
     fixed = np.clip(fit_duration(signal, params.num_samples), -1.0, 1.0)
     # float64 throughout: near-silent bins (|S| ~ eps) amplify float32 rounding in the log.
-    window = torch.hann_window(params.n_fft, periodic=True, dtype=torch.float64)
+    window = _hann(params.n_fft)
     stft = torch.stft(torch.from_numpy(fixed), params.n_fft, params.hop_length, window=window,
                       center=True, pad_mode="constant", return_complex=True)
     return np.log(np.abs(stft.numpy()) + params.log_eps).astype(np.float16)
+
+
+@lru_cache(maxsize=4)
+def _hann(n_fft: int) -> torch.Tensor:
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
 
 
 def audio_features(path: Path, params: AudioParams) -> tuple[np.ndarray, dict[str, Any]]:
