@@ -17,6 +17,8 @@ SPLITS ?= $(if $(wildcard $(RAW)/splits/*),$(SPLITS_$(DATASET)))
 METHOD ?= ccat
 CONFIG ?= configs/$(DATASET).yaml
 RUN ?= runs/$(DATASET)/$(METHOD)
+# Extra `ccat train` arguments, e.g. ARGS="--set model.text_model=/path/to/bert-base-uncased"
+ARGS ?=
 DEMO_DIR ?= runs/demo
 
 .PHONY: install download shards train eval demo test bench
@@ -42,7 +44,7 @@ shards: install
 # Shards first when they are missing, then every stage of METHOD.
 train: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
-	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN)
+	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN) $(ARGS)
 
 eval: install
 	$(BIN)/ccat eval --ckpt $(RUN)/best.pt --data $(SHARDS) --json $(RUN)/eval.json

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the shards are and how batches are made from them."""
 
-    path: str = ""
+    path: str = ""  # a folder, an http(s):// URL or any fsspec URL
+    cache_dir: str = ""  # where remote shards are kept; "" = $CCAT_CACHE_DIR or ~/.cache/ccat
     batch_size: int = 32  # paper
     workers: int = 2
     shuffle_buffer: int = 512

@@ -120,7 +120,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     try:
-        dataset = open_dataset(data or cfg.data.path)
+        dataset = open_dataset(data or cfg.data.path, cfg.data.cache_dir or None)
     except DatasetError as err:
         raise CcatError(str(err)) from None
     checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))

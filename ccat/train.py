@@ -61,7 +61,7 @@ class Run:
         if not cfg.data.path:
             raise CcatError("no data given: pass --data PATH or set data.path in the config")
         try:
-            self.dataset: BuiltDataset = open_dataset(cfg.data.path)
+            self.dataset: BuiltDataset = open_dataset(cfg.data.path, cfg.data.cache_dir or None)
         except DatasetError as err:
             raise CcatError(str(err)) from None
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)

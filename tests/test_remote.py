@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -99,3 +102,29 @@ def test_a_manifest_naming_an_unsafe_shard_is_refused(served, tmp_path: Path, na
     with pytest.raises(DatasetError, match="shard names must look like"):
         open_dataset(url, tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.tar"))
+
+
+def train_and_eval(data: str, out: Path, cache: Path, config: Path) -> dict:
+    """`ccat train` (one epoch per stage, tiny model) then `ccat eval`, in a fresh process."""
+    tiny = ["--set", "data.batch_size=8", "--set", "data.workers=0", "--set", "model.width=16",
+            "--set", "model.encoder_width=4", "--set", "model.encoder_blocks=[1, 1, 1, 1]",
+            "--set", "model.heads=2", "--set", "optim.epochs=1",
+            "--set", "method.pretrain_epochs=1", "--set", f"data.cache_dir={cache}"]
+    for args in (["train", "--config", str(config), "--data", data, "--out", str(out), *tiny],
+                 ["eval", "--ckpt", str(out / "best.pt"), "--data", data,
+                  "--json", str(out / "eval.json")]):
+        proc = subprocess.run([sys.executable, "-m", "ccat", *args], capture_output=True,
+                              text=True, env={**os.environ, "CCAT_CACHE_DIR": str(cache)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_training_from_http_matches_training_from_the_folder(served, tmp_path: Path,
+                                                             pytestconfig) -> None:
+    url, folder = served
+    config = pytestconfig.rootpath / "configs" / "demo.yaml"
+    local = train_and_eval(str(folder), tmp_path / "local", tmp_path / "cache", config)
+    remote = train_and_eval(url, tmp_path / "remote", tmp_path / "cache", config)
+    assert local["num_samples"] == remote["num_samples"] > 0
+    assert local["accuracy"] == remote["accuracy"]
+    assert local["contribution"] == remote["contribution"]
