@@ -139,8 +139,8 @@ def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: s
                                            strengths["video"])
         soundfile.write(out / "AudioWAV" / f"{plan.clip_id}.wav", sound, sample_rate,
                         subtype="PCM_16")
-        _write_flv(out / "VideoFlash" / f"{plan.clip_id}.flv", frames, sound, sample_rate, fps,
-                   (width, height))
+        _mux(out / "VideoFlash" / f"{plan.clip_id}.flv", FLV_MUXING, frames, sound,
+             sample_rate, fps, (width, height))
         if progress is not None:
             progress(done)
     return sorted(plan.clip_id for plan in plans)
@@ -338,29 +338,50 @@ AUDIO_CUES = {"easy": _audio_easy, "hard": _audio_hard}
 VIDEO_CUES = {"easy": _video_easy, "hard": _video_hard}
 
 
-def _write_flv(path: Path, frames: Iterator[np.ndarray], sound: np.ndarray, sample_rate: int,
-               fps: int, size: tuple[int, int]) -> None:
-    """Mux FLV1 video frames and the sound, resampled to FLV_AUDIO_RATE, as MP3 into `path`."""
-    with av.open(str(path), "w", format="flv") as container:
-        video = container.add_stream(FLV_VIDEO_CODEC, rate=fps)
+@dataclass(frozen=True)
+class _Muxing:
+    """How one container type is written: format, codecs, their options, audio rate."""
+
+    format: str
+    video_codec: str
+    video_options: tuple[tuple[str, str], ...]
+    audio_codec: str
+    audio_rate: int | None  # None: the sound's own rate
+    audio_options: tuple[tuple[str, str], ...] = ()
+
+
+def _mux(path: Path, muxing: _Muxing, frames: Iterator[np.ndarray], sound: np.ndarray,
+         sample_rate: int, fps: int, size: tuple[int, int]) -> None:
+    """Encode yuv420p frames and the mono sound into `path`; both streams are added before
+    the first packet is muxed, as MP4 requires."""
+    rate = muxing.audio_rate or sample_rate
+    with av.open(str(path), "w", format=muxing.format) as container:
+        video = container.add_stream(muxing.video_codec, rate=fps)
         video.width, video.height = size
         video.pix_fmt = "yuv420p"
         video.codec_context.thread_count = 1
-        video.options = {"qmin": str(FLV_QSCALE), "qmax": str(FLV_QSCALE)}
-        audio = container.add_stream(FLV_AUDIO_CODEC, rate=FLV_AUDIO_RATE)
+        video.options = dict(muxing.video_options)
+        audio = container.add_stream(muxing.audio_codec, rate=rate)
         audio.layout = "mono"
-        audio.options = {"compression_level": str(MP3_COMPRESSION_LEVEL)}
+        audio.options = dict(muxing.audio_options)
         for index, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
             frame.pts = index
             container.mux(video.encode(frame))
         container.mux(video.encode())
-        resampled = soxr.resample(sound, sample_rate, FLV_AUDIO_RATE, quality="HQ")
-        samples = np.clip(resampled, -1, 1).astype(np.float32)[None]
+        if rate != sample_rate:
+            sound = soxr.resample(sound, sample_rate, rate, quality="HQ")
+        samples = np.clip(sound, -1, 1).astype(np.float32)[None]
         frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = FLV_AUDIO_RATE, 0
+        frame.sample_rate, frame.pts = rate, 0
         container.mux(audio.encode(frame))
         container.mux(audio.encode())
+
+
+FLV_MUXING = _Muxing("flv", FLV_VIDEO_CODEC,
+                     (("qmin", str(FLV_QSCALE)), ("qmax", str(FLV_QSCALE))),
+                     FLV_AUDIO_CODEC, FLV_AUDIO_RATE,
+                     (("compression_level", str(MP3_COMPRESSION_LEVEL)),))
 
 
 # ---------------------------------------------------------------- Kinetics-Sounds and MVSA
@@ -376,7 +397,8 @@ YOUTUBE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 YOUTUBE_ID_LENGTH = 11
 KS_MAX_START_S = 300  # clip start, the number after the id
 MP4_VIDEO_CODEC, MP4_AUDIO_CODEC = "libx264", "aac"
-X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}
+X264_OPTIONS = (("preset", "ultrafast"), ("crf", "23"))
+MP4_MUXING = _Muxing("mp4", MP4_VIDEO_CODEC, X264_OPTIONS, MP4_AUDIO_CODEC, None)
 
 MVSA_CLASSES = ("negative", "neutral", "positive")  # labelResultAll.txt's names, in order
 MVSA_MODALITIES = ("text", "image")
@@ -416,7 +438,7 @@ def synthesize_ks(out: Path, num_clips: int = 60, seed: int = 0, *, easy: str = 
         frames = VIDEO_CUES[roles["video"]](label, num_frames, width, height, fps, rng, 1.0)
         path = Path(out) / KS_CLASSES[label] / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_mp4(path, frames, sound, sample_rate, fps, (width, height))
+        _mux(path, MP4_MUXING, frames, sound, sample_rate, fps, (width, height))
         ids.append(clip_id)
         if progress is not None:
             progress(index + 1)
@@ -430,29 +452,6 @@ def _youtube_like_id(rng: np.random.Generator, used: set[str]) -> str:
         clip_id = f"{''.join(chars)}_{int(rng.integers(0, KS_MAX_START_S))}"
         if clip_id not in used:
             return clip_id
-
-
-def _write_mp4(path: Path, frames: Iterator[np.ndarray], sound: np.ndarray, sample_rate: int,
-               fps: int, size: tuple[int, int]) -> None:
-    """Mux H.264 yuv420p frames and the sound as AAC; both streams exist before any packet."""
-    with av.open(str(path), "w", format="mp4") as container:
-        video = container.add_stream(MP4_VIDEO_CODEC, rate=fps)
-        video.width, video.height = size
-        video.pix_fmt = "yuv420p"
-        video.codec_context.thread_count = 1
-        video.options = dict(X264_OPTIONS)
-        audio = container.add_stream(MP4_AUDIO_CODEC, rate=sample_rate)
-        audio.layout = "mono"
-        for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
-            frame.pts = index
-            container.mux(video.encode(frame))
-        container.mux(video.encode())
-        samples = np.clip(sound, -1, 1).astype(np.float32)[None]
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = sample_rate, 0
-        container.mux(audio.encode(frame))
-        container.mux(audio.encode())
 
 
 def synthesize_mvsa(out: Path, num_pairs: int = 90, seed: int = 0, *, easy: str = "text",
