@@ -82,6 +82,9 @@ class MethodConfig:
     secondary: bool = True
     lora: bool = True
     fusion_rule: str = "mean"  # decision-level fusion at inference: mean or sum
+    # Hyperparameters of the other methods, checked against the method's Params dataclass;
+    # their papers' defaults live there and in configs/methods/<name>.yaml.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +109,8 @@ class RunConfig:
 def _check_value(key: str, hint: Any, value: Any) -> Any:
     """Return ``value`` if it fits type ``hint`` (ints widen to float), else raise."""
     origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin in (list, dict):
@@ -143,6 +148,8 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             merge(current, value, f"{dotted}.")
+        elif isinstance(current, dict) and isinstance(value, dict):  # later layers add keys
+            setattr(obj, key, {**current, **_check_value(dotted, hints[key], value)})
         else:
             setattr(obj, key, _check_value(dotted, hints[key], value))
 
@@ -155,25 +162,38 @@ def parse_override(text: str) -> dict[str, Any]:
     return _nest(key.strip(), yaml.safe_load(raw) if raw else "")
 
 
+METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                cli: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then ``--set`` overrides, then ``cli``: CLI options
+                cli: dict[str, Any] | None = None,
+                method_configs: Path | None = METHOD_CONFIGS) -> RunConfig:
+    """Defaults, then the chosen method's ``configs/methods/<name>.yaml`` (its paper's
+    settings), then the YAML file, then ``--set`` overrides, then ``cli``: CLI options
     given as ``{'data.path': ...}`` (None = not given)."""
+    layers = [read_yaml(path)] if path is not None else []
+    layers += [parse_override(text) for text in overrides]
+    layers += [_nest(dotted, value) for dotted, value in (cli or {}).items() if value is not None]
+    probe = RunConfig()
+    for values in layers:
+        merge(probe, values)
+    method_file = method_configs / f"{probe.method.name}.yaml" if method_configs else None
+    if method_file is not None and method_file.is_file():
+        layers.insert(0, read_yaml(method_file))
     cfg = RunConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    for values in layers:
         merge(cfg, values)
-    for text in overrides:
-        merge(cfg, parse_override(text))
-    for dotted, value in (cli or {}).items():
-        if value is not None:
-            merge(cfg, _nest(dotted, value))
     return cfg
 
 

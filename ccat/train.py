@@ -83,6 +83,7 @@ class Run:
         """Everything ``--resume`` and ``ccat eval`` need, plus the data fingerprint."""
         return {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
+                "method_state": self.method.state_dict(),
                 "stage": self.method.stages()[stage_index].name, "stage_index": stage_index,
                 "epoch": epoch, "best": best, "metrics": metrics, "config": to_dict(self.cfg),
                 "fingerprint": self.dataset.fingerprint,
@@ -140,9 +141,11 @@ def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | Non
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
+        run.method.load_state_dict(state.get("method_state", {}))
         start, best = state["epoch"], state["best"]
     step = Step(opt, run.cfg.optim.grad_clip)
     for epoch in range(start, stage.epochs):
+        run.method.begin_epoch(epoch)
         row = _train_epoch(run, stage, epoch, step)
         sched.step()
         distributed.average_buffers(run.model)

@@ -103,3 +103,24 @@ def test_non_finite_loss_names_stage_epoch_step_keys_and_checkpoint(tiny, tmp_pa
     message = str(err.value)
     for part in ("stage 'joint'", "epoch 1", "step 1", "batch keys ['train_", "last good"):
         assert part in message
+
+
+def test_method_yaml_is_a_layer_under_the_run_config(tmp_path):
+    methods = tmp_path / "methods"
+    methods.mkdir()
+    (methods / "ccat.yaml").write_text("method:\n  beta: 0.3\n  params: {}\n  rank: 4\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("method:\n  rank: 8\n")
+    cfg = load_config(run, [], None, method_configs=methods)
+    assert (cfg.method.beta, cfg.method.rank) == (0.3, 8)  # the run's file wins over the method's
+    (methods / "ccat.yaml").write_text("method:\n  betta: 0.3\n")
+    with pytest.raises(ConfigError, match="method.betta"):
+        load_config(run, [], None, method_configs=methods)
+
+
+def test_method_params_are_checked_against_the_method():
+    from ccat.config import MethodConfig
+    from ccat.methods import METHODS
+
+    with pytest.raises(ConfigError, match="takes no method.params"):
+        METHODS.get("sum")(MethodConfig(name="sum", params={"alpha": 1.0}), 1)

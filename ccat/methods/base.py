@@ -6,12 +6,12 @@ owns its stages and what happens inside one step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ccat.config import MethodConfig, ModelConfig
+from ccat.config import ConfigError, MethodConfig, ModelConfig, merge
 from ccat.data.pipeline import Batch
 from ccat.models import MultimodalModel, build_model
 from ccat.registry import Registry
@@ -28,10 +28,15 @@ class Stage:
 
 @dataclass
 class Outputs:
-    """What a method predicts for a batch: fused logits and each modality's logits."""
+    """What a method predicts for a batch: fused logits and each modality's logits, with
+    the vectors they come from for analysis and export."""
 
     fused: torch.Tensor
     unimodal: dict[str, torch.Tensor]
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # pooled z^m (B, D)
+    # The vector the fused prediction is read from: the fused feature f for feature-level
+    # fusion, the concatenated z^m for decision-level fusion.
+    representation: torch.Tensor | None = None
 
 
 def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> torch.Tensor:
@@ -44,14 +49,33 @@ def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> tor
     raise ValueError(f"method.fusion_rule must be 'mean' or 'sum', not {rule!r}")
 
 
+def parse_params(params_type: type | None, values: dict[str, Any], method: str) -> Any:
+    """``method.params`` checked strictly against the method's ``Params`` dataclass."""
+    if params_type is None:
+        if values:
+            raise ConfigError(f"method {method!r} takes no method.params, got {sorted(values)}; "
+                              f"remove them or choose another method")
+        return None
+    params = params_type()
+    merge(params, values, "method.params.")
+    return params
+
+
 class Method:
-    """Base class: one stage, no model changes between stages."""
+    """Base class: one stage, no model changes between stages.
+
+    A method with hyperparameters of its own declares them as a ``Params`` dataclass with
+    its paper's defaults; a config sets them under ``method.params``.
+    """
 
     fusion = "sum"
+    Params: type | None = None
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         self.cfg = cfg
         self.epochs = epochs
+        self.params = parse_params(self.Params, cfg.params, cfg.name)
+        self.epoch = 0
         self.stage: Stage = self.stages()[0]
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
@@ -64,6 +88,18 @@ class Method:
     def begin_stage(self, stage: Stage, model: MultimodalModel) -> None:
         """Prepare ``model`` for ``stage`` (freeze, re-initialize); also called on resume."""
         self.stage = stage
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (0-based within the stage)."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a method keeps across steps (e.g. loss histories), saved in checkpoints;
+        tensors, numbers, strings, lists and dicts only (``weights_only`` loading)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on ``--resume``."""
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         raise NotImplementedError

@@ -121,9 +121,14 @@ class CCAT(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: feature-level fusion; stage 2: unimodal logits fused at decision level."""
         feats = model.encode_all(batch.inputs)
+        embeddings = {m: feats[m][1] for m in model.modalities}
         if self.stage.name == "pretrain":
-            unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
-            return Outputs(fused=model.fused_logits(feats), unimodal=unimodal)
-        unimodal = {m: model.unimodal_logits(m, feats[m][1], lora=self.cfg.lora)
-                    for m in model.modalities}
-        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal)
+            unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
+            fused = model.fusion(feats)
+            return Outputs(fused=model.classifier(fused), unimodal=unimodal,
+                           embeddings=embeddings, representation=fused)
+        unimodal = {m: model.unimodal_logits(m, z, lora=self.cfg.lora)
+                    for m, z in embeddings.items()}
+        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal,
+                       embeddings=embeddings,
+                       representation=torch.cat(list(embeddings.values()), 1))

@@ -26,7 +26,10 @@ class JointMethod(Method):
         """Fused logits, and each modality's share of the head alone (Sec. 4.1)."""
         feats = model.encode_all(batch.inputs)
         unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
-        return Outputs(fused=model.fused_logits(feats), unimodal=unimodal)
+        fused = model.fusion(feats)
+        return Outputs(fused=model.classifier(fused), unimodal=unimodal,
+                       embeddings={m: feats[m][1] for m in model.modalities},
+                       representation=fused)
 
 
 @METHODS.register("sum")
@@ -59,5 +62,8 @@ class UnimodalEnsemble(Method):
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         feats = model.encode_all(batch.inputs)
-        unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
-        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal)
+        embeddings = {m: feats[m][1] for m in model.modalities}
+        unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
+        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal,
+                       embeddings=embeddings,
+                       representation=torch.cat(list(embeddings.values()), 1))
