@@ -104,3 +104,70 @@ class ConcatFusion(nn.Module):
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         block = classifier.weight[:, index * self.width:(index + 1) * self.width]
         return F.linear(z, block, classifier.bias / len(self.modalities))
+
+
+def _pair(name: str, modalities: list[str]) -> list[str]:
+    """The two modalities a pairwise fusion combines, or an error naming the data's."""
+    if len(modalities) != 2:
+        raise ValueError(f"{name} fuses exactly two modalities, the data has {modalities}")
+    return list(modalities)
+
+
+def _alone(z: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality ``index``'s pooled vector with the other one disabled (zeros, Sec. 4.1)."""
+    pair = [torch.zeros_like(z), torch.zeros_like(z)]
+    pair[index] = z
+    return pair[0], pair[1]
+
+
+@FUSIONS.register("film")
+class FiLM(nn.Module):
+    """f = gamma(z^x) * z^y + beta(z^x) (Perez et al. 2018, as in OGM-GE's fusion_modules.py).
+
+    The first modality (x, the manifest's order) conditions the second (y), as OGM-GE's
+    default ``x_film=True`` lets audio condition vision.
+    """
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = _pair("FiLM", modalities)
+        self.film = nn.Linear(cfg.width, 2 * cfg.width)  # z^x -> (gamma, beta)
+        self.out_dim = cfg.width
+
+    def fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(x).chunk(2, dim=1)
+        return gamma * y + beta
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return self.fuse(*(feats[m][1] for m in self.modalities))
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        """The fused prediction with the other modality's vector zeroed (Sec. 4.1)."""
+        return classifier(self.fuse(*_alone(z, index)))
+
+
+@FUSIONS.register("bigated")
+class BiGated(nn.Module):
+    """Gated fusion (Kiela et al. 2018, as in OGM-GE's GatedFusion) in both directions, summed:
+    f = sigmoid(h^x) * h^y + sigmoid(h^y) * h^x with h^x = W_x z^x + b_x, h^y = W_y z^y + b_y.
+
+    OGM-GE's module gates one way (``x_gate``); "Bi" adds the other way with the same two
+    projections, so neither modality is fixed as the gate.
+    """
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = _pair("BiGated", modalities)
+        self.proj = nn.ModuleList(nn.Linear(cfg.width, cfg.width) for _ in range(2))
+        self.out_dim = cfg.width
+
+    def fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hx, hy = self.proj[0](x), self.proj[1](y)
+        return torch.sigmoid(hx) * hy + torch.sigmoid(hy) * hx
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return self.fuse(*(feats[m][1] for m in self.modalities))
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        """The fused prediction with the other modality's vector zeroed (Sec. 4.1)."""
+        return classifier(self.fuse(*_alone(z, index)))
