@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _shards import build_shards
 
 from ccat import distributed
 from ccat.config import load_config
+from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.step import Step
 from ccat.train import Run, autocast, make_optimizer
@@ -33,25 +33,20 @@ CUDA = {"clips": 480, "frame_size": 224, "seconds": 3.0,
         "sets": ["data.batch_size=32", "data.workers=8"]}
 
 
-def build_shards(folder: Path, size: dict) -> Path:
-    """Synthetic raw CREMA-D -> shards, by the real CLI in a child process."""
-    for args in (["synth", "cremad", "--out", str(folder / "raw"), "--clips", str(size["clips"])],
-                 ["build", "cremad", "--raw", str(folder / "raw"), "--out", str(folder / "shards"),
-                  "--frame-size", str(size["frame_size"]), "--seconds", str(size["seconds"]),
-                  "--shard-size", "64"]):
-        subprocess.run([sys.executable, "-m", "preprocess.cli", *args], check=True,
-                       capture_output=True)
-    return folder / "shards"
-
-
-def time_stage(run: Run, index: int, steps: int) -> dict[str, float]:
-    """samples/s and the data-wait share over ``steps`` steps of stage ``index``."""
+def time_stage(run: Run, index: int, steps: int,
+               cache: DeviceCache | None = None) -> dict[str, float]:
+    """samples/s and the data-wait share over ``steps`` steps of stage ``index``, from the
+    shards or from ``cache`` (filled before timing)."""
     stage = run.method.stages()[index]
     run.method.begin_stage(stage, run.model)
     opt, _ = make_optimizer(run.model, run.cfg)
     step = Step(opt, run.cfg.optim.grad_clip)
-    loader = iter(make_loader(run.dataset, "train", run.cfg.data, train=True, seed=0, epoch=0,
-                              rank=0, world=1))
+
+    def batches(epoch: int):
+        return iter(make_loader(run.dataset, "train", run.cfg.data, train=True, seed=0,
+                                epoch=epoch, rank=0, world=1, cache=cache))
+
+    loader = batches(0)
     waited = computed = 0.0
     samples = 0
     for i in range(steps + 2):  # two warm-up steps
@@ -59,8 +54,7 @@ def time_stage(run: Run, index: int, steps: int) -> dict[str, float]:
         try:
             batch = next(loader)
         except StopIteration:
-            loader = iter(make_loader(run.dataset, "train", run.cfg.data, train=True, seed=0,
-                                      epoch=i, rank=0, world=1))
+            loader = batches(i)
             batch = next(loader)
         batch = batch.to(run.ctx.device)
         t1 = time.perf_counter()
@@ -83,15 +77,23 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     size = CUDA if cuda else CPU
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards or build_shards(Path(tmp), size)
+        shards = args.shards or build_shards(Path(tmp), size["clips"], size["frame_size"],
+                                             size["seconds"])
         cfg = load_config(ROOT / "configs" / "cremad.yaml", size["sets"],
                           {"data.path": str(shards), "out": str(Path(tmp) / "run"),
                            "device": "cuda" if cuda else "cpu"})
         run = Run(cfg, distributed.setup(cfg.device))
         result = {"benchmark": "train_step", "device": torch.cuda.get_device_name() if cuda
                   else "cpu", "geometry": {k: size[k] for k in ("frame_size", "seconds")},
-                  "batch_size": cfg.data.batch_size,
-                  "stage1": time_stage(run, 0, args.steps), "stage2": time_stage(run, 1, args.steps)}
+                  "batch_size": cfg.data.batch_size}
+        for name, cache in (("stream", None),
+                            ("device_cache", DeviceCache(run.dataset, cfg.data, run.ctx.device))):
+            if cache is not None:
+                started = time.perf_counter()
+                cache.split("train", train=True)
+                result["device_cache_fill_s"] = round(time.perf_counter() - started, 1)
+            result[name] = {"stage1": time_stage(run, 0, args.steps, cache),
+                            "stage2": time_stage(run, 1, args.steps, cache)}
     print(json.dumps(result))
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ccat.config import DataConfig
 from ccat.data import open_dataset
-from ccat.data.pipeline import Transform, make_loader, num_train_batches
+from ccat.data.pipeline import Transform, make_loader, normalize_pixels, num_train_batches
 from ccat.data.reader import Sample
 from train_helpers import TINY_MODALITIES, write_tiny_dataset
 
@@ -57,13 +57,14 @@ def test_train_augmentation_uses_one_crop_for_all_frames_of_a_clip():
     video = out["video"]
     assert video.shape == (3, 3, 32, 32)
     assert torch.equal(video[0], video[1]) and torch.equal(video[1], video[2])
-    assert out["audio"].dtype == torch.float32
+    assert (video.dtype, out["audio"].dtype) == (torch.uint8, torch.float16)
 
 
-def test_eval_transform_only_normalizes():
+def test_pixels_travel_as_uint8_and_the_encoder_normalizes_them():
     frame = np.full((32, 32, 3), 255, np.uint8)
     sample = Sample("k", 0, {"audio": np.zeros((257, 8), np.float16),
                              "video": np.stack([frame] * 3)}, {})
     video = Transform(TINY_MODALITIES, DataConfig(), train=False)(sample, None)["video"]
+    assert video.dtype == torch.uint8 and torch.equal(video, torch.full_like(video, 255))
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
-    assert torch.allclose(video[0, :, 5, 5], expected)
+    assert torch.allclose(normalize_pixels(video)[0, :, 5, 5], expected)

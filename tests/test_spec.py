@@ -81,3 +81,31 @@ def test_fingerprint_ignores_build_only_settings_and_names_what_differs() -> Non
     assert spec.compute_fingerprint(a) != spec.compute_fingerprint(c)
     assert spec.diff_fingerprint_params(spec.fingerprint_params(a), spec.fingerprint_params(c)) == [
         "sources.split.seed: 0 -> 3"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_read_as_tarfile_reads_them(fmt) -> None:
+    buf = io.BytesIO()
+    names = ["k_1.label.cls", "deep/" * 30 + "k_2.audio.npy"]  # ustar: a prefix holds folders
+    if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a file name over 100 characters
+        names.append("k_3." + "x" * 120 + ".json")
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_folder("a-folder"))
+        for i, name in enumerate(names):
+            tar.addfile(spec.tar_member_info(name, i * 700), io.BytesIO(bytes([i]) * (i * 700)))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(spec.iter_tar_members(io.BytesIO(data))) == expected
+    with pytest.raises(spec.SpecError, match="truncated"):
+        list(spec.iter_tar_members(io.BytesIO(data[:2000])))
+    corrupt = bytearray(data)
+    corrupt[512 + 10] ^= 0xFF  # a name byte of the first file's header
+    with pytest.raises(spec.SpecError, match="checksum"):
+        list(spec.iter_tar_members(io.BytesIO(bytes(corrupt))))
+
+
+def _folder(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -65,15 +65,30 @@ def crop_box(height: int, width: int, scale_min: float,
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> ImageNet-normalized float, on ``x``'s device.
+
+    Batches carry pixels as uint8 to the accelerator (a quarter of the bytes, and no float
+    work on the CPU); encoders call this first. Float input is taken as already normalized.
+    """
+    if x.dtype != torch.uint8:
+        return x
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
 class Transform:
-    """Per-sample arrays -> tensors, by modality kind (train: augment; eval: normalize)."""
+    """Per-sample arrays -> tensors, by modality kind (train: augment; eval: resize).
+
+    Pixels stay uint8 and spectrograms float16: the encoder normalizes and widens them on
+    the device (:func:`normalize_pixels`).
+    """
 
     def __init__(self, modalities: dict[str, dict[str, Any]], cfg: DataConfig, train: bool):
         self.modalities = modalities
         self.cfg = cfg
         self.train = train
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         for name, params in modalities.items():
             if params["kind"] not in KINDS:
                 raise ValueError(f"modality {name!r} of kind {params['kind']!r} has no "
@@ -84,7 +99,7 @@ class Transform:
         for name, params in self.modalities.items():
             array, kind = sample.data[name], params["kind"]
             if kind == "spectrogram":
-                out[name] = torch.from_numpy(array.astype(np.float32))
+                out[name] = torch.from_numpy(array.astype(np.float16))
             elif kind == "tokens":
                 out[name] = torch.from_numpy(array.astype(np.int64))
             elif kind == "image":
@@ -94,7 +109,7 @@ class Transform:
         return out
 
     def image(self, image: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
-        """uint8 [H, W, 3] of any size -> normalized float [3, size, size].
+        """uint8 [H, W, 3] of any size -> uint8 [3, size, size].
 
         Train: RandomResizedCrop + flip; eval: shorter side to size / EVAL_CROP_FRACTION,
         then the center size x size crop.
@@ -102,13 +117,10 @@ class Transform:
         image = np.array(image)  # a writable copy: decoded images are read-only
         if self.train:
             return self.frames(image[None], size, rng)[0]
-        x = torch.from_numpy(image).permute(2, 0, 1)[None]
-        x = TF.resize(x, round(size / EVAL_CROP_FRACTION), antialias=True)
-        x = TF.center_crop(x, [size, size])
-        return ((x.float() / 255 - self.mean) / self.std)[0]
+        return center_square(torch.from_numpy(image).permute(2, 0, 1), size)
 
     def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> normalized float [N, 3, size, size]; one crop per clip."""
+        """uint8 [N, H, W, 3] -> uint8 [N, 3, size, size]; one crop per clip."""
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         if self.train:
             top, left, h, w = crop_box(x.shape[2], x.shape[3], self.cfg.crop_scale_min, rng)
@@ -117,7 +129,14 @@ class Transform:
                 x = x.flip(-1)
         elif tuple(x.shape[2:]) != (size, size):
             x = TF.resize(x, [size, size], antialias=True)
-        return (x.float() / 255 - self.mean) / self.std
+        return x
+
+
+def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> [3, size, size]: shorter side to size / EVAL_CROP_FRACTION, then
+    the center crop (the evaluation view of an image)."""
+    x = TF.resize(image[None], round(size / EVAL_CROP_FRACTION), antialias=True)
+    return TF.center_crop(x, [size, size])[0]
 
 
 def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Tensor]]) -> Batch:
@@ -139,11 +158,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Path], modalities: dict[str, dict[str, Any]],
                  cfg: DataConfig, *, train: bool, seed: int, epoch: int, rank: int, world: int,
-                 num_batches: int = 0):
+                 num_batches: int = 0, num_samples: int = 0,
+                 transform: Transform | None = None):
         self.shards, self.modalities, self.cfg = shards, modalities, cfg
         self.train, self.seed, self.epoch = train, seed, epoch
         self.rank, self.world, self.num_batches = rank, world, num_batches
-        self.transform = Transform(modalities, cfg, train)
+        self.num_samples = num_samples  # of the split; caps the shuffle buffer
+        self.transform = transform or Transform(modalities, cfg, train)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -152,7 +173,10 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         if self.train:
             quota = self.num_batches // workers + (worker < self.num_batches % workers)
-            samples = self._shuffled(self._train_raw(slot, slots, rng), rng)
+            # A buffer larger than this slot's share would read samples twice before
+            # yielding the first, and discard them at the end of the epoch.
+            buffer = min(self.cfg.shuffle_buffer, max(1, self.num_samples // slots))
+            samples = self._shuffled(self._train_raw(slot, slots, rng), rng, buffer)
         else:
             quota, samples = -1, self._eval_raw(slot, slots)
         yield from self._batches(samples, quota, rng)
@@ -186,11 +210,11 @@ class ShardStream(IterableDataset):
                     yield raw
                 index += 1
 
-    def _shuffled(self, raw: Iterator, rng: np.random.Generator) -> Iterator:
-        """A shuffle buffer over undecoded samples."""
+    def _shuffled(self, raw: Iterator, rng: np.random.Generator, size: int) -> Iterator:
+        """A shuffle buffer of ``size`` undecoded samples."""
         buffer: list = []
         for item in raw:
-            if len(buffer) < self.cfg.shuffle_buffer:
+            if len(buffer) < size:
                 buffer.append(item)
                 continue
             pick = int(rng.integers(len(buffer)))
@@ -222,10 +246,22 @@ def num_train_batches(dataset: BuiltDataset, batch_size: int, world: int) -> int
 
 
 def make_loader(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,
-                epoch: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """A DataLoader over ``split`` for this rank; batches are made in its workers."""
+                epoch: int = 0, rank: int = 0, world: int = 1,
+                cache: Any = None) -> Iterable[Batch]:
+    """Batches of ``split`` for this rank: from ``cache`` (a :class:`DeviceCache`) when
+    given, else a DataLoader whose workers read, decode and augment the shards."""
+    if cache is not None:
+        return cache.batches(split, train=train, seed=seed, epoch=epoch, rank=rank, world=world)
     stream = ShardStream(dataset.shard_paths(split), dataset.modalities, cfg, train=train,
                          seed=seed, epoch=epoch, rank=rank, world=world,
-                         num_batches=num_train_batches(dataset, cfg.batch_size, world))
+                         num_batches=num_train_batches(dataset, cfg.batch_size, world),
+                         num_samples=dataset.num_samples(split))
+    return worker_loader(stream, cfg)
+
+
+def worker_loader(stream: ShardStream, cfg: DataConfig) -> DataLoader:
+    """``stream`` in ``cfg.workers`` processes, ``cfg.prefetch`` batches ahead each, pinned
+    for asynchronous copies when a GPU is there."""
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                      pin_memory=torch.cuda.is_available())
+                      prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
+                      pin_memory=cfg.pin_memory and torch.cuda.is_available())

@@ -25,7 +25,6 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from pathlib import PurePosixPath
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
@@ -184,24 +183,81 @@ def write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> N
         tar.addfile(tar_member_info(f"{key}.{suffix}", len(data)), io.BytesIO(data))
 
 
+TAR_BLOCK = 512
+TAR_REGULAR = (b"0", b"\0")  # typeflags of regular files (old tars write NUL)
+
+
+def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, bytes)`` of each regular file of a tar stream, in file order.
+
+    Headers are parsed here rather than by :mod:`tarfile`, whose per-member objects cost
+    about 0.2 ms each (over 1 ms a sample, most of the loader's time). ustar, pax and GNU
+    long names are understood; a bad checksum or a stream cut short is a SpecError.
+    """
+    long_name = None
+    while True:
+        header = fileobj.read(TAR_BLOCK)
+        if len(header) < TAR_BLOCK or not header.strip(b"\0"):
+            if header.strip(b"\0"):
+                raise SpecError("the tar stream ends inside a header: the shard is truncated")
+            return  # the end-of-archive zero block (or a clean end of file)
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            stored_sum = int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            raise SpecError("a tar header is corrupt (its size or checksum is not a number)") \
+                from None
+        if sum(header) - sum(header[148:156]) + 8 * ord(" ") != stored_sum:
+            raise SpecError("a tar header fails its checksum: the shard is corrupt")
+        data = fileobj.read(size)
+        padding = -size % TAR_BLOCK  # to the next block
+        if len(data) < size or len(fileobj.read(padding)) < padding:
+            raise SpecError(f"the tar stream ends inside a {size}-byte member: the shard is "
+                            f"truncated")
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":  # pax extended header: its path, if any, names the next member
+            long_name = _pax_path(data) or long_name
+        elif kind in TAR_REGULAR:
+            yield long_name or _ustar_name(header), data
+            long_name = None
+        elif kind != b"g":
+            long_name = None  # directories, links: not members of a sample
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+    if header[257:263] == b"ustar\0":  # POSIX ustar: a prefix may hold the leading folders
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+        return f"{prefix}/{name}" if prefix else name
+    return name
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of pax records ``b"<len> key=value\n"...``."""
+    for line in records.decode("utf-8").splitlines():
+        key, _, value = line.partition(" ")[2].partition("=")
+        if key == "path":
+            return value
+    return None
+
+
 def iter_tar_samples(fileobj: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` for each sample of a shard, in file order."""
     key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = PurePosixPath(info.name).name
-            this_key, _, suffix = name.partition(".")
-            if not suffix:
-                raise SpecError(f"tar member {info.name!r} has no '<key>.<member>' form")
-            if this_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = this_key, {}
-            if suffix in members:
-                raise SpecError(f"sample {key!r} has member {suffix!r} twice")
-            members[suffix] = tar.extractfile(info).read()
+    for path, data in iter_tar_members(fileobj):
+        name = path.rpartition("/")[2]
+        this_key, _, suffix = name.partition(".")
+        if not suffix:
+            raise SpecError(f"tar member {path!r} has no '<key>.<member>' form")
+        if this_key != key:
+            if key is not None:
+                yield key, members
+            key, members = this_key, {}
+        if suffix in members:
+            raise SpecError(f"sample {key!r} has member {suffix!r} twice")
+        members[suffix] = data
     if key is not None:
         yield key, members
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
-from ccat.data.pipeline import PAD_ID
+from ccat.data.pipeline import PAD_ID, normalize_pixels
 from ccat.registry import Registry
 
 ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
@@ -129,7 +129,7 @@ class SpectrogramEncoder(_ResNetEncoder):
         super().__init__(1, cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokens(x.unsqueeze(1), x.shape[0])
+        tokens = self._tokens(x.float().unsqueeze(1), x.shape[0])  # float16 in the shards
         return tokens, tokens.mean(1)
 
 
@@ -141,7 +141,7 @@ class FramesEncoder(_ResNetEncoder):
         super().__init__(3, cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokens(x.flatten(0, 1), x.shape[0])
+        tokens = self._tokens(normalize_pixels(x).flatten(0, 1), x.shape[0])
         return tokens, tokens.mean(1)
 
 
@@ -157,7 +157,7 @@ class ImageEncoder(_ResNetEncoder):
         super().__init__(3, cfg, Bottleneck)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokens(x, x.shape[0])
+        tokens = self._tokens(normalize_pixels(x), x.shape[0])
         return tokens, tokens.mean(1)
 
 

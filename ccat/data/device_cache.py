@@ -1,0 +1,208 @@
+"""The device-resident cache: each split decoded once into tensors on the accelerator,
+batches gathered and augmented there (``data.device_cache``).
+
+CREMA-D, MVSA and Kinetics-Sounds at three 224 px frames fit in one H100's memory as
+uint8 pixels and float16 spectrograms. After the first pass, an epoch is a permutation,
+a gather and one batched random-resized-crop-and-flip per batch, all on the device, so
+training never waits for JPEG decoding on the CPU.
+
+What differs from the streaming path: the crop is resampled bilinearly by
+``grid_sample`` (no antialiasing when a crop is shrunk; at the paper's sizes crops are
+mostly enlarged), the shuffle is a full permutation instead of a buffer, and an image
+modality is cached as its center square (side ``size / EVAL_CROP_FRACTION``) from which
+training crops are drawn, since images of different sizes cannot share one tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ccat.config import DataConfig
+from ccat.data.pipeline import (EVAL_CROP_FRACTION, IMAGE_SIZE, PAD_ID, Batch, ShardStream,
+                                Transform, center_square, crop_box, num_train_batches,
+                                worker_loader)
+from ccat.data.reader import BuiltDataset
+from ccat.errors import CcatError
+from ccat.ui import make_console
+
+console = make_console()
+
+
+class CacheTransform(Transform):
+    """What the cache keeps of a sample for training: frames at their stored size, an
+    image as its center square, spectrograms and token ids as they are; no augmentation."""
+
+    def __init__(self, modalities: dict[str, dict[str, Any]], cfg: DataConfig):
+        super().__init__(modalities, cfg, train=False)
+
+    def image(self, image: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        side = round(size / EVAL_CROP_FRACTION)
+        return center_square(torch.from_numpy(np.array(image)).permute(2, 0, 1), side)
+
+    def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+
+@dataclass
+class SplitTensors:
+    """One split on the device: keys, labels (N,) and one tensor per modality (N, ...)."""
+
+    keys: list[str]
+    label: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    lengths: dict[str, torch.Tensor]  # real tokens per sample, for token modalities
+
+    def gather(self, index: torch.Tensor) -> Batch:
+        """The samples at ``index``; token ids trimmed to the batch's longest, as collate pads."""
+        inputs = {}
+        for m, x in self.inputs.items():
+            picked = x[index]
+            if m in self.lengths:
+                picked = picked[:, :int(self.lengths[m][index].max())]
+            inputs[m] = picked
+        on_cpu = index.cpu().tolist()
+        return Batch([self.keys[i] for i in on_cpu], self.label[index], inputs)
+
+
+def cache_bytes(dataset: BuiltDataset, split: str, frame_size: int) -> int:
+    """Bytes a split takes in the cache, from the manifest's shapes."""
+    per_sample = 0
+    for params in dataset.modalities.values():
+        kind = params["kind"]
+        if kind == "spectrogram":
+            per_sample += 2 * math.prod(params["shape"])
+        elif kind == "frames":
+            side = max(params["size"], frame_size)
+            per_sample += params["num_frames"] * 3 * side * side
+        elif kind == "image":
+            per_sample += 3 * round((frame_size or IMAGE_SIZE) / EVAL_CROP_FRACTION) ** 2
+        else:
+            per_sample += 8 * params["max_length"]
+    return per_sample * dataset.num_samples(split)
+
+
+class DeviceCache:
+    """Splits of ``dataset`` decoded on first use into tensors on ``device``."""
+
+    def __init__(self, dataset: BuiltDataset, cfg: DataConfig, device: torch.device):
+        self.dataset, self.cfg, self.device = dataset, cfg, torch.device(device)
+        self._splits: dict[tuple[str, bool], SplitTensors] = {}
+
+    def split(self, name: str, train: bool) -> SplitTensors:
+        """The training view (frames uncropped) or evaluation view of split ``name``."""
+        if (name, train) not in self._splits:
+            self._splits[(name, train)] = self._load(name, train)
+        return self._splits[(name, train)]
+
+    def _load(self, name: str, train: bool) -> SplitTensors:
+        """Decode every sample of the split once, in the loader's workers, into tensors."""
+        self._check_fits(name)
+        modalities = self.dataset.modalities
+        transform = (CacheTransform(modalities, self.cfg) if train
+                     else Transform(modalities, self.cfg, train=False))
+        stream = ShardStream(self.dataset.shard_paths(name), modalities, self.cfg, train=False,
+                             seed=0, epoch=0, rank=0, world=1, transform=transform)
+        total = self.dataset.num_samples(name)
+        keys: list[str] = []
+        labels, inputs = [], {m: [] for m in self.dataset.modalities}
+        progress = Progress(TextColumn(f"caching {name} on {self.device.type}"), BarColumn(),
+                            MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                            transient=True)
+        with progress:
+            task = progress.add_task("cache", total=total)
+            for batch in worker_loader(stream, self.cfg):
+                keys += batch.keys
+                labels.append(batch.label)
+                for m, x in batch.inputs.items():
+                    inputs[m].append(x.to(self.device, non_blocking=True))
+                progress.update(task, advance=len(batch.keys))
+        if len(keys) != total:
+            raise CcatError(f"caching split {name!r} of {self.dataset.root} read {len(keys)} "
+                            f"samples but the manifest lists {total}; run `ccat-data verify`")
+        tensors, lengths = {}, {}
+        for m, parts in inputs.items():
+            if parts[0].dim() == 2 and not parts[0].is_floating_point():  # token ids
+                width = max(p.shape[1] for p in parts)
+                parts = [F.pad(p, (0, width - p.shape[1]), value=PAD_ID) for p in parts]
+                tensors[m] = torch.cat(parts)
+                lengths[m] = (tensors[m] != PAD_ID).sum(1)
+            else:
+                tensors[m] = torch.cat(parts)
+        return SplitTensors(keys, torch.cat(labels).to(self.device), tensors, lengths)
+
+    def _check_fits(self, name: str) -> None:
+        """On CUDA, refuse a split that would not fit in free memory, before decoding it."""
+        if self.device.type != "cuda":
+            return
+        need = cache_bytes(self.dataset, name, self.cfg.frame_size)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > 0.8 * free:
+            raise CcatError(f"split {name!r} needs {need / 2**30:.1f} GiB in the device cache "
+                            f"but the GPU has {free / 2**30:.1f} GiB free; set "
+                            f"data.device_cache=false to stream it from the shards")
+
+    def batches(self, split: str, *, train: bool, seed: int, epoch: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[Batch]:
+        """Training: a seeded permutation dealt to ranks, ``num_train_batches`` augmented
+        batches per rank. Evaluation: every sample once over all ranks, in cache order."""
+        data = self.split(split, train)
+        size = len(data.keys)
+        if not train:
+            mine = torch.arange(rank, size, world)
+            for start in range(0, len(mine), self.cfg.batch_size):
+                yield data.gather(mine[start:start + self.cfg.batch_size].to(self.device))
+            return
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])))
+        batch_size = self.cfg.batch_size
+        count = num_train_batches(self.dataset, batch_size, world)
+        mine = order[rank::world].repeat(math.ceil(count * batch_size / max(1, size // world)))
+        rng = np.random.default_rng([seed, epoch, rank])
+        for b in range(count):
+            batch = data.gather(mine[b * batch_size:(b + 1) * batch_size].to(self.device))
+            yield self._augment(batch, rng)
+
+    def _augment(self, batch: Batch, rng: np.random.Generator) -> Batch:
+        """Random resized crop and flip per sample, one draw for all frames of a clip."""
+        inputs = dict(batch.inputs)
+        for m, params in self.dataset.modalities.items():
+            if params["kind"] == "frames":
+                inputs[m] = self._crop(inputs[m], self.cfg.frame_size or params["size"], rng)
+            elif params["kind"] == "image":
+                inputs[m] = self._crop(inputs[m][:, None], self.cfg.frame_size or IMAGE_SIZE,
+                                       rng)[:, 0]
+        return Batch(batch.keys, batch.label, inputs)
+
+    def _crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 [B, N, 3, H, W] -> uint8 [B, N, 3, size, size] by one batched grid_sample."""
+        b, n, c, h, w = frames.shape
+        # the streaming path's box distribution (crop_box) and flip, per sample
+        theta = torch.stack([crop_theta(crop_box(h, w, self.cfg.crop_scale_min, rng), h, w,
+                                        flip=bool(rng.random() < 0.5)) for _ in range(b)])
+        return resample(frames, theta.to(frames.device), size)
+
+
+def crop_theta(box: tuple[int, int, int, int], height: int, width: int,
+               flip: bool) -> torch.Tensor:
+    """The affine map (2, 3) that ``affine_grid`` turns into the crop ``box`` (top, left, h,
+    w) of a height x width image, mirrored left-right when ``flip``."""
+    top, left, h, w = box
+    return torch.tensor([[(-1.0 if flip else 1.0) * w / width, 0.0, (2 * left + w) / width - 1],
+                         [0.0, h / height, (2 * top + h) / height - 1]])
+
+
+def resample(frames: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, N, 3, H, W] -> uint8 [B, N, 3, size, size]: each sample's frames through
+    its map ``theta[b]``, bilinear, in one ``grid_sample``."""
+    b, n, c, h, w = frames.shape
+    grid = F.affine_grid(theta, [b, n * c, size, size], align_corners=False)
+    x = F.grid_sample(frames.reshape(b, n * c, h, w).float(), grid, mode="bilinear",
+                      padding_mode="border", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).reshape(b, n, c, size, size)
