@@ -18,8 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ccat import checkpoint, distributed
+from ccat.analysis import tblog
 from ccat.config import ConfigError, RunConfig, save_config, to_dict
 from ccat.data import spec
+from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
 from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
 from ccat.errors import CcatError
@@ -74,8 +76,14 @@ class Run:
                                              cfg.model).to(ctx.device)
         if ctx.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            for encoder in self.model.encoders.values():  # in place: state_dict keys unchanged
+                encoder.compile(backend=cfg.compile)
+        self.cache = DeviceCache(self.dataset, cfg.data, ctx.device) if cfg.data.device_cache \
+            else None
         distributed.broadcast_model(self.model)
         self.last_good: Path | None = None
+        self.tb: Any = None  # the TensorBoard writer while train() runs (rank 0)
         self.history: list[dict[str, Any]] = []
 
     def checkpoint(self, opt: Optimizer, sched: LRScheduler, stage_index: int, epoch: int,
@@ -105,11 +113,12 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         if ctx.main:
             run.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run.out / "config.yaml")
-        for index, stage in enumerate(run.method.stages()):
-            if state is not None and index < state["stage_index"]:
-                continue
-            resuming = state is not None and index == state["stage_index"]
-            _train_stage(run, index, stage, state if resuming else None)
+        with tblog.open_writer(run.out, ctx.main) as run.tb:  # OUT/tb/, rank 0 only
+            for index, stage in enumerate(run.method.stages()):
+                if state is not None and index < state["stage_index"]:
+                    continue
+                resuming = state is not None and index == state["stage_index"]
+                _train_stage(run, index, stage, state if resuming else None)
         if ctx.main:
             console.print(summary_table(run.history))
         return run.history
@@ -149,7 +158,8 @@ def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | Non
         row = _train_epoch(run, stage, epoch, step)
         sched.step()
         distributed.average_buffers(run.model)
-        metrics = evaluate(run.method, run.model, run.dataset, run.val_split, run.ctx, run.cfg)
+        metrics = evaluate(run.method, run.model, run.dataset, run.val_split, run.ctx, run.cfg,
+                           run.cache)
         row.update({f"{run.val_split}/acc/{k}": v for k, v in metrics["accuracy"].items()})
         row.update({f"{run.val_split}/contrib/{k}": v for k, v in metrics["contribution"].items()})
         best_now = metrics["accuracy"]["fused"] > best
@@ -169,6 +179,7 @@ def _save(run: Run, opt: Optimizer, sched: LRScheduler, index: int, epoch: int, 
     run.history.append(row)
     with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+    tblog.log_epoch(run.tb, row, len(run.history), run.val_split)
     console.print(epoch_table(row))
 
 
@@ -176,7 +187,7 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
     """One epoch of ``method.train_step``; returns the averaged step metrics."""
     cfg, ctx = run.cfg, run.ctx
     loader = make_loader(run.dataset, "train", cfg.data, train=True, seed=cfg.seed, epoch=epoch,
-                         rank=ctx.rank, world=ctx.world)
+                         rank=ctx.rank, world=ctx.world, cache=run.cache)
     total = num_train_batches(run.dataset, cfg.data.batch_size, ctx.world)
     sums: dict[str, float] = defaultdict(float)
     seen, steps, started = 0, 0, time.perf_counter()

@@ -1,0 +1,51 @@
+"""``ccat analyze``: a run's curves from its metrics.jsonl, a checkpoint's feature geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ccat.analysis.curves import plot_run
+from ccat.analysis.geometry import feature_geometry
+from ccat.errors import CcatError
+from ccat.ui import make_console
+
+console = make_console()
+
+
+def analyze(run: str | Path | None = None, ckpt: str | Path | None = None, tsne: bool = False,
+            split: str = "test", data: str | None = None,
+            out: str | Path | None = None) -> dict[str, Path]:
+    """Curves of ``run`` (RUN/plots/ or ``out``); with ``tsne``, the geometry of ``ckpt``'s
+    (default RUN/best.pt) representations on ``split`` (its folder's analysis/ or ``out``).
+    Prints and returns the files written."""
+    if run is None and ckpt is None:
+        raise CcatError("nothing to analyze: give a run folder (ccat analyze RUN) or a "
+                        "checkpoint with --ckpt CKPT --tsne")
+    if ckpt is not None and not tsne:
+        raise CcatError(f"--ckpt {ckpt} needs --tsne (the checkpoint analysis); per-sample "
+                        f"outputs come from `ccat export --ckpt {ckpt}`")
+    files: dict[str, Path] = {}
+    if run is not None:
+        files.update(plot_run(run, out))
+    scores: dict[str, Any] = {}
+    if tsne:
+        result = feature_geometry(ckpt or Path(run) / "best.pt", data, split, out)
+        files.update(result["files"])
+        scores = {k: result[k] for k in ("representation", "tsne")}
+    console.print(files_table(files))
+    if scores:
+        console.print(json.dumps(scores, indent=1))
+    return files
+
+
+def files_table(files: dict[str, Path]) -> Table:
+    table = Table(title="analysis written")
+    table.add_column("what")
+    table.add_column("file")
+    for name, path in files.items():
+        table.add_row(name, str(path))
+    return table

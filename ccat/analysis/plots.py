@@ -1,0 +1,28 @@
+"""Figures drawn on matplotlib's Agg canvas: no display, no pyplot global state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110  # about 770 x 440 px for the default size: readable, well under 150 KB as PNG
+
+
+def new_figure(rows: int = 1, size: tuple[float, float] = (7.0, 4.0),
+               heights: list[float] | None = None) -> tuple[Figure, list[Any]]:
+    """A figure with ``rows`` stacked axes sharing the x axis."""
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": heights} if heights else None)[:, 0]
+    return fig, list(axes)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` (folders made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

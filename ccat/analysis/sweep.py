@@ -1,0 +1,288 @@
+"""The paper's sequential search for CCAT's LoRA rank r and threshold beta (Table 3,
+Figure 4): every rank at the config's beta, then every beta at the best rank, each run
+scored by its best fused validation accuracy.
+
+Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this process. A
+folder whose run finished (last.pt and a metrics.jsonl row for every epoch of every
+stage) with the same config is reused, an unfinished one is resumed, one holding a run
+with another config is refused. The score is the best fused validation accuracy over the
+epochs of the last stage (the stage best.pt follows); ties go to the earlier grid value.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from ccat.analysis.plots import new_figure, save
+from ccat.config import RunConfig, from_dict, to_dict
+from ccat.data.reader import DatasetError, open_dataset
+from ccat.errors import CcatError
+from ccat.methods import METHODS
+from ccat.train import train
+from ccat.ui import make_console
+
+MAX_GRID = 1000  # values one option may expand to; more is a typo in a range's step
+GRID_HELP = ("write a comma list like 1,2,4 or an inclusive range start:stop:step like "
+             "0.05:0.40:0.05")
+
+console = make_console()
+
+
+def _number(text: str, option: str) -> Decimal:
+    text = text.strip()
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise CcatError(f"{option} has {text!r}, which is not a number; {GRID_HELP}") from None
+    if not value.is_finite():
+        raise CcatError(f"{option} has {text!r}, which is not a finite number; {GRID_HELP}")
+    return value
+
+
+def _expand(item: str, option: str) -> list[Decimal]:
+    """One grid item: a number or an inclusive ``start:stop:step`` range, in exact decimals."""
+    parts = item.split(":")
+    if len(parts) == 1:
+        return [_number(parts[0], option)]
+    if len(parts) != 3:
+        raise CcatError(f"{option} item {item!r} is neither a number nor start:stop:step; "
+                        f"{GRID_HELP}")
+    start, stop, step = (_number(p, option) for p in parts)
+    if step <= 0 or start > stop:
+        raise CcatError(f"{option} range {item!r} needs step > 0 and start <= stop; {GRID_HELP}")
+    count = int((stop - start) / step) + 1
+    if count > MAX_GRID:
+        raise CcatError(f"{option} range {item!r} has {count} values, more than {MAX_GRID}; "
+                        f"use a larger step")
+    return [start + k * step for k in range(count)]
+
+
+def parse_grid(text: str, option: str, integer: bool = False) -> list[Any]:
+    """``'1,2,4'`` or ``'0.05:0.40:0.05'`` (or both, comma-separated) -> the values in
+    order without repeats; with ``integer`` every value must be a whole number."""
+    values: list[Decimal] = []
+    for item in text.split(","):
+        if not item.strip():
+            raise CcatError(f"{option} {text!r} has an empty item; {GRID_HELP}")
+        values += [v for v in _expand(item, option) if v not in values]
+    if len(values) > MAX_GRID:
+        raise CcatError(f"{option} {text!r} has {len(values)} values, more than {MAX_GRID}")
+    if integer:
+        if any(v != v.to_integral_value() for v in values):
+            raise CcatError(f"{option} {text!r} must list whole numbers, e.g. 1,2,4,8,16")
+        return [int(v) for v in values]
+    return [float(v) for v in values]
+
+
+def check_grids(ranks: list[int], betas: list[float]) -> None:
+    """LoRA ranks are positive; contributions, and so beta, lie in [0, 1]."""
+    if any(r < 1 for r in ranks):
+        raise CcatError(f"--rank {ranks} must be 1 or more; LoRA rank 0 is no LoRA")
+    if any(not 0 <= b <= 1 for b in betas):
+        raise CcatError(f"--beta {betas} must lie in [0, 1], the range of a contribution")
+
+
+@dataclass
+class Trial:
+    """One (rank, beta) run of the sweep and its score."""
+
+    phase: str
+    rank: int
+    beta: float
+    folder: Path
+    status: str = ""  # trained, resumed or reused
+    val_acc: float = math.nan
+    best_epoch: int = 0
+    unimodal: dict[str, float] = field(default_factory=dict)
+
+
+def run_name(rank: int, beta: float) -> str:
+    return f"r{rank}_b{beta:g}"
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_differences(folder: Path, cfg: RunConfig) -> list[str]:
+    """Dotted keys where ``folder/config.yaml`` differs from ``cfg``."""
+    saved = _flatten(to_dict(from_dict(yaml.safe_load((folder / "config.yaml").read_text()))))
+    wanted = _flatten(to_dict(cfg))
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+
+
+def _rows(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Train ``cfg`` into ``trial.folder``, reusing or resuming what is there."""
+    folder = trial.folder
+    stages = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs).stages()
+    rows = _rows(folder)
+    has_last = (folder / "last.pt").is_file()
+    if rows and not has_last:
+        raise CcatError(f"{folder} has metrics.jsonl but no last.pt; remove the folder to "
+                        f"train that configuration again")
+    if has_last:
+        differ = _config_differences(folder, cfg) if (folder / "config.yaml").is_file() else ["all"]
+        if differ:
+            raise CcatError(f"{folder} holds a run with another config (differs in "
+                            f"{', '.join(differ)}); remove it or sweep into another --out")
+    done = has_last and len(rows) == sum(s.epochs for s in stages) \
+        and rows[-1]["stage"] == stages[-1].name
+    trial.status = "reused" if done else "resumed" if has_last else "trained"
+    console.print(f"[bold]sweep[/bold] rank {trial.rank}, beta {trial.beta:g}: {folder} "
+                  f"({'reused' if done else 'resuming' if has_last else 'training'})")
+    if done:
+        return rows
+    train(cfg, resume=has_last)
+    return _rows(folder)
+
+
+def score(trial: Trial, rows: list[dict[str, Any]], val: str) -> None:
+    """Best fused ``val`` accuracy over the last stage's epochs (first of equals)."""
+    last = [r for r in rows if r["stage"] == rows[-1]["stage"]]
+    best = max(last, key=lambda r: r[f"{val}/acc/fused"])
+    trial.val_acc, trial.best_epoch = best[f"{val}/acc/fused"], best["epoch"]
+    prefix = f"{val}/acc/"
+    trial.unimodal = {k[len(prefix):]: v for k, v in best.items()
+                      if k.startswith(prefix) and k != f"{prefix}fused"}
+
+
+def _trial_config(base: RunConfig, rank: int, beta: float, folder: Path) -> RunConfig:
+    cfg = from_dict(to_dict(base))
+    cfg.method.rank, cfg.method.beta, cfg.out = rank, beta, str(folder)
+    return cfg
+
+
+def _run_phase(phase: str, points: list[tuple[int, float]], base: RunConfig,
+               out: Path) -> list[Trial]:
+    trials = []
+    for rank, beta in points:
+        trial = Trial(phase, rank, beta, out / run_name(rank, beta))
+        rows = run_trial(trial, _trial_config(base, rank, beta, trial.folder))
+        score(trial, rows, base.data.val_split)
+        trials.append(trial)
+    return trials
+
+
+def _best(trials: list[Trial]) -> Trial:
+    return max(trials, key=lambda t: t.val_acc)  # max keeps the first of equals
+
+
+def sweep(base: RunConfig, ranks: list[int], betas: list[float], out: str | Path) -> dict[str, Any]:
+    """Rank first (beta at the config's value), then beta at the best rank; writes
+    OUT/sweep.md, sweep.csv, sweep.json, rank.png and beta.png; returns the choice."""
+    check_grids(ranks, betas)
+    _check_validation(base)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank_trials = _run_phase("rank", [(r, base.method.beta) for r in ranks], base, out)
+    best_rank = _best(rank_trials).rank
+    beta_trials = _run_phase("beta", [(best_rank, b) for b in betas], base, out)
+    chosen = _best(beta_trials)
+    trials = rank_trials + beta_trials
+    result = {"rank": chosen.rank, "beta": chosen.beta, "val_acc": chosen.val_acc,
+              "run": str(chosen.folder), "val_split": base.data.val_split,
+              "files": write_results(trials, chosen, base.data.val_split, out)}
+    console.print(results_table(trials, chosen, base.data.val_split))
+    console.print(f"chosen: rank {chosen.rank}, beta {chosen.beta:g} "
+                  f"({base.data.val_split} accuracy {chosen.val_acc:.4f}) in {chosen.folder}")
+    return result
+
+
+def _check_validation(cfg: RunConfig) -> None:
+    """Hyperparameters are chosen on validation, never on test."""
+    try:
+        splits = open_dataset(cfg.data.path, cfg.data.cache_dir or None).splits
+    except DatasetError as err:
+        raise CcatError(str(err)) from None
+    if cfg.data.val_split not in splits:
+        raise CcatError(f"{cfg.data.path} has no validation split {cfg.data.val_split!r} "
+                        f"(it has {splits}); build the shards with one, since choosing r and "
+                        f"beta on test would report a tuned test score")
+
+
+COLUMNS = ["phase", "rank", "beta", "val_acc", "best_epoch", "status", "chosen", "run"]
+
+
+def _table_rows(trials: list[Trial], chosen: Trial) -> tuple[list[str], list[list[str]]]:
+    modalities = list(trials[0].unimodal)
+    header = COLUMNS[:4] + [f"val_acc_{m}" for m in modalities] + COLUMNS[4:]
+    rows = []
+    for t in trials:
+        cells = [t.phase, str(t.rank), f"{t.beta:g}", f"{t.val_acc:.4f}"]
+        cells += [f"{t.unimodal[m]:.4f}" for m in modalities]
+        cells += [str(t.best_epoch), t.status, "yes" if t is chosen else "", t.folder.name]
+        rows.append(cells)
+    return header, rows
+
+
+def write_results(trials: list[Trial], chosen: Trial, val: str, out: Path) -> dict[str, str]:
+    """The table as Markdown and CSV, the choice as JSON, the two accuracy plots."""
+    header, rows = _table_rows(trials, chosen)
+    with open(out / "sweep.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = [f"# Sweep: rank, then beta at rank {chosen.rank} ({val} accuracy, fused)", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", f"Chosen: rank {chosen.rank}, beta {chosen.beta:g} "
+                  f"({val} accuracy {chosen.val_acc:.4f}, run `{chosen.folder.name}`)."]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "sweep.json").write_text(json.dumps(
+        {"rank": chosen.rank, "beta": chosen.beta, "val_acc": chosen.val_acc,
+         "run": chosen.folder.name, "val_split": val,
+         "trials": [dict(zip(header, r)) for r in rows]}, indent=2) + "\n", encoding="utf-8")
+    rank_png = _plot([t for t in trials if t.phase == "rank"], "rank", val, out / "rank.png")
+    beta_png = _plot([t for t in trials if t.phase == "beta"], "beta", val, out / "beta.png")
+    return {"markdown": str(out / "sweep.md"), "csv": str(out / "sweep.csv"),
+            "json": str(out / "sweep.json"), "rank_plot": str(rank_png),
+            "beta_plot": str(beta_png)}
+
+
+def _plot(trials: list[Trial], phase: str, val: str, path: Path) -> Path:
+    """Validation accuracy against rank (evenly spaced) or beta, the best marked."""
+    fig, (ax,) = new_figure(size=(6.0, 3.6))
+    xs = list(range(len(trials))) if phase == "rank" else [t.beta for t in trials]
+    ys = [t.val_acc for t in trials]
+    ax.plot(xs, ys, "o-", color="C0")
+    top = max(range(len(trials)), key=lambda i: ys[i])
+    ax.plot([xs[top]], [ys[top]], "*", color="C3", ms=14, label="best")
+    if phase == "rank":
+        ax.set_xticks(xs, [str(t.rank) for t in trials])
+        ax.set_title(f"beta {trials[0].beta:g}", fontsize=9)
+    else:
+        ax.set_title(f"rank {trials[0].rank}", fontsize=9)
+    ax.set_xlabel("LoRA rank r" if phase == "rank" else "beta")
+    ax.set_ylabel(f"best {val} accuracy (fused)")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def results_table(trials: list[Trial], chosen: Trial, val: str) -> Table:
+    header, rows = _table_rows(trials, chosen)
+    table = Table(title=f"sweep ({val} accuracy)")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("phase", "status", "run") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
