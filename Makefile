@@ -1,6 +1,6 @@
 # ccat: staged workflow. Every target sets up the environment it needs first.
 #   make demo | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
-#   make bench
+#   make train | make eval | make table | make ablation | make sweep | make bench
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -49,6 +49,16 @@ train: install
 eval: install
 	$(BIN)/ccat eval --ckpt $(RUN)/best.pt --data $(SHARDS) --json $(RUN)/eval.json
 
+# CCAT's rank, then beta, chosen on validation (Table 3, Figure 4); resumable: run it again
+# after an interruption and finished runs are reused. -> runs/DATASET/sweep/sweep.md
+RANKS ?= 1,2,4,8,16
+BETAS ?= 0.05:0.40:0.05
+.PHONY: sweep
+sweep: install
+	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
+	$(BIN)/ccat sweep --config $(CONFIG) --data $(SHARDS) --out runs/$(DATASET)/sweep \
+		--rank $(RANKS) --beta $(BETAS) $(ARGS)
+
 # The built-in dataset end to end: synthetic raw CREMA-D -> shards -> both CCAT stages -> eval.
 demo: install
 	rm -rf $(DEMO_DIR)
@@ -62,5 +72,40 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Table 1: every method x every seed on DATASET, then `ccat report`; Table 2 the same for
+# CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat runs).
+#   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
+#   make ablation DATASET=cremad SEEDS="0 1 2"            -> runs/cremad/ablation/table.md
+# A run whose eval.json exists is skipped, one with last.pt continues (--resume), and a run
+# that fails stops make before the table (`make -k` trains the rest).
+METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm unimodal ccat
+SEEDS ?= 0 1 2
+ABLATIONS ?= fixed_classifier alternating secondary lora
+RUNS ?= runs/$(DATASET)
+TABLE_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RUNS)/$(m)/s$(s)))
+ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \
+	$(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(RUNS)/ablation/no_$(a)/s$(s)))
+# Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt.
+train_eval = $(BIN)/ccat train --config $(CONFIG) --method $(1) --data $(SHARDS) --out $(@D) \
+	--set seed=$(2) $(3) $(ARGS) $$(test -f $(@D)/last.pt && echo --resume) && \
+	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --json $@
+
+.PHONY: table ablation have-shards
+
+table: $(addsuffix /eval.json,$(TABLE_RUNS))
+	$(BIN)/ccat report $(TABLE_RUNS) --out $(RUNS)
+
+ablation: $(addsuffix /eval.json,$(ABLATION_RUNS))
+	$(BIN)/ccat report $(ABLATION_RUNS) --out $(RUNS)/ablation
+
+have-shards: install
+	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
+
+$(RUNS)/ablation/no_%/eval.json: | have-shards
+	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.$(*D)=false)
+
+$(RUNS)/%/eval.json: | have-shards
+	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
+
 bench: install
-	@for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+	@for script in benchmarks/[a-z]*.py; do $(BIN)/python $$script || exit 1; done

@@ -1,5 +1,6 @@
-"""The ``ccat`` command: train, eval, list. Each command parses, builds a config, calls
-one library function; user errors print one sentence and exit non-zero."""
+"""The ``ccat`` command: train, eval, report, analyze, export, sweep, list. Each command
+parses, builds a config, calls one library function; user errors print one sentence and
+exit non-zero."""
 
 from __future__ import annotations
 
@@ -45,6 +46,63 @@ def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt
     from ccat.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(ckpt, data, split, json_path)
+
+
+@app.command("report")
+def report(run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR",
+                                                 help="run folders or folders of runs"),
+           fmt: str = typer.Option("table", "--format",
+                                   help="what to print: table (rich), markdown or csv"),
+           out: Optional[Path] = typer.Option(None, help="also write OUT/table.md, table.csv"),
+           split: str = typer.Option("test", help="use eval JSON of this split")) -> None:
+    """Compare evaluated runs: methods x datasets, mean ± std over seeds, best in bold."""
+    from ccat.report import report as make_report
+
+    make_report(run_dirs, fmt, out, split)
+
+
+@app.command("analyze")
+def analyze(run: Optional[Path] = typer.Argument(None, help="run folder (its metrics.jsonl)"),
+            ckpt: Optional[Path] = typer.Option(None, help="checkpoint for --tsne; "
+                                                "default RUN/best.pt"),
+            tsne: bool = typer.Option(False, help="t-SNE and cluster scores of the features"),
+            split: str = typer.Option("test", help="split whose features --tsne maps"),
+            data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
+            out: Optional[Path] = typer.Option(None, help="folder for the files; default: "
+                                               "RUN/plots and CKPT's folder/analysis")) -> None:
+    """Plot a run's contribution and accuracy curves; with --tsne, its feature geometry."""
+    from ccat.analysis.analyze import analyze as run_analysis
+
+    run_analysis(run, ckpt, tsne, split, data, out)
+
+
+@app.command("export")
+def export(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt)"),
+           out: Path = typer.Option(..., help="HDF5 file to write, e.g. feats.h5"),
+           split: str = typer.Option("test", help="split to export"),
+           data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
+           ) -> None:
+    """Write per-sample keys, labels, embeddings, logits and contributions to HDF5."""
+    from ccat.analysis.export import export as run_export
+
+    run_export(ckpt, out, data, split)
+
+
+@app.command("sweep")
+def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
+          rank: str = typer.Option("1,2,4,8,16", help="LoRA ranks: 1,2,4 or start:stop:step"),
+          beta: str = typer.Option("0.05:0.40:0.05", help="betas: 0.1,0.2 or start:stop:step"),
+          data: Optional[str] = typer.Option(None, help="built dataset folder"),
+          out: Optional[Path] = typer.Option(None, help="sweep folder; default: beside the "
+                                             "config's run folder, named sweep"),
+          set_: list[str] = typer.Option([], "--set", help="override, e.g. optim.epochs=10"),
+          ) -> None:
+    """Search the LoRA rank at the config's beta, then beta at the best rank (validation)."""
+    from ccat.analysis.sweep import parse_grid, sweep as run_sweep
+
+    cfg = load_config(config, set_, {"data.path": data})
+    ranks, betas = parse_grid(rank, "--rank", integer=True), parse_grid(beta, "--beta")
+    run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
 
 
 @app.command("list")

@@ -15,11 +15,13 @@ from rich.table import Table
 from ccat import checkpoint, distributed
 from ccat.config import DataConfig, RunConfig, from_dict
 from ccat.contribution import contributions
+from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
 from ccat.errors import CcatError
 from ccat.methods import METHODS, Method
 from ccat.models import MultimodalModel
+from ccat.report import run_block
 
 console = make_console()
 
@@ -33,13 +35,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
-                  ctx: distributed.Context, cfg_data: DataConfig,
-                  temperature: float) -> dict[str, Any]:
+                  ctx: distributed.Context, cfg_data: DataConfig, temperature: float,
+                  cache: DeviceCache | None = None) -> dict[str, Any]:
     """Every sample of ``split`` exactly once over all ranks: keys, labels, predictions."""
     model.eval()
     rows: dict[str, list] = {"keys": [], "label": [], "fused": [], "uni": [], "contrib": []}
     loader = make_loader(dataset, split, cfg_data, train=False, seed=0, rank=ctx.rank,
-                         world=ctx.world)
+                         world=ctx.world, cache=cache)
     for batch in loader:
         batch = batch.to(ctx.device)
         with autocast(ctx.device):
@@ -83,9 +85,11 @@ def compute_metrics(pred: dict[str, Any], split: str, classes: list[str],
 
 
 def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
-             ctx: distributed.Context, cfg: RunConfig) -> dict[str, Any]:
+             ctx: distributed.Context, cfg: RunConfig,
+             cache: DeviceCache | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (``cfg`` is the run's config)."""
-    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature)
+    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature,
+                         cache)
     return compute_metrics(pred, split, dataset.classes, model.modalities)
 
 
@@ -132,6 +136,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
     try:
         method, model = load_for_eval(ckpt, dataset, ctx.device)
         metrics = evaluate(method, model, dataset, split, ctx, cfg)
+        metrics["run"] = run_block(cfg, dataset.name)  # who this is, for `ccat report`
     finally:
         distributed.cleanup()
     if ctx.main:

@@ -19,7 +19,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from ccat.data import spec
 from preprocess import __version__ as TOOL_VERSION

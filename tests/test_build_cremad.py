@@ -14,7 +14,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 import soundfile
 import soxr
 

@@ -4,7 +4,6 @@ per epoch, and crops that are exactly the boxes asked for."""
 
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 

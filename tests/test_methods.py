@@ -120,3 +120,20 @@ def test_step_clips_the_gradient_norm():
     step.backward((param * torch.tensor([10.0, 0.0, 0.0, 0.0])).sum())
     step.step()
     assert torch.allclose(param, torch.tensor([-0.5, 0.0, 0.0, 0.0]))
+
+
+def test_ccat_ablation_switches_each_change_the_update():
+    """Each of Table 2's switches gives a different stage-2 update than full CCAT, and a
+    secondary pass that selects nothing leaves the model (batch-norm statistics included)
+    exactly as if secondary updates were off."""
+
+    def state(**switches):
+        _, model, _, _ = one_step("ccat", 1, **switches)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full = state(beta=1.01)
+    for switch in ("alternating", "secondary", "fixed_classifier", "lora"):
+        changed = state(beta=1.01, **{switch: False})
+        assert any(not torch.equal(full[k], changed[k]) for k in full.keys() & changed.keys())
+    nothing_selected, off = state(beta=0.0), state(secondary=False)
+    assert all(torch.equal(nothing_selected[k], off[k]) for k in off)

@@ -8,11 +8,13 @@ samples where a modality contributes less than beta (Algorithm 1, Eq. 12).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ccat.config import ModelConfig
 from ccat.contribution import contributions
@@ -20,6 +22,24 @@ from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions
 from ccat.models import MultimodalModel, build_model
 from ccat.step import Step
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Batch norm in train mode (batch statistics) whose running statistics stay as they
+    are: a measuring pass must not change the model, or switching secondary updates off
+    would change training even when no sample is selected."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 @METHODS.register("ccat")
@@ -84,13 +104,15 @@ class CCAT(Method):
                 step.backward(loss)
                 step.step()
                 out[f"loss/{m}"] = loss.item()
-        else:  # Table 2 ablation: all modalities updated jointly
+        else:  # Table 2 ablation: all modalities updated jointly on the fused prediction.
+            # (A sum of per-modality losses would be the same update as alternating: each
+            # loss reaches only its own encoder and LoRA through the fixed classifier.)
             step.zero_grad()
-            losses = {m: F.cross_entropy(self._unimodal(model, batch, m), batch.label)
-                      for m in model.modalities}
-            step.backward(torch.stack(list(losses.values())).sum())
+            logits = {m: self._unimodal(model, batch, m) for m in model.modalities}
+            loss = F.cross_entropy(fuse_decisions(logits, self.cfg.fusion_rule), batch.label)
+            step.backward(loss)
             step.step()
-            out.update({f"loss/{m}": v.item() for m, v in losses.items()})
+            out["loss"] = loss.item()
         if self.cfg.secondary:
             out.update(self._secondary_updates(model, batch, step))
         return out
@@ -98,7 +120,7 @@ class CCAT(Method):
     def _secondary_updates(self, model: MultimodalModel, batch: Batch,
                            step: Step) -> dict[str, float]:
         """Eq. 12: samples where c_i^m < beta get one more update of Enc_m and LoRA_m."""
-        with torch.no_grad():  # contributions of the models just updated
+        with torch.no_grad(), frozen_norm_stats(model):  # contributions of the models just updated
             logits = {m: self._unimodal(model, batch, m) for m in model.modalities}
             shares = contributions(logits, fuse_decisions(logits, self.cfg.fusion_rule),
                                    self.cfg.temperature)  # Eq. 5-6 at the decision level

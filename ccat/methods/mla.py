@@ -23,33 +23,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from ccat.config import MethodConfig, ModelConfig
+from ccat.config import MethodConfig
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
-from ccat.models.fusion import FUSIONS, Features
 from ccat.step import Step
-
-
-@FUSIONS.register("shared")
-class SharedHead(nn.Module):
-    """No parameters of its own: the one classifier reads any modality's z^m directly
-    (MLA's shared head). The fused vector, used only by ``fused_logits``, is the mean of
-    the z^m, whose logits are the mean of the unimodal logits. BiCross scores z^m the same
-    way but would bring cross-attention blocks that MLA never trains."""
-
-    def __init__(self, modalities: list[str], cfg: ModelConfig):
-        super().__init__()
-        self.modalities = list(modalities)
-        self.out_dim = cfg.width
-
-    def forward(self, feats: Features) -> torch.Tensor:
-        return torch.stack([feats[m][1] for m in self.modalities]).mean(0)
-
-    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
-        return classifier(z)
 
 
 def project_gradient(grad: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:

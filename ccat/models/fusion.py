@@ -1,4 +1,5 @@
-"""Fusion modules: BiCross (CCAT, appendix A.1), Sum and Concat (joint baselines).
+"""Fusion modules: BiCross (CCAT, appendix A.1); Sum, Concat, FiLM and BiGated (joint
+baselines); the shared head of MLA.
 
 A fusion maps per-modality features to the fused vector f that the classifier reads,
 and says how the classifier scores one modality alone (Sec. 4.1 for the baselines).
@@ -171,3 +172,22 @@ class BiGated(nn.Module):
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         """The fused prediction with the other modality's vector zeroed (Sec. 4.1)."""
         return classifier(self.fuse(*_alone(z, index)))
+
+
+@FUSIONS.register("shared")
+class SharedHead(nn.Module):
+    """No parameters of its own: the one classifier reads any modality's z^m directly
+    (MLA's shared head). The fused vector, used only by ``fused_logits``, is the mean of
+    the z^m, whose logits are the mean of the unimodal logits. BiCross scores z^m the same
+    way but would bring cross-attention blocks that MLA never trains."""
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.out_dim = cfg.width
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return torch.stack([feats[m][1] for m in self.modalities]).mean(0)
+
+    def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
+        return classifier(z)

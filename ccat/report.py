@@ -1,0 +1,331 @@
+"""``ccat report``: the eval JSON of many runs -> one Table-1-style comparison.
+
+Rows are methods (an ablation variant of a method is a row of its own, e.g. "ccat (no
+secondary)"); columns are, per dataset, the fused accuracy and each modality's accuracy;
+cells are the mean ± sample standard deviation over seeds. A run is identified by the
+``run`` block that ``ccat eval`` writes into its JSON (method, variant, dataset, seed), or,
+for older JSON, by the ``config.yaml`` next to it and the manifest of its data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from ccat.config import ConfigError, MethodConfig, RunConfig, from_dict
+from ccat.data.spec import MANIFEST_NAME
+from ccat.errors import CcatError
+from ccat.ui import make_console
+
+ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora")  # Table 2
+EVAL_NAME = "eval.json"
+CONFIG_NAME = "config.yaml"
+FORMATS = ("table", "markdown", "csv")
+CAPTION_MARKS = "**bold**: best in its column; <u>underlined</u>: second best"
+CSV_FIELDS = ["row", "method", "variant", "dataset", "accuracy", "mean", "std", "n", "seeds",
+              "rank"]
+SWITCH_LABELS = {name: f"no {name.replace('_', ' ')}" for name in ABLATION_SWITCHES}
+
+
+def variant_label(method: MethodConfig) -> str:
+    """'' for the full method, else the Table 2 switches it turns off: 'no secondary'."""
+    return ", ".join(label for name, label in SWITCH_LABELS.items() if not getattr(method, name))
+
+
+def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:
+    """What identifies a run in a comparison; ``ccat eval`` stores it in its JSON."""
+    return {"method": cfg.method.name, "variant": variant_label(cfg.method),
+            "dataset": dataset, "seed": cfg.seed}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One evaluated run: who it is and its accuracies (fraction, fused and per modality)."""
+
+    path: Path
+    method: str
+    variant: str
+    dataset: str
+    seed: int
+    accuracy: dict[str, float]
+
+    @property
+    def row(self) -> str:
+        return f"{self.method} ({self.variant})" if self.variant else self.method
+
+
+@dataclass
+class Found:
+    """What a search of the RUN_DIRs turned up."""
+
+    results: list[RunResult] = field(default_factory=list)
+    unevaluated: list[Path] = field(default_factory=list)  # run folders without eval.json
+    skipped: list[str] = field(default_factory=list)  # eval JSON not used, with the reason
+
+
+def _dataset_of(cfg: RunConfig, run_dir: Path) -> str:
+    """The dataset name from the manifest of the run's data, else the data folder's name."""
+    manifest = Path(cfg.data.path) / MANIFEST_NAME
+    if not manifest.is_absolute():
+        manifest = Path.cwd() / manifest
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(cfg.data.path.rstrip("/")).name or run_dir.name
+
+
+def _identity(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The JSON's ``run`` block, or one rebuilt from the run folder's config.yaml."""
+    if isinstance(metrics.get("run"), dict):
+        return metrics["run"]
+    config = run_dir / CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"no 'run' block in it and no {config}")
+    cfg = from_dict(yaml.safe_load(config.read_text(encoding="utf-8")) or {})
+    return run_block(cfg, _dataset_of(cfg, run_dir))
+
+
+def read_result(path: Path, split: str) -> RunResult:
+    """One eval JSON as a :class:`RunResult`; ValueError says why it cannot be used."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        run = _identity(metrics, path.parent)
+        result = RunResult(path, str(run["method"]), str(run.get("variant", "")),
+                           str(run["dataset"]), int(run["seed"]),
+                           {str(k): float(v) for k, v in metrics["accuracy"].items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError,
+            yaml.YAMLError) as err:
+        raise ValueError(f"unusable ({type(err).__name__}: {err})") from None
+    if metrics.get("split") != split:
+        raise ValueError(f"it evaluates split {metrics.get('split')!r}, not {split!r}")
+    return result
+
+
+def find_runs(paths: list[Path], split: str = "test") -> Found:
+    """Every eval.json under ``paths`` (run folders or folders of runs, searched
+    recursively), and the run folders (holding config.yaml) that have none."""
+    found, seen = Found(), set()
+    for root in paths:
+        if not root.is_dir():
+            raise CcatError(f"{root} is not a folder; pass run folders or folders of runs")
+        evals = sorted(root.rglob(EVAL_NAME))
+        runs = sorted(c.parent for c in root.rglob(CONFIG_NAME))
+        if not evals and not runs:
+            raise CcatError(f"no runs under {root}: no {EVAL_NAME} or {CONFIG_NAME} in it or "
+                            f"below it")
+        for path in evals:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            try:
+                found.results.append(read_result(path, split))
+            except ValueError as err:
+                found.skipped.append(f"{path}: {err}")
+        found.unevaluated += [r for r in runs if not (r / EVAL_NAME).is_file()
+                              and r not in found.unevaluated]
+    return found
+
+
+@dataclass
+class Cell:
+    """One method on one dataset, one accuracy: mean and sample std over seeds."""
+
+    values: list[float]
+    seeds: list[int]
+    rank: int = 0  # 1 = best in its column, 2 = second best, 0 = neither
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Report:
+    """The comparison: rows, (dataset, accuracy) columns, cells, notes."""
+
+    split: str
+    rows: list[str]
+    columns: list[tuple[str, str]]
+    cells: dict[tuple[str, tuple[str, str]], Cell]
+    identity: dict[str, tuple[str, str]]  # row -> (method, variant)
+    notes: list[str]
+
+    @property
+    def seeds(self) -> int:
+        return max(len(c.values) for c in self.cells.values())
+
+
+def _row_order(results: list[RunResult]) -> list[str]:
+    """Methods in order of first appearance; each full method before its ablations, which
+    follow the order of ABLATION_SWITCHES (Table 2)."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    labels = {r.row: r for r in results}
+    known = list(SWITCH_LABELS.values())
+
+    def key(label: str) -> tuple:
+        r = labels[label]
+        parts = r.variant.split(", ") if r.variant else []
+        off = [known.index(p) if p in known else len(known) for p in parts]
+        return methods.index(r.method), len(off), off, r.variant
+
+    return sorted(labels, key=key)
+
+
+def _rank(report: Report) -> None:
+    """Mark the best and second-best mean of every column, at the shown precision."""
+    for column in report.columns:
+        cells = [report.cells[(row, column)] for row in report.rows
+                 if (row, column) in report.cells]
+        shown = sorted({round(100 * c.mean, 2) for c in cells}, reverse=True)
+        for cell in cells:
+            place = shown.index(round(100 * cell.mean, 2)) + 1
+            cell.rank = place if place <= 2 else 0
+
+
+def build_report(found: Found, split: str = "test") -> Report:
+    """Group the results by row, dataset and seed; one cell per row and column."""
+    if not found.results:
+        listed = "; ".join([*map(str, found.unevaluated), *found.skipped][:5])
+        raise CcatError(f"no evaluated runs to report ({listed}); evaluate each run with "
+                        f"`ccat eval --ckpt RUN/best.pt --json RUN/{EVAL_NAME}`")
+    by_seed: dict[tuple[str, str, int], RunResult] = {}
+    columns: dict[str, dict[str, None]] = {}
+    for r in found.results:
+        key = (r.row, r.dataset, r.seed)
+        if key in by_seed:
+            raise CcatError(f"{by_seed[key].path} and {r.path} are both {r.row} on {r.dataset} "
+                            f"with seed {r.seed}; pass RUN_DIRs that hold only one of them")
+        by_seed[key] = r
+        columns.setdefault(r.dataset, {"fused": None}).update(dict.fromkeys(r.accuracy))
+    rows = _row_order(found.results)
+    cells: dict[tuple[str, tuple[str, str]], Cell] = {}
+    for (row, dataset, seed), r in sorted(by_seed.items(), key=lambda kv: kv[0][2]):
+        for name, value in r.accuracy.items():
+            cell = cells.setdefault((row, (dataset, name)), Cell([], []))
+            cell.values.append(value)
+            cell.seeds.append(seed)
+    notes = [f"not evaluated (no {EVAL_NAME}): {p}" for p in found.unevaluated]
+    notes += [f"skipped {s}" for s in found.skipped]
+    report = Report(split, rows, [(d, a) for d, names in columns.items() for a in names],
+                    cells, {r.row: (r.method, r.variant) for r in found.results}, notes)
+    _rank(report)
+    return report
+
+
+def format_cell(cell: Cell | None, seeds: int) -> str:
+    """'71.24 ± 0.81' in percent; '(n=2)' when the cell has fewer seeds than the table."""
+    if cell is None:
+        return "—"
+    text = f"{100 * cell.mean:.2f}"
+    if cell.std is not None:
+        text += f" ± {100 * cell.std:.2f}"
+    if len(cell.values) < seeds:
+        text += f" (n={len(cell.values)})"
+    return text
+
+
+def _over(report: Report) -> str:
+    """'3 seeds', and where some cells have fewer, that they say so."""
+    n = report.seeds
+    fewer = any(len(c.values) < n for c in report.cells.values())
+    return f"{n} seed{'s' if n > 1 else ''}" + (", fewer where a cell says n=k" if fewer else "")
+
+
+def caption(report: Report) -> str:
+    """One sentence saying what the cells are and what the marks mean."""
+    return (f"{report.split.capitalize()} accuracy (%) of the fused prediction and of each "
+            f"modality alone: mean ± sample std over {_over(report)}. {CAPTION_MARKS}.")
+
+
+def to_markdown(report: Report) -> str:
+    """The table as GitHub Markdown, caption first, notes after."""
+    head = ["method", *(f"{d} {a}" for d, a in report.columns)]
+    lines = [caption(report), "", "| " + " | ".join(head) + " |",
+             "| --- |" + " ---: |" * len(report.columns)]
+    for row in report.rows:
+        cells = []
+        for column in report.columns:
+            cell = report.cells.get((row, column))
+            text = format_cell(cell, report.seeds)
+            if cell is not None and cell.rank:
+                text = f"**{text}**" if cell.rank == 1 else f"<u>{text}</u>"
+            cells.append(text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if report.notes:
+        lines += ["", *(f"- {note}" for note in report.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    """One line per row and column: mean and sample std as fractions, seeds, rank."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows:
+        method, variant = report.identity[row]
+        for dataset, name in report.columns:
+            cell = report.cells.get((row, (dataset, name)))
+            if cell is None:
+                continue
+            writer.writerow({"row": row, "method": method, "variant": variant,
+                             "dataset": dataset, "accuracy": name, "mean": cell.mean,
+                             "std": "" if cell.std is None else cell.std,
+                             "n": len(cell.values), "seeds": " ".join(map(str, cell.seeds)),
+                             "rank": cell.rank or ""})
+    return buf.getvalue()
+
+
+def to_rich(report: Report) -> Table:
+    """The table for the terminal: best in bold, second best underlined."""
+    table = Table(title=f"{report.split} accuracy (%), mean ± std over {_over(report)}",
+                  caption="[bold]bold[/bold]: best in its column; "
+                          "[underline]underlined[/underline]: second best")
+    table.add_column("method")
+    for dataset, name in report.columns:
+        table.add_column(f"{dataset}\n{name}", justify="right")
+    styles = {1: "bold", 2: "underline"}
+    for row in report.rows:
+        cells = []
+        for column in report.columns:
+            cell = report.cells.get((row, column))
+            text = format_cell(cell, report.seeds)
+            cells.append(f"[{styles[cell.rank]}]{text}[/]" if cell and cell.rank else text)
+        table.add_row(row, *cells)
+    return table
+
+
+def report(paths: list[Path], fmt: str = "table", out: Path | None = None,
+           split: str = "test") -> Report:
+    """``ccat report``: find, group, print in ``fmt`` and write OUT/table.md and table.csv."""
+    if fmt not in FORMATS:
+        raise CcatError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    result = build_report(find_runs(paths, split), split)
+    console, notes = make_console(), make_console(stderr=True)
+    if fmt == "table":
+        console.print(to_rich(result))
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False, markup=False)
+    else:
+        sys.stdout.write(to_markdown(result) if fmt == "markdown" else to_csv(result))
+        if fmt == "csv":
+            for note in result.notes:
+                notes.print(f"note: {note}", highlight=False, markup=False)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(to_markdown(result), encoding="utf-8")
+        (out / "table.csv").write_text(to_csv(result), encoding="utf-8")
+        notes.print(f"wrote {out / 'table.md'} and {out / 'table.csv'}", highlight=False)
+    return result

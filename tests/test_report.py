@@ -1,0 +1,187 @@
+"""``ccat report`` on real tiny runs: grouping, mean ± std over seeds, marks, files, errors;
+and the ``make table`` / ``make ablation`` commands."""
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ccat.cli import app, main
+from ccat.report import find_runs, read_result
+from ccat.train import train
+from train_helpers import tiny_config, write_tiny_dataset
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_and_eval(data: Path, out: Path, method: str, seed: int, **switches: bool) -> None:
+    """One epoch in this process, then ``ccat eval`` through the CLI into OUT/eval.json."""
+    cfg = tiny_config(data, out, method)
+    cfg.seed, cfg.threads = seed, 1
+    for name, value in switches.items():
+        setattr(cfg.method, name, value)
+    train(cfg)
+    result = runner.invoke(app, ["eval", "--ckpt", str(out / "best.pt"),
+                                 "--json", str(out / "eval.json")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """sum and concat x seeds 0 and 1, and CCAT without secondary updates (seed 0)."""
+    root = tmp_path_factory.mktemp("report")
+    data = write_tiny_dataset(root / "shards")
+    for method in ("sum", "concat"):
+        for seed in (0, 1):
+            train_and_eval(data, root / "runs" / method / f"s{seed}", method, seed)
+    train_and_eval(data, root / "runs" / "ablation" / "no_secondary" / "s0", "ccat", 0,
+                   secondary=False)
+    return root / "runs"
+
+
+def evals(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("eval.json"))]
+
+
+def test_eval_json_names_the_run(runs):
+    metrics = json.loads((runs / "ablation" / "no_secondary" / "s0" / "eval.json").read_text())
+    assert metrics["run"] == {"method": "ccat", "variant": "no secondary", "dataset": "tiny",
+                              "seed": 0}
+
+
+def test_report_means_stds_and_marks(runs, tmp_path):
+    result = runner.invoke(app, ["report", str(runs / "sum"), str(runs / "concat"),
+                                 "--format", "csv", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
+    assert {r["row"] for r in rows} == {"sum", "concat"}
+    assert {r["accuracy"] for r in rows} == {"fused", "audio", "video"}
+    for r in rows:
+        values = [m["accuracy"][r["accuracy"]] for m in evals(runs / r["method"])]
+        assert float(r["mean"]) == pytest.approx(statistics.mean(values))
+        assert float(r["std"]) == pytest.approx(statistics.stdev(values))
+        assert r["n"] == "2" and r["seeds"] == "0 1" and r["dataset"] == "tiny"
+    printed = list(csv.DictReader(io.StringIO(result.stdout.split("wrote")[0])))
+    assert printed == rows
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| method | tiny fused | tiny audio | tiny video |" in markdown
+    for name in ("fused", "audio", "video"):
+        cells = sorted((r for r in rows if r["accuracy"] == name), key=lambda r: -float(r["mean"]))
+        best = cells[0]
+        assert best["rank"] == "1"
+        shown = f"{100 * float(best['mean']):.2f} ± {100 * float(best['std']):.2f}"
+        assert f"**{shown}**" in markdown
+        if round(float(cells[1]["mean"]), 4) < round(float(best["mean"]), 4):
+            assert cells[1]["rank"] == "2"
+            assert f"<u>{100 * float(cells[1]['mean']):.2f}" in markdown
+
+
+def test_ablation_variant_is_its_own_row_and_table_prints(runs):
+    result = runner.invoke(app, ["report", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert "ccat (no secondary)" in result.stdout and "concat" in result.stdout
+    markdown = runner.invoke(app, ["report", str(runs), "--format", "markdown"]).stdout
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    # Rows in the order the runs are found (folders are searched in sorted order).
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| ccat (no secondary)",
+                                                             "| concat", "| sum"]
+    assert "(n=1)" in lines[2] and "±" not in lines[2]  # one seed: no std
+
+
+def test_unevaluated_run_is_a_note_and_old_json_falls_back_to_config(runs, tmp_path):
+    old = shutil.copytree(runs / "sum" / "s1", tmp_path / "sum_old")
+    metrics = json.loads((old / "eval.json").read_text())
+    identity = metrics.pop("run")
+    (old / "eval.json").write_text(json.dumps(metrics))
+    result = read_result(old / "eval.json", "test")
+    assert (result.method, result.variant, result.dataset, result.seed) == (
+        identity["method"], identity["variant"], identity["dataset"], identity["seed"])
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    shutil.copy(runs / "concat" / "s0" / "config.yaml", pending / "config.yaml")
+    found = find_runs([runs / "concat", pending])
+    assert found.unevaluated == [pending] and len(found.results) == 2
+    out = runner.invoke(app, ["report", str(runs / "concat"), str(pending),
+                              "--format", "markdown"]).stdout
+    assert f"not evaluated (no eval.json): {pending}" in out
+
+
+def test_datasets_with_other_modalities_get_their_own_columns(tmp_path):
+    for dataset, accuracy in (("cremad", {"fused": 0.6, "audio": 0.5, "video": 0.3}),
+                              ("mvsa", {"fused": 0.7, "image": 0.4, "text": 0.65})):
+        run = tmp_path / dataset / "s0"
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text(json.dumps(
+            {"split": "test", "accuracy": accuracy,
+             "run": {"method": "sum", "variant": "", "dataset": dataset, "seed": 0}}))
+    out = runner.invoke(app, ["report", str(tmp_path), "--format", "csv"]).stdout
+    columns = [(r["dataset"], r["accuracy"]) for r in csv.DictReader(io.StringIO(out))]
+    assert columns == [("cremad", "fused"), ("cremad", "audio"), ("cremad", "video"),
+                       ("mvsa", "fused"), ("mvsa", "image"), ("mvsa", "text")]
+
+
+def run_main(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ccat", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    return done.value.code, capsys.readouterr().err
+
+
+def test_folder_without_runs_and_duplicate_seeds_are_one_line_errors(runs, tmp_path,
+                                                                     monkeypatch, capsys):
+    code, err = run_main(["report", tmp_path], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: no runs under")
+    assert len(err.strip().splitlines()) <= 3 and "Traceback" not in err
+    shutil.copytree(runs / "sum" / "s0", tmp_path / "copy" / "s0")
+    code, err = run_main(["report", runs / "sum", tmp_path / "copy"], monkeypatch, capsys)
+    assert code == 2 and "both sum on tiny with seed 0" in err
+
+
+def test_make_table_and_ablation_dry_run(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")  # present, so `make shards` is not called
+    common = ["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed", "DATASET=tiny",
+              f"SHARDS={shards}", "SEEDS=0 1", f"RUNS={tmp_path}/runs",
+              "CONFIG=configs/demo.yaml"]
+    (tmp_path / "runs" / "sum" / "s1").mkdir(parents=True)
+    (tmp_path / "runs" / "sum" / "s1" / "eval.json").write_text("{}")  # a finished run
+    out = subprocess.run([*common, "METHODS=sum concat", "table"], capture_output=True,
+                         text=True, check=True).stdout
+    train_lines = [line for line in out.splitlines() if " train " in line]
+    eval_lines = [line for line in out.splitlines() if " eval " in line]
+    assert len(train_lines) == 3 and len(eval_lines) == 3
+    for method, seed in (("sum", 0), ("concat", 0), ("concat", 1)):
+        run = f"{tmp_path}/runs/{method}/s{seed}"
+        assert any(f"--method {method} " in line and f"--out {run} " in line
+                   and f"--set seed={seed}" in line for line in train_lines)
+        assert any(f"--json {run}/eval.json" in line for line in eval_lines)
+    assert any(" report " in line and f"{tmp_path}/runs/sum/s1" in line
+               for line in out.splitlines())
+    out = subprocess.run([*common, "ablation"], capture_output=True, text=True,
+                         check=True).stdout
+    train_lines = [line for line in out.splitlines() if " train " in line]
+    assert len(train_lines) == 10
+    for switch in ("fixed_classifier", "alternating", "secondary", "lora"):
+        assert sum(f"--set method.{switch}=false" in line and f"ablation/no_{switch}/" in line
+                   for line in train_lines) == 2
+
+
+def test_make_table_stops_at_a_failed_run(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")  # present, so no build; unreadable to train
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "table",
+                           "DATASET=tiny", f"SHARDS={shards}", "SEEDS=0", "METHODS=sum",
+                           f"RUNS={tmp_path}/runs", "CONFIG=configs/demo.yaml"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "error:" in proc.stderr
+    assert not (tmp_path / "runs" / "table.md").exists()
