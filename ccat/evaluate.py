@@ -118,10 +118,9 @@ def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,
     return method, model.to(device)
 
 
-def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
-                        json_path: str | Path | None = None) -> dict[str, Any]:
-    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``)."""
-    ckpt = checkpoint.load(ckpt_path)
+def checkpoint_dataset(ckpt: dict[str, Any], ckpt_path: str | Path, data: str | None,
+                       split: str) -> BuiltDataset:
+    """The checkpoint's dataset (or ``data``), fingerprint-checked, with ``split`` present."""
     cfg = from_dict(ckpt["config"])
     try:
         dataset = open_dataset(data or cfg.data.path, cfg.data.cache_dir or None)
@@ -129,7 +128,16 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
         raise CcatError(str(err)) from None
     checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
     if split not in dataset.splits:
-        raise CcatError(f"{dataset.root} has no split {split!r}; it has {dataset.splits}")
+        raise CcatError(f"{dataset.root} has no split {split!r}; choose one of {dataset.splits}")
+    return dataset
+
+
+def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
+                        json_path: str | Path | None = None) -> dict[str, Any]:
+    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``)."""
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = from_dict(ckpt["config"])
+    dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
     ctx = distributed.setup(cfg.device)
     if ctx.device.type == "cpu":
         distributed.configure_cpu(cfg.deterministic, cfg.threads)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from ccat import train as train_module
 from ccat.config import ConfigError, MethodConfig, ModelConfig, load_config
 from ccat.methods import METHODS
 from ccat.methods.ogm_ge import coefficients, correct_class_score, discrepancy_ratios
@@ -17,7 +16,8 @@ from ccat.methods.qmf import confidence, normalized, ranking_loss
 from ccat.models import FUSIONS
 from ccat.step import Step
 from ccat.train import train
-from train_helpers import CLASSES, TINY_MODALITIES, random_batch, tiny_config, write_tiny_dataset
+from train_helpers import (CLASSES, TINY_MODALITIES, interrupt_then_resume, random_batch,
+                           tiny_config, write_tiny_dataset)
 
 TINY = ModelConfig(width=16, encoder_width=4, encoder_blocks=[1, 1, 1, 1], heads=2, ffn_mult=2)
 
@@ -204,20 +204,7 @@ def test_qmf_resume_restores_the_loss_history(tmp_path, monkeypatch):
     cfg = tiny_config(data, tmp_path / "full", method="qmf", epochs=2)
     train(cfg)
     cfg.out = str(tmp_path / "cut")
-    real = train_module._train_epoch
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(train_module, "_train_epoch", real)
-    train(cfg, resume=True)
+    interrupt_then_resume(cfg, monkeypatch, at_epoch=2)
     full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True)
                  for run in ("full", "cut"))
     assert full["method_state"]["history"] == cut["method_state"]["history"]

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
-from ccat import train as train_module
 from ccat.config import ConfigError, RunConfig, load_config, save_config
 from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.train import train
-from train_helpers import tiny_config, write_tiny_dataset
+from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +60,7 @@ def test_resume_ends_with_the_same_weights(tiny, tmp_path, monkeypatch):
     assert [(r["stage"], r["epoch"]) for r in history] == [("pretrain", 1), ("alternate", 1),
                                                            ("alternate", 2)]
     cfg.out = str(tmp_path / "cut")
-    real, calls = train_module._train_epoch, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(train_module, "_train_epoch", real)
-    resumed = train(cfg, resume=True)
+    resumed = interrupt_then_resume(cfg, monkeypatch, at_epoch=3)
     assert len(resumed) == 3
     full, cut = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "cut" / "last.pt")
     assert all(torch.equal(full[k], cut[k]) for k in full)

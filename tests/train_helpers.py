@@ -94,3 +94,25 @@ def random_batch(size: int = 6, seed: int = 0):
                  label=torch.arange(size) % len(CLASSES),
                  inputs={"audio": torch.randn(size, 257, 32, generator=gen),
                          "video": torch.randn(size, 3, 3, 32, 32, generator=gen)})
+
+
+def interrupt_then_resume(cfg: RunConfig, monkeypatch, at_epoch: int) -> list[dict]:
+    """Train ``cfg`` killed at the start of its ``at_epoch``-th epoch (counted over all
+    stages), then ``--resume`` it; returns the resumed run's history."""
+    import pytest
+
+    from ccat import train as train_module
+
+    real, calls = train_module._train_epoch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == at_epoch:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg)
+    monkeypatch.setattr(train_module, "_train_epoch", real)
+    return train_module.train(cfg, resume=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +19,9 @@ from ccat import checkpoint, distributed
 from ccat.config import RunConfig, from_dict
 from ccat.contribution import contributions
 from ccat.data.pipeline import make_loader
-from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
+from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
-from ccat.evaluate import autocast, load_for_eval
+from ccat.evaluate import autocast, checkpoint_dataset, load_for_eval
 from ccat.methods import Method, Outputs
 from ccat.models import MultimodalModel
 from ccat.ui import make_console
@@ -50,25 +49,11 @@ class Collected:
     fingerprint: str
 
 
-def open_checkpoint_data(ckpt: dict[str, Any], ckpt_path: str | Path, data: str | None,
-                         split: str) -> BuiltDataset:
-    """The checkpoint's dataset (or ``data``), fingerprint-checked, with ``split`` present."""
-    cfg = from_dict(ckpt["config"])
-    try:
-        dataset = open_dataset(data or cfg.data.path, cfg.data.cache_dir or None)
-    except DatasetError as err:
-        raise CcatError(str(err)) from None
-    checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
-    if split not in dataset.splits:
-        raise CcatError(f"{dataset.root} has no split {split!r}; choose one of {dataset.splits}")
-    return dataset
-
-
 def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test") -> Collected:
     """Run the checkpoint over every sample of ``split`` once, on one process."""
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
-    dataset = open_checkpoint_data(ckpt, ckpt_path, data, split)
+    dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
     device = distributed.setup(cfg.device).device
     try:
         if device.type == "cpu":
