@@ -84,7 +84,7 @@ class MethodConfig:
     pretrain_epochs: int = 0  # stage 1 epochs; 0 = optim.epochs
     fresh_encoders: bool = True  # stage 2 re-initializes the encoders (Algorithm 1, line 4)
     fixed_classifier: bool = True  # Table 2 ablation switches
-    alternating: bool = True
+    alternating: bool = True  # false: all modalities at once on the fused decision's CE
     secondary: bool = True
     lora: bool = True
     fusion_rule: str = "mean"  # decision-level fusion at inference: mean or sum
