@@ -242,6 +242,11 @@ def info(location: Location) -> None:
     console.print(f"fingerprint {manifest['fingerprint']}")
 
 
+def _check_easy(easy: str, modalities: tuple[str, ...]) -> None:
+    if easy not in modalities:
+        raise typer.BadParameter(f"--easy {easy!r}: choose {' or '.join(modalities)}")
+
+
 @synth_app.command("cremad")
 def synth_cremad(
     out: Out,
@@ -254,8 +259,7 @@ def synth_cremad(
     """A small raw tree in the exact CREMA-D layout, one modality much easier than the other."""
     from preprocess.datasets.synth import synthesize_cremad
 
-    if easy not in ("audio", "video"):
-        raise typer.BadParameter(f"--easy {easy!r}: choose audio or video")
+    _check_easy(easy, ("audio", "video"))
     with _progress() as progress:
         task = progress.add_task("writing synthetic CREMA-D", total=clips)
         ids = synthesize_cremad(out, clips, seed, easy=easy, width=width, height=height,
@@ -278,6 +282,9 @@ def synth_ks(
     """A small Kinetics-Sounds tree: <class>/<id>_<start>.mp4, H.264 + AAC."""
     from preprocess.datasets.synth import synthesize_ks
 
+    _check_easy(easy, ("audio", "video"))
+    if not 2 <= classes <= 5:
+        raise typer.BadParameter(f"--classes {classes}: choose 2 to 5")
     with _progress() as progress:
         task = progress.add_task("writing synthetic Kinetics-Sounds", total=clips)
         ids = synthesize_ks(out, clips, seed, easy=easy, num_classes=classes, duration=seconds,
@@ -296,6 +303,7 @@ def synth_mvsa(
     """A small MVSA-Single tree: data/<id>.jpg, data/<id>.txt, labelResultAll.txt."""
     from preprocess.datasets.synth import synthesize_mvsa
 
+    _check_easy(easy, ("text", "image"))
     with _progress() as progress:
         task = progress.add_task("writing synthetic MVSA", total=pairs)
         ids = synthesize_mvsa(out, pairs, seed, easy=easy,

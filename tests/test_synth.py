@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from conftest import run_cli
 from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_ORIENTATIONS_DEG, CLASSES,
                                        GRATING_CYCLES, synthesize_cremad)
 
@@ -222,3 +223,13 @@ def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
     assert nearest_mean_accuracy(spectra, labels) <= 0.5
     predicted = [orientation_class(tmp_path / "VideoFlash" / f"{i}.flv") for i in ids]
     assert np.mean(np.array(predicted) == labels) <= 0.5
+
+
+@pytest.mark.parametrize("args,named", [(["cremad", "--easy", "text"], "--easy 'text'"),
+                                        (["ks", "--easy", "text"], "--easy 'text'"),
+                                        (["ks", "--classes", "9"], "--classes 9"),
+                                        (["mvsa", "--easy", "audio"], "--easy 'audio'")])
+def test_synth_refuses_bad_options_in_one_sentence(tmp_path, capsys, args, named) -> None:
+    code, _, err = run_cli(["synth", *args, "--out", str(tmp_path / "raw")], capsys)
+    assert code == 2 and named in err and "Traceback" not in err
+    assert not (tmp_path / "raw").exists()
