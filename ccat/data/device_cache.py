@@ -60,15 +60,16 @@ class SplitTensors:
     lengths: dict[str, torch.Tensor]  # real tokens per sample, for token modalities
 
     def gather(self, index: torch.Tensor) -> Batch:
-        """The samples at ``index``; token ids trimmed to the batch's longest, as collate pads."""
+        """The samples at ``index`` (on the CPU, so the keys need no copy back from the
+        device); token ids trimmed to the batch's longest, as collate pads."""
+        on_device = index.to(self.label.device, non_blocking=True)
         inputs = {}
         for m, x in self.inputs.items():
-            picked = x[index]
+            picked = x[on_device]
             if m in self.lengths:
                 picked = picked[:, :int(self.lengths[m][index].max())]
             inputs[m] = picked
-        on_cpu = index.cpu().tolist()
-        return Batch([self.keys[i] for i in on_cpu], self.label[index], inputs)
+        return Batch([self.keys[i] for i in index.tolist()], self.label[on_device], inputs)
 
 
 def cache_bytes(dataset: BuiltDataset, split: str, frame_size: int) -> int:
@@ -132,7 +133,7 @@ class DeviceCache:
                 width = max(p.shape[1] for p in parts)
                 parts = [F.pad(p, (0, width - p.shape[1]), value=PAD_ID) for p in parts]
                 tensors[m] = torch.cat(parts)
-                lengths[m] = (tensors[m] != PAD_ID).sum(1)
+                lengths[m] = (tensors[m] != PAD_ID).sum(1).cpu()  # read per batch on the CPU
             else:
                 tensors[m] = torch.cat(parts)
         return SplitTensors(keys, torch.cat(labels).to(self.device), tensors, lengths)
@@ -157,7 +158,7 @@ class DeviceCache:
         if not train:
             mine = torch.arange(rank, size, world)
             for start in range(0, len(mine), self.cfg.batch_size):
-                yield data.gather(mine[start:start + self.cfg.batch_size].to(self.device))
+                yield data.gather(mine[start:start + self.cfg.batch_size])
             return
         order = torch.randperm(size, generator=torch.Generator().manual_seed(
             int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])))
@@ -166,7 +167,7 @@ class DeviceCache:
         mine = order[rank::world].repeat(math.ceil(count * batch_size / max(1, size // world)))
         rng = np.random.default_rng([seed, epoch, rank])
         for b in range(count):
-            batch = data.gather(mine[b * batch_size:(b + 1) * batch_size].to(self.device))
+            batch = data.gather(mine[b * batch_size:(b + 1) * batch_size])
             yield self._augment(batch, rng)
 
     def _augment(self, batch: Batch, rng: np.random.Generator) -> Batch:
