@@ -46,6 +46,8 @@ ValFraction = Annotated[float, typer.Option(help="Share of train carved out as v
 TestFraction = Annotated[float, typer.Option(
     help="Share held out as test when no split files are given.")]
 Strict = Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")]
+Overwrite = Annotated[bool, typer.Option(
+    help="Remove the build (finished or interrupted) that --out holds and start afresh.")]
 FrameSize = Annotated[int, typer.Option(help="Side of the square stored frames, px.")]
 NumFrames = Annotated[int, typer.Option(help="Frames sampled per clip (segment centres).")]
 
@@ -62,13 +64,13 @@ def build_cremad(
     )] = cremad.DEFAULT_SECONDS,
     frame_size: FrameSize = 224, num_frames: NumFrames = 3, workers: Workers = 0,
     shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
-    test_fraction: TestFraction = 0.1, strict: Strict = False,
+    test_fraction: TestFraction = 0.1, strict: Strict = False, overwrite: Overwrite = False,
 ) -> None:
     """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
     recipe = cremad.Cremad(audio=media.AudioParams(seconds=seconds),
                            video=media.VideoParams(num_frames=num_frames, size=frame_size))
     _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
 
 
 @build_app.command("ks")
@@ -80,14 +82,14 @@ def build_ks(
         help="Fixed audio duration: the clips' 10 s.")] = ks.DEFAULT_SECONDS,
     frame_size: FrameSize = 224, num_frames: NumFrames = 3, workers: Workers = 0,
     shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
-    test_fraction: TestFraction = 0.1, strict: Strict = False,
+    test_fraction: TestFraction = 0.1, strict: Strict = False, overwrite: Overwrite = False,
 ) -> None:
     """Kinetics-Sounds: clips (.mp4/.mkv/.webm/.avi, flat or per class) -> spectrograms + frames."""
     recipe = ks.KineticsSounds(audio=media.AudioParams(seconds=seconds),
                                video=media.VideoParams(num_frames=num_frames, size=frame_size),
                                classes_file=classes)
     _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
 
 
 @build_app.command("mvsa")
@@ -103,20 +105,33 @@ def build_mvsa(
     max_length: Annotated[int, typer.Option(help="Token ids per text, [CLS]/[SEP] included.")
                           ] = mvsa.DEFAULT_MAX_LENGTH,
     shorter_side: Annotated[int, typer.Option(help="Stored images' shorter side, px.")] = 256,
+    max_image_pixels: Annotated[int, typer.Option(
+        help="Skip (and record) images whose header declares more pixels.")
+    ] = media.MAX_IMAGE_PIXELS,
+    max_aspect: Annotated[float, typer.Option(
+        help="Skip (and record) images whose longer side exceeds this many shorter sides.")
+    ] = media.MAX_IMAGE_ASPECT,
+    max_text_bytes: Annotated[int, typer.Option(
+        help="Stored tweet text is cut to this many UTF-8 bytes (recorded in meta.json).")
+    ] = mvsa.DEFAULT_MAX_TEXT_BYTES,
     workers: Workers = 0, shard_size: ShardSize = 256, seed: Seed = 0,
     val_fraction: ValFraction = 0.1, test_fraction: TestFraction = 0.1, strict: Strict = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """MVSA: data/<id>.jpg + data/<id>.txt + labelResultAll.txt -> images + token ids."""
-    recipe = mvsa.Mvsa(image=media.ImageParams(shorter_side=shorter_side), tokenizer=tokenizer,
-                       max_length=max_length, labels=labels, multiple=multiple)
+    image = media.ImageParams(shorter_side=shorter_side, max_pixels=max_image_pixels,
+                              max_aspect=max_aspect)
+    recipe = mvsa.Mvsa(image=image, tokenizer=tokenizer, max_length=max_length, labels=labels,
+                       multiple=multiple, max_text_bytes=max_text_bytes)
     _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict))
+               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
 
 
 def _options(seed: int, val_fraction: float, test_fraction: float, shard_size: int,
-             workers: int, strict: bool) -> writer.BuildOptions:
+             workers: int, strict: bool, overwrite: bool) -> writer.BuildOptions:
     return writer.BuildOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                               shard_size=shard_size, workers=workers or _cores(), strict=strict)
+                               shard_size=shard_size, workers=workers or _cores(), strict=strict,
+                               overwrite=overwrite)
 
 
 def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
@@ -235,11 +250,25 @@ def info(location: Location) -> None:
     params.add_column("parameter")
     params.add_column("value")
     for key, value in spec.fingerprint_params(manifest).items():
-        if key.startswith(("modalities.", "sources.")):
+        if key.startswith(("modalities.", "sources.")) and not key.startswith("sources.raw."):
             params.add_row(key, str(value))
     console.print(params)
+    _print_identity(manifest)
     _print_skipped(manifest)
     console.print(f"fingerprint {manifest['fingerprint']}")
+
+
+def _print_identity(manifest: dict[str, Any]) -> None:
+    """What the fingerprint covers besides parameters: membership and raw content (plain
+    lines, so the full hashes can be compared by eye or by grep)."""
+    console.print("[bold]identity[/bold] (covered by the fingerprint, with the parameters)")
+    for name, entry in manifest["splits"].items():
+        console.print(f"  {name} membership ({entry['num_samples']} keys): "
+                      f"{entry.get('membership_sha256')}")
+    raw = manifest["sources"].get("raw", {})
+    console.print(f"  raw content ({raw.get('num_files', '?')} files): {raw.get('sha256')}")
+    for name, digest in manifest["sources"].get("split_files", {}).items():
+        console.print(f"  list file {name}: {digest}")
 
 
 def _check_easy(easy: str, modalities: tuple[str, ...]) -> None:

@@ -32,6 +32,8 @@ JPEG_QUALITY = 95
 TRUNCATED_SHARE = 0.75  # video ending before this share of the declared duration,
 TRUNCATED_MIN_SECONDS = 0.5  # and this long before it, is cut off
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
+MAX_IMAGE_PIXELS = 50_000_000  # declared size above which an image is skipped undecoded
+MAX_IMAGE_ASPECT = 20.0  # longer side / shorter side; beyond it the resize explodes
 
 
 class MediaError(ValueError):
@@ -281,6 +283,8 @@ class ImageParams:
 
     shorter_side: int = 256
     quality: int = JPEG_QUALITY
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect: float = MAX_IMAGE_ASPECT
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"kind": "image", **asdict(self), "encoding": "jpeg", "exif_transpose": True,
@@ -292,12 +296,15 @@ def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, An
     from PIL import ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # lazy: the header's size, nothing decoded yet
+            check_image_size(img.width, img.height, params)
             img.seek(0)  # an animated GIF's first frame
             meta = {"format": img.format, "mode": img.mode, "width": img.width,
                     "height": img.height}
             upright = ImageOps.exif_transpose(img)
             rgb = _to_rgb(upright)
+    except Image.DecompressionBombError as err:  # Pillow's own cap, met in Image.open
+        raise MediaError("image is too large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MediaError("image is unreadable", str(err)) from None
     scale = params.shorter_side / min(rgb.size)
@@ -307,6 +314,16 @@ def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, An
     resized.save(buf, format="JPEG", quality=params.quality)
     meta.update(stored_width=size[0], stored_height=size[1])
     return buf.getvalue(), meta
+
+
+def check_image_size(width: int, height: int, params: ImageParams) -> None:
+    """MediaError when an image's declared size passes the pixel or aspect-ratio cap."""
+    if width * height > params.max_pixels:
+        raise MediaError("image is too large", f"{width}x{height} is {width * height / 1e6:.1f} "
+                         f"Mpx, the cap is {params.max_pixels / 1e6:g} Mpx")
+    if max(width, height) > params.max_aspect * min(width, height):
+        raise MediaError("image is too elongated", f"{width}x{height} is beyond the aspect "
+                         f"ratio cap of 1:{params.max_aspect:g}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,8 +33,17 @@ class Entry:
     sources: dict[str, str]
 
 
-def read_text_lines(path: Path) -> list[str]:
-    """Non-empty lines of a text file, tolerating a UTF-8 BOM and CRLF line ends."""
+class SplitRow(NamedTuple):
+    """One row of a split file: the sample key, its class index and its 1-based line."""
+
+    key: str
+    label: int
+    line: int
+
+
+def numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of each non-empty line of a text file, numbered as
+    an editor numbers them; a UTF-8 BOM and CRLF line ends are fine."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
@@ -41,11 +51,37 @@ def read_text_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as err:
         raise SplitError(f"split file {path} is not UTF-8 text ({err}); "
                          "pass the published split file unchanged") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()]
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file, tolerating a UTF-8 BOM and CRLF line ends."""
+    return [line for _, line in numbered_lines(path)]
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of a file's content, read in blocks (raw media can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_unique(listed: dict[str, list[SplitRow]], files: dict[str, Path]) -> None:
+    """A key is listed once in one split file: a repeat, in the same file or another, is a
+    SplitError naming the file(s) and both line numbers (exact repeats included: the list
+    would otherwise say two things about one sample, or one sample twice)."""
+    seen: dict[str, tuple[str, SplitRow]] = {}
+    for split, rows in listed.items():
+        for row in rows:
+            if row.key not in seen:
+                seen[row.key] = (split, row)
+                continue
+            first_split, first = seen[row.key]
+            where = (f"{files[split]} lines {first.line} and {row.line}" if first_split == split
+                     else f"{files[first_split]} line {first.line} and {files[split]} line "
+                          f"{row.line}")
+            raise SplitError(f"{row.key} is listed twice ({where}); a sample belongs to one "
+                             "split, once: remove one of the rows")
 
 
 def stratified_carve(entries: list[Entry], fraction: float, seed: int,
@@ -72,12 +108,12 @@ def stratified_carve(entries: list[Entry], fraction: float, seed: int,
     return sorted(kept, key=lambda e: e.key), sorted(carved, key=lambda e: e.key)
 
 
-def assign_splits(found: dict[str, Entry], listed: dict[str, list[tuple[str, int]]] | None,
+def assign_splits(found: dict[str, Entry], listed: dict[str, list[SplitRow]] | None,
                   *, seed: int, val_fraction: float, test_fraction: float,
                   ) -> tuple[dict[str, list[Entry]], list[dict[str, str]]]:
     """Assign the found entries to train/val/test.
 
-    ``listed`` maps split name -> [(key, label)] from published split files; ids listed
+    ``listed`` maps split name -> rows of published split files (keys unique); ids listed
     there with no media become skipped records. Without split files, a stratified
     ``test_fraction`` of everything found becomes test. Returns ``(splits, skipped)``.
     """
@@ -86,7 +122,7 @@ def assign_splits(found: dict[str, Entry], listed: dict[str, list[tuple[str, int
         splits: dict[str, list[Entry]] = {}
         for split, rows in listed.items():
             members = []
-            for key, label in rows:
+            for key, label, _ in rows:
                 entry = found.get(key)
                 if entry is None:
                     skipped.append({"id": key, "split": split, "reason": "no media for this id"})

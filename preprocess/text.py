@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 from functools import lru_cache
@@ -12,17 +13,19 @@ import numpy as np
 
 # Tried in order; latin-1 maps every byte to a character, so decoding always ends there.
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")
+UTF8_MAX_CHAR_BYTES = 4  # read this much past a cap so the last whole character is seen
 
 
 class TokenizerError(ValueError):
     """The tokenizer cannot be loaded; the message says how to give one."""
 
 
-def decode_text(data: bytes) -> tuple[str, str]:
+def decode_text(data: bytes, complete: bool = True) -> tuple[str, str]:
     """``(text, encoding)``: UTF-8 (BOM tolerated) when valid, else the first fallback
-    that decodes the bytes without loss."""
+    that decodes the bytes without loss. ``complete=False`` says ``data`` is the start of a
+    longer text, so a character cut at its end is not invalid UTF-8."""
     try:
-        return data.decode("utf-8-sig"), "utf-8"
+        return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=complete), "utf-8"
     except UnicodeDecodeError:
         pass
     for encoding in FALLBACK_ENCODINGS:
@@ -31,6 +34,20 @@ def decode_text(data: bytes) -> tuple[str, str]:
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes every byte string")
+
+
+def read_text(path: Path, max_bytes: int) -> tuple[str, str, int, bool]:
+    """``(text, encoding, file size, cut)`` of a text file, the text cut to at most
+    ``max_bytes`` of UTF-8 at a character boundary; no more than that is read."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + UTF8_MAX_CHAR_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    complete = len(data) >= size
+    text, encoding = decode_text(data, complete)
+    encoded = text.encode("utf-8")
+    if complete and len(encoded) <= max_bytes:
+        return text, encoding, size, False
+    return encoded[:max_bytes].decode("utf-8", errors="ignore"), encoding, size, True
 
 
 @lru_cache(maxsize=4)

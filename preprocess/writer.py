@@ -2,13 +2,20 @@
 
 Samples are processed in a fixed order (split, then key) by a process pool whose results
 come back in that order, so shard contents never depend on timing or worker count. Each
-finished shard is renamed into place and recorded in ``<out>/.build/``; a build started
-again skips every recorded shard and continues with the first unprocessed sample.
-``manifest.json`` is written last, atomically, and then the records are removed.
+finished shard is renamed into place and recorded in ``<out>/.build/``, with the keys it holds
+and the sha256 of every raw file read for it. A build started again continues with the
+first unprocessed sample only when its plan (parameters, the samples of every split, the
+raw files and the content of those already read) is the interrupted one's; otherwise it
+refuses and says what changed. ``manifest.json`` is written last, atomically, with the
+membership and raw-content hashes the fingerprint covers; then the records are removed.
+A lock file in ``.build/`` keeps a second build out of the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -17,17 +24,22 @@ import os
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ccat.data import spec
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
 from preprocess.media import MediaError
-from preprocess.splits import Entry, SplitError, assign_splits, file_sha256
+from preprocess.splits import Entry, assign_splits, check_unique, file_sha256
 
 STATE_DIR = ".build"
+PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
+LOCK_NAME = "lock"  # flock-ed by the build writing into the folder, in STATE_DIR
+LOCK_ATTEMPTS = 5  # a finishing build may remove the lock file between open and flock
+TMP_SUFFIX = ".tmp"
 CHUNKSIZE = 4  # samples per pool task: amortizes IPC without hurting load balance
 
 
@@ -43,6 +55,7 @@ class BuildOptions:
     shard_size: int = 256
     workers: int = 1
     strict: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -55,6 +68,7 @@ class BuildReport:
     seconds: float = 0.0
     unlisted: int = 0
     out: Path = Path(".")
+    writers: dict[str, "SplitWriter"] = field(default_factory=dict)
 
     @property
     def clips_per_second(self) -> float:
@@ -72,6 +86,7 @@ class Result:
     reason: str = ""
     detail: str = ""
     sources: dict[str, str] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- worker side
@@ -89,19 +104,36 @@ def _init_worker(recipe: Recipe, raw: Path) -> None:
 def _process(task: tuple[str, Entry]) -> Result:
     split, entry = task
     recipe: Recipe = _WORKER["recipe"]
+    hashes: dict[str, str] = {}
     try:
+        hashes.update(source_hashes(_WORKER["raw"], entry.sources.values()))
         members, meta = recipe.process(_WORKER["raw"], entry)
     except MediaError as err:
         return Result(split, entry.key, entry.label, reason=err.reason,
-                      detail=_relative(err.detail), sources=entry.sources)
+                      detail=_relative(err.detail), sources=entry.sources, hashes=hashes)
     except Exception as err:  # noqa: BLE001 - one bad file must never stop a build
         return Result(split, entry.key, entry.label, reason="unexpected error while decoding",
-                      detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources)
+                      detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources,
+                      hashes=hashes)
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
     members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
-    return Result(split, entry.key, entry.label, members)
+    return Result(split, entry.key, entry.label, members, hashes=hashes)
+
+
+def source_hashes(raw: Path, relatives: Iterable[str]) -> dict[str, str]:
+    """sha256 of each of ``relatives`` (paths under ``raw``) that is a file: the raw content
+    a sample is read from. Hashing costs little next to decoding, and the bytes it reads
+    are in the page cache when the decoder reads them."""
+    return {rel: file_sha256(raw / rel) for rel in sorted(relatives) if (raw / rel).is_file()}
+
+
+def raw_content(hashes: dict[str, str]) -> dict[str, Any]:
+    """``sources.raw``: the number of raw files read and the sha256 over the canonical JSON
+    of their sorted ``[[relative path, content sha256], ...]``."""
+    listing = spec.encode_json(sorted([path, digest] for path, digest in hashes.items()))
+    return {"num_files": len(hashes), "sha256": hashlib.sha256(listing).hexdigest()}
 
 
 def _relative(detail: str) -> str:
@@ -138,17 +170,37 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` through a ``.tmp`` file renamed into place; on failure the partial
+    file is removed and the fault is one BuildError sentence."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(err, path) from None
+
+
+def write_error(err: OSError, path: Path) -> BuildError:
+    """The sentence for an OSError met while writing ``path``."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BuildError(f"the disk of {path.parent} is full (writing {path.name} failed, the "
+                          "partial file is removed); free some space and run the same command "
+                          "again to resume")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BuildError(f"cannot write into {path.parent} ({err.strerror}); give --out a "
+                          "folder you can write to")
+    return BuildError(f"cannot write {path} ({err.strerror}); check the --out folder")
 
 
 @dataclass
 class SplitWriter:
-    """Fills the shards of one split in order and records each finished one."""
+    """Fills the shards of one split in order and records each finished one, with its
+    keys and labels and the hashes of the raw files read for it."""
 
     split: str
     out: Path
@@ -157,11 +209,13 @@ class SplitWriter:
     records: list[dict[str, Any]] = field(default_factory=list)
     pending: list[tuple[str, dict[str, bytes], int]] = field(default_factory=list)
     pending_skipped: list[dict[str, Any]] = field(default_factory=list)
+    pending_hashes: dict[str, str] = field(default_factory=dict)
     consumed: int = 0
     finished: bool = False
 
     def add(self, result: Result) -> None:
         self.consumed += 1
+        self.pending_hashes.update(result.hashes)
         if result.members is None:
             record = {"id": result.key, "split": self.split, "reason": result.reason}
             self.pending_skipped.append({**record, "detail": result.detail} if result.detail
@@ -174,7 +228,8 @@ class SplitWriter:
     def close(self) -> None:
         if self.pending:
             self._write_shard()
-        end = {"consumed": self.consumed, "skipped": self.pending_skipped}
+        end = {"consumed": self.consumed, "skipped": self.pending_skipped,
+               "hashes": self.pending_hashes}
         _atomic_write(self._state_path(f"{self.split}.end"), spec.encode_json(end))
         self.finished = True
 
@@ -190,11 +245,13 @@ class SplitWriter:
             counts[label] += 1
         record = {"name": name, "num_samples": len(self.pending), "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest(), "class_counts": counts,
-                  "consumed": self.consumed, "skipped": self.pending_skipped}
+                  "consumed": self.consumed, "skipped": self.pending_skipped,
+                  "members": [[key, label] for key, _, label in self.pending],
+                  "hashes": self.pending_hashes}
         _atomic_write(self.out / name, data)
         _atomic_write(self._state_path(name), spec.encode_json(record))
         self.records.append(record)
-        self.pending, self.pending_skipped = [], []
+        self.pending, self.pending_skipped, self.pending_hashes = [], [], {}
 
     def _state_path(self, name: str) -> Path:
         return self.out / STATE_DIR / f"{name}.json"
@@ -218,45 +275,55 @@ class SplitWriter:
             tail = json.loads(end.read_text())
             if tail["consumed"] >= writer.consumed:
                 writer.consumed, writer.pending_skipped = tail["consumed"], tail["skipped"]
-                writer.finished = True
+                writer.pending_hashes, writer.finished = tail["hashes"], True
         return writer
 
     def manifest_entry(self) -> dict[str, Any]:
         shards = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")}
                   for r in self.records]
         counts = [sum(r["class_counts"][c] for r in self.records) for c in range(self.num_classes)]
+        members = [row for r in self.records for row in r["members"]]
         return {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
-                "class_counts": counts}
+                "class_counts": counts, "membership_sha256": spec.membership_sha256(members)}
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 of every raw file read for this split's samples so far."""
+        every: dict[str, str] = {}
+        for record in self.records:
+            every.update(record["hashes"])
+        return {**every, **self.pending_hashes}
 
     def skipped(self) -> list[dict[str, Any]]:
         return [s for r in self.records for s in r["skipped"]] + self.pending_skipped
 
 
-# ---------------------------------------------------------------- the build
+# ---------------------------------------------------------------- the plan
 
 
 def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
          options: BuildOptions) -> tuple[dict[str, Any], dict[str, list[Entry]], list[dict], int]:
     """Find samples and assign splits: ``(manifest head, splits, skipped, unlisted)``.
 
-    The head holds every manifest key but ``splits`` and ``skipped``, fingerprint included.
+    The head holds every manifest key but ``splits``, ``skipped`` and the identity fields
+    that only the build itself learns (``sources.raw``, ``fingerprint``).
     """
     found, unusable = recipe.find(raw)
     listed = {name: recipe.read_split_file(path) for name, path in sorted(split_files.items())}
-    _check_disjoint(listed, split_files)
+    check_unique(listed, split_files)
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
                                     test_fraction=options.test_fraction)
     unusable, missing = _explain_missing(unusable, missing)
-    in_splits = {key for rows in listed.values() for key, _ in rows}
+    in_splits = {row.key for rows in listed.values() for row in rows}
     unlisted = len(set(found) - in_splits) if listed else 0
+    list_files = {**recipe.list_files(raw), **split_files}
     head = {
         "spec_version": spec.SPEC_VERSION,
         "dataset": recipe.name,
         "classes": list(recipe.classes),
         "modalities": recipe.modalities(),
         "sources": {
-            "split_files": {name: file_sha256(path) for name, path in sorted(split_files.items())},
+            "split_files": {name: file_sha256(path) for name, path in sorted(list_files.items())},
             "split": {"seed": options.seed, "val_fraction": options.val_fraction,
                       "test_fraction": None if listed else options.test_fraction},
             "shard_size": options.shard_size,
@@ -264,7 +331,6 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
-    head["fingerprint"] = spec.compute_fingerprint({**head, "splits": {}, "skipped": []})
     return head, splits, unusable + missing, unlisted
 
 
@@ -279,40 +345,208 @@ def _explain_missing(unusable: list[dict], missing: list[dict]) -> tuple[list[di
     return list(problems.values()), explained
 
 
-def _check_disjoint(listed: dict[str, list[tuple[str, int]]], files: dict[str, Path]) -> None:
-    seen: dict[str, str] = {}
-    for split, rows in listed.items():
-        for key, _ in rows:
-            if key in seen and seen[key] != split:
-                raise SplitError(f"clip {key} is listed in both {files[seen[key]]} and "
-                                 f"{files[split]}; a clip belongs to one split")
-            seen[key] = split
+def plan_record(head: dict[str, Any], splits: dict[str, list[Entry]], raw: Path) -> dict[str, Any]:
+    """What a resumed build must share with the interrupted one: the parameters, every
+    split's (key, label, source files) and the raw files that exist."""
+    params = {k: head[k] for k in ("spec_version", "dataset", "classes", "modalities")}
+    params["sources"] = {k: v for k, v in head["sources"].items()
+                         if k not in spec.UNFINGERPRINTED_SOURCES}
+    members = {name: [[e.key, e.label, sorted(e.sources.values())] for e in entries]
+               for name, entries in splits.items()}
+    files = sorted({rel for entries in splits.values() for e in entries
+                    for rel in e.sources.values() if (raw / rel).is_file()})
+    return {"params": params, "splits": members, "files": files}
 
 
-def _prepare_out(out: Path, head: dict[str, Any]) -> dict[str, Any] | None:
-    """Create ``out`` or check that what it holds is this same build (to resume).
+def _param_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Differing parameters of two manifest-like dicts, identity hashes left out."""
+    def params(tree: dict[str, Any]) -> dict[str, Any]:
+        flat = spec.fingerprint_params({**tree, "splits": {}})
+        return {k: v for k, v in flat.items() if not k.startswith("sources.raw.")}
 
-    Returns the manifest when ``out`` already holds this build, finished.
+    return spec.diff_fingerprint_params(params(before), params(now))
+
+
+def _hash_files(raw: Path, relatives: Iterable[str], workers: int) -> dict[str, str]:
+    """sha256 of raw files on ``workers`` threads (hashlib releases the GIL)."""
+    relatives = sorted(relatives)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        digests = pool.map(lambda rel: source_hashes(raw, [rel]), relatives)
+    return {rel: digest for found in digests for rel, digest in found.items()}
+
+
+def _interrupted_changes(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, str],
+                         raw: Path, workers: int) -> list[str]:
+    """What differs between an interrupted build's plan and this one, in words."""
+    changes = _param_changes(old["params"], new["params"])
+    old_files, new_files = set(old["files"]), set(new["files"])
+    now = _hash_files(raw, set(recorded) & new_files, workers)
+    changed = sum(now.get(rel) != digest for rel, digest in recorded.items() if rel in new_files)
+    added, removed = len(new_files - old_files), len(old_files - new_files)
+    if added or removed or changed:
+        changes.append(f"raw files: {added} added, {removed} removed, {changed} changed")
+    moved = [name for name in sorted(set(old["splits"]) | set(new["splits"]))
+             if old["splits"].get(name) != new["splits"].get(name)]
+    if moved:
+        changes.append(f"samples of split {', '.join(moved)} differ")
+    return changes
+
+
+def _finished_changes(previous: dict[str, Any], head: dict[str, Any], new: dict[str, Any],
+                      raw: Path, workers: int) -> list[str]:
+    """What differs between a finished build's manifest and this plan, in words."""
+    sources = previous.get("sources")
+    old_raw = sources.get("raw") if isinstance(sources, dict) else None
+    if not isinstance(old_raw, dict) or previous.get("spec_version") != spec.SPEC_VERSION:
+        return [f"it is a spec v{previous.get('spec_version', '?')} build, which records no "
+                "raw-content hash"]
+    try:
+        changes = _param_changes(previous, head)
+    except (KeyError, TypeError, AttributeError):
+        return ["its manifest.json is not a complete spec manifest"]
+    if changes:
+        return changes
+    now = raw_content(_hash_files(raw, new["files"], workers))
+    if now != old_raw:
+        changes.append(f"raw files: {old_raw.get('num_files')} then, {now['num_files']} now, "
+                       "their content differs")
+    return changes
+
+
+# ---------------------------------------------------------------- the --out folder
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``out/.build/lock`` (flock) for the block: a second build into ``out`` fails at
+    once; the lock of a killed build dies with its process."""
+    _make_folder(out)
+    lock = out / STATE_DIR / LOCK_NAME
+    for _ in range(LOCK_ATTEMPTS):
+        _make_folder(lock.parent)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # a finishing build removed .build between mkdir and open
+        except OSError as err:
+            raise write_error(err, lock) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BuildError(f"another ccat-data build (process {holder}) is writing into "
+                             f"{out}; wait for it to finish or choose another --out") from None
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # locked a file that a finishing build has just removed
+    else:
+        raise BuildError(f"could not lock {lock}; run the build again")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.listdir(lock.parent) == [LOCK_NAME]:  # nothing to resume: leave no trace
+                shutil.rmtree(lock.parent)
+        os.close(fd)
+
+
+def _make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BuildError(f"--out {folder} is a file, not a folder; give a folder (new, empty "
+                         "or holding a build)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err, folder) from None
+
+
+def _is_build_file(name: str) -> bool:
+    base = name.removesuffix(TMP_SUFFIX)
+    return base == spec.MANIFEST_NAME or bool(spec.SHARD_PATTERN.match(base))
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous build's files (manifest first) and resume records; keep the lock."""
+    names = sorted(os.listdir(out), key=lambda n: n != spec.MANIFEST_NAME)
+    try:
+        for name in names:
+            if _is_build_file(name):
+                (out / name).unlink()
+        for path in (out / STATE_DIR).iterdir():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except OSError as err:
+        raise write_error(err, out / STATE_DIR) from None
+
+
+def _prepare_out(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw: Path,
+                 options: BuildOptions) -> dict[str, Any] | None:
+    """Check that ``out`` may take this build, starting it afresh or resuming it.
+
+    Returns the manifest when ``out`` already holds this build, finished. Refuses (one
+    sentence) a folder holding other files, another finished build or another plan.
     """
-    state = out / STATE_DIR / "head.json"
-    previous = None
-    if (out / spec.MANIFEST_NAME).is_file():
-        previous = json.loads((out / spec.MANIFEST_NAME).read_text())
-    elif state.is_file():
-        previous = json.loads(state.read_text())
-    elif out.is_dir() and any(out.iterdir()):
-        raise BuildError(f"{out} is not empty and holds no build of this toolkit; "
-                         "choose an empty --out folder")
-    if previous is not None and previous["fingerprint"] != head["fingerprint"]:
-        changed = spec.diff_fingerprint_params(spec.fingerprint_params(previous),
-                                               spec.fingerprint_params(head))
-        raise BuildError(f"{out} already holds a build with other parameters "
-                         f"({'; '.join(changed)}); choose another --out or delete that folder")
-    if previous is not None and "splits" in previous:
-        return previous
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    _atomic_write(state, spec.encode_json(head))
+    foreign = sorted(n for n in os.listdir(out) if n != STATE_DIR and not _is_build_file(n))
+    if foreign:
+        raise BuildError(f"{out} holds files that are not a build of this toolkit "
+                         f"({', '.join(foreign[:3])}); choose an empty --out folder")
+    if not options.overwrite:
+        finished, refusal = _previous_build(out, head, new_plan, raw, options.workers)
+        if refusal:
+            raise BuildError(f"{out} {refusal}; run with --overwrite to replace it, or choose "
+                             "another --out")
+        return finished
+    _clear(out)
+    _atomic_write(out / STATE_DIR / PLAN_NAME, spec.encode_json(new_plan))
     return None
+
+
+def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw: Path,
+                    workers: int) -> tuple[dict[str, Any] | None, str]:
+    """``(finished manifest to reuse, "")``, ``(None, why out cannot take this build)``, or
+    ``(None, "")`` to go on: resuming the same plan, or starting in an empty folder."""
+    state = out / STATE_DIR
+    if (out / spec.MANIFEST_NAME).is_file():
+        previous = _read_json(out / spec.MANIFEST_NAME)
+        changes = _finished_changes(previous, head, new_plan, raw, workers) if previous \
+            else ["its manifest.json is unreadable"]
+        if changes:
+            return None, f"already holds a finished build of other data ({'; '.join(changes)})"
+        return previous, ""
+    if (state / PLAN_NAME).is_file():
+        old = _read_json(state / PLAN_NAME)
+        changes = _interrupted_changes(old, new_plan, _recorded_hashes(state), raw, workers) \
+            if old else ["its plan record is unreadable"]
+        return None, (f"holds an interrupted build of other data ({'; '.join(changes)})"
+                      if changes else "")
+    if any(_is_build_file(n) for n in os.listdir(out)) or \
+            any(p.name != LOCK_NAME for p in state.iterdir()):
+        return None, "holds parts of an unfinished build whose plan is unknown"
+    _atomic_write(state / PLAN_NAME, spec.encode_json(new_plan))
+    return None, ""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _recorded_hashes(state: Path) -> dict[str, str]:
+    """sha256 of the raw files an interrupted build has read, from its shard records."""
+    recorded: dict[str, str] = {}
+    for path in sorted(state.glob("*.json")):
+        record = _read_json(path) if path.name != PLAN_NAME else None
+        recorded.update((record or {}).get("hashes", {}))
+    return recorded
+
+
+# ---------------------------------------------------------------- the build
 
 
 def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
@@ -326,18 +560,32 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
-    finished = _prepare_out(out, head)
-    if finished is not None:
-        return BuildReport(manifest=finished, out=out, unlisted=unlisted,
-                           resumed_shards=sum(len(e["shards"]) for e in finished["splits"].values()),
-                           seconds=time.perf_counter() - start)
+    with locked(out):
+        finished = _prepare_out(out, head, plan_record(head, splits, raw), raw, options)
+        if finished is not None:
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+            return BuildReport(manifest=finished, out=out, unlisted=unlisted,
+                               resumed_shards=sum(len(e["shards"])
+                                                  for e in finished["splits"].values()),
+                               seconds=time.perf_counter() - start)
+        report = _write_shards(recipe, raw, out, splits, options, on_progress)
+        report.unlisted = unlisted
+        report.manifest = _finish(out, head, report.writers, skipped)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[Entry]],
+                  options: BuildOptions, on_progress: Callable[[int, int], None] | None,
+                  ) -> BuildReport:
+    """Process every sample not yet in a recorded shard and close every split."""
     writers = {name: SplitWriter.resume(name, out, options.shard_size, len(recipe.classes))
                for name in _ordered(splits)}
     tasks = [(name, entry) for name, w in writers.items() if not w.finished
              for entry in splits[name][w.consumed:]]
     total = sum(len(v) for v in splits.values())
     done = total - len(tasks)
-    report = BuildReport(manifest={}, out=out, unlisted=unlisted,
+    report = BuildReport(manifest={}, out=out, writers=writers,
                          resumed_shards=sum(len(w.records) for w in writers.values()))
     for result in _results(tasks, recipe, raw, options.workers):
         if options.strict and result.members is None:
@@ -351,8 +599,6 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     for writer in writers.values():
         if not writer.finished:
             writer.close()
-    report.manifest = _finish(out, head, writers, skipped)
-    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -369,14 +615,18 @@ def _strict_message(record: dict[str, Any], sources: dict[str, str] | None = Non
 
 def _finish(out: Path, head: dict[str, Any], writers: dict[str, SplitWriter],
             skipped: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write manifest.json atomically, then drop the resume records."""
+    """Write manifest.json atomically, with its identity fields, then drop the records."""
     every_skip = skipped + [s for w in writers.values() for s in w.skipped()]
+    hashes = {rel: digest for w in writers.values() for rel, digest in w.hashes().items()}
     manifest = {
         **{k: head[k] for k in ("spec_version", "dataset", "classes", "modalities")},
         "splits": {name: w.manifest_entry() for name, w in writers.items()},
         "skipped": sorted(every_skip, key=lambda s: (s["split"] or "", s["id"])),
-        **{k: head[k] for k in ("sources", "fingerprint", "tool_version")},
+        "sources": {**head["sources"], "raw": raw_content(hashes)},
+        "fingerprint": "",
+        "tool_version": head["tool_version"],
     }
+    manifest["fingerprint"] = spec.compute_fingerprint(manifest)
     spec.check_manifest(manifest, str(out / spec.MANIFEST_NAME))
     _atomic_write(out / spec.MANIFEST_NAME,
                   json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")

@@ -1,14 +1,17 @@
-"""Shared fixtures: a tiny synthetic CREMA-D raw tree and its build, made once per session."""
+"""Shared fixtures: a tiny synthetic CREMA-D raw tree and its build, made once per session;
+and a check, run after every build made in the test process, that no key is in two places."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from preprocess import cli
+from ccat.data import spec
+from preprocess import cli, writer
 from preprocess.datasets.synth import synthesize_cremad
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -61,3 +64,37 @@ def built(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "cremad"
     assert invoke(["build", "cremad", "--raw", synth_raw, "--out", out, *TINY_BUILD]) == 0
     return out
+
+
+def assert_keys_unique(out: Path) -> None:
+    """Every key of the build in ``out`` is in one split, once, and each split's shards hold
+    exactly the membership its manifest's ``membership_sha256`` names."""
+    manifest = json.loads((out / spec.MANIFEST_NAME).read_text())
+    where: dict[str, str] = {}
+    for split, entry in manifest["splits"].items():
+        rows = []
+        for shard in entry["shards"]:
+            with open(out / shard["name"], "rb") as f:
+                for key, members in spec.iter_tar_samples(f):
+                    assert key not in where, f"{key} is in {where[key]} and in {split}"
+                    where[key] = split
+                    rows.append((key, int(members[spec.LABEL_MEMBER])))
+        assert len(rows) == entry["num_samples"]
+        assert spec.membership_sha256(rows) == entry["membership_sha256"], split
+    assert spec.compute_fingerprint(manifest) == manifest["fingerprint"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_build_has_unique_keys() -> object:
+    """Wrap the builder for the whole session: each finished in-process build is checked
+    with :func:`assert_keys_unique` (subprocess builds call it themselves)."""
+    real = writer.build
+
+    def checked(recipe, raw, out, *args, **kwargs):
+        report = real(recipe, raw, out, *args, **kwargs)
+        assert_keys_unique(Path(out))
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "build", checked)
+        yield

@@ -168,7 +168,8 @@ def test_rebuild_into_a_folder_with_other_parameters_is_refused(
         built: Path, synth_raw: Path, capsys) -> None:
     code, _, err = build(synth_raw, built, "--seed", "1", capsys=capsys)
     assert code == 1
-    assert "already holds a build with other parameters (sources.split.seed: 0 -> 1)" in err
+    assert "already holds a finished build of other data (sources.split.seed: 0 -> 1)" in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------- bad input

@@ -168,7 +168,8 @@ def test_mvsa_builds_images_token_ids_and_text(tmp_path: Path, capsys) -> None:
         assert min(sample.data["image"].shape[:2]) == 64 and sample.data["image"].shape[2] == 3
         assert sample.text["text"] == f"{TWEETS[ds.classes[sample.label]]} {sample.key}"
         assert sample.meta["text"] == {"encoding": "utf-8", "re_decoded": False,
-                                       "num_tokens": sample.data["text"].size, "truncated": False}
+                                       "num_tokens": sample.data["text"].size, "truncated": False,
+                                       "cut": False}
 
 
 def test_mvsa_bad_pairs_and_label_rules_are_recorded(tmp_path: Path, capsys) -> None:
@@ -221,7 +222,7 @@ def test_real_mvsa_label_file_and_splits(tmp_path: Path) -> None:
     splits = {n: recipe.read_split_file(SHARED_DATA / "mvsa" / f"{n}.jsonl")
               for n in ("train", "dev", "test")}
     assert [len(v) for v in splits.values()] == [1555, 518, 519]
-    listed = {key: label for rows in splits.values() for key, label in rows}
+    listed = {row.key: row.label for rows in splits.values() for row in rows}
     assert set(listed) == set(kept)
     assert all(kept[key].label == label for key, label in listed.items())
 
@@ -246,6 +247,7 @@ def test_real_ks_lists_parse_in_both_id_styles() -> None:
     train = recipe.read_split_file(SHARED_DATA / "ks" / "train.txt")
     test = recipe.read_split_file(SHARED_DATA / "ks" / "test.txt")
     assert (len(train), len(test), len(recipe.classes)) == (14799, 2597, 31)
-    assert train[0] == ("--4-0ihtnBU_58", 4) and test[0] == ("-3Mwkq-7TV4_2", 23)
-    assert {label for _, label in train} == set(range(31))
-    assert len({k for k, _ in train}) == 14799 and not {k for k, _ in train} & {k for k, _ in test}
+    assert train[0][:2] == ("--4-0ihtnBU_58", 4) and test[0][:2] == ("-3Mwkq-7TV4_2", 23)
+    assert {row.label for row in train} == set(range(31))
+    keys = {row.key for row in train}
+    assert len(keys) == 14799 and not keys & {row.key for row in test}

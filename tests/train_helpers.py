@@ -59,8 +59,10 @@ def write_tiny_dataset(root: Path, counts: dict[str, int] | None = None, shard_s
             data = (root / name).read_bytes()
             shards.append({"name": name, "num_samples": min(n, start + shard_size) - start,
                            "bytes": len(data), "sha256": "0" * 64})
-        splits[split] = {"num_samples": n, "shards": shards}
-    manifest = {"spec_version": 1, "dataset": "tiny", "classes": CLASSES,
+        keys = [[f"{split}_{i:04d}", i % len(CLASSES)] for i in range(n)]
+        splits[split] = {"num_samples": n, "shards": shards,
+                         "membership_sha256": spec.membership_sha256(keys)}
+    manifest = {"spec_version": spec.SPEC_VERSION, "dataset": "tiny", "classes": CLASSES,
                 "modalities": modalities, "splits": splits, "skipped": [],
                 "sources": {"seed": seed}, "fingerprint": "", "tool_version": "0.1.0"}
     manifest["fingerprint"] = spec.compute_fingerprint(manifest)

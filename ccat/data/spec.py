@@ -1,4 +1,4 @@
-"""The shard format, spec version 1: the one place that defines it.
+"""The shard format, spec version 2: the one place that defines it.
 
 A built dataset is a folder (or URL prefix) holding WebDataset tar shards named
 ``<split>-NNNNNN.tar`` and a ``manifest.json`` written last. One sample is the set of
@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the fingerprint covers split membership and raw content
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KEYS = (
     "spec_version",
@@ -53,6 +53,13 @@ META_MEMBER = "meta.json"
 # Parameters recorded under sources that do not change a sample's bytes, so they stay
 # out of the fingerprint: a build on 2 workers trains the same as one on 16.
 UNFINGERPRINTED_SOURCES = ("build",)
+# Identity fields of the fingerprint, in words, for messages that say what differs.
+IDENTITY_WORDS = {"membership_sha256": "which samples the split holds",
+                  "sources.raw.sha256": "the content of the raw files",
+                  "sources.raw.num_files": "the number of raw files",
+                  "sources.split_files": "a split or label file"}
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+SHORT_HASH = 12  # hex digits of a hash shown in messages
 
 
 class SpecError(ValueError):
@@ -361,32 +368,53 @@ def shards_of(manifest: dict[str, Any], split: str) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in manifest["splits"][split]["shards"]]
 
 
+def membership_sha256(rows: list[tuple[str, int]] | list[list[Any]]) -> str:
+    """sha256 over the canonical JSON of the sorted ``[[key, label], ...]`` of a split."""
+    return hashlib.sha256(encode_json(sorted([str(k), int(v)] for k, v in rows))).hexdigest()
+
+
 def fingerprint_params(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Flat ``{dotted.key: value}`` of everything that changes the bytes of a sample
-    or which samples a split holds."""
+    """Flat ``{dotted.key: value}`` of everything that makes a build's data what it is:
+    every parameter that changes the bytes of a sample, the membership of every split and
+    the content of the raw and list files (``sources``, less build-only settings)."""
     sources = {k: v for k, v in manifest["sources"].items() if k not in UNFINGERPRINTED_SOURCES}
     tree = {
         "spec_version": manifest["spec_version"],
         "dataset": manifest["dataset"],
         "classes": manifest["classes"],
         "modalities": manifest["modalities"],
+        "splits": {name: {"membership_sha256": entry.get("membership_sha256")}
+                   for name, entry in manifest["splits"].items()},
         "sources": sources,
     }
     return _flatten(tree)
 
 
 def compute_fingerprint(manifest: dict[str, Any]) -> str:
-    """sha256 over the canonical JSON of :func:`fingerprint_params`."""
+    """sha256 over the canonical JSON of :func:`fingerprint_params`: a pure function of the
+    manifest's fields, so a reader can recompute it."""
     return hashlib.sha256(encode_json(fingerprint_params(manifest))).hexdigest()
 
 
 def diff_fingerprint_params(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable lines ``key: expected -> actual`` for every differing parameter."""
+    """Human-readable lines ``key: expected -> actual`` for every differing parameter;
+    identity hashes are named in words and shortened."""
     lines = []
     for key in sorted(set(expected) | set(actual)):
         if expected.get(key) != actual.get(key):
-            lines.append(f"{key}: {expected.get(key, '<absent>')!r} -> {actual.get(key, '<absent>')!r}")
+            words = next((w for k, w in IDENTITY_WORDS.items() if k in key), "")
+            name = f"{key} ({words})" if words else key
+            lines.append(f"{name}: {_shown(expected, key)} -> {_shown(actual, key)}")
     return lines
+
+
+def _shown(params: dict[str, Any], key: str) -> str:
+    if key not in params:
+        return "<absent>"
+    value = params[key]
+    if isinstance(value, str) and SHA256_PATTERN.match(value):
+        return value[:SHORT_HASH]
+    return repr(value)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

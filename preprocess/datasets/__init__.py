@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from preprocess.splits import Entry
+from preprocess.splits import Entry, SplitRow
 
 
 class LayoutError(ValueError):
@@ -27,8 +27,12 @@ class Recipe(Protocol):
     def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
         """Every sample under ``raw`` by key, and files that cannot be samples at all."""
 
-    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
-        """``(key, class index)`` rows of a published split file."""
+    def list_files(self, raw: Path) -> dict[str, Path]:
+        """Label or class files the recipe reads besides the split files, by role: their
+        hashes go into ``sources.split_files`` beside the split files'."""
+
+    def read_split_file(self, path: Path) -> list[SplitRow]:
+        """The rows of a published split file, each with its line number."""
 
     def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
         """Encoded modality members of one sample and its provenance for meta.json."""

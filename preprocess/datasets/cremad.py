@@ -13,7 +13,7 @@ from typing import Any
 from ccat.data import spec
 from preprocess import media
 from preprocess.datasets import LayoutError, register
-from preprocess.splits import Entry, SplitError, read_text_lines
+from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 AUDIO_DIR, AUDIO_SUFFIX = "AudioWAV", ".wav"
@@ -69,14 +69,17 @@ class Cremad:
                 "video": f"{VIDEO_DIR}/{clip_id}{VIDEO_SUFFIX}"})
         return entries, unusable
 
-    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+    def list_files(self, raw: Path) -> dict[str, Path]:
+        return {}
+
+    def read_split_file(self, path: Path) -> list[SplitRow]:
         rows = []
-        for number, line in enumerate(read_text_lines(path), start=1):
+        for number, line in numbered_lines(path):
             clip_id, sep, emotion = line.partition(",")
             if not sep or emotion.strip() not in CLASSES:
                 raise SplitError(f"{path} line {number} is {line!r}; CREMA-D split files have "
                                  f"'<id>,<EMO>' rows with EMO in {' '.join(CLASSES)}")
-            rows.append((clip_id.strip(), CLASSES.index(emotion.strip())))
+            rows.append(SplitRow(clip_id.strip(), CLASSES.index(emotion.strip()), number))
         return rows
 
     def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:

@@ -17,7 +17,8 @@ from typing import Any
 from ccat.data import spec
 from preprocess import media
 from preprocess.datasets import LayoutError, register
-from preprocess.splits import UNKNOWN_LABEL, Entry, SplitError, read_text_lines
+from preprocess.splits import (UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines,
+                               read_text_lines)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 DEFAULT_SECONDS = 10.0  # the clips' length; the paper's pipeline and OGM-GE's KS code use it
@@ -86,19 +87,22 @@ class KineticsSounds:
             entries[key] = Entry(key, label, {"clip": relative})
         return entries, unusable
 
-    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+    def list_files(self, raw: Path) -> dict[str, Path]:
+        return {"classes": self.classes_file} if self.classes_file is not None else {}
+
+    def read_split_file(self, path: Path) -> list[SplitRow]:
         if not self.classes:
             raise SplitError(f"{path} gives label indices only; pass --classes FILE with the "
                              "class names (one a line, in label order)")
         rows = []
-        for number, line in enumerate(read_text_lines(path), start=1):
+        for number, line in numbered_lines(path):
             fields = [f.strip() for f in line.split(",")]
             key = clip_key(fields[0]) if fields else None
             if len(fields) != 3 or key is None or not fields[2].isdigit() \
                     or int(fields[2]) >= len(self.classes):
                 raise SplitError(f"{path} line {number} is {line!r}; Kinetics-Sounds lists have "
                                  f"'<clip id>,<n>,<label 0..{len(self.classes) - 1}>' rows")
-            rows.append((key, int(fields[2])))
+            rows.append(SplitRow(key, int(fields[2]), number))
         return rows
 
     def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:

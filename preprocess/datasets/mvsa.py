@@ -19,7 +19,7 @@ from typing import Any
 from ccat.data import spec
 from preprocess import media, text
 from preprocess.datasets import LayoutError, register
-from preprocess.splits import Entry, SplitError, read_text_lines
+from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["negative", "neutral", "positive"]
 NEUTRAL = "neutral"
@@ -28,6 +28,8 @@ DATA_DIR = "data"
 LABEL_RULES = ("agree", "resolve")
 DEFAULT_TOKENIZER = "bert-base-uncased"
 DEFAULT_MAX_LENGTH = 128
+DEFAULT_MAX_TEXT_BYTES = 64 * 1024  # stored tweet text cap; real tweets are under 1 KB
+HEADER_ID, HEADER_COLUMN = "ID", "text,image"  # labelResultAll.txt's first line
 
 
 def majority(labels: list[str]) -> str | None:
@@ -55,16 +57,23 @@ class Mvsa:
     max_length: int = DEFAULT_MAX_LENGTH
     labels: str = "agree"
     multiple: bool = False
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     name: str = "mvsa"
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
 
     def __post_init__(self) -> None:
         if self.labels not in LABEL_RULES:
             raise SplitError(f"--labels {self.labels!r}: choose one of {', '.join(LABEL_RULES)}")
+        if self.max_text_bytes < 1:
+            raise SplitError(f"--max-text-bytes {self.max_text_bytes}: give a positive size")
 
     def modalities(self) -> dict[str, dict[str, Any]]:
-        tokens = {"kind": "tokens", **text.tokenizer_facts(self.tokenizer, self.max_length)}
+        tokens = {"kind": "tokens", **text.tokenizer_facts(self.tokenizer, self.max_length),
+                  "max_text_bytes": self.max_text_bytes}
         return {"image": self.image.manifest_entry(), "text": tokens}
+
+    def list_files(self, raw: Path) -> dict[str, Path]:
+        return {"labels": raw / LABEL_FILE}
 
     def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
         label_file = raw / LABEL_FILE
@@ -85,28 +94,55 @@ class Mvsa:
         return entries, unusable
 
     def _label_rows(self, path: Path) -> list[tuple[str, str | None, str | None]]:
-        """``(id, text label, image label)`` per row, annotators reduced by majority."""
-        lines = read_text_lines(path)
-        rows = []
-        for number, line in enumerate(lines[1:], start=2):
-            key, *columns = line.split("\t")
-            pairs = [c.strip().split(",") for c in columns]
-            expected = 3 if self.multiple else 1
-            if len(pairs) != expected or any(len(p) != 2 or not set(p) <= set(CLASSES)
-                                             for p in pairs) or not spec.KEY_PATTERN.match(key):
-                kind = "MVSA-Multiple" if self.multiple else "MVSA-Single"
-                raise LayoutError(f"{path} line {number} is {line!r}; {kind} label rows are "
-                                  f"'<id>' and {expected} tab-separated '<text>,<image>' "
-                                  f"columns{'' if self.multiple else ' (use --multiple for MVSA-Multiple)'}")
+        """``(id, text label, image label)`` per row, annotators reduced by majority.
+
+        The header is checked, and an id is given one row: a repeat is an error naming
+        both lines."""
+        lines = numbered_lines(path)
+        self._check_header(path, lines[0] if lines else (1, ""))
+        rows, first = [], {}  # id -> (line number, line) of its row
+        for number, line in lines[1:]:
+            key, pairs = self._parse_row(path, number, line)
+            if key in first:
+                earlier, text_before = first[key]
+                what = "repeats the row of" if text_before == line else "gives other labels to"
+                raise LayoutError(f"{path} line {number} ({line!r}) {what} id {key} of line "
+                                  f"{earlier} ({text_before!r}); keep one row per id")
+            first[key] = (number, line)
             rows.append((key, majority([p[0] for p in pairs]), majority([p[1] for p in pairs])))
         return rows
 
-    def read_split_file(self, path: Path) -> list[tuple[str, int]]:
+    def _columns(self) -> int:
+        return 3 if self.multiple else 1
+
+    def _check_header(self, path: Path, first: tuple[int, str]) -> None:
+        number, line = first
+        key, *columns = line.split("\t")
+        if key.strip().upper() == HEADER_ID and [c.strip() for c in columns] == \
+                [HEADER_COLUMN] * self._columns():
+            return
+        header = "\t".join([HEADER_ID] + [HEADER_COLUMN] * self._columns())
+        raise LayoutError(f"{path} line {number} is {line!r}, not the header {header!r}; "
+                          "restore the file's first line as published (a file without it "
+                          "would lose its first label row)")
+
+    def _parse_row(self, path: Path, number: int, line: str) -> tuple[str, list[list[str]]]:
+        key, *columns = line.split("\t")
+        pairs = [c.strip().split(",") for c in columns]
+        if len(pairs) != self._columns() or any(len(p) != 2 or not set(p) <= set(CLASSES)
+                                                for p in pairs) or not spec.KEY_PATTERN.match(key):
+            kind = "MVSA-Multiple" if self.multiple else "MVSA-Single"
+            raise LayoutError(f"{path} line {number} is {line!r}; {kind} label rows are "
+                              f"'<id>' and {self._columns()} tab-separated '<text>,<image>' "
+                              f"columns{'' if self.multiple else ' (use --multiple for MVSA-Multiple)'}")
+        return key, pairs
+
+    def read_split_file(self, path: Path) -> list[SplitRow]:
         rows = []
-        for number, line in enumerate(read_text_lines(path), start=1):
+        for number, line in numbered_lines(path):
             try:
                 record = json.loads(line)
-                rows.append((str(record["id"]), CLASSES.index(record["label"])))
+                rows.append(SplitRow(str(record["id"]), CLASSES.index(record["label"]), number))
             except (json.JSONDecodeError, KeyError, ValueError, TypeError):
                 raise SplitError(f"{path} line {number} is not a jsonl row with \"id\" and "
                                  f"\"label\" in {CLASSES}") from None
@@ -119,7 +155,7 @@ class Mvsa:
         for modality, path in (("image", image_path), ("text", text_path)):
             if not path.is_file():
                 raise media.MediaError(f"{modality} file is missing", entry.sources[modality])
-        tweet, encoding = text.decode_text(text_path.read_bytes())
+        tweet, encoding, source_bytes, cut = text.read_text(text_path, self.max_text_bytes)
         if not tweet.strip():
             raise media.MediaError("text is empty", entry.sources["text"])
         ids, truncated = text.token_ids(tweet, self.tokenizer, self.max_length)
@@ -127,5 +163,7 @@ class Mvsa:
         members = {"image.jpg": jpeg, "text.ids.npy": spec.encode_npy(ids),
                    "text.txt": tweet.encode("utf-8")}
         text_meta = {"encoding": encoding, "re_decoded": encoding != "utf-8",
-                     "num_tokens": int(ids.size), "truncated": truncated}
+                     "num_tokens": int(ids.size), "truncated": truncated, "cut": cut}
+        if cut:
+            text_meta.update(source_bytes=source_bytes, stored_bytes=len(members["text.txt"]))
         return members, {"image": image_meta, "text": text_meta}
