@@ -123,10 +123,14 @@ def _process(task: tuple[str, Entry]) -> Result:
 
 
 def source_hashes(raw: Path, relatives: Iterable[str]) -> dict[str, str]:
-    """sha256 of each of ``relatives`` (paths under ``raw``) that is a file: the raw content
+    """sha256 of each of ``relatives`` (paths under ``raw``) that can be read: the raw content
     a sample is read from. Hashing costs little next to decoding, and the bytes it reads
     are in the page cache when the decoder reads them."""
-    return {rel: file_sha256(raw / rel) for rel in sorted(relatives) if (raw / rel).is_file()}
+    hashes = {}
+    for rel in sorted(relatives):
+        with contextlib.suppress(OSError):  # missing or unreadable: the decoder says which
+            hashes[rel] = file_sha256(raw / rel)
+    return hashes
 
 
 def raw_content(hashes: dict[str, str]) -> dict[str, Any]:
@@ -519,7 +523,7 @@ def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], r
     if (state / PLAN_NAME).is_file():
         old = _read_json(state / PLAN_NAME)
         changes = _interrupted_changes(old, new_plan, _recorded_hashes(state), raw, workers) \
-            if old else ["its plan record is unreadable"]
+            if old and set(old) == set(new_plan) else ["its plan record is unreadable"]
         return None, (f"holds an interrupted build of other data ({'; '.join(changes)})"
                       if changes else "")
     if any(_is_build_file(n) for n in os.listdir(out)) or \
