@@ -426,6 +426,18 @@ def locked(out: Path) -> Iterator[None]:
     once; the lock of a killed build dies with its process."""
     _make_folder(out)
     lock = out / STATE_DIR / LOCK_NAME
+    fd = _acquire(lock, out)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.listdir(lock.parent) == [LOCK_NAME]:  # nothing to resume: leave no trace
+                shutil.rmtree(lock.parent)
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: Path) -> int:
+    """The open, flock-ed descriptor of ``lock``, holding this process's id."""
     for _ in range(LOCK_ATTEMPTS):
         _make_folder(lock.parent)
         try:
@@ -442,19 +454,15 @@ def locked(out: Path) -> Iterator[None]:
             raise BuildError(f"another ccat-data build (process {holder}) is writing into "
                              f"{out}; wait for it to finish or choose another --out") from None
         if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            break
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the message of a build refused
+            except OSError as err:
+                os.close(fd)
+                raise write_error(err, lock) from None
+            return fd
         os.close(fd)  # locked a file that a finishing build has just removed
-    else:
-        raise BuildError(f"could not lock {lock}; run the build again")
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if os.listdir(lock.parent) == [LOCK_NAME]:  # nothing to resume: leave no trace
-                shutil.rmtree(lock.parent)
-        os.close(fd)
+    raise BuildError(f"could not lock {lock}; run the build again")
 
 
 def _make_folder(folder: Path) -> None:

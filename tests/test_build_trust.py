@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -56,13 +57,15 @@ def add_clips(raw: Path, scratch: Path, count: int) -> list[str]:
 
 
 def kill_build_part_way(raw: Path, out: Path) -> None:
-    """Start `ccat-data build` in a process and SIGKILL it once its second shard is written."""
+    """Start `ccat-data build` in a process and SIGKILL it once its first shard is recorded
+    (on a tree big enough that much of the build is still to do then)."""
     command = [sys.executable, "-m", "preprocess.cli", "build", "cremad", "--raw", str(raw),
                "--out", str(out), *TINY_BUILD]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + WAIT_S
-    while not (out / "train-000001.tar").exists() and time.monotonic() < deadline:
+    record = out / writer.STATE_DIR / "train-000000.tar.json"
+    while not record.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -118,23 +121,25 @@ def test_info_shows_membership_and_raw_content_hashes(built: Path, capsys) -> No
 
 
 def test_killed_build_of_a_grown_raw_tree_is_refused_then_overwritten(
-        raw_copy: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "out"
-    kill_build_part_way(raw_copy, out)
-    added = add_clips(raw_copy, tmp_path / "scratch", 6)
-    code, _, err = build(raw_copy, out, capsys)
+        tmp_path: Path, capsys) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    synth_tree(raw, clips=48)
+    kill_build_part_way(raw, out)
+    added = add_clips(raw, tmp_path / "scratch", 6)
+    code, _, err = build(raw, out, capsys)
     line = one_sentence(err)
     assert code == 1 and "holds an interrupted build of other data" in line
     assert "raw files: 12 added, 0 removed, 0 changed" in line and "--overwrite" in line
     assert not (out / spec.MANIFEST_NAME).exists()
-    code, _, _ = build(raw_copy, out, capsys, "--overwrite")
+    code, _, _ = build(raw, out, capsys, "--overwrite")
     assert code == 0
     fresh = tmp_path / "fresh"
-    assert build(raw_copy, fresh, capsys)[0] == 0
+    assert build(raw, fresh, capsys)[0] == 0
     assert shard_hashes(out) == shard_hashes(fresh)
     assert manifest_of(out)["fingerprint"] == manifest_of(fresh)["fingerprint"]
-    keys = {key for shard in out.glob("*.tar") for key, _ in spec.iter_tar_samples(open(shard, "rb"))}
-    assert set(added) <= keys and len(keys) == 30
+    keys = {key for shard in out.glob("*.tar") for key, _ in spec.iter_tar_samples(
+        io.BytesIO(shard.read_bytes()))}
+    assert set(added) <= keys and len(keys) == 54
 
 
 def test_finished_build_of_other_raw_content_is_refused_then_overwritten(
