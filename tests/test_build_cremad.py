@@ -19,7 +19,7 @@ import soxr
 
 from ccat.data import open_dataset
 from preprocess.datasets.cremad import CLASSES
-from conftest import TINY_BUILD, invoke, run_cli
+from conftest import TINY_BUILD, invoke, run_cli, synth_tree
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -134,24 +134,25 @@ def test_two_builds_are_byte_identical_whatever_the_worker_count(
     assert first["splits"] == second["splits"]
 
 
-def test_killed_build_resumes_to_the_same_bytes(built: Path, synth_raw: Path,
-                                               tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "preprocess.cli", "build", "cremad", "--raw", str(synth_raw),
+def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "killed"
+    synth_tree(raw, clips=48)  # big enough that a loaded machine cannot finish before the kill
+    command = [sys.executable, "-m", "preprocess.cli", "build", "cremad", "--raw", str(raw),
                "--out", str(out), *TINY_BUILD]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / "train-000001.tar").exists() and time.monotonic() < deadline:
+    while not (out / ".build" / "train-000000.tar.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
     first = out / "train-000000.tar"
     stat_before = first.stat()
-    code, stdout, _ = build(synth_raw, out, capsys=None)
+    code, stdout, _ = build(raw, out, capsys=None)
     assert code == 0
-    assert shard_hashes(out) == shard_hashes(built)
+    assert build(raw, tmp_path / "whole")[0] == 0
+    assert shard_hashes(out) == shard_hashes(tmp_path / "whole")
     assert first.stat().st_mtime_ns == stat_before.st_mtime_ns, "a finished shard was rewritten"
     assert not (out / ".build").exists()
 
