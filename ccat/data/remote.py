@@ -108,15 +108,23 @@ class _Body(io.RawIOBase):
         self.url, self.blocks, self.max_bytes, self.limits, self.what = (
             url, blocks, max_bytes, limits, what)
         self.received, self.started, self.pending = 0, time.monotonic(), memoryview(b"")
+        self.over = False  # the body went past max_bytes
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         if not self.pending:
+            if self.over:
+                raise self._too_long()
             block = next(self.blocks, b"")
             if not block:
                 return 0
+            room = self.max_bytes - self.received
+            if len(block) > room:  # hand out what fits, refuse at the next read
+                block, self.over = block[:room], True
+                if not block:
+                    raise self._too_long()
             self._account(len(block))
             self.pending = memoryview(block)
         n = min(len(buffer), len(self.pending))
@@ -124,10 +132,11 @@ class _Body(io.RawIOBase):
         self.pending = self.pending[n:]
         return n
 
+    def _too_long(self) -> RemoteError:
+        return RemoteError(f"{self.url} sends more than {self.max_bytes} bytes, {self.what}; "
+                           "refused at that size, check that the server holds this build")
+
     def _account(self, size: int) -> None:
-        if self.received + size > self.max_bytes:
-            raise RemoteError(f"{self.url} sends more than {self.max_bytes} bytes, {self.what}; "
-                              "refused at that size, check that the server holds this build")
         self.received += size
         elapsed = time.monotonic() - self.started
         rate = self.received / elapsed if elapsed else float("inf")
@@ -163,7 +172,7 @@ def _http_blocks(url: str, max_bytes: int, limits: HttpLimits) -> Iterator[Itera
             if length.isdigit() and int(length) > max_bytes:
                 raise RemoteError(f"{url} announces {length} bytes, more than {max_bytes}; "
                                   "check that the server holds this build")
-            yield _translated(url, response.iter_raw(CHUNK), limits)
+            yield _translated(url, response.iter_raw(), limits)
         finally:
             response.close()
 
