@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +100,7 @@ def verify(source: Source | Path | str,
             raise VerifyError(f"split {split}: class counts {counted} differ from the "
                               f"manifest's {expected}")
     if source.cache:
-        with remote.cache_writer(source.cache / spec.MANIFEST_NAME) as out:
-            out.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")
+        remote.write_cached_manifest(source.cache, manifest)
     return report
 
 

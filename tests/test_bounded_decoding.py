@@ -5,14 +5,11 @@ shard and the key, without the allocation being tried."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from typer.testing import CliRunner
 from ccat.cli import app as ccat_app, main as ccat_main
 from ccat.data import open_dataset, spec
 from ccat.data.reader import DatasetError
-from conftest import run_cli
+from conftest import run_cli, serve
 from preprocess import check
 from train_helpers import write_tiny_dataset
 
@@ -92,21 +89,10 @@ def test_verify_refuses_the_bomb_from_its_header(bombed, capsys) -> None:
 
 def test_verify_over_http_refuses_the_bomb_naming_the_url(bombed, capsys) -> None:
     root, shard, key = bombed
-    handler = functools.partial(_Quiet, directory=str(root.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{root.name}"
+    with serve(root.parent) as base:
+        url = f"{base}/{root.name}"
         code, _, err = run_cli(["verify", url], capsys)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert code == 1 and f"{url}/{shard}: sample '{key}', member video.0.jpg: {BOMB_MESSAGE}" in err
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 def test_the_dataset_reader_refuses_the_bomb_naming_shard_and_key(bombed) -> None:

@@ -350,6 +350,16 @@ def materialize(base: str, cache_dir: Path | None = None,
             fetch_shard(base, shard, folder, limits)
             if on_shard:
                 on_shard(shard.name)
-    with cache_writer(folder / spec.MANIFEST_NAME) as out:
-        out.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")
+    write_cached_manifest(folder, manifest)
     return folder
+
+
+def write_cached_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """``folder/manifest.json``, last, so a cached copy is whole when it has one; left as it
+    is when it already says the same (a read-only cache filled before is used as it is)."""
+    data = json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n"
+    target = folder / spec.MANIFEST_NAME
+    if target.is_file() and target.read_bytes() == data:
+        return
+    with cache_writer(target) as out:
+        out.write(data)
