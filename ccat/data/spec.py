@@ -187,7 +187,7 @@ def decode_npy(data: bytes, bound: ArrayBound | None = None) -> np.ndarray:
         version = np.lib.format.read_magic(stream)
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read_header(stream)
+        shape, fortran_order, dtype = read_header(stream)
     except (ValueError, SyntaxError, TypeError) as err:
         raise SpecError(f"is not a .npy array ({err})") from None
     problem = bound.problem(shape, dtype) if bound else None
@@ -198,7 +198,8 @@ def decode_npy(data: bytes, bound: ArrayBound | None = None) -> np.ndarray:
     need = math.prod(shape) * dtype.itemsize
     if need != len(data) - stream.tell():
         raise SpecError(f"declares {need} bytes of data but holds {len(data) - stream.tell()}")
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    flat = np.frombuffer(data, dtype, math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C").copy()  # writable, own memory
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
