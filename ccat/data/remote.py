@@ -20,9 +20,10 @@ import fnmatch
 import hashlib
 import io
 import json
+import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -57,19 +58,13 @@ class HttpLimits:
     def from_env(cls) -> "HttpLimits":
         """The defaults, overridden by whichever CCAT_HTTP_* variables are set."""
         values: dict[str, Any] = {}
-        for field, env in zip(fields(cls), ENV_NAMES):
-            raw = os.environ.get(env)
-            if raw is None or raw == "":
-                continue
-            if field.type == "str":
-                values[field.name] = raw
-                continue
-            try:
-                values[field.name] = float(raw)
-            except ValueError:
-                raise RemoteError(f"${env} is {raw!r}, not a number") from None
-            if values[field.name] <= 0 and field.name != "min_rate":
-                raise RemoteError(f"${env} is {raw!r}; it must be above 0 seconds")
+        for name, env in ENV_NAMES.items():
+            raw = os.environ.get(env, "")
+            if raw:
+                values[name] = raw if name == "redirect_hosts" else _seconds_or_rate(env, raw)
+        for name in ("connect_s", "stall_s"):
+            if values.get(name) == 0:
+                raise RemoteError(f"${ENV_NAMES[name]} is 0; a timeout must be above 0 seconds")
         return cls(**values)
 
     def allows_redirect(self, source: httpx.URL, target: httpx.URL) -> bool:
@@ -82,8 +77,19 @@ class HttpLimits:
         return any(fnmatch.fnmatch(target.host, pattern) for pattern in patterns)
 
 
-ENV_NAMES = ("CCAT_HTTP_CONNECT_TIMEOUT", "CCAT_HTTP_STALL_TIMEOUT", "CCAT_HTTP_MIN_RATE",
-             "CCAT_HTTP_REDIRECT_HOSTS")
+ENV_NAMES = {"connect_s": "CCAT_HTTP_CONNECT_TIMEOUT", "stall_s": "CCAT_HTTP_STALL_TIMEOUT",
+             "min_rate": "CCAT_HTTP_MIN_RATE", "redirect_hosts": "CCAT_HTTP_REDIRECT_HOSTS"}
+
+
+def _seconds_or_rate(env: str, raw: str) -> float:
+    """The number that variable ``env`` holds; RemoteError when it is not one, or negative."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RemoteError(f"${env} is {raw!r}, not a number") from None
+    if not 0 <= value < math.inf:
+        raise RemoteError(f"${env} is {raw!r}; it must be a finite number, 0 or more")
+    return value
 
 
 def is_remote(location: str | Path) -> bool:

@@ -151,13 +151,18 @@ class ImageBound:
 
     def problem(self, width: int, height: int) -> str | None:
         """Why a header declaring ``width`` x ``height`` is refused, or None."""
-        if min(width, height) < 1 or max(width, height) > self.longer or (
-                self.shorter and min(width, height) != self.shorter):
-            allowed = (f"{self.shorter}x{self.shorter}" if self.shorter == self.longer else
-                       f"a shorter side of {self.shorter} and a longer side of at most "
-                       f"{self.longer}" if self.shorter else f"at most {self.longer} px a side")
-            return f"declares a {width}x{height} image, the manifest allows {allowed}"
-        return None
+        shorter, longer = min(width, height), max(width, height)
+        if shorter >= 1 and longer <= self.longer and shorter == (self.shorter or shorter):
+            return None
+        return f"declares a {width}x{height} image, the manifest allows {self.allowed()}"
+
+    def allowed(self) -> str:
+        """The sizes this bound lets through, as a sentence says them."""
+        if not self.shorter:
+            return f"at most {self.longer} px a side"
+        if self.shorter == self.longer:
+            return f"{self.shorter}x{self.shorter}"
+        return f"a shorter side of {self.shorter} and a longer side of at most {self.longer}"
 
 
 Bound = ArrayBound | ImageBound
