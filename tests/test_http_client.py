@@ -26,7 +26,8 @@ ENDLESS_CAP = 256 << 20  # even an "endless" body stops here
 
 class Misbehaving(http.server.SimpleHTTPRequestHandler):
     """Serves ``root``; the first path part picks how shards (and, for ``endless-all``,
-    the manifest too) are answered: ok, stall, drip, endless, endless-all, error, same
+    the manifest too) are answered: ok, stall, drip, endless, endless-all, error, announce
+    (a length of 1 TiB and no body), same
     (a redirect to ok on this host), elsewhere (a redirect to ok on ``localhost``)."""
 
     stop: threading.Event
@@ -44,6 +45,11 @@ class Misbehaving(http.server.SimpleHTTPRequestHandler):
             return self._redirect(f"http://localhost:{self.port}/ok/{rest}")
         if mode == "error" and shard:
             return self.send_error(500)
+        if mode == "announce" and shard:
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            return None
         if (mode in ("stall", "drip", "endless") and shard) or mode == "endless-all":
             return self._misbehave(mode)
         self.path = "/" + rest
@@ -144,6 +150,7 @@ def test_a_changed_byte_on_the_server_fails_verify_naming_the_shard(server, caps
     ("drip", "bytes/s on average, below the minimum of 1000 (CCAT_HTTP_MIN_RATE)"),
     ("endless", "bytes, the size the manifest gives it; refused at that size"),
     ("error", "answered HTTP 500 (Internal Server Error)"),
+    ("announce", f"announces {1 << 40} bytes, more than"),
 ])
 def test_a_misbehaving_shard_server_is_one_sentence_naming_the_url(
         server, tmp_path: Path, capsys, mode: str, message: str) -> None:

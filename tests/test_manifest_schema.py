@@ -143,3 +143,11 @@ def test_spec_v2_requires_the_identity_hashes(real: dict[str, Any]) -> None:
     bad_raw = edited(v2, lambda m: m["sources"]["raw"].update(num_files="48"), False)
     assert manifest_schema.first_error(bad_raw) == (
         "sources.raw.num_files: '48' is a string, not an integer")
+
+
+def test_a_local_manifest_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
+    folder = write(tmp_path, text="")
+    with open(folder / spec.MANIFEST_NAME, "wb") as f:
+        f.truncate(spec.MANIFEST_MAX_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(spec.SpecError, match="is over 64 MB, far larger than any manifest"):
+        spec.load_manifest(folder)
