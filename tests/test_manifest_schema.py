@@ -59,9 +59,9 @@ CASES = {
     "spec_version as a string": (lambda m: m.update(spec_version=str(m["spec_version"])),
                                  "spec_version: '1' is a string, not an integer".replace(
                                      "1", str(spec.SPEC_VERSION))),
-    "a missing key": (lambda m: m.pop("skipped"), "'skipped' is a required property"),
+    "a missing key": (lambda m: m.pop("skipped"), "top level: 'skipped' is a required property"),
     "an extra key": (lambda m: m.update(notes="x"),
-                     "Additional properties are not allowed ('notes' was unexpected)"),
+                     "top level: Additional properties are not allowed ('notes' was unexpected)"),
     "an extra key in a shard": (lambda m: m["splits"]["val"]["shards"][1].update(url="x"),
                                 "splits.val.shards[1]: Additional properties are not allowed"),
     "a count as a string": (lambda m: m["splits"]["test"].update(num_samples="6"),
@@ -92,6 +92,13 @@ def test_a_malformed_manifest_is_one_sentence_naming_the_path(
     assert "\n" not in message
     code, _, err = run_cli(["info", folder], capsys)
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_manifest_that_is_not_an_object(tmp_path: Path) -> None:
+    folder = write(tmp_path, [{"spec_version": spec.SPEC_VERSION}])
+    with pytest.raises(spec.SpecError, match=f"^{folder / spec.MANIFEST_NAME}: top level: is an "
+                       "array, not an object; rebuild"):
+        spec.load_manifest(folder)
 
 
 def test_100k_levels_of_nesting_are_one_sentence_not_a_recursion_error(tmp_path: Path,

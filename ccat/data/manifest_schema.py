@@ -182,5 +182,4 @@ def first_error(manifest: Any) -> str | None:
         reason = error.message
         if len(reason) > ERROR_CHARS:
             reason = reason[:ERROR_CHARS] + "..."
-    place = json_path(error.absolute_path)
-    return f"{place}: {reason}" if place else reason
+    return f"{json_path(error.absolute_path) or 'top level'}: {reason}"
