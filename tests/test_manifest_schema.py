@@ -158,3 +158,26 @@ def test_a_local_manifest_over_the_cap_is_refused_unread(tmp_path: Path) -> None
         f.truncate(spec.MANIFEST_MAX_BYTES + 1)  # sparse: nothing is written
     with pytest.raises(spec.SpecError, match="is over 64 MB, far larger than any manifest"):
         spec.load_manifest(folder)
+
+
+def test_ccat_train_refuses_classes_given_as_a_string(real: dict[str, Any], built: Path,
+                                                       tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    """The issue's case: 'ANGDISFEAHAPNEUSAD' trained an 18-class head and exited 0."""
+    from ccat.cli import main
+
+    folder = write(tmp_path, edited(real, lambda m: m.update(classes="ANGDISFEAHAPNEUSAD")))
+    for shard in built.glob("*.tar"):
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    config = tmp_path / "c.yaml"
+    config.write_text("method: {name: sum}\noptim: {epochs: 1}\n")
+    monkeypatch.setattr("sys.argv", ["ccat", "train", "--config", str(config), "--data",
+                                     str(folder), "--out", str(tmp_path / "run"),
+                                     "--set", "device=cpu"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps the sentence at 80 columns
+    assert exit_.value.code != 0 and "Traceback" not in err
+    assert "classes: 'ANGDISFEAHAPNEUSAD' is a string, not an array" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
