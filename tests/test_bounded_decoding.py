@@ -180,3 +180,21 @@ def test_decoding_without_a_manifest_still_refuses_huge_headers() -> None:
         spec.decode_member("x.jpg", bomb_jpeg())
     with pytest.raises(spec.SpecError, match="declares 2199023255552 bytes of data but holds 64"):
         spec.decode_member("x.npy", huge_npy((1 << 20, 1 << 20)))
+
+
+def test_a_tar_header_claiming_8_gib_allocates_only_what_is_there(tmp_path: Path) -> None:
+    """A member header may claim up to 8 GiB; reading it must not reserve that first."""
+    import tracemalloc
+
+    info = spec.tar_member_info("k_1.audio.npy", (8 << 30) - 1)
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 100_000)
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f, pytest.raises(spec.SpecError, match="ends inside a "
+                                                  f"{(8 << 30) - 1}-byte member"):
+            list(spec.iter_tar_members(f))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20

@@ -334,6 +334,7 @@ def write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> N
 
 TAR_BLOCK = 512
 TAR_REGULAR = (b"0", b"\0")  # typeflags of regular files (old tars write NUL)
+TAR_READ_BLOCK = 4 << 20  # members larger than this are read in blocks of it
 
 
 def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -358,7 +359,7 @@ def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 from None
         if sum(header) - sum(header[148:156]) + 8 * ord(" ") != stored_sum:
             raise SpecError("a tar header fails its checksum: the shard is corrupt")
-        data = fileobj.read(size)
+        data = _read_upto(fileobj, size)
         padding = -size % TAR_BLOCK  # to the next block
         if len(data) < size or len(fileobj.read(padding)) < padding:
             raise SpecError(f"the tar stream ends inside a {size}-byte member: the shard is "
@@ -373,6 +374,21 @@ def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None
         elif kind != b"g":
             long_name = None  # directories, links: not members of a sample
+
+
+def _read_upto(fileobj: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes of ``fileobj``, read in blocks: memory grows with the bytes that
+    are there, never with what a header claims (one read of n bytes reserves n first)."""
+    if size <= TAR_READ_BLOCK:
+        return fileobj.read(size)
+    parts, left = [], size
+    while left:
+        part = fileobj.read(min(left, TAR_READ_BLOCK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _ustar_name(header: bytes) -> str:
