@@ -189,6 +189,9 @@ def verify(location: Location, cache_dir: Annotated[Optional[Path], typer.Option
 
     A URL is verified from the bytes its server sends, not from a local cache.
     """
+    if cache_dir and not remote.is_remote(location):
+        raise typer.BadParameter(f"--cache-dir keeps the shards of a URL; {location} is a "
+                                 "local folder already")
     source = check.open_source(location, cache_dir)
     total = sum(len(e["shards"]) for e in source.manifest["splits"].values())
     with _progress() as progress:
