@@ -60,7 +60,7 @@ class Source:
         with contextlib.ExitStack() as stack:
             sink = (stack.enter_context(remote.cache_writer(self.cache / shard.name))
                     if self.cache else None)
-            # a body longer than the manifest says is cut one byte past it, so it shows
+            # a body longer than the manifest's size is cut there and refused by open_stream
             yield stack.enter_context(remote.open_stream(url, shard.bytes)), sink
 
 
