@@ -1,21 +1,24 @@
-"""Check a built dataset against its manifest (``verify``) and describe it (``info``)."""
+"""Check a built dataset, a folder or the copy a server holds, against its manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from ccat.data import spec
+from ccat.data import remote, spec
 
 
 class VerifyError(RuntimeError):
     """The first shard or sample that does not match the manifest."""
+
+
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -26,17 +29,66 @@ class VerifyReport:
     bytes: int = 0
 
 
-def verify(root: Path, on_shard: Callable[[str], None] | None = None) -> VerifyReport:
-    """Recompute every hash and count, decode every sample, check shapes and dtypes.
+@dataclass
+class Source:
+    """A build to verify: a folder, or a URL whose shards are read as the server sends them
+    (copied into ``cache`` as they stream when one is given, for training to reuse)."""
+
+    location: str
+    manifest: dict[str, Any]
+    cache: Path | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return remote.is_remote(self.location)
+
+    def where(self, shard: spec.ShardInfo) -> str:
+        """How messages name ``shard``: its URL, or its file name in a local build."""
+        return remote.url_of(self.location, shard.name) if self.is_remote else shard.name
+
+    @contextlib.contextmanager
+    def stream(self, shard: spec.ShardInfo) -> Iterator[tuple[BinaryIO, BinaryIO | None]]:
+        """The shard's bytes as they are read, and the cache file they are copied to."""
+        if not self.is_remote:
+            path = Path(self.location) / shard.name
+            if not path.is_file():
+                raise VerifyError(f"{shard.name}: the file is missing from {self.location}")
+            with open(path, "rb") as f:
+                yield f, None
+            return
+        url = self.where(shard)
+        with contextlib.ExitStack() as stack:
+            sink = (stack.enter_context(remote.cache_writer(self.cache / shard.name))
+                    if self.cache else None)
+            # a body longer than the manifest's size is cut there and refused by open_stream
+            yield stack.enter_context(remote.open_stream(url, shard.bytes)), sink
+
+
+def open_source(location: str | Path, cache_dir: Path | None = None) -> Source:
+    """The checked manifest of ``location``; for a URL, nothing is kept unless ``cache_dir``."""
+    location = str(location)
+    if not remote.is_remote(location):
+        return Source(location, spec.load_manifest(Path(location)))
+    manifest = remote.load_manifest(location)
+    cache = remote.cache_folder(manifest, cache_dir) if cache_dir else None
+    return Source(location, manifest, cache)
+
+
+def verify(source: Source | Path | str,
+           on_shard: Callable[[str], None] | None = None) -> VerifyReport:
+    """Hash every shard as it is read (from the server, for a URL), decode every sample,
+    check shapes, dtypes and counts.
 
     Raises VerifyError naming the first shard (and sample) that does not hold.
     """
-    manifest = spec.load_manifest(root)
+    if not isinstance(source, Source):
+        source = open_source(source)
+    manifest = source.manifest
     report = VerifyReport(manifest)
     for split, entry in manifest["splits"].items():
         labels: Counter[int] = Counter()
         for shard in spec.shards_of(manifest, split):
-            labels.update(_verify_shard(root, shard, manifest))
+            labels.update(_verify_shard(source, shard))
             report.shards += 1
             report.samples += shard.num_samples
             report.bytes += shard.bytes
@@ -47,29 +99,56 @@ def verify(root: Path, on_shard: Callable[[str], None] | None = None) -> VerifyR
         if expected is not None and counted != expected:
             raise VerifyError(f"split {split}: class counts {counted} differ from the "
                               f"manifest's {expected}")
+    if source.cache:
+        remote.write_cached_manifest(source.cache, manifest)
     return report
 
 
-def _verify_shard(root: Path, shard: spec.ShardInfo, manifest: dict[str, Any]) -> Counter[int]:
-    path = root / shard.name
-    if not path.is_file():
-        raise VerifyError(f"{shard.name}: the file is missing from {root}")
-    data = path.read_bytes()
-    if len(data) != shard.bytes:
-        raise VerifyError(f"{shard.name}: {len(data)} bytes, the manifest says {shard.bytes}")
-    if hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise VerifyError(f"{shard.name}: sha256 differs from the manifest (the file changed "
-                          "after the build); rebuild or fetch it again")
+class _Hashing:
+    """Reads a stream, hashing and counting every byte (and copying it to ``sink``)."""
+
+    def __init__(self, stream: BinaryIO, sink: BinaryIO | None):
+        self.stream, self.sink = stream, sink
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        if self.sink:
+            self.sink.write(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _verify_shard(source: Source, shard: spec.ShardInfo) -> Counter[int]:
+    """Labels of the shard's samples; its size and sha256 decide first, then its samples."""
+    where = source.where(shard)
     labels: Counter[int] = Counter()
-    count = 0
-    try:
-        for key, members in spec.iter_tar_samples(io.BytesIO(data)):
-            labels[_verify_sample(key, members, manifest, shard.name)] += 1
-            count += 1
-    except spec.SpecError as err:
-        raise VerifyError(f"{shard.name}: {err}") from None
-    if count != shard.num_samples:
-        raise VerifyError(f"{shard.name}: {count} samples, the manifest says {shard.num_samples}")
+    problem = None
+    with source.stream(shard) as (stream, sink):
+        hashed = _Hashing(stream, sink)
+        try:
+            for key, members in spec.iter_tar_samples(hashed):
+                labels[_verify_sample(key, members, source.manifest, where)] += 1
+        except spec.SpecError as err:
+            problem = VerifyError(f"{where}: {err}")
+        except VerifyError as err:
+            problem = err
+        hashed.drain()
+        if hashed.size != shard.bytes:
+            raise VerifyError(f"{where}: {hashed.size} bytes, the manifest says {shard.bytes}")
+        if hashed.digest.hexdigest() != shard.sha256:
+            raise VerifyError(f"{where}: sha256 differs from the manifest (the file changed "
+                              "after the build); rebuild or fetch it again")
+        if problem:
+            raise problem
+        count = sum(labels.values())
+        if count != shard.num_samples:
+            raise VerifyError(f"{where}: {count} samples, the manifest says {shard.num_samples}")
     return labels
 
 
@@ -78,6 +157,8 @@ def _verify_sample(key: str, members: dict[str, bytes], manifest: dict[str, Any]
     where = f"{shard}, sample {key}"
     try:
         sample = spec.decode_sample(key, members, manifest["modalities"])
+    except spec.SpecError as err:  # it names the sample and the member
+        raise VerifyError(f"{shard}: {err}") from None
     except Exception as err:  # noqa: BLE001 - any decode failure is a verify failure
         raise VerifyError(f"{where}: does not decode ({err})") from None
     for name, params in manifest["modalities"].items():

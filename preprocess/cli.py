@@ -196,31 +196,23 @@ def _size(num_bytes: float) -> str:
 
 Location = Annotated[str, typer.Argument(
     help="A built dataset: a folder, an http(s):// URL or any fsspec URL (s3://, gs://, ...).")]
-CacheDir = Annotated[Optional[Path], typer.Option(
-    help="Where remote shards are cached (default $CCAT_CACHE_DIR or ~/.cache/ccat/shards).")]
-
-
-def _local(location: str, cache_dir: Path | None) -> Path:
-    """The folder to read: ``location`` itself, or a verified local copy of a remote build."""
-    if not remote.is_remote(location):
-        return Path(location)
-    manifest = remote.load_manifest(location)
-    total = sum(len(e["shards"]) for e in manifest["splits"].values())
-    with _progress() as progress:
-        task = progress.add_task(f"fetching {location}", total=total)
-        return remote.materialize(location, cache_dir, on_shard=lambda _: progress.advance(task))
-
-
 @app.command()
-def verify(location: Location, cache_dir: CacheDir = None) -> None:
-    """Recompute every sha256 and count, decode every sample, check shapes and dtypes."""
-    path = _local(location, cache_dir)
-    manifest = spec.load_manifest(path)
-    total = sum(len(e["shards"]) for e in manifest["splits"].values())
+def verify(location: Location, cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Also keep the shards of a URL here as they are verified, for training to "
+             "reuse (default: keep nothing).")] = None) -> None:
+    """Recompute every sha256 and count, decode every sample, check shapes and dtypes.
+
+    A URL is verified from the bytes its server sends, not from a local cache.
+    """
+    if cache_dir and not remote.is_remote(location):
+        raise typer.BadParameter(f"--cache-dir keeps the shards of a URL; {location} is a "
+                                 "local folder already")
+    source = check.open_source(location, cache_dir)
+    total = sum(len(e["shards"]) for e in source.manifest["splits"].values())
     with _progress() as progress:
-        task = progress.add_task("verifying shards", total=total)
+        task = progress.add_task(f"verifying {location}", total=total)
         try:
-            report = check.verify(path, on_shard=lambda _: progress.advance(task))
+            report = check.verify(source, on_shard=lambda _: progress.advance(task))
         except check.VerifyError as err:
             progress.stop()
             err_console.print(f"[red]verify failed:[/red] {escape(str(err))}")

@@ -58,8 +58,11 @@ class BuiltDataset:
         """Decoded samples of ``split`` in shard order."""
         for path in self.shard_paths(split):
             with open(path, "rb") as f:
-                for key, members in spec.iter_tar_samples(f):
-                    yield decode_sample(key, members, self.modalities)
+                try:
+                    for key, members in spec.iter_tar_samples(f):
+                        yield decode_sample(key, members, self.modalities)
+                except spec.SpecError as err:
+                    raise DatasetError(f"{path.name}: {err}") from None
 
 
 def open_dataset(path: str | Path, cache_dir: str | Path | None = None) -> BuiltDataset:

@@ -22,7 +22,9 @@ import functools
 import hashlib
 import io
 import json
+import math
 import re
+import struct
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -31,19 +33,12 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from ccat.data import manifest_schema
+
 SPEC_VERSION = 2  # 2: the fingerprint covers split membership and raw content
 MANIFEST_NAME = "manifest.json"
-MANIFEST_KEYS = (
-    "spec_version",
-    "dataset",
-    "classes",
-    "modalities",
-    "splits",
-    "skipped",
-    "sources",
-    "fingerprint",
-    "tool_version",
-)
+MANIFEST_KEYS = tuple(manifest_schema.MANIFEST["required"])
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest larger than this is refused unread
 SPLIT_NAMES = ("train", "val", "test")
 SHARD_PATTERN = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -113,12 +108,17 @@ def encode_label(index: int) -> bytes:
     return str(int(index)).encode("ascii")
 
 
-def decode_member(suffix: str, data: bytes) -> Any:
-    """Decode one member's bytes by its suffix: arrays, images (uint8 HWC), text, label."""
+def decode_member(suffix: str, data: bytes, bound: Bound | None = None) -> Any:
+    """Decode one member's bytes by its suffix: arrays, images (uint8 HWC), text, label.
+
+    Arrays and images are checked against ``bound`` (see :func:`member_bound`) from their
+    headers before any pixel or element is read; without one, only against what their
+    bytes can hold.
+    """
     if suffix.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return decode_npy(data, bound if isinstance(bound, ArrayBound) else None)
     if suffix.endswith(".jpg"):
-        return decode_jpeg(data)
+        return decode_jpeg(data, bound if isinstance(bound, ImageBound) else None)
     if suffix.endswith(".cls"):
         return int(data.decode("ascii"))
     if suffix.endswith(".json"):
@@ -128,14 +128,116 @@ def decode_member(suffix: str, data: bytes) -> Any:
     raise SpecError(f"member suffix {suffix!r} has no decoder in spec v{SPEC_VERSION}")
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 [H, W, 3] RGB.
+@dataclass(frozen=True)
+class ArrayBound:
+    """What a ``.npy`` header may declare: its dtype, and its exact shape or, for a 1-d
+    array of varying length, at most ``max_length`` elements."""
+
+    dtype: str
+    shape: tuple[int, ...] | None = None
+    max_length: int = 0
+
+    def problem(self, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        """Why a header declaring ``shape`` and ``dtype`` is refused, or None."""
+        if dtype != np.dtype(self.dtype):
+            return f"declares dtype {dtype}, the manifest says {np.dtype(self.dtype)}"
+        if self.shape is not None and tuple(shape) != self.shape:
+            return f"declares shape {list(shape)}, the manifest says {list(self.shape)}"
+        if self.shape is None and (len(shape) != 1 or shape[0] > self.max_length):
+            return f"declares shape {list(shape)}, the manifest allows [at most {self.max_length}]"
+        return None
+
+
+@dataclass(frozen=True)
+class ImageBound:
+    """What a JPEG header may declare: a shorter side of exactly ``shorter`` px (0: any)
+    and a longer side of at most ``longer`` px."""
+
+    shorter: int
+    longer: int
+
+    def problem(self, width: int, height: int) -> str | None:
+        """Why a header declaring ``width`` x ``height`` is refused, or None."""
+        shorter, longer = min(width, height), max(width, height)
+        if shorter >= 1 and longer <= self.longer and shorter == (self.shorter or shorter):
+            return None
+        return f"declares a {width}x{height} image, the manifest allows {self.allowed()}"
+
+    def allowed(self) -> str:
+        """The sizes this bound lets through, as a sentence says them."""
+        if not self.shorter:
+            return f"at most {self.longer} px a side"
+        if self.shorter == self.longer:
+            return f"{self.shorter}x{self.shorter}"
+        return f"a shorter side of {self.shorter} and a longer side of at most {self.longer}"
+
+
+Bound = ArrayBound | ImageBound
+MAX_ASPECT = 20  # longest/shortest side of a stored image a reader accepts (MVSA: 256 x 5120)
+UNBOUNDED_SIDE = 16384  # an image decoded with no manifest at hand: at most 16384 px a side
+
+
+def member_bound(suffix: str, params: dict[str, Any]) -> Bound | None:
+    """The largest header that member ``suffix`` of a modality with ``params`` may declare."""
+    kind = params["kind"]
+    if kind == "spectrogram":
+        return ArrayBound(params["dtype"], tuple(params["shape"]))
+    if kind == "frames":
+        return ImageBound(params["size"], params["size"])
+    if kind == "image":
+        return ImageBound(params["shorter_side"], params["shorter_side"] * MAX_ASPECT)
+    if kind == "tokens" and suffix.endswith(".npy"):
+        return ArrayBound("int32", None, params["max_length"])
+    return None
+
+
+def decode_npy(data: bytes, bound: ArrayBound | None = None) -> np.ndarray:
+    """``.npy`` bytes -> array, its header checked against ``bound`` and against the bytes
+    that follow it before the data is read."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, SyntaxError, TypeError) as err:
+        raise SpecError(f"is not a .npy array ({err})") from None
+    problem = bound.problem(shape, dtype) if bound else None
+    if problem:
+        raise SpecError(f"{problem}; refused before reading its data")
+    if dtype.hasobject:
+        raise SpecError("declares Python objects, which the shard format never stores")
+    need = math.prod(shape) * dtype.itemsize
+    if need != len(data) - stream.tell():
+        raise SpecError(f"declares {need} bytes of data but holds {len(data) - stream.tell()}")
+    flat = np.frombuffer(data, dtype, math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C").copy()  # writable, own memory
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a JPEG's header, without decoding it (and without Pillow's
+    decompression-bomb check, so a huge declared size is reported, not raised)."""
+    from PIL import JpegImagePlugin
+
+    try:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as img:
+            return img.size
+    except (SyntaxError, OSError, ValueError, struct.error) as err:
+        raise SpecError(f"is not a JPEG ({err})") from None
+
+
+def decode_jpeg(data: bytes, bound: ImageBound | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] RGB, its header's size checked against ``bound``
+    (default: at most :data:`UNBOUNDED_SIDE` px a side) before decoding.
 
     torchvision's libjpeg-turbo gives the same pixels as Pillow's here in about 60% of the
     time (no image object, no copy out): a third of the loader's time per sample. Its image
     codecs are deprecated since torchvision 0.29 in favour of TorchCodec, so Pillow takes
     over where they are gone.
     """
+    problem = (bound or ImageBound(0, UNBOUNDED_SIDE)).problem(*jpeg_size(data))
+    if problem:
+        raise SpecError(f"{problem}; refused before decoding")
     decode = _jpeg_decoder()
     if decode is None:
         from PIL import Image
@@ -187,11 +289,12 @@ def decode_sample(key: str, members: dict[str, bytes],
     expected = sample_members(modalities)
     if sorted(members) != expected:
         raise SpecError(f"sample {key!r} has members {sorted(members)}, expected {expected}")
-    meta = decode_member(META_MEMBER, members[META_MEMBER])
+    meta = _decode_checked(key, META_MEMBER, members, None)
     data: dict[str, np.ndarray] = {}
     texts: dict[str, str] = {}
     for name, params in modalities.items():
-        decoded = [decode_member(s, members[s]) for s in modality_members(name, params)]
+        decoded = [_decode_checked(key, s, members, member_bound(s, params))
+                   for s in modality_members(name, params)]
         if params["kind"] == "frames":
             data[name] = np.stack(decoded)
         elif params["kind"] == "tokens":
@@ -199,8 +302,18 @@ def decode_sample(key: str, members: dict[str, bytes],
             texts[name] = decoded[1]
         else:
             data[name] = decoded[0]
-    label = decode_member(LABEL_MEMBER, members[LABEL_MEMBER])
+    label = _decode_checked(key, LABEL_MEMBER, members, None)
     return Sample(key=key, label=label, data=data, meta=meta, text=texts)
+
+
+def _decode_checked(key: str, suffix: str, members: dict[str, bytes], bound: Bound | None) -> Any:
+    """:func:`decode_member`, a failure named by sample key and member."""
+    try:
+        return decode_member(suffix, members[suffix], bound)
+    except SpecError as err:
+        raise SpecError(f"sample {key!r}, member {suffix}: {err}") from None
+    except (ValueError, UnicodeDecodeError, RuntimeError) as err:
+        raise SpecError(f"sample {key!r}, member {suffix}: does not decode ({err})") from None
 
 
 # ---------------------------------------------------------------- tar reading/writing
@@ -228,6 +341,7 @@ def write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> N
 
 TAR_BLOCK = 512
 TAR_REGULAR = (b"0", b"\0")  # typeflags of regular files (old tars write NUL)
+TAR_READ_BLOCK = 4 << 20  # members larger than this are read in blocks of it
 
 
 def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -252,7 +366,7 @@ def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 from None
         if sum(header) - sum(header[148:156]) + 8 * ord(" ") != stored_sum:
             raise SpecError("a tar header fails its checksum: the shard is corrupt")
-        data = fileobj.read(size)
+        data = _read_upto(fileobj, size)
         padding = -size % TAR_BLOCK  # to the next block
         if len(data) < size or len(fileobj.read(padding)) < padding:
             raise SpecError(f"the tar stream ends inside a {size}-byte member: the shard is "
@@ -267,6 +381,21 @@ def iter_tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None
         elif kind != b"g":
             long_name = None  # directories, links: not members of a sample
+
+
+def _read_upto(fileobj: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes of ``fileobj``, read in blocks: memory grows with the bytes that
+    are there, never with what a header claims (one read of n bytes reserves n first)."""
+    if size <= TAR_READ_BLOCK:
+        return fileobj.read(size)
+    parts, left = [], size
+    while left:
+        part = fileobj.read(min(left, TAR_READ_BLOCK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _ustar_name(header: bytes) -> str:
@@ -316,26 +445,43 @@ class ShardInfo:
     sha256: str
 
 
-def check_manifest(manifest: dict[str, Any], where: str = "manifest.json") -> None:
-    """Raise SpecError naming the first way ``manifest`` departs from spec v1."""
-    keys = tuple(manifest)
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    extra = [k for k in keys if k not in MANIFEST_KEYS]
-    if missing or extra:
-        raise SpecError(f"{where} has top-level keys {sorted(keys)}; spec v{SPEC_VERSION} needs "
-                        f"exactly {list(MANIFEST_KEYS)} (missing {missing}, unexpected {extra})")
-    if manifest["spec_version"] != SPEC_VERSION:
-        raise SpecError(f"{where} is spec version {manifest['spec_version']}, this toolkit reads "
-                        f"version {SPEC_VERSION}; rebuild the shards with this version of ccat-data")
-    for name, params in manifest["modalities"].items():
-        modality_members(name, params)
+def check_manifest(manifest: Any, where: str = "manifest.json") -> None:
+    """Raise SpecError, one sentence naming ``where`` and the JSON path, at the first way
+    ``manifest`` departs from this spec version: its schema
+    (:mod:`ccat.data.manifest_schema`), its shard names and counts, or its fingerprint."""
+    version = manifest.get("spec_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != SPEC_VERSION:
+        fix = ("rebuild the shards with this version of ccat-data" if version < SPEC_VERSION
+               else "upgrade ccat to read it")
+        raise SpecError(f"{where} is spec version {version}, this toolkit reads version "
+                        f"{SPEC_VERSION}; {fix}")
+    deep = manifest_schema.too_deep(manifest)
+    problem = (f"{deep}: nests deeper than {manifest_schema.MAX_DEPTH} levels" if deep
+               else manifest_schema.first_error(manifest))
+    if problem:
+        raise SpecError(f"{where}: {problem}; rebuild the dataset or restore its manifest.json")
     for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            check_shard_name(shard["name"], where)
-        counted = sum(s["num_samples"] for s in entry["shards"])
-        if counted != entry["num_samples"]:
-            raise SpecError(f"{where}: split {split!r} says {entry['num_samples']} samples but "
-                            f"its shards hold {counted}")
+        _check_split(split, entry, len(manifest["classes"]), where)
+    if compute_fingerprint(manifest) != manifest["fingerprint"]:
+        raise SpecError(f"{where}: manifest edited after build: its fingerprint does not match "
+                        "its contents; rebuild or restore it")
+
+
+def _check_split(split: str, entry: dict[str, Any], num_classes: int, where: str) -> None:
+    """Shard names and counts of one split agree with each other."""
+    for i, shard in enumerate(entry["shards"]):
+        check_shard_name(shard["name"], where)
+        if not shard["name"].startswith(f"{split}-"):
+            raise SpecError(f"{where}: splits.{split}.shards[{i}] is named {shard['name']!r}, "
+                            f"a shard of another split")
+    counted = sum(s["num_samples"] for s in entry["shards"])
+    if counted != entry["num_samples"]:
+        raise SpecError(f"{where}: split {split!r} says {entry['num_samples']} samples but "
+                        f"its shards hold {counted}")
+    counts = entry.get("class_counts")
+    if counts is not None and (len(counts) != num_classes or sum(counts) != counted):
+        raise SpecError(f"{where}: splits.{split}.class_counts {counts} does not count "
+                        f"{counted} samples over {num_classes} classes")
 
 
 def check_shard_name(name: str, where: str = "manifest.json") -> None:
@@ -345,6 +491,28 @@ def check_shard_name(name: str, where: str = "manifest.json") -> None:
                         "'train-000000.tar' (no scheme, no folders, no '..')")
 
 
+def manifest_too_large(where: str) -> SpecError:
+    """The refusal of a manifest over :data:`MANIFEST_MAX_BYTES`, read no further."""
+    return SpecError(f"{where} is over {MANIFEST_MAX_BYTES >> 20} MB, far larger than any "
+                     "manifest; it is not one, check the URL or rebuild the dataset")
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """The checked manifest held in ``data`` (read from ``where``), or one SpecError."""
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise manifest_too_large(where)
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpecError(f"{where} is not JSON ({err}); rebuild the dataset or restore its "
+                        "manifest.json") from None
+    except RecursionError:
+        raise SpecError(f"{where} nests too deeply to be read as JSON; it is not a manifest, "
+                        "rebuild the dataset or restore its manifest.json") from None
+    check_manifest(manifest, where)
+    return manifest
+
+
 def load_manifest(root: Path) -> dict[str, Any]:
     """Read and check ``root/manifest.json``; SpecError names the problem and the fix."""
     path = root / MANIFEST_NAME
@@ -352,13 +520,9 @@ def load_manifest(root: Path) -> dict[str, Any]:
         hint = ("its build never finished; run the same `ccat-data build` command again to "
                 "resume it") if root.is_dir() else "build it with `ccat-data build` first"
         raise SpecError(f"{root} has no {MANIFEST_NAME}: {hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        check_manifest(manifest, str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SpecError(f"{path} is not a valid spec v{SPEC_VERSION} manifest ({err}); "
-                        "rebuild the dataset") from None
-    return manifest
+    if path.stat().st_size > MANIFEST_MAX_BYTES:
+        raise manifest_too_large(str(path))
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 def shards_of(manifest: dict[str, Any], split: str) -> list[ShardInfo]:

@@ -1,0 +1,185 @@
+"""The JSON Schema (Draft 2020-12) of ``manifest.json``, and one-sentence validation errors.
+
+Strict where the format is fixed: the top-level keys, a split's entry, a shard entry, a
+skipped record and the identity hashes allow no other keys, and every value has its type.
+Per kind where the kinds differ: each modality kind requires the parameters a reader
+needs (a spectrogram's shape, a frame's size, ...) and types the ones the builder
+records; a recipe may record further parameters, which the fingerprint covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+COUNT = {"type": "integer", "minimum": 0}
+POSITIVE = {"type": "integer", "minimum": 1}
+NAME = {"type": "string", "minLength": 1}
+SPLIT_NAME = "^[a-z]+$"  # the split part of a shard name, spec.SHARD_PATTERN
+MAX_DEPTH = 32  # a real manifest nests 6 levels; refuse far deeper input before walking it
+IDENTITY_SINCE = 2  # the spec version whose manifests record membership and raw hashes
+ERROR_CHARS = 240  # longest reason quoted from the validator (it may repr a huge value)
+
+SPECTROGRAM = {
+    "required": ["shape", "dtype"],
+    "properties": {
+        "shape": {"type": "array", "prefixItems": [POSITIVE, POSITIVE], "items": False,
+                  "minItems": 2},
+        "dtype": {"const": "float16"},
+        "seconds": {"type": "number", "exclusiveMinimum": 0},
+        "sample_rate": POSITIVE, "n_fft": POSITIVE, "hop_length": POSITIVE,
+        "log_eps": {"type": "number"}, "center": {"type": "boolean"},
+        "clip": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+    },
+}
+FRAMES = {
+    "required": ["num_frames", "size"],
+    "properties": {"num_frames": POSITIVE, "size": POSITIVE, "encoding": {"const": "jpeg"},
+                   "quality": {"type": "integer", "minimum": 1, "maximum": 100},
+                   "color": {"const": "RGB"}},
+}
+IMAGE = {
+    "required": ["shorter_side"],
+    "properties": {"shorter_side": POSITIVE, "encoding": {"const": "jpeg"},
+                   "quality": {"type": "integer", "minimum": 1, "maximum": 100},
+                   "exif_transpose": {"type": "boolean"}, "color": {"const": "RGB"}},
+}
+TOKENS = {
+    "required": ["max_length", "vocab_size"],
+    "properties": {"max_length": {"type": "integer", "minimum": 2}, "vocab_size": POSITIVE,
+                   "tokenizer": NAME, "vocab_sha256": SHA256, "lowercase": {"type": "boolean"}},
+}
+KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS}
+
+MODALITY = {
+    "type": "object",
+    "required": ["kind"],
+    "properties": {"kind": {"enum": list(KINDS)}},
+    "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": rules}
+              for kind, rules in KINDS.items()],
+}
+SHARD = {
+    "type": "object",
+    "required": ["name", "num_samples", "bytes", "sha256"],
+    "additionalProperties": False,
+    "properties": {"name": NAME, "num_samples": POSITIVE, "bytes": POSITIVE, "sha256": SHA256},
+}
+SPLIT = {
+    "type": "object",
+    "required": ["num_samples", "shards"],
+    "additionalProperties": False,
+    "properties": {"num_samples": COUNT, "shards": {"type": "array", "items": SHARD},
+                   "class_counts": {"type": "array", "items": COUNT},
+                   "membership_sha256": SHA256},
+}
+SKIPPED = {
+    "type": "object",
+    "required": ["id", "split", "reason"],
+    "additionalProperties": False,
+    "properties": {"id": {"type": "string"}, "split": {"type": ["string", "null"]},
+                   "reason": NAME, "detail": {"type": "string"}},
+}
+SOURCES = {
+    "type": "object",
+    "properties": {
+        "split_files": {"type": "object", "additionalProperties": SHA256},
+        "raw": {"type": "object", "required": ["num_files", "sha256"],
+                "additionalProperties": False,
+                "properties": {"num_files": COUNT, "sha256": SHA256}},
+        "split": {"type": "object"},
+        "shard_size": POSITIVE,
+        "build": {"type": "object"},
+    },
+}
+MANIFEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["spec_version", "dataset", "classes", "modalities", "splits", "skipped",
+                 "sources", "fingerprint", "tool_version"],
+    "additionalProperties": False,
+    "properties": {
+        "spec_version": {"type": "integer"},
+        "dataset": NAME,
+        "classes": {"type": "array", "items": NAME, "minItems": 1, "uniqueItems": True},
+        "modalities": {"type": "object", "minProperties": 1, "additionalProperties": MODALITY},
+        "splits": {"type": "object", "propertyNames": {"pattern": SPLIT_NAME},
+                   "additionalProperties": SPLIT},
+        "skipped": {"type": "array", "items": SKIPPED},
+        "sources": SOURCES,
+        "fingerprint": SHA256,
+        "tool_version": NAME,
+    },
+    # Spec v2 added the identity hashes: per split its membership, under sources the raw files.
+    "if": {"properties": {"spec_version": {"minimum": IDENTITY_SINCE}}},
+    "then": {"properties": {
+        "splits": {"additionalProperties": {"required": ["membership_sha256"]}},
+        "sources": {"required": ["raw"]},
+    }},
+}
+
+_VALIDATOR = jsonschema.Draft202012Validator(MANIFEST)
+JSON_TYPES = {"boolean": bool, "integer": int, "number": float, "string": str, "array": list,
+              "object": dict, "null": type(None)}
+ARTICLES = {"integer": "an integer", "array": "an array", "object": "an object", "null": "null"}
+
+
+def json_path(parts: Any) -> str:
+    """``splits.train.shards[0]`` from the keys and indices of a place in the manifest."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".")
+
+
+def with_article(type_name: str) -> str:
+    """'an array', 'a string': a JSON type name as a sentence says it."""
+    return ARTICLES.get(type_name, f"a {type_name}")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type: 'array', 'string', ..."""
+    return next(name for name, kind in JSON_TYPES.items() if isinstance(value, kind))
+
+
+def _type_reason(error: jsonschema.ValidationError) -> str:
+    wanted = error.validator_value
+    wanted = " or ".join(map(with_article, wanted)) if isinstance(wanted, list) \
+        else with_article(wanted)
+    value = error.instance
+    shown = f"{value!r} " if isinstance(value, (str, int, float)) and len(repr(value)) < 40 \
+        else ""
+    return f"{shown}is {with_article(json_type(value))}, not {wanted}"
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """The path of the first place nested deeper than ``limit`` levels, or None.
+
+    Walked with an explicit stack, so no input can exhaust Python's recursion limit.
+    """
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) > limit:
+            return json_path(path[:limit])
+        if isinstance(node, dict):
+            stack.extend((child, (*path, key)) for key, child in node.items())
+        elif isinstance(node, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node))
+    return None
+
+
+def first_error(manifest: Any) -> str | None:
+    """``'<json path>: <what is wrong>'`` for the most relevant departure from the schema,
+    or None when ``manifest`` is valid."""
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(manifest))
+    if error is None:
+        return None
+    if error.validator == "type":
+        reason = _type_reason(error)
+    else:
+        reason = error.message
+        if len(reason) > ERROR_CHARS:
+            reason = reason[:ERROR_CHARS] + "..."
+    return f"{json_path(error.absolute_path) or 'top level'}: {reason}"
