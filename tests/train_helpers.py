@@ -64,7 +64,8 @@ def write_tiny_dataset(root: Path, counts: dict[str, int] | None = None, shard_s
                          "membership_sha256": spec.membership_sha256(keys)}
     manifest = {"spec_version": spec.SPEC_VERSION, "dataset": "tiny", "classes": CLASSES,
                 "modalities": modalities, "splits": splits, "skipped": [],
-                "sources": {"seed": seed}, "fingerprint": "", "tool_version": "0.1.0"}
+                "sources": {"seed": seed, "raw": {"num_files": 0, "sha256": "0" * 64}},
+                "fingerprint": "", "tool_version": "0.1.0"}
     manifest["fingerprint"] = spec.compute_fingerprint(manifest)
     (root / spec.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return root

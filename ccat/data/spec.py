@@ -173,7 +173,9 @@ class ImageBound:
 
 
 Bound = ArrayBound | ImageBound
-MAX_ASPECT = 20  # longest/shortest side of a stored image a reader accepts (MVSA: 256 x 5120)
+# longest/shortest side of a stored image a reader accepts when the manifest records no
+# max_aspect of its own (MVSA: 256 x 5120)
+MAX_ASPECT = 20
 UNBOUNDED_SIDE = 16384  # an image decoded with no manifest at hand: at most 16384 px a side
 
 
@@ -185,7 +187,9 @@ def member_bound(suffix: str, params: dict[str, Any]) -> Bound | None:
     if kind == "frames":
         return ImageBound(params["size"], params["size"])
     if kind == "image":
-        return ImageBound(params["shorter_side"], params["shorter_side"] * MAX_ASPECT)
+        # the builder's aspect cap, plus a pixel for rounding the longer side when resizing
+        longer = math.ceil(params["shorter_side"] * params.get("max_aspect", MAX_ASPECT)) + 1
+        return ImageBound(params["shorter_side"], longer)
     if kind == "tokens" and suffix.endswith(".npy"):
         return ArrayBound("int32", None, params["max_length"])
     return None
