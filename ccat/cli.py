@@ -4,6 +4,8 @@ exit non-zero."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,12 +31,15 @@ def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
           data: Optional[str] = typer.Option(None, help="built dataset folder"),
           out: Optional[str] = typer.Option(None, help="run folder"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. optim.epochs=10"),
-          resume: bool = typer.Option(False, help="continue from OUT/last.pt")) -> None:
+          resume: bool = typer.Option(False, help="continue the run in OUT (from last.pt), "
+                                      "with its settings"),
+          overwrite: bool = typer.Option(False, help="replace the run in OUT: its files are "
+                                         "removed first")) -> None:
     """Train every stage of a method on built shards."""
     from ccat.train import train as run_training
 
     cfg = load_config(config, set_, {"method.name": method, "data.path": data, "out": out})
-    run_training(cfg, resume=resume)
+    run_training(cfg, resume=resume, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -116,10 +121,32 @@ def list_registered() -> None:
         out.print(f"[bold]{registry.kind}s[/bold]: {', '.join(registry.names())}")
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted training: ``ccat train`` gets
+    ``--resume`` (and loses ``--overwrite``); ``ccat sweep`` resumes when run again."""
+    args = [a for a in argv if a != "--overwrite"]
+    if args[:1] == ["train"] and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["ccat", *args])
+
+
 def main() -> None:
-    """Console-script entry: run the app, turning user errors into one line."""
+    """Console-script entry: run the app, turning user errors and Ctrl-C into one line."""
     try:
         app()
     except USER_ERRORS as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        from ccat.train import Interrupted
+
+        if isinstance(err, Interrupted):
+            where, again = str(err), resume_command(sys.argv[1:])
+        else:
+            where, again = "stopped before training began", shlex.join(["ccat", *sys.argv[1:]])
+        console.print(f"[yellow]interrupted:[/yellow] {escape(where)}; continue with: "
+                      f"{escape(again)}", highlight=False, soft_wrap=True)
+        raise SystemExit(INTERRUPTED_EXIT) from None

@@ -86,7 +86,7 @@ def test_non_finite_loss_names_stage_epoch_step_keys_and_checkpoint(tiny, tmp_pa
     monkeypatch.setattr(joint.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"),
                                                                                requires_grad=True))
     with pytest.raises(CcatError) as err:
-        train(cfg, resume=False)
+        train(cfg, overwrite=True)
     message = str(err.value)
     for part in ("stage 'joint'", "epoch 1", "step 1", "batch keys ['train_", "last good"):
         assert part in message

@@ -17,11 +17,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ccat.config import MethodConfig
+from ccat.config import FRACTION, NON_NEGATIVE, POSITIVE, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
@@ -58,6 +59,9 @@ class LFM(Method):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {
+            "rate": NON_NEGATIVE, "alpha_min": FRACTION, "alpha_max": FRACTION,
+            "temperature": POSITIVE}
         rate: float = 0.3  # a in alpha_t = exp(-a t) (heuristic strategy)
         alpha_min: float = 0.05  # alpha_t is clipped to [alpha_min, alpha_max]
         alpha_max: float = 0.95
