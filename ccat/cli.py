@@ -4,10 +4,11 @@ exit non-zero."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +25,32 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 USER_ERRORS = (CcatError, ConfigError, DatasetError, SpecError, RegistryError)
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+
+
+@contextlib.contextmanager
+def interruptions_speak() -> Iterator[None]:
+    """Ctrl-C in training: one line saying where it stopped, what was saved and the
+    command that continues it; exit code 130."""
+    from ccat.train import Interrupted
+
+    try:
+        yield
+    except Interrupted as err:
+        console.print(f"[yellow]interrupted:[/yellow] {escape(str(err))}; continue with: "
+                      f"{escape(resume_command(sys.argv[1:]))}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted training: ``ccat train`` gets
+    ``--resume`` (and loses ``--overwrite``); ``ccat sweep`` resumes when run again."""
+    args = [a for a in argv if a != "--overwrite"]
+    if args[:1] == ["train"] and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["ccat", *args])
+
 
 @app.command()
 def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
@@ -39,7 +66,8 @@ def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
     from ccat.train import train as run_training
 
     cfg = load_config(config, set_, {"method.name": method, "data.path": data, "out": out})
-    run_training(cfg, resume=resume, overwrite=overwrite)
+    with interruptions_speak():
+        run_training(cfg, resume=resume, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -107,7 +135,8 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
 
     cfg = load_config(config, set_, {"data.path": data})
     ranks, betas = parse_grid(rank, "--rank", integer=True), parse_grid(beta, "--beta")
-    run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
+    with interruptions_speak():
+        run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
 
 
 @app.command("list")
@@ -121,32 +150,11 @@ def list_registered() -> None:
         out.print(f"[bold]{registry.kind}s[/bold]: {', '.join(registry.names())}")
 
 
-INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
-
-
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues an interrupted training: ``ccat train`` gets
-    ``--resume`` (and loses ``--overwrite``); ``ccat sweep`` resumes when run again."""
-    args = [a for a in argv if a != "--overwrite"]
-    if args[:1] == ["train"] and "--resume" not in args:
-        args.append("--resume")
-    return shlex.join(["ccat", *args])
-
-
 def main() -> None:
-    """Console-script entry: run the app, turning user errors and Ctrl-C into one line."""
+    """Console-script entry: run the app, turning user errors into one line."""
     try:
         app()
     except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
-    except KeyboardInterrupt as err:
-        from ccat.train import Interrupted
 
-        if isinstance(err, Interrupted):
-            where, again = str(err), resume_command(sys.argv[1:])
-        else:
-            where, again = "stopped before training began", shlex.join(["ccat", *sys.argv[1:]])
-        console.print(f"[yellow]interrupted:[/yellow] {escape(where)}; continue with: "
-                      f"{escape(again)}", highlight=False, soft_wrap=True)
-        raise SystemExit(INTERRUPTED_EXIT) from None
