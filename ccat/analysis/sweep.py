@@ -5,8 +5,9 @@ scored by its best fused validation accuracy.
 Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this process. A
 folder whose run finished (last.pt at the last epoch of the last stage) with the same
 config is reused, an unfinished one is resumed, one holding a run with another config
-(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the best fused validation accuracy over the
-epochs of the last stage (the stage best.pt follows); ties go to the earlier grid value.
+(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the best fused validation
+accuracy over the epochs of the last stage (the stage best.pt follows); ties go to the
+earlier grid value.
 """
 
 from __future__ import annotations
