@@ -285,3 +285,23 @@ def test_make_train_and_table_share_one_layout(tmp_path, pytestconfig):
     assert "--out runs/tiny/sum/s1 " in train_line and "--set seed=1" in train_line
     assert "--ckpt runs/tiny/sum/s1/best.pt" in eval_line
     assert "--out runs/tiny/sum/s1 " in table
+
+
+def test_make_table_refuses_changed_args_on_a_rerun(tiny, config_file, tmp_path, pytestconfig):
+    """`make table` resumes every run folder: a rerun with other ARGS is refused, naming the
+    key, instead of mixing settings; the same ARGS again reuse the finished run."""
+    config = tmp_path / "one_epoch.yaml"
+    config.write_text(TINY_YAML.replace("epochs: 2", "epochs: 1"))
+    make = ["make", "-s", "-C", str(pytestconfig.rootpath), "-o", ".venv/.installed", "table",
+            "DATASET=tiny", f"SHARDS={tiny}", "SEEDS=0", "METHODS=sum",
+            f"RUNS={tmp_path}/runs", f"CONFIG={config}"]
+    run = tmp_path / "runs" / "sum" / "s0"  # trained here as make would train it
+    train(load_config(config, ["seed=0"], {"method.name": "sum", "data.path": str(tiny),
+                                           "out": str(run)}))
+    evaluate_checkpoint(run / run_dir.BEST, json_path=run / run_dir.EVAL)
+    changed = subprocess.run([*make, "ARGS=--set optim.lr=0.5"], capture_output=True, text=True)
+    assert changed.returncode != 0
+    assert "optim.lr: 0.01 -> 0.5" in changed.stderr and "ARGS" in changed.stderr
+    again = subprocess.run(make, capture_output=True, text=True)
+    assert again.returncode == 0 and "finished already" in again.stdout
+    assert (tmp_path / "runs" / "table.md").is_file()
