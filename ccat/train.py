@@ -160,10 +160,11 @@ class Run:
     def where(self) -> str:
         """Where training is now and what is saved, for the interruption message."""
         stages = self.method.stages()
-        if self.at is None:
-            return f"training of {self.out} stopped before its first epoch; nothing was saved"
-        index, epoch = self.at
         saved = f"{self.last_good} ({self.saved_at})" if self.last_good else "none yet"
+        if self.at is None:
+            return (f"training of {self.out} stopped before an epoch began; last "
+                    f"checkpoint: {saved}")
+        index, epoch = self.at
         return (f"training of {self.out} stopped in stage {stages[index].name!r} "
                 f"({index + 1} of {len(stages)}), epoch {epoch + 1} of "
                 f"{stages[index].epochs}; last checkpoint: {saved}")
@@ -302,8 +303,9 @@ def _report_finished(cfg: RunConfig, state: dict[str, Any], main: bool) -> list[
     out = Path(cfg.out)
     checkpoint.check_fingerprint(state, open_run_data(cfg), str(out / run_dir.LAST))
     history = restore_folder(out, _stages(cfg), state, main)
-    console.print(f"{out} finished already (stage {state['stage']!r}, epoch {state['epoch']}); "
-                  f"nothing to train")
+    if main:
+        console.print(f"{out} finished already (stage {state['stage']!r}, epoch "
+                      f"{state['epoch']}); nothing to train")
     return history
 
 
@@ -314,18 +316,25 @@ def _resume(run: Run, state: dict[str, Any] | None) -> None:
     if state is not None:
         checkpoint.check_fingerprint(state, run.dataset, str(last))
     run.history = restore_folder(run.out, stages, state, run.ctx.main)
+    if state is not None:
+        run.last_good, run.steps = last, state.get("step", 0)
+        run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
+    if run.ctx.main:
+        console.print(f"resuming {run.out}: {_resume_point(stages, state, run.saved_at, last)}")
+
+
+def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: str,
+                  last: Path) -> str:
+    """Where a resumed run continues: stage, epoch and step."""
     if state is None:
-        console.print(f"resuming {run.out}: no checkpoint yet, starting at stage "
-                      f"{stages[0].name!r} (1 of {len(stages)}), epoch 1, step 1")
-        return
-    run.last_good, run.steps = last, state.get("step", 0)
-    run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
+        return (f"no checkpoint yet, starting at stage {stages[0].name!r} (1 of "
+                f"{len(stages)}), epoch 1, step 1")
     index, epoch = state["stage_index"], state["epoch"]
     if epoch == stages[index].epochs:
         index, epoch = index + 1, 0
-    console.print(f"resuming {run.out} from {last} ({run.saved_at}): stage "
-                  f"{stages[index].name!r} ({index + 1} of {len(stages)}), epoch {epoch + 1} "
-                  f"of {stages[index].epochs}, step {run.steps + 1}")
+    return (f"from {last} ({saved_at}) at stage {stages[index].name!r} ({index + 1} of "
+            f"{len(stages)}), epoch {epoch + 1} of {stages[index].epochs}, "
+            f"step {state.get('step', 0) + 1}")
 
 
 def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | None) -> None:
