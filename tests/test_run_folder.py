@@ -23,8 +23,10 @@ from ccat.methods import METHODS
 from ccat.train import train
 from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
 
+# One thread: runs in this process and in subprocesses sum floats in the same order.
 TINY_YAML = """\
 device: cpu
+threads: 1
 data: {batch_size: 8, workers: 0}
 model: {width: 16, encoder_width: 4, encoder_blocks: [1, 1, 1, 1], heads: 2, ffn_mult: 2}
 optim: {epochs: 2, lr: 0.01}
