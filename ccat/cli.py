@@ -157,4 +157,3 @@ def main() -> None:
     except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
-

@@ -229,7 +229,7 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     """YAML text as Python values, with scientific notation read as floats."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only, no objects
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -333,10 +333,10 @@ UNSET = "(unset)"
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{'a.b': value}``; an empty dict is a value of its own."""
+    """Nested dicts as ``{'a.b': value}`` (an empty dict adds no key)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

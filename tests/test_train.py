@@ -193,3 +193,15 @@ def test_every_numeric_field_has_a_range():
         hints = typing.get_type_hints(cls)
         numeric = {f.name for f in dataclasses.fields(cls) if _numeric(hints[f.name])}
         assert numeric == set(getattr(cls, "RANGES", {})), cls.__qualname__
+
+
+def test_config_differences_skip_only_the_free_keys():
+    from ccat.config import UNSET, differences
+
+    saved, new = RunConfig(), RunConfig()
+    new.data.workers, new.threads, new.out, new.data.prefetch = 7, 3, "elsewhere", 9
+    assert differences(saved, new) == []
+    new.method.params, new.data.device_cache, new.select_split = {"alpha": 0.5}, True, "test"
+    assert differences(saved, new) == [("data.device_cache", False, True),
+                                       ("method.params.alpha", UNSET, 0.5),
+                                       ("select_split", "", "test")]
