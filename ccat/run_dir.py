@@ -50,7 +50,7 @@ def holds_run(folder: Path) -> bool:
 
 def clear(folder: Path) -> None:
     """Remove the run files of ``folder`` (``--overwrite``); other files stay."""
-    for name in (*RUN_FILES, EVAL, f".{LAST}.tmp", f".{BEST}.tmp"):
+    for name in (*RUN_FILES, EVAL, *(f".{run_file}.tmp" for run_file in RUN_FILES)):
         (folder / name).unlink(missing_ok=True)
     for name in (TB_DIR, *DERIVED_DIRS):
         shutil.rmtree(folder / name, ignore_errors=True)
