@@ -87,6 +87,13 @@ class ModelConfig:
     RANGES: ClassVar[dict[str, Range]] = {
         "width": AT_LEAST_ONE, "encoder_width": AT_LEAST_ONE, "encoder_blocks": AT_LEAST_ONE,
         "text_layers": NON_NEGATIVE, "heads": AT_LEAST_ONE, "ffn_mult": AT_LEAST_ONE}
+
+    def relation_errors(self, prefix: str) -> list[str]:
+        """Attention splits the width evenly over the heads."""
+        if self.heads >= 1 and self.width % self.heads:
+            return [f"{prefix}width {self.width} must be a multiple of {prefix}heads "
+                    f"{self.heads}"]
+        return []
     width: int = 512  # model width D (paper: 512 for audio-video)
     encoder_width: int = 64  # channels of the first ResNet stage (ResNet18: 64)
     encoder_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ResNet18
@@ -278,7 +285,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def range_errors(obj: Any, prefix: str = "") -> list[str]:
     """One sentence per numeric field of dataclass ``obj`` (and the dataclasses in it)
-    whose value lies outside its ``RANGES`` entry; list items and dict values each."""
+    whose value lies outside its ``RANGES`` entry, list items and dict values each; then
+    those of the dataclass's ``relation_errors(prefix)``, when it has one."""
     errors = []
     ranges = getattr(type(obj), "RANGES", {})
     for f in dataclasses.fields(obj):
@@ -296,6 +304,8 @@ def range_errors(obj: Any, prefix: str = "") -> list[str]:
             if item not in ranges[f.name]:
                 finite = "" if math.isfinite(item) else "a finite number "
                 errors.append(f"{name} is {item!r} but must be {finite}{ranges[f.name]}")
+    if not errors and hasattr(obj, "relation_errors"):  # checks between fields
+        errors += obj.relation_errors(prefix)
     return errors
 
 

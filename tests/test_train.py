@@ -205,3 +205,14 @@ def test_config_differences_skip_only_the_free_keys():
     assert differences(saved, new) == [("data.device_cache", False, True),
                                        ("method.params.alpha", UNSET, 0.5),
                                        ("select_split", "", "test")]
+
+
+def test_relations_between_fields_are_checked():
+    from ccat.config import MethodConfig
+    from ccat.methods import METHODS
+
+    with pytest.raises(ConfigError, match="model.width 10 must be a multiple of model.heads 4"):
+        load_config(None, ["model.width=10", "model.heads=4"])
+    with pytest.raises(ConfigError, match="alpha_min 0.9 must not exceed method.params.alpha_max"):
+        METHODS.get("lfm")(MethodConfig(name="lfm", params={"alpha_min": 0.9, "alpha_max": 0.5}),
+                           1)

@@ -70,6 +70,13 @@ class LFM(Method):
         gap_loss: str = "contrastive"
         temperature: float = 0.1  # of the contrastive loss; not stated where we looked
 
+        def relation_errors(self, prefix: str) -> list[str]:
+            """The clip interval must not be empty."""
+            if self.alpha_min > self.alpha_max:
+                return [f"{prefix}alpha_min {self.alpha_min} must not exceed "
+                        f"{prefix}alpha_max {self.alpha_max}"]
+            return []
+
     def __init__(self, cfg: MethodConfig, epochs: int):
         super().__init__(cfg, epochs)
         if self.params.gap_loss not in GAP_LOSSES:
