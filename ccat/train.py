@@ -226,6 +226,8 @@ def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool,
     """Apply "a run folder holds one run": returns ``last.pt`` to resume from (None to
     start from the first epoch); ``overwrite`` removes the old run's files (rank 0)."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CcatError(f"--out {out} is a file, not a folder; choose a folder for the run")
     if resume and overwrite:
         raise CcatError("--resume continues the run in --out and --overwrite replaces it; "
                         "pass one of them")

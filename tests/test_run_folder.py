@@ -138,6 +138,9 @@ def test_used_out_needs_resume_or_overwrite(tiny, tmp_path):
     assert checkpoint_of(out / run_dir.BEST)["config"]["method"]["name"] == "sum"
     with pytest.raises(CcatError, match="found no run"):
         train(tiny_config(tiny, tmp_path / "empty", method="sum"), resume=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CcatError, match="is a file, not a folder"):
+        train(tiny_config(tiny, tmp_path / "file", method="sum"))
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tiny, tmp_path, monkeypatch):
