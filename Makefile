@@ -15,8 +15,10 @@ SPLITS_ks = train=$(RAW)/splits/train.txt test=$(RAW)/splits/test.txt
 SPLITS_mvsa = train=$(RAW)/splits/train.jsonl val=$(RAW)/splits/dev.jsonl test=$(RAW)/splits/test.jsonl
 SPLITS ?= $(if $(wildcard $(RAW)/splits/*),$(SPLITS_$(DATASET)))
 METHOD ?= ccat
+SEED ?= 0
 CONFIG ?= configs/$(DATASET).yaml
-RUN ?= runs/$(DATASET)/$(METHOD)
+# One layout for `make train` and `make table`: runs/<dataset>/<method>/s<seed>
+RUN ?= runs/$(DATASET)/$(METHOD)/s$(SEED)
 # Extra `ccat train` arguments, e.g. ARGS="--set model.text_model=/path/to/bert-base-uncased"
 ARGS ?=
 DEMO_DIR ?= runs/demo
@@ -41,10 +43,12 @@ shards: install
 		$(foreach s,$(SPLITS),--split $(s))
 	$(BIN)/ccat-data verify $(SHARDS)
 
-# Shards first when they are missing, then every stage of METHOD.
+# Shards first when they are missing, then every stage of METHOD with seed SEED. A RUN that
+# holds a run already needs ARGS=--resume (continue it) or ARGS=--overwrite (replace it).
 train: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
-	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN) $(ARGS)
+	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN) \
+		--set seed=$(SEED) $(ARGS)
 
 eval: install
 	$(BIN)/ccat eval --ckpt $(RUN)/best.pt --data $(SHARDS) --json $(RUN)/eval.json
@@ -76,8 +80,11 @@ test: install
 # CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat runs).
 #   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
 #   make ablation DATASET=cremad SEEDS="0 1 2"            -> runs/cremad/ablation/table.md
-# A run whose eval.json exists is skipped, one with last.pt continues (--resume), and a run
-# that fails stops make before the table (`make -k` trains the rest).
+# Every run folder is checked on every call: one holding a run continues it (--resume),
+# which returns at once when it is finished and refuses, naming the keys, when CONFIG or
+# ARGS changed since it was trained (ARGS+=--overwrite retrains such runs); eval.json is
+# written when missing or older than best.pt. A run that fails stops make before the
+# table (`make -k` trains the rest).
 METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm unimodal ccat
 SEEDS ?= 0 1 2
 ABLATIONS ?= fixed_classifier alternating secondary lora
@@ -85,12 +92,16 @@ RUNS ?= runs/$(DATASET)
 TABLE_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RUNS)/$(m)/s$(s)))
 ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \
 	$(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(RUNS)/ablation/no_$(a)/s$(s)))
+# --resume for a run folder $(1) that holds a run, unless ARGS asks for --overwrite.
+resume_flag = $(if $(findstring --overwrite,$(ARGS)),,$$(test -f $(1)/config.yaml && echo --resume))
 # Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt.
 train_eval = $(BIN)/ccat train --config $(CONFIG) --method $(1) --data $(SHARDS) --out $(@D) \
-	--set seed=$(2) $(3) $(ARGS) $$(test -f $(@D)/last.pt && echo --resume) && \
-	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --json $@
+	--set seed=$(2) $(3) $(ARGS) $(call resume_flag,$(@D)) && \
+	{ test $@ -nt $(@D)/best.pt || \
+	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --json $@; }
 
-.PHONY: table ablation have-shards
+.PHONY: table ablation have-shards FORCE
+FORCE:
 
 table: $(addsuffix /eval.json,$(TABLE_RUNS))
 	$(BIN)/ccat report $(TABLE_RUNS) --out $(RUNS)
@@ -101,10 +112,10 @@ ablation: $(addsuffix /eval.json,$(ABLATION_RUNS))
 have-shards: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
 
-$(RUNS)/ablation/no_%/eval.json: | have-shards
+$(RUNS)/ablation/no_%/eval.json: FORCE | have-shards
 	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.$(*D)=false)
 
-$(RUNS)/%/eval.json: | have-shards
+$(RUNS)/%/eval.json: FORCE | have-shards
 	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
 
 bench: install

@@ -4,8 +4,11 @@ exit non-zero."""
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +25,32 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 USER_ERRORS = (CcatError, ConfigError, DatasetError, SpecError, RegistryError)
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+
+
+@contextlib.contextmanager
+def interruptions_speak() -> Iterator[None]:
+    """Ctrl-C in training: one line saying where it stopped, what was saved and the
+    command that continues it; exit code 130."""
+    from ccat.train import Interrupted
+
+    try:
+        yield
+    except Interrupted as err:
+        console.print(f"[yellow]interrupted:[/yellow] {escape(str(err))}; continue with: "
+                      f"{escape(resume_command(sys.argv[1:]))}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted training: ``ccat train`` gets
+    ``--resume`` (and loses ``--overwrite``); ``ccat sweep`` resumes when run again."""
+    args = [a for a in argv if a != "--overwrite"]
+    if args[:1] == ["train"] and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["ccat", *args])
+
 
 @app.command()
 def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
@@ -29,12 +58,16 @@ def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
           data: Optional[str] = typer.Option(None, help="built dataset folder"),
           out: Optional[str] = typer.Option(None, help="run folder"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. optim.epochs=10"),
-          resume: bool = typer.Option(False, help="continue from OUT/last.pt")) -> None:
+          resume: bool = typer.Option(False, help="continue the run in OUT (from last.pt), "
+                                      "with its settings"),
+          overwrite: bool = typer.Option(False, help="replace the run in OUT: its files are "
+                                         "removed first")) -> None:
     """Train every stage of a method on built shards."""
     from ccat.train import train as run_training
 
     cfg = load_config(config, set_, {"method.name": method, "data.path": data, "out": out})
-    run_training(cfg, resume=resume)
+    with interruptions_speak():
+        run_training(cfg, resume=resume, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -102,7 +135,8 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
 
     cfg = load_config(config, set_, {"data.path": data})
     ranks, betas = parse_grid(rank, "--rank", integer=True), parse_grid(beta, "--beta")
-    run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
+    with interruptions_speak():
+        run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
 
 
 @app.command("list")
@@ -121,5 +155,5 @@ def main() -> None:
     try:
         app()
     except USER_ERRORS as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None

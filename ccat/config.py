@@ -1,18 +1,21 @@
 """Typed run configuration: dataclasses with the paper's defaults, strict YAML, overrides.
 
 A run's config is layered: the dataclass defaults, then a YAML file, then ``--set
-key=value`` overrides. Loading is strict: an unknown key or a value of the wrong type is
-a :class:`ConfigError` naming the dotted key.
+key=value`` overrides. Loading is strict: an unknown key, a value of the wrong type or a
+number outside its field's range (each dataclass's ``RANGES``) is a :class:`ConfigError`
+naming the dotted key. Numbers in scientific notation (``1e-3``) are floats, as in YAML 1.2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -21,10 +24,46 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: finite, above ``low`` (or at it, unless
+    ``low_open``) and below ``high`` (or at it, unless ``high_open``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or
+                                         (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1)  # [0, 1]
+SEED_RANGE = Range(0, 2**32 - 1)  # what numpy's seed accepts
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how batches are made from them."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batch_size": AT_LEAST_ONE, "workers": NON_NEGATIVE, "shuffle_buffer": AT_LEAST_ONE,
+        "frame_size": NON_NEGATIVE, "crop_scale_min": Range(0, 1, low_open=True),
+        "prefetch": AT_LEAST_ONE}
     path: str = ""  # a folder, an http(s):// URL or any fsspec URL
     cache_dir: str = ""  # where remote shards are kept; "" = $CCAT_CACHE_DIR or ~/.cache/ccat
     batch_size: int = 32  # paper
@@ -45,6 +84,16 @@ class DataConfig:
 class ModelConfig:
     """Encoders, fusion width and the LoRA rank; widths default to the paper's."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "width": AT_LEAST_ONE, "encoder_width": AT_LEAST_ONE, "encoder_blocks": AT_LEAST_ONE,
+        "text_layers": NON_NEGATIVE, "heads": AT_LEAST_ONE, "ffn_mult": AT_LEAST_ONE}
+
+    def relation_errors(self, prefix: str) -> list[str]:
+        """Attention splits the width evenly over the heads."""
+        if self.heads >= 1 and self.width % self.heads:
+            return [f"{prefix}width {self.width} must be a multiple of {prefix}heads "
+                    f"{self.heads}"]
+        return []
     width: int = 512  # model width D (paper: 512 for audio-video)
     encoder_width: int = 64  # channels of the first ResNet stage (ResNet18: 64)
     encoder_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ResNet18
@@ -61,6 +110,10 @@ class ModelConfig:
 class OptimConfig:
     """SGD with a step schedule, the paper's settings; every stage restarts it."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": AT_LEAST_ONE, "lr": POSITIVE, "momentum": Range(0, 1, high_open=True),
+        "weight_decay": NON_NEGATIVE, "step_size": AT_LEAST_ONE,
+        "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE, "encoder_lr": POSITIVE}
     epochs: int = 150
     lr: float = 1e-3
     momentum: float = 0.9
@@ -76,6 +129,9 @@ class OptimConfig:
 class MethodConfig:
     """Which method trains and its hyperparameters (those of ``ccat`` unless noted)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lambda_reg": NON_NEGATIVE, "rank": AT_LEAST_ONE, "beta": FRACTION,
+        "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE}
     name: str = "ccat"
     lambda_reg: float = 0.001  # Eq. 8 weight of the contribution-balance term
     rank: int = 2  # LoRA rank r
@@ -97,6 +153,8 @@ class MethodConfig:
 class RunConfig:
     """One training run."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"seed": SEED_RANGE, "threads": NON_NEGATIVE}
+
     seed: int = 0
     out: str = "runs/run"
     device: str = "auto"  # auto, cpu or cuda
@@ -108,6 +166,9 @@ class RunConfig:
     threads: int = 0  # CPU intra-op threads; 0 = torch's default (one per core)
     # torch.compile each encoder with this backend ("inductor" on CUDA); "" = eager.
     compile: str = ""
+    # The split that picks best.pt (best fused accuracy on it). "" = data.val_split when the
+    # data has it, else the last epoch: the test split is used only when named here.
+    select_split: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -162,12 +223,28 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_value(dotted, hints[key], value))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` and ``5E4`` are floats (YAML 1.2): YAML
+    1.1 reads a float only with a dot and a signed exponent, so they would be strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, with scientific notation read as floats."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only, no objects
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``'method.beta=0.2'`` -> ``{'method': {'beta': 0.2}}``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.epochs=10")
-    return _nest(key.strip(), yaml.safe_load(raw) if raw else "")
+    return _nest(key.strip(), load_yaml(raw) if raw else "")
 
 
 METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
@@ -179,7 +256,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
 
@@ -202,7 +279,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = RunConfig()
     for values in layers:
         merge(cfg, values)
+    check_ranges(cfg)
     return cfg
+
+
+def range_errors(obj: Any, prefix: str = "") -> list[str]:
+    """One sentence per numeric field of dataclass ``obj`` (and the dataclasses in it)
+    whose value lies outside its ``RANGES`` entry, list items and dict values each; then
+    those of the dataclass's ``relation_errors(prefix)``, when it has one."""
+    errors = []
+    ranges = getattr(type(obj), "RANGES", {})
+    for f in dataclasses.fields(obj):
+        value, dotted = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            errors += range_errors(value, f"{dotted}.")
+            continue
+        if f.name not in ranges:
+            continue
+        items = (value.items() if isinstance(value, dict) else
+                 ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else
+                 [("", value)])
+        for suffix, item in items:
+            name = f"{dotted}.{suffix}" if isinstance(value, dict) else f"{dotted}{suffix}"
+            if item not in ranges[f.name]:
+                finite = "" if math.isfinite(item) else "a finite number "
+                errors.append(f"{name} is {item!r} but must be {finite}{ranges[f.name]}")
+    if not errors and hasattr(obj, "relation_errors"):  # checks between fields
+        errors += obj.relation_errors(prefix)
+    return errors
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Raise a ConfigError naming every out-of-range numeric field of ``obj``."""
+    errors = range_errors(obj, prefix)
+    if errors:
+        raise ConfigError("; ".join(errors) + ".")
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -220,6 +331,34 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
     merge(cfg, values)
     return cfg
+
+
+# Keys that change how fast a run goes or where it reads and writes, not what it learns:
+# ``--resume`` accepts new values for these (data.path and data.cache_dir: the data's
+# fingerprint is checked). Workers and threads change the order of batches and of float
+# sums, so such a resume continues the same run but is no longer bit-identical to it.
+RESUME_FREE_KEYS = ("out", "threads", "data.path", "data.cache_dir", "data.workers",
+                    "data.prefetch", "data.pin_memory", "data.verify")
+UNSET = "(unset)"
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{'a.b': value}`` (an empty dict adds no key)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(saved: RunConfig, new: RunConfig,
+                free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, new value)`` for every key outside ``free`` that differs."""
+    old, now = flatten(to_dict(saved)), flatten(to_dict(new))
+    return [(k, old.get(k, UNSET), now.get(k, UNSET)) for k in sorted(old.keys() | now.keys())
+            if k not in free and old.get(k, UNSET) != now.get(k, UNSET)]
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -18,6 +18,7 @@ from ccat.contribution import contributions
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
+from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.methods import METHODS, Method
 from ccat.models import MultimodalModel
@@ -118,18 +119,38 @@ def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,
     return method, model.to(device)
 
 
+def run_data_path(ckpt: dict[str, Any]) -> str:
+    """Where the checkpoint's run found its data: the absolute path it recorded, else the
+    path as given (relative to where this runs), else a CcatError saying to pass --data."""
+    given = from_dict(ckpt["config"]).data.path
+    location = ckpt.get("data", {"given": given, "absolute": given})
+    candidates = list(dict.fromkeys([location["absolute"], location["given"]]))
+    for path in candidates:
+        if "://" in path or (Path(path) / MANIFEST_NAME).is_file():
+            return path
+    raise CcatError(f"the run's data is neither at {location['absolute']} nor at "
+                    f"{location['given']!r} from {Path.cwd()}; pass --data DIR (the shards "
+                    f"it was trained on)")
+
+
 def checkpoint_dataset(ckpt: dict[str, Any], ckpt_path: str | Path, data: str | None,
                        split: str) -> BuiltDataset:
     """The checkpoint's dataset (or ``data``), fingerprint-checked, with ``split`` present."""
     cfg = from_dict(ckpt["config"])
     try:
-        dataset = open_dataset(data or cfg.data.path, cfg.data.cache_dir or None)
+        dataset = open_dataset(data or run_data_path(ckpt), cfg.data.cache_dir or None)
     except DatasetError as err:
         raise CcatError(str(err)) from None
     checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
     if split not in dataset.splits:
         raise CcatError(f"{dataset.root} has no split {split!r}; choose one of {dataset.splits}")
     return dataset
+
+
+def checkpoint_selection(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """How the run chose this checkpoint (split or last epoch) and where it is in the run."""
+    chosen = ckpt.get("selection", {"split": None, "rule": "unrecorded (an older checkpoint)"})
+    return {**chosen, "stage": ckpt["stage"], "epoch": ckpt["epoch"]}
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
@@ -145,6 +166,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
         method, model = load_for_eval(ckpt, dataset, ctx.device)
         metrics = evaluate(method, model, dataset, split, ctx, cfg)
         metrics["run"] = run_block(cfg, dataset.name)  # who this is, for `ccat report`
+        metrics["selection"] = checkpoint_selection(ckpt)
     finally:
         distributed.cleanup()
     if ctx.main:

@@ -21,14 +21,15 @@ from typing import Any
 import yaml
 from rich.table import Table
 
+from ccat import run_dir
 from ccat.config import ConfigError, MethodConfig, RunConfig, from_dict
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.ui import make_console
 
 ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora")  # Table 2
-EVAL_NAME = "eval.json"
-CONFIG_NAME = "config.yaml"
+EVAL_NAME = run_dir.EVAL
+CONFIG_NAME = run_dir.CONFIG
 FORMATS = ("table", "markdown", "csv")
 CAPTION_MARKS = "**bold**: best in its column; <u>underlined</u>: second best"
 CSV_FIELDS = ["row", "method", "variant", "dataset", "accuracy", "mean", "std", "n", "seeds",

@@ -1,8 +1,14 @@
-"""The training loop: stages, epochs, SGD + StepLR, precision, logging, checkpoints."""
+"""The training loop: stages, epochs, SGD + StepLR, precision, logging, checkpoints.
+
+A run folder holds one run (see :mod:`ccat.run_dir` for its files and their write order):
+training into a folder that holds one needs ``resume`` (continue, with the saved config:
+any difference outside ``config.RESUME_FREE_KEYS`` is refused) or ``overwrite`` (start
+afresh). ``best.pt`` is chosen on ``RunConfig.select_split``: by default the validation
+split, or the last epoch when the data has none; never the test split unless named.
+"""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import defaultdict
@@ -17,9 +23,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ccat import checkpoint, distributed
+from ccat import checkpoint, distributed, run_dir
 from ccat.analysis import tblog
-from ccat.config import ConfigError, RunConfig, save_config, to_dict
+from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
+                         load_config, save_config, to_dict)
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
@@ -56,18 +63,59 @@ def make_optimizer(model: MultimodalModel, cfg: RunConfig) -> tuple[Optimizer, L
     return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.optim.step_size, cfg.optim.gamma)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the stage, the epoch and what was saved."""
+
+
+def open_run_data(cfg: RunConfig) -> BuiltDataset:
+    """The run's shards, opened (manifest only)."""
+    if not cfg.data.path:
+        raise CcatError("no data given: pass --data PATH or set data.path in the config")
+    try:
+        return open_dataset(cfg.data.path, cfg.data.cache_dir or None)
+    except DatasetError as err:
+        raise CcatError(str(err)) from None
+
+
+def selection_splits(cfg: RunConfig, dataset: BuiltDataset) -> tuple[str | None, str | None]:
+    """(the split evaluated after each epoch, the split whose best fused accuracy picks
+    best.pt, None = the last epoch): ``select_split`` when given, else the validation split,
+    else the last epoch, with the test split evaluated for the curves only."""
+    splits = dataset.splits
+    if cfg.select_split:
+        if cfg.select_split not in splits:
+            raise CcatError(f"select_split {cfg.select_split!r} is not a split of "
+                            f"{dataset.root} (it has {splits}); name one of those")
+        return cfg.select_split, cfg.select_split
+    if cfg.data.val_split in splits:
+        return cfg.data.val_split, cfg.data.val_split
+    return ("test" if "test" in splits else None), None
+
+
+def check_batch_size(cfg: RunConfig, dataset: BuiltDataset, world: int) -> None:
+    """A batch larger than the train split would repeat samples within an epoch."""
+    need, have = cfg.data.batch_size * world, dataset.num_samples("train")
+    if need > have:
+        ranks = f" x {world} ranks" if world > 1 else ""
+        raise CcatError(f"data.batch_size {cfg.data.batch_size}{ranks} is larger than the "
+                        f"train split of {dataset.root} ({have} samples); set "
+                        f"data.batch_size to at most {have // world}")
+
+
+def data_location(path: str) -> dict[str, str]:
+    """The data as given and as an absolute path (URLs are absolute already)."""
+    absolute = path if "://" in path else str(Path(path).expanduser().resolve())
+    return {"given": path, "absolute": absolute}
+
+
 class Run:
     """One training run's state: data, method, model, where it writes."""
 
     def __init__(self, cfg: RunConfig, ctx: distributed.Context):
-        if not cfg.data.path:
-            raise CcatError("no data given: pass --data PATH or set data.path in the config")
-        try:
-            self.dataset: BuiltDataset = open_dataset(cfg.data.path, cfg.data.cache_dir or None)
-        except DatasetError as err:
-            raise CcatError(str(err)) from None
+        self.dataset: BuiltDataset = open_run_data(cfg)
+        check_batch_size(cfg, self.dataset, ctx.world)
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        self.val_split = cfg.data.val_split if cfg.data.val_split in self.dataset.splits else "test"
+        self.val_split, self.select_split = selection_splits(cfg, self.dataset)
         seed_everything(cfg.seed)
         if ctx.device.type == "cpu":
             distributed.configure_cpu(cfg.deterministic, cfg.threads)
@@ -83,19 +131,43 @@ class Run:
             else None
         distributed.broadcast_model(self.model)
         self.last_good: Path | None = None
+        self.saved_at = ""  # "stage 'x', epoch n" of last.pt
+        self.at: tuple[int, int] | None = None  # (stage index, 0-based epoch) in training
+        self.steps = 0  # training batches so far, over all stages
         self.tb: Any = None  # the TensorBoard writer while train() runs (rank 0)
         self.history: list[dict[str, Any]] = []
 
+    def selection(self) -> dict[str, Any]:
+        """How best.pt is chosen, as the checkpoint and the eval JSON record it."""
+        if self.select_split is None:
+            return {"split": None, "rule": "last epoch"}
+        return {"split": self.select_split, "rule": "best fused accuracy"}
+
     def checkpoint(self, opt: Optimizer, sched: LRScheduler, stage_index: int, epoch: int,
-                   best: float, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Everything ``--resume`` and ``ccat eval`` need, plus the data fingerprint."""
+                   best: tuple[float, int], metrics: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything ``--resume`` and ``ccat eval`` need, plus the data fingerprint and
+        location; ``best`` is the selection score and the epoch it was reached at."""
         return {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
                 "method_state": self.method.state_dict(),
                 "stage": self.method.stages()[stage_index].name, "stage_index": stage_index,
-                "epoch": epoch, "best": best, "metrics": metrics, "config": to_dict(self.cfg),
+                "epoch": epoch, "step": self.steps, "best": best[0], "best_epoch": best[1],
+                "selection": self.selection(), "metrics": metrics or {},
+                "config": to_dict(self.cfg), "data": data_location(self.cfg.data.path),
                 "fingerprint": self.dataset.fingerprint,
                 "fingerprint_params": spec.fingerprint_params(self.dataset.manifest)}
+
+    def where(self) -> str:
+        """Where training is now and what is saved, for the interruption message."""
+        stages = self.method.stages()
+        saved = f"{self.last_good} ({self.saved_at})" if self.last_good else "none yet"
+        if self.at is None:
+            return (f"training of {self.out} stopped before an epoch began; last "
+                    f"checkpoint: {saved}")
+        index, epoch = self.at
+        return (f"training of {self.out} stopped in stage {stages[index].name!r} "
+                f"({index + 1} of {len(stages)}), epoch {epoch + 1} of "
+                f"{stages[index].epochs}; last checkpoint: {saved}")
 
 
 def seed_everything(seed: int) -> None:
@@ -104,21 +176,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """Train every stage of ``cfg.method``; returns one metrics row per epoch."""
+def train(cfg: RunConfig, resume: bool = False,
+          overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train every stage of ``cfg.method`` into ``cfg.out``; returns one metrics row per
+    epoch. ``resume`` continues the run there, ``overwrite`` replaces it."""
+    check_ranges(cfg)
     ctx = distributed.setup(cfg.device)
     try:
+        state = claim_folder(cfg, resume, overwrite, ctx.main)
+        if state is not None and finished(cfg, state):
+            return _report_finished(cfg, state, ctx.main)
         run = Run(cfg, ctx)
-        state = _resume_state(run) if resume else None
+        if resume:
+            _resume(run, state)
         if ctx.main:
             run.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run.out / "config.yaml")
+            save_config(cfg, run.out / run_dir.CONFIG)
+            console.print(f"best.pt: {_selection_text(run)}")
         with tblog.open_writer(run.out, ctx.main) as run.tb:  # OUT/tb/, rank 0 only
-            for index, stage in enumerate(run.method.stages()):
-                if state is not None and index < state["stage_index"]:
-                    continue
-                resuming = state is not None and index == state["stage_index"]
-                _train_stage(run, index, stage, state if resuming else None)
+            _train_stages(run, state)
         if ctx.main:
             console.print(summary_table(run.history))
         return run.history
@@ -126,60 +202,196 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         distributed.cleanup()
 
 
-def _resume_state(run: Run) -> dict[str, Any]:
-    """``OUT/last.pt``, checked against the data, and the metrics logged so far."""
-    path = run.out / "last.pt"
-    if not path.is_file():
-        raise CcatError(f"--resume found no {path}; start the run without --resume")
-    state = checkpoint.load(path)
-    checkpoint.check_fingerprint(state, run.dataset, str(path))
-    run.last_good = path
-    jsonl = run.out / "metrics.jsonl"
-    if jsonl.is_file():
-        run.history = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+def _train_stages(run: Run, state: dict[str, Any] | None) -> None:
+    """Every stage from the checkpoint's on; Ctrl-C becomes :class:`Interrupted`."""
+    try:
+        for index, stage in enumerate(run.method.stages()):
+            if state is not None and index < state["stage_index"]:
+                continue
+            resuming = state is not None and index == state["stage_index"]
+            _train_stage(run, index, stage, state if resuming else None)
+    except KeyboardInterrupt:
+        raise Interrupted(run.where()) from None
+
+
+def _selection_text(run: Run) -> str:
+    if run.select_split is None:
+        return (f"the last epoch (the data has no {run.cfg.data.val_split!r} split; "
+                f"--set select_split=test would select on test)")
+    return f"the best fused accuracy on {run.select_split!r}"
+
+
+def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool,
+                 main: bool = True) -> dict[str, Any] | None:
+    """Apply "a run folder holds one run": returns ``last.pt`` to resume from (None to
+    start from the first epoch); ``overwrite`` removes the old run's files (rank 0)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CcatError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    if resume and overwrite:
+        raise CcatError("--resume continues the run in --out and --overwrite replaces it; "
+                        "pass one of them")
+    if not resume:
+        if run_dir.holds_run(out) and not overwrite:
+            raise CcatError(f"{out} holds a run already; pass --resume to continue it, "
+                            f"--overwrite to replace it, or another --out")
+        if overwrite and main:
+            run_dir.clear(out)
+        return None
+    if not run_dir.holds_run(out):
+        raise CcatError(f"--resume found no run in {out}; start it without --resume")
+    state, saved = saved_run(out)
+    check_same_config(saved, cfg, out)
     return state
+
+
+OVERWRITE_FIX = ("rerun with the run's settings, or pass --overwrite to train it afresh with "
+                 "the new ones (make: add --overwrite to ARGS)")
+
+
+def saved_run(out: Path) -> tuple[dict[str, Any] | None, RunConfig]:
+    """The run in ``out``: its ``last.pt`` (None before the first epoch ended) and its
+    resolved config (the checkpoint's, else ``config.yaml``)."""
+    last, saved_config = out / run_dir.LAST, out / run_dir.CONFIG
+    state = checkpoint.load(last) if last.is_file() else None
+    if state is None and not saved_config.is_file():
+        raise CcatError(f"{out} has neither {run_dir.LAST} nor {run_dir.CONFIG}, so its "
+                        f"settings are unknown; pass --overwrite to train it afresh")
+    return state, (from_dict(state["config"]) if state
+                   else load_config(saved_config, (), None, None))
+
+
+def check_same_config(saved: RunConfig, cfg: RunConfig, out: Path,
+                      fix: str = OVERWRITE_FIX) -> None:
+    """Refuse a resume whose config changes anything that changes results, naming each
+    differing key with both values."""
+    changed = differences(saved, cfg)
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise CcatError(f"--resume of {out} would change its settings ({listed}); {fix}")
+
+
+def _stage_rows(stages: list[Stage], state: dict[str, Any]) -> int:
+    """Metrics rows written up to the checkpoint: one per epoch, across stages."""
+    return sum(s.epochs for s in stages[:state["stage_index"]]) + state["epoch"]
+
+
+def _stages(cfg: RunConfig) -> list[Stage]:
+    return METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs).stages()
+
+
+def finished(cfg: RunConfig, state: dict[str, Any]) -> bool:
+    """Whether ``state`` is the last epoch of the last stage."""
+    stages = _stages(cfg)
+    return state["stage_index"] == len(stages) - 1 and state["epoch"] == stages[-1].epochs
+
+
+def restore_folder(out: Path, stages: list[Stage], state: dict[str, Any] | None,
+                   main: bool) -> list[dict[str, Any]]:
+    """Undo what a kill left ahead of ``last.pt`` (see :mod:`ccat.run_dir`): cut
+    ``metrics.jsonl`` back to its epoch, and copy it to ``best.pt`` when its own epoch is the
+    selected one. Returns the metrics rows up to it."""
+    rows = 0 if state is None else _stage_rows(stages, state)
+    if not main:
+        return run_dir.read_metrics(out)[:rows]
+    history = run_dir.cut_metrics(out, rows)
+    if state is not None and state.get("best_epoch") == state["epoch"]:
+        run_dir.copy_atomic(out / run_dir.LAST, out / run_dir.BEST)
+    return history
+
+
+def _report_finished(cfg: RunConfig, state: dict[str, Any], main: bool) -> list[dict[str, Any]]:
+    """A resumed run that has nothing left to train: check its data and files, say so."""
+    out = Path(cfg.out)
+    checkpoint.check_fingerprint(state, open_run_data(cfg), str(out / run_dir.LAST))
+    history = restore_folder(out, _stages(cfg), state, main)
+    if main:
+        console.print(f"{out} finished already (stage {state['stage']!r}, epoch "
+                      f"{state['epoch']}); nothing to train")
+    return history
+
+
+def _resume(run: Run, state: dict[str, Any] | None) -> None:
+    """Check ``last.pt`` against the data, restore the folder to it, and say where
+    training continues."""
+    stages, last = run.method.stages(), run.out / run_dir.LAST
+    if state is not None:
+        checkpoint.check_fingerprint(state, run.dataset, str(last))
+    run.history = restore_folder(run.out, stages, state, run.ctx.main)
+    if state is not None:
+        run.last_good, run.steps = last, state.get("step", 0)
+        run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
+    if run.ctx.main:
+        console.print(f"resuming {run.out}: {_resume_point(stages, state, run.saved_at, last)}")
+
+
+def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: str,
+                  last: Path) -> str:
+    """Where a resumed run continues: stage, epoch and step."""
+    if state is None:
+        return (f"no checkpoint yet, starting at stage {stages[0].name!r} (1 of "
+                f"{len(stages)}), epoch 1, step 1")
+    index, epoch = state["stage_index"], state["epoch"]
+    if epoch == stages[index].epochs:
+        index, epoch = index + 1, 0
+    return (f"from {last} ({saved_at}) at stage {stages[index].name!r} ({index + 1} of "
+            f"{len(stages)}), epoch {epoch + 1} of {stages[index].epochs}, "
+            f"step {state.get('step', 0) + 1}")
 
 
 def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | None) -> None:
     """Run one stage's epochs (from the checkpoint's epoch when resuming)."""
     run.method.begin_stage(stage, run.model)
     opt, sched = make_optimizer(run.model, run.cfg)
-    start, best = 0, -1.0  # best.pt follows the best validation accuracy of the last stage
+    start, best = 0, (-1.0, 0)  # best.pt follows the selection of the last stage
     if state is not None:
         run.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         run.method.load_state_dict(state.get("method_state", {}))
-        start, best = state["epoch"], state["best"]
+        start, best = state["epoch"], (state["best"], state.get("best_epoch", 0))
     step = Step(opt, run.cfg.optim.grad_clip)
     for epoch in range(start, stage.epochs):
+        run.at = (index, epoch)
         run.method.begin_epoch(epoch)
         row = _train_epoch(run, stage, epoch, step)
         sched.step()
         distributed.average_buffers(run.model)
-        metrics = evaluate(run.method, run.model, run.dataset, run.val_split, run.ctx, run.cfg,
-                           run.cache)
-        row.update({f"{run.val_split}/acc/{k}": v for k, v in metrics["accuracy"].items()})
-        row.update({f"{run.val_split}/contrib/{k}": v for k, v in metrics["contribution"].items()})
-        best_now = metrics["accuracy"]["fused"] > best
-        best = max(best, metrics["accuracy"]["fused"])
+        metrics = _evaluate_epoch(run, row)
+        score = metrics["accuracy"]["fused"] if metrics and run.select_split else None
+        best_now = score is None or score > best[0]
+        if best_now:
+            best = (score if score is not None else best[0], epoch + 1)
         if run.ctx.main:
-            _save(run, opt, sched, index, epoch + 1, best, metrics, best_now, row)
+            _save(run, run.checkpoint(opt, sched, index, epoch + 1, best, metrics), best_now,
+                  row)
 
 
-def _save(run: Run, opt: Optimizer, sched: LRScheduler, index: int, epoch: int, best: float,
-          metrics: dict[str, Any], best_now: bool, row: dict[str, Any]) -> None:
-    """Rank 0: last.pt (and best.pt), metrics.jsonl, the epoch's table."""
-    ckpt = run.checkpoint(opt, sched, index, epoch, best, metrics)
-    checkpoint.save_atomic(ckpt, run.out / "last.pt")
-    if best_now:
-        checkpoint.save_atomic(ckpt, run.out / "best.pt")
-    run.last_good = run.out / "last.pt"
+def _evaluate_epoch(run: Run, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Metrics on the split evaluated each epoch, added to ``row`` (None without one)."""
+    if run.val_split is None:
+        return None
+    metrics = evaluate(run.method, run.model, run.dataset, run.val_split, run.ctx, run.cfg,
+                       run.cache)
+    row.update({f"{run.val_split}/acc/{k}": v for k, v in metrics["accuracy"].items()})
+    row.update({f"{run.val_split}/contrib/{k}": v for k, v in metrics["contribution"].items()})
+    return metrics
+
+
+def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -> None:
+    """Rank 0, in the order :mod:`ccat.run_dir` relies on: the metrics row, last.pt,
+    then best.pt (a copy of last.pt); then the epoch's table."""
     run.history.append(row)
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-    tblog.log_epoch(run.tb, row, len(run.history), run.val_split)
+    run_dir.append_metrics(run.out, row)
+    last = run.out / run_dir.LAST
+    checkpoint.save_atomic(ckpt, last)
+    run_dir.written(run_dir.LAST)
+    run.last_good, run.saved_at = last, f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
+    if best_now:
+        run_dir.copy_atomic(last, run.out / run_dir.BEST)
+        run_dir.written(run_dir.BEST)
+    tblog.log_epoch(run.tb, row, len(run.history), run.val_split or "")
     console.print(epoch_table(row))
 
 
@@ -209,6 +421,7 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
             for k, v in out.items():
                 sums[k] += v
             seen += len(batch.keys)
+            run.steps += 1
             progress.update(task, advance=1, loss=" ".join(f"{k}={v:.3f}" for k, v in out.items()
                                                           if k.startswith("loss")))
     elapsed = time.perf_counter() - started

@@ -158,12 +158,18 @@ def test_make_table_and_ablation_dry_run(tmp_path):
                          text=True, check=True).stdout
     train_lines = [line for line in out.splitlines() if " train " in line]
     eval_lines = [line for line in out.splitlines() if " eval " in line]
-    assert len(train_lines) == 3 and len(eval_lines) == 3
-    for method, seed in (("sum", 0), ("concat", 0), ("concat", 1)):
+    # finished runs too go through `ccat train --resume`, which refuses changed settings
+    assert len(train_lines) == 4 and len(eval_lines) == 4
+    for method, seed in (("sum", 0), ("sum", 1), ("concat", 0), ("concat", 1)):
         run = f"{tmp_path}/runs/{method}/s{seed}"
         assert any(f"--method {method} " in line and f"--out {run} " in line
-                   and f"--set seed={seed}" in line for line in train_lines)
+                   and f"--set seed={seed}" in line
+                   and f"test -f {run}/config.yaml && echo --resume" in line
+                   for line in train_lines)
         assert any(f"--json {run}/eval.json" in line for line in eval_lines)
+    out = subprocess.run([*common, "METHODS=sum", "ARGS=--overwrite", "table"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--overwrite" in out and "echo --resume" not in out
     assert any(" report " in line and f"{tmp_path}/runs/sum/s1" in line
                for line in out.splitlines())
     out = subprocess.run([*common, "ablation"], capture_output=True, text=True,

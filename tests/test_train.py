@@ -86,7 +86,7 @@ def test_non_finite_loss_names_stage_epoch_step_keys_and_checkpoint(tiny, tmp_pa
     monkeypatch.setattr(joint.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"),
                                                                                requires_grad=True))
     with pytest.raises(CcatError) as err:
-        train(cfg, resume=False)
+        train(cfg, overwrite=True)
     message = str(err.value)
     for part in ("stage 'joint'", "epoch 1", "step 1", "batch keys ['train_", "last good"):
         assert part in message
@@ -124,3 +124,95 @@ def test_compiled_encoders_train_and_save_plain_checkpoints(tmp_path):
     assert not any("_orig_mod" in k for k in ckpt["model"])
     metrics = evaluate_checkpoint(tmp_path / "run" / "best.pt")
     assert metrics["num_samples"] == 3
+
+
+def test_scientific_notation_reads_as_float_in_set_and_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 1e-3, weight_decay: 5E-4, encoder_lr: {text: 1e-5}}\n"
+                    "method: {name: ogm_ge, params: {alpha: 5e-1}}\n")
+    cfg = load_config(path, ["method.beta=2.5e-1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.encoder_lr, cfg.method.beta) == \
+        (1e-3, 5e-4, {"text": 1e-5}, 0.25)
+    assert cfg.method.params["alpha"] == 0.5
+    with pytest.raises(ConfigError, match="'optim.epochs' must be int"):
+        load_config(None, ["optim.epochs=1e3"])  # ints stay ints
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.lr=-1", "optim.lr is -1.0 but must be > 0"),
+    ("data.batch_size=0", "data.batch_size is 0 but must be >= 1"),
+    ("data.workers=-1", "data.workers is -1 but must be >= 0"),
+    ("optim.step_size=0", "optim.step_size is 0 but must be >= 1"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer is 0 but must be >= 1"),
+    ("data.frame_size=-5", "data.frame_size is -5 but must be >= 0"),
+    ("data.crop_scale_min=5", "data.crop_scale_min is 5.0 but must be in (0, 1]"),
+    ("method.rank=0", "method.rank is 0 but must be >= 1"),
+    ("optim.epochs=0", "optim.epochs is 0 but must be >= 1"),
+    ("optim.epochs=-3", "optim.epochs is -3 but must be >= 1"),
+    ("model.encoder_blocks=[2, 0]", "model.encoder_blocks[1] is 0 but must be >= 1"),
+    ("optim.encoder_lr={text: -1e-5}", "optim.encoder_lr.text is -1e-05 but must be > 0"),
+    ("optim.lr=.inf", "optim.lr is inf but must be a finite number > 0"),
+])
+def test_numbers_out_of_range_are_one_sentence_each(override, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == says + "."
+
+
+def test_method_params_ranges_are_checked(tiny, tmp_path):
+    from ccat.config import MethodConfig
+    from ccat.methods import METHODS
+
+    with pytest.raises(ConfigError, match=r"method.params.alpha is -0.5 but must be >= 0"):
+        METHODS.get("ogm_ge")(MethodConfig(name="ogm_ge", params={"alpha": -0.5}), 1)
+    cfg = tiny_config(tiny, tmp_path / "run", method="sum")
+    cfg.optim.epochs = 0  # a config built in Python is checked too
+    with pytest.raises(ConfigError, match="optim.epochs is 0"):
+        train(cfg)
+
+
+def _numeric(hint):
+    import typing
+
+    args = typing.get_args(hint)
+    return hint in (int, float) or (typing.get_origin(hint) in (list, dict)
+                                    and args[-1] in (int, float))
+
+
+def test_every_numeric_field_has_a_range():
+    """Walk every config dataclass and every registered method's Params."""
+    import dataclasses
+    import typing
+
+    from ccat.config import DataConfig, MethodConfig, ModelConfig, OptimConfig
+    from ccat.methods import METHODS
+
+    classes = [RunConfig, DataConfig, ModelConfig, OptimConfig, MethodConfig]
+    classes += [METHODS.get(n).Params for n in METHODS.names() if METHODS.get(n).Params]
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        numeric = {f.name for f in dataclasses.fields(cls) if _numeric(hints[f.name])}
+        assert numeric == set(getattr(cls, "RANGES", {})), cls.__qualname__
+
+
+def test_config_differences_skip_only_the_free_keys():
+    from ccat.config import UNSET, differences
+
+    saved, new = RunConfig(), RunConfig()
+    new.data.workers, new.threads, new.out, new.data.prefetch = 7, 3, "elsewhere", 9
+    assert differences(saved, new) == []
+    new.method.params, new.data.device_cache, new.select_split = {"alpha": 0.5}, True, "test"
+    assert differences(saved, new) == [("data.device_cache", False, True),
+                                       ("method.params.alpha", UNSET, 0.5),
+                                       ("select_split", "", "test")]
+
+
+def test_relations_between_fields_are_checked():
+    from ccat.config import MethodConfig
+    from ccat.methods import METHODS
+
+    with pytest.raises(ConfigError, match="model.width 10 must be a multiple of model.heads 4"):
+        load_config(None, ["model.width=10", "model.heads=4"])
+    with pytest.raises(ConfigError, match="alpha_min 0.9 must not exceed method.params.alpha_max"):
+        METHODS.get("lfm")(MethodConfig(name="lfm", params={"alpha_min": 0.9, "alpha_max": 0.5}),
+                           1)

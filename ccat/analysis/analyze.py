@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ccat import run_dir
 from ccat.analysis.curves import plot_run
 from ccat.analysis.geometry import feature_geometry
 from ccat.errors import CcatError
@@ -33,7 +34,7 @@ def analyze(run: str | Path | None = None, ckpt: str | Path | None = None, tsne:
         files.update(plot_run(run, out))
     scores: dict[str, Any] = {}
     if tsne:
-        result = feature_geometry(ckpt or Path(run) / "best.pt", data, split, out)
+        result = feature_geometry(ckpt or Path(run) / run_dir.BEST, data, split, out)
         files.update(result["files"])
         scores = {k: result[k] for k in ("representation", "tsne")}
     console.print(files_table(files))

@@ -3,7 +3,6 @@ and validation accuracy, fused and per modality, over the epochs of every stage.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ccat import run_dir
 from ccat.analysis.plots import new_figure, save
 from ccat.errors import CcatError
 
@@ -51,10 +51,11 @@ class History:
 def read_history(run: str | Path) -> History:
     """The run folder's metrics.jsonl (and beta from its config.yaml)."""
     run = Path(run)
-    path = run / "metrics.jsonl"
+    path = run / run_dir.METRICS
     if not path.is_file():
-        raise CcatError(f"{run} has no metrics.jsonl; pass a run folder written by `ccat train`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        raise CcatError(f"{run} has no {run_dir.METRICS}; pass a run folder written by "
+                        f"`ccat train`")
+    rows = run_dir.read_metrics(run)
     found = [m.group("split") for row in rows[:1] for m in map(VAL_ACC.match, row) if m]
     if not rows or not found:
         raise CcatError(f"{path} has no epoch with a validation accuracy; train at least one "
@@ -62,7 +63,7 @@ def read_history(run: str | Path) -> History:
     val = found[0]
     acc = f"{val}/acc/"
     modalities = [k[len(acc):] for k in rows[0] if k.startswith(acc) and k != f"{acc}fused"]
-    config = run / "config.yaml"
+    config = run / run_dir.CONFIG
     beta = None
     if any(k.startswith("selected/") for row in rows for k in row) and config.is_file():
         beta = float(yaml.safe_load(config.read_text(encoding="utf-8"))["method"]["beta"])

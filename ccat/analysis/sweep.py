@@ -3,10 +3,11 @@ Figure 4): every rank at the config's beta, then every beta at the best rank, ea
 scored by its best fused validation accuracy.
 
 Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this process. A
-folder whose run finished (last.pt and a metrics.jsonl row for every epoch of every
-stage) with the same config is reused, an unfinished one is resumed, one holding a run
-with another config is refused. The score is the best fused validation accuracy over the
-epochs of the last stage (the stage best.pt follows); ties go to the earlier grid value.
+folder whose run finished (last.pt at the last epoch of the last stage) with the same
+config is reused, an unfinished one is resumed, one holding a run with another config
+(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the best fused validation
+accuracy over the epochs of the last stage (the stage best.pt follows); ties go to the
+earlier grid value.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.table import Table
 
+from ccat import run_dir
 from ccat.analysis.plots import new_figure, save
 from ccat.config import RunConfig, from_dict, to_dict
 from ccat.data.reader import DatasetError, open_dataset
 from ccat.errors import CcatError
-from ccat.methods import METHODS
-from ccat.train import train
+from ccat.train import check_same_config, finished, saved_run, train
 from ccat.ui import make_console
 
 MAX_GRID = 1000  # values one option may expand to; more is a typo in a range's step
@@ -109,53 +109,19 @@ def run_name(rank: int, beta: float) -> str:
     return f"r{rank}_b{beta:g}"
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _config_differences(folder: Path, cfg: RunConfig) -> list[str]:
-    """Dotted keys where ``folder/config.yaml`` differs from ``cfg``."""
-    saved = _flatten(to_dict(from_dict(yaml.safe_load((folder / "config.yaml").read_text()))))
-    wanted = _flatten(to_dict(cfg))
-    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-
-
-def _rows(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``trial.folder``, reusing or resuming what is there."""
     folder = trial.folder
-    stages = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs).stages()
-    rows = _rows(folder)
-    has_last = (folder / "last.pt").is_file()
-    if rows and not has_last:
-        raise CcatError(f"{folder} has metrics.jsonl but no last.pt; remove the folder to "
-                        f"train that configuration again")
-    if has_last:
-        differ = _config_differences(folder, cfg) if (folder / "config.yaml").is_file() else ["all"]
-        if differ:
-            raise CcatError(f"{folder} holds a run with another config (differs in "
-                            f"{', '.join(differ)}); remove it or sweep into another --out")
-    done = has_last and len(rows) == sum(s.epochs for s in stages) \
-        and rows[-1]["stage"] == stages[-1].name
-    trial.status = "reused" if done else "resumed" if has_last else "trained"
+    resume = run_dir.holds_run(folder)
+    done = False
+    if resume:
+        state, saved = saved_run(folder)
+        check_same_config(saved, cfg, folder, fix="remove the folder or sweep into another --out")
+        done = state is not None and finished(cfg, state)
+    trial.status = "reused" if done else "resumed" if resume else "trained"
     console.print(f"[bold]sweep[/bold] rank {trial.rank}, beta {trial.beta:g}: {folder} "
-                  f"({'reused' if done else 'resuming' if has_last else 'training'})")
-    if done:
-        return rows
-    train(cfg, resume=has_last)
-    return _rows(folder)
+                  f"({'reused' if done else 'resuming' if resume else 'training'})")
+    return train(cfg, resume=resume)
 
 
 def score(trial: Trial, rows: list[dict[str, Any]], val: str) -> None:

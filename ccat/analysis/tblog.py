@@ -12,9 +12,9 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from ccat.run_dir import TB_DIR  # OUT/tb/: `tensorboard --logdir` at OUT or a folder of runs
 from ccat.ui import make_console
 
-TB_DIR = "tb"  # OUT/tb/: point `tensorboard --logdir` at OUT or at a folder of runs
 NOT_SCALARS = ("stage", "epoch")
 
 console = make_console()

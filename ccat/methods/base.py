@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig, merge
+from ccat.config import ConfigError, MethodConfig, ModelConfig, check_ranges, merge
 from ccat.data.pipeline import Batch
 from ccat.models import MultimodalModel, build_model
 from ccat.registry import Registry
@@ -50,7 +50,8 @@ def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> tor
 
 
 def parse_params(params_type: type | None, values: dict[str, Any], method: str) -> Any:
-    """``method.params`` checked strictly against the method's ``Params`` dataclass."""
+    """``method.params`` checked strictly against the method's ``Params`` dataclass (keys,
+    types and its ``RANGES``)."""
     if params_type is None:
         if values:
             raise ConfigError(f"method {method!r} takes no method.params, got {sorted(values)}; "
@@ -58,6 +59,7 @@ def parse_params(params_type: type | None, values: dict[str, Any], method: str) 
         return None
     params = params_type()
     merge(params, values, "method.params.")
+    check_ranges(params, "method.params.")
     return params
 
 

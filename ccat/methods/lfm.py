@@ -17,11 +17,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ccat.config import MethodConfig
+from ccat.config import FRACTION, NON_NEGATIVE, POSITIVE, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
@@ -58,6 +59,9 @@ class LFM(Method):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {
+            "rate": NON_NEGATIVE, "alpha_min": FRACTION, "alpha_max": FRACTION,
+            "temperature": POSITIVE}
         rate: float = 0.3  # a in alpha_t = exp(-a t) (heuristic strategy)
         alpha_min: float = 0.05  # alpha_t is clipped to [alpha_min, alpha_max]
         alpha_max: float = 0.95
@@ -65,6 +69,13 @@ class LFM(Method):
         # the released code aligns the modalities with a Jensen-Shannon divergence instead.
         gap_loss: str = "contrastive"
         temperature: float = 0.1  # of the contrastive loss; not stated where we looked
+
+        def relation_errors(self, prefix: str) -> list[str]:
+            """The clip interval must not be empty."""
+            if self.alpha_min > self.alpha_max:
+                return [f"{prefix}alpha_min {self.alpha_min} must not exceed "
+                        f"{prefix}alpha_max {self.alpha_max}"]
+            return []
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         super().__init__(cfg, epochs)

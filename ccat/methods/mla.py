@@ -18,13 +18,13 @@ Here the projection is applied, as the paper describes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ccat.config import MethodConfig
+from ccat.config import POSITIVE, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
@@ -61,6 +61,7 @@ class MLA(Method):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {"alpha": POSITIVE}
         # Regularizer alpha of the projector (gradient modification). The released code
         # anneals it from 0.1 to 0.01 over each epoch (0.1 ** (1 + batch / batches)).
         alpha: float = 0.1

@@ -12,13 +12,13 @@ loss. Under torchrun each rank combines its own gradients and ``step()`` average
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import ModelConfig
+from ccat.config import POSITIVE, ModelConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
@@ -64,6 +64,7 @@ class MMPareto(Method):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {"gamma": POSITIVE}
         # Extra factor on the encoders' combined gradient; the released code uses 1.5,
         # the paper's Algorithm 1 has none (1.0).
         gamma: float = 1.0

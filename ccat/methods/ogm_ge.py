@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import ConfigError, MethodConfig
+from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Outputs
 from ccat.methods.joint import JointMethod
@@ -71,6 +72,9 @@ class OGMGE(JointMethod):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {
+            "alpha": NON_NEGATIVE, "modulation_starts": NON_NEGATIVE,
+            "modulation_ends": NON_NEGATIVE}
         # Released code (GeWu-Lab/OGM-GE_CVPR2022, README "Tips"): alpha 0.8 for CREMA-D,
         # 0.1 for VGGSound; --modulation OGM_GE, --modulation_starts 0, --modulation_ends 50.
         alpha: float = 0.8

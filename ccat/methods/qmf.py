@@ -10,12 +10,12 @@ classifier f^m is its block of the concat head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ccat.config import MethodConfig
+from ccat.config import NON_NEGATIVE, POSITIVE, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.methods.protocol import zeroed_unimodal
@@ -54,6 +54,8 @@ class QMF(Method):
 
     @dataclass
     class Params:
+        RANGES: ClassVar[dict[str, Range]] = {"lambda_rank": NON_NEGATIVE,
+                                              "confidence_scale": POSITIVE}
         # Released code (QingyangZhang/QMF): --lamb 0.1 (RGBD train_QMF_*.py; the
         # text-image script adds the ranking term with weight 1); w = -0.1 * energy.
         lambda_rank: float = 0.1

@@ -1,0 +1,113 @@
+"""A run folder: the one place that names its files and reads, appends and cuts its metrics.
+
+A run folder holds one run. ``ccat train`` writes, per epoch and in this order:
+
+1. one row appended to ``metrics.jsonl`` (flushed and fsynced),
+2. ``last.pt`` (atomically): the commit point of the epoch,
+3. ``best.pt`` (atomically) when the epoch is the selected one so far; it is then a copy
+   of ``last.pt``.
+
+``--resume`` continues from ``last.pt``: rows after its epoch are cut from
+``metrics.jsonl``, and when ``last.pt`` records that its own epoch was the selected one,
+``best.pt`` is copied from it again. A kill after any of the three writes therefore
+resumes to the uninterrupted run: rows written ahead of ``last.pt`` are cut and trained
+again, and a ``best.pt`` missed by the kill is restored from ``last.pt``.
+
+Tests only: with ``CCAT_KILL_AFTER=NAME:N`` in the environment (``NAME`` one of
+``metrics.jsonl``, ``last.pt``, ``best.pt``), the process SIGKILLs itself right after its
+N-th write of that file, to exercise the kill points above on the real code path.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from ccat.errors import CcatError
+
+METRICS = "metrics.jsonl"
+LAST = "last.pt"
+BEST = "best.pt"
+CONFIG = "config.yaml"
+EVAL = "eval.json"  # what `make table` and the README's `ccat eval --json` write
+TB_DIR = "tb"  # OUT/tb/: TensorBoard event files
+DERIVED_DIRS = ("plots", "analysis")  # what `ccat analyze` writes into a run folder
+RUN_FILES = (METRICS, LAST, BEST, CONFIG)  # any of these: the folder holds a run
+KILL_ENV = "CCAT_KILL_AFTER"
+
+_writes: collections.Counter[str] = collections.Counter()
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds (part of) a run that ``ccat train`` wrote."""
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def clear(folder: Path) -> None:
+    """Remove the run files of ``folder`` (``--overwrite``); other files stay."""
+    for name in (*RUN_FILES, EVAL, *(f".{run_file}.tmp" for run_file in RUN_FILES)):
+        (folder / name).unlink(missing_ok=True)
+    for name in (TB_DIR, *DERIVED_DIRS):
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """Every complete row of ``folder/metrics.jsonl`` ([] when there is none)."""
+    path = folder / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a row cut by a kill mid-write: the rest was never written
+            break
+    return rows
+
+
+def cut_metrics(folder: Path, rows: int) -> list[dict[str, Any]]:
+    """Keep the first ``rows`` rows of ``metrics.jsonl`` (rewritten atomically); returns them."""
+    kept = read_metrics(folder)
+    if len(kept) < rows:
+        raise CcatError(f"{folder / METRICS} has {len(kept)} complete rows but {folder / LAST} "
+                        f"is at epoch {rows} of the run; the folder was changed by hand: "
+                        f"train it again with --overwrite")
+    kept = kept[:rows]
+    tmp = folder / f".{METRICS}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    os.replace(tmp, folder / METRICS)
+    return kept
+
+
+def append_metrics(folder: Path, row: dict[str, Any]) -> None:
+    """Append one epoch's row, flushed to disk before the epoch's checkpoint is written."""
+    with open(folder / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    written(METRICS)
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source``; readers never see half of it."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def written(name: str) -> None:
+    """Count a write of run file ``name``; the ``CCAT_KILL_AFTER`` test hook acts here."""
+    target = os.environ.get(KILL_ENV)
+    if not target:
+        return
+    _writes[name] += 1
+    file, _, count = target.rpartition(":")
+    if file == name and str(_writes[name]) == count:
+        os.kill(os.getpid(), signal.SIGKILL)
