@@ -406,4 +406,5 @@ class WorkerLoader:
             root = self.stream.dataset.root
             return LoaderFailure(f"the loader's workers stopped while reading split "
                                  f"{self.stream.split!r} of {root} ({reason}); run `ccat-data "
-                                 f"verify {root}`, and look for a slow or hung file system")
+                                 f"verify {root}`, and check that its file system answers and "
+                                 "that memory suffices for data.workers")
