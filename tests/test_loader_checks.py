@@ -213,3 +213,17 @@ def test_a_worker_that_dies_ends_the_epoch_with_a_sentence(data):
     with pytest.raises(ShardError, match="workers stopped while reading split 'train' .*"
                                          "exited unexpectedly"):
         list(WorkerLoader(stream, cfg))
+
+
+def test_skipping_samples_seeks_past_them_and_still_finds_a_cut(data):
+    path = data / "train-000000.tar"
+    with open(path, "rb") as f:
+        read = list(spec.iter_tar_samples(f))
+    with open(path, "rb") as f:
+        skipped = list(spec.iter_tar_samples(f, keep=lambda i: i % 3 == 0))
+    assert [k for k, _ in skipped] == [k for k, _ in read]
+    assert [m for k, m in skipped] == [m if i % 3 == 0 else None for i, (k, m) in
+                                       enumerate(read)]
+    path.write_bytes(path.read_bytes()[:member_offsets(path)[-1][0] + 700])  # in a member
+    with open(path, "rb") as f, pytest.raises(spec.SpecError, match="ends inside a"):
+        list(spec.iter_tar_samples(f, keep=lambda i: False))

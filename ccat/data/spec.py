@@ -252,11 +252,12 @@ def iter_tar_members(fileobj: BinaryIO, skip: Callable[[str], bool] | None = Non
             raise SpecError("a tar header fails its checksum: the shard is corrupt")
         kind = header[156:157]
         padding = -size % TAR_BLOCK  # to the next block
-        if kind in TAR_REGULAR and skip is not None and skip(long_name or _ustar_name(header)):
+        name = (long_name or _ustar_name(header)) if kind in TAR_REGULAR else ""
+        if skip is not None and name and skip(name):
             if fileobj.seek(size + padding, io.SEEK_CUR) > end:
                 raise SpecError(f"the tar stream ends inside a {size}-byte member: the shard "
                                 "is truncated")
-            yield long_name or _ustar_name(header), None
+            yield name, None
             long_name = None
             continue
         data = fileobj.read(size)
@@ -268,7 +269,7 @@ def iter_tar_members(fileobj: BinaryIO, skip: Callable[[str], bool] | None = Non
         elif kind == b"x":  # pax extended header: its path, if any, names the next member
             long_name = _pax_path(data) or long_name
         elif kind in TAR_REGULAR:
-            yield long_name or _ustar_name(header), data
+            yield name, data
             long_name = None
         elif kind != b"g":
             long_name = None  # directories, links: not members of a sample
