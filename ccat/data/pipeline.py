@@ -380,7 +380,8 @@ class WorkerLoader:
         self.loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                  prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
                                  pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                                 timeout=WORKER_STALL_S if cfg.workers > 0 else 0)
+                                 timeout=WORKER_STALL_S if cfg.workers > 0 else 0,
+                                 in_order=True)  # batch j from worker j % workers, in turn
 
     def __iter__(self) -> Iterator[Batch]:
         batches = iter(self.loader)
