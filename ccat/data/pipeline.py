@@ -3,13 +3,14 @@
 The guarantee, per epoch, computed from the manifest's sample counts alone:
 
 - Training: every rank runs ``num_train_batches`` = floor(N / (world x batch)) full
-  batches. The N - world x batch x that samples left over (fewer than world x batch) are
-  **dropped** for that epoch, and every other training sample is drawn exactly once over
-  all ranks and workers. Which samples are dropped changes with the epoch.
+  batches. The remainder, N mod (world x batch) samples, is **dropped** for that epoch,
+  and every other training sample is drawn exactly once over all ranks and workers.
+  Which samples are dropped changes with the epoch.
 - The order is seeded by (seed, epoch) and differs per epoch: the shards are put in a
   seeded order and read as one sequence, started at a seeded offset (so the dropped
   remainder falls anywhere); rank r takes the r-th run of ``num_train_batches x batch``
-  samples of it, reading its shards whole and front to back; its samples pass once through
+  samples of it. Shards are read sequentially, front to back (one split between two runs
+  is read by both, each seeking past the other's part). A rank's samples pass once through
   a shuffle buffer of ``data.shuffle_buffer`` that is flushed at the end of the pass.
 - Workers split a rank's batches, not its samples: batch j is made by worker
   j % workers, which reads the rank's sequence and seeks past the samples of other
