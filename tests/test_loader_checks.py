@@ -12,11 +12,10 @@ import pytest
 
 from ccat.cli import main
 from ccat.config import ConfigError, DataConfig, load_config
-from ccat.data import open_dataset, spec
-from ccat.data import pipeline
+from ccat.data import open_dataset, pipeline, spec
 from ccat.data.integrity import ShardError
 from ccat.data.pipeline import ShardStream, Transform, WorkerLoader, make_loader
-from ccat.train import train
+from ccat.train import train as run_training
 from train_helpers import tiny_config, write_tiny_dataset
 
 
@@ -51,9 +50,10 @@ def member_offsets(path):
         return [(m.offset, m.name) for m in tar.getmembers()]
 
 
-def epoch(root, split="train", train_=True, **cfg):
-    cfg = DataConfig(batch_size=4, **{"workers": 0, "shuffle_buffer": 8, **cfg})
-    return [b.keys for b in make_loader(open_dataset(root), split, cfg, train=train_, seed=0)]
+def epoch(root, split="train", train=True, **fields):
+    """The keys of one epoch of ``split`` (batch 4), with DataConfig ``fields``."""
+    cfg = DataConfig(batch_size=4, **{"workers": 0, "shuffle_buffer": 8, **fields})
+    return [b.keys for b in make_loader(open_dataset(root), split, cfg, train=train, seed=0)]
 
 
 def test_the_undamaged_data_passes_every_verify_mode(data):
@@ -147,7 +147,7 @@ def test_a_label_outside_the_classes_is_refused_by_every_reader(data):
                    lambda m: {**m, spec.LABEL_MEMBER: spec.encode_label(5)})
     says = r"test-000001.tar .* labels sample 'test_0009' 5, outside the 3 classes \(0..2\)"
     with pytest.raises(ShardError, match=says):
-        epoch(data, "test", train_=False, workers=2)
+        epoch(data, "test", train=False, workers=2)
     with pytest.raises(ShardError, match=says):
         list(open_dataset(data).iter_samples("test"))
 
@@ -163,7 +163,7 @@ def test_eval_refuses_a_test_split_with_a_bad_label_in_one_line(data, tmp_path, 
                                                                 capsys):
     cfg = tiny_config(data, tmp_path / "run", method="sum")
     cfg.data.val_split = "test"
-    train(cfg)
+    run_training(cfg)
     rewrite_sample(data, "test-000000.tar", "test_0002",
                    lambda m: {**m, spec.LABEL_MEMBER: spec.encode_label(3)})
     code, err = run_main(["eval", "--ckpt", str(tmp_path / "run" / "last.pt")], monkeypatch,
