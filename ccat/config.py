@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -78,6 +78,8 @@ class DataConfig:
     device_cache: bool = False
     prefetch: int = 2  # batches each loader worker decodes ahead
     pin_memory: bool = True  # page-locked batches for asynchronous copies (CUDA only)
+    # Before each epoch, each shard against the manifest: size (a stat), sha (re-hash), none.
+    verify: Literal["size", "sha", "none"] = "size"
 
 
 @dataclass
@@ -179,6 +181,11 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
     """Return ``value`` if it fits type ``hint`` (ints widen to float), else raise."""
     origin = typing.get_origin(hint)
     if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"config key {key!r} must be one of "
+                              f"{', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ccat.config import DataConfig
+from ccat.data import spec
+from ccat.data.integrity import verify_shards
 from ccat.data.pipeline import (EVAL_CROP_FRACTION, IMAGE_SIZE, PAD_ID, Batch, ShardStream,
-                                Transform, center_square, crop_box, num_train_batches,
-                                worker_loader)
+                                Transform, WorkerLoader, center_square, crop_box,
+                                num_train_batches)
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
 from ccat.ui import make_console
@@ -108,8 +110,10 @@ class DeviceCache:
         modalities = self.dataset.modalities
         transform = (CacheTransform(modalities, self.cfg) if train
                      else Transform(modalities, self.cfg, train=False))
-        stream = ShardStream(self.dataset.shard_paths(name), modalities, self.cfg, train=False,
-                             seed=0, epoch=0, rank=0, world=1, transform=transform)
+        verify_shards(self.dataset.root, spec.shards_of(self.dataset.manifest, name),
+                      self.cfg.verify)
+        stream = ShardStream(self.dataset, name, self.cfg, train=False, seed=0, epoch=0, rank=0,
+                             world=1, transform=transform)
         total = self.dataset.num_samples(name)
         keys: list[str] = []
         labels, inputs = [], {m: [] for m in self.dataset.modalities}
@@ -118,15 +122,12 @@ class DeviceCache:
                             transient=True)
         with progress:
             task = progress.add_task("cache", total=total)
-            for batch in worker_loader(stream, self.cfg):
+            for batch in WorkerLoader(stream, self.cfg):
                 keys += batch.keys
                 labels.append(batch.label)
                 for m, x in batch.inputs.items():
                     inputs[m].append(x.to(self.device, non_blocking=True))
                 progress.update(task, advance=len(batch.keys))
-        if len(keys) != total:
-            raise CcatError(f"caching split {name!r} of {self.dataset.root} read {len(keys)} "
-                            f"samples but the manifest lists {total}; run `ccat-data verify`")
         tensors, lengths = {}, {}
         for m, parts in inputs.items():
             if parts[0].dim() == 2 and not parts[0].is_floating_point():  # token ids
@@ -152,7 +153,8 @@ class DeviceCache:
     def batches(self, split: str, *, train: bool, seed: int, epoch: int = 0, rank: int = 0,
                 world: int = 1) -> Iterator[Batch]:
         """Training: a seeded permutation dealt to ranks, ``num_train_batches`` augmented
-        batches per rank. Evaluation: every sample once over all ranks, in cache order."""
+        batches per rank, each sample at most once (the remainder dropped, as streaming).
+        Evaluation: every sample once over all ranks, in cache order."""
         data = self.split(split, train)
         size = len(data.keys)
         if not train:
@@ -164,7 +166,7 @@ class DeviceCache:
             int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])))
         batch_size = self.cfg.batch_size
         count = num_train_batches(self.dataset, batch_size, world)
-        mine = order[rank::world].repeat(math.ceil(count * batch_size / max(1, size // world)))
+        mine = order[rank::world][:count * batch_size]  # the rest, < world x batch, dropped
         rng = np.random.default_rng([seed, epoch, rank])
         for b in range(count):
             batch = data.gather(mine[b * batch_size:(b + 1) * batch_size])

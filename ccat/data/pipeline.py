@@ -1,16 +1,34 @@
-"""Shards -> decoded, augmented batches, split by rank then worker (open_clip's stage list).
+"""Shards -> decoded, augmented batches for one rank (open_clip's stage list).
 
-Training: a seeded shard order identical on every rank, shards dealt to (rank, worker)
-slots, a shuffle buffer over undecoded samples, decode, augment, batch in the worker.
-Every rank yields the same number of batches per epoch (``num_train_batches``); a slot
-that runs out of samples starts over on its shards, so fewer shards than ranks x workers
-never hangs. Evaluation: every sample of the split exactly once across all slots.
+The guarantee, per epoch, computed from the manifest's sample counts alone:
+
+- Training: every rank runs ``num_train_batches`` = floor(N / (world x batch)) full
+  batches. The remainder, N mod (world x batch) samples, is **dropped** for that epoch,
+  and every other training sample is drawn exactly once over all ranks and workers.
+  Which samples are dropped changes with the epoch.
+- The order is seeded by (seed, epoch) and differs per epoch: the shards are put in a
+  seeded order and read as one sequence, started at a seeded offset (so the dropped
+  remainder falls anywhere); rank r takes the r-th run of ``num_train_batches x batch``
+  samples of it. Shards are read sequentially, front to back (one split between two runs
+  is read by both, each seeking past the other's part). A rank's samples pass once through
+  a shuffle buffer of ``data.shuffle_buffer`` that is flushed at the end of the pass.
+- Workers split a rank's batches, not its samples: batch j is made by worker
+  j % workers, which reads the rank's sequence and seeks past the samples of other
+  workers' batches. With DataLoader's in-order round robin the batches, their order and
+  their augmentation (seeded per batch) are the same for any ``data.workers``.
+- Evaluation: rank r reads the r-th of ``world`` near-equal runs of the split in manifest
+  order, so every sample is seen exactly once over all ranks; only the last batch of a
+  rank may be short.
+- Checks (:mod:`ccat.data.integrity`): shard sizes before the epoch (``data.verify``),
+  each shard's sample count, every decode and every label while reading. A failure, a
+  worker that dies, or one that sends nothing for ``WORKER_STALL_S`` seconds ends the
+  iteration in the main process with a :class:`ShardError` naming the shard and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,7 +40,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ccat.config import DataConfig
 from ccat.data import spec
-from ccat.data.reader import BuiltDataset, Sample, decode_sample
+from ccat.data.integrity import ShardError, decode_checked, read_shard, verify_shards
+from ccat.data.reader import BuiltDataset, Sample
+from ccat.errors import CcatError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,115 +173,240 @@ def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Ten
     return Batch(list(keys), torch.tensor(labels, dtype=torch.long), stacked)
 
 
-class ShardStream(IterableDataset):
-    """Batches of one split for one rank; see the module docstring for the contract."""
 
-    def __init__(self, shards: list[Path], modalities: dict[str, dict[str, Any]],
-                 cfg: DataConfig, *, train: bool, seed: int, epoch: int, rank: int, world: int,
-                 num_batches: int = 0, num_samples: int = 0,
-                 transform: Transform | None = None):
-        self.shards, self.modalities, self.cfg = shards, modalities, cfg
-        self.train, self.seed, self.epoch = train, seed, epoch
-        self.rank, self.world, self.num_batches = rank, world, num_batches
-        self.num_samples = num_samples  # of the split; caps the shuffle buffer
-        self.transform = transform or Transform(modalities, cfg, train)
+# First words of the seeds, so the draws of the shard order, the shuffle buffer and the
+# augmentation never share a stream.
+ORDER_SEED, BUFFER_SEED, AUGMENT_SEED = 0, 1, 2
+WORKER_STALL_S = 300  # a worker that sends no batch for this long ends the run
+WORKER_EXCEPTION = "Caught "  # how DataLoader words an exception re-raised from a worker
 
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world * workers
-        rng = np.random.default_rng([self.seed, self.epoch, slot])
-        if self.train:
-            quota = self.num_batches // workers + (worker < self.num_batches % workers)
-            # A buffer larger than this slot's share would read samples twice before
-            # yielding the first, and discard them at the end of the epoch.
-            buffer = min(self.cfg.shuffle_buffer, max(1, self.num_samples // slots))
-            samples = self._shuffled(self._train_raw(slot, slots, rng), rng, buffer)
-        else:
-            quota, samples = -1, self._eval_raw(slot, slots)
-        yield from self._batches(samples, quota, rng)
 
-    def _read(self, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-        with open(path, "rb") as f:
-            yield from spec.iter_tar_samples(f)
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``start..stop - 1`` of a shard, at ``first..`` of a rank's sequence."""
 
-    def _train_raw(self, slot: int, slots: int,
-                   rng: np.random.Generator) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """This slot's shards, endlessly; the first pass order is the same on every rank."""
-        order = list(self.shards)
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        order = order * math.ceil(slots / len(order))  # every slot gets at least one shard
-        mine = order[slot::slots]
-        while True:
-            for path in mine:
-                yield from self._read(path)
-            rng.shuffle(mine)
+    shard: spec.ShardInfo
+    start: int
+    stop: int
+    first: int
 
-    def _eval_raw(self, slot: int, slots: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Whole shards per slot when there are enough, else every slots-th sample."""
-        if len(self.shards) >= slots:
-            for path in self.shards[slot::slots]:
-                yield from self._read(path)
-            return
-        index = 0
-        for path in self.shards:
-            for raw in self._read(path):
-                if index % slots == slot:
-                    yield raw
-                index += 1
 
-    def _shuffled(self, raw: Iterator, rng: np.random.Generator, size: int) -> Iterator:
-        """A shuffle buffer of ``size`` undecoded samples."""
-        buffer: list = []
-        for item in raw:
-            if len(buffer) < size:
-                buffer.append(item)
-                continue
-            pick = int(rng.integers(len(buffer)))
-            buffer[pick], item = item, buffer[pick]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads in an epoch and the order in which its batches take it."""
 
-    def _batches(self, raw: Iterator, quota: int, rng: np.random.Generator) -> Iterator[Batch]:
-        """Decode, transform and collate; stop after ``quota`` batches (-1: at the end)."""
-        keys, labels, inputs, made = [], [], [], 0
-        for key, members in raw:
-            if made == quota:
-                return
-            sample = decode_sample(key, members, self.modalities)
-            keys.append(key)
-            labels.append(sample.label)
-            inputs.append(self.transform(sample, rng))
-            if len(keys) == self.cfg.batch_size:
-                yield collate(keys, labels, inputs)
-                keys, labels, inputs, made = [], [], [], made + 1
-        if keys and quota < 0:
-            yield collate(keys, labels, inputs)
+    segments: list[Segment]
+    order: list[int]  # positions in the rank's sequence, in the order batches take them
+    batch_size: int
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def batch(self, index: int) -> list[int]:
+        return self.order[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def cut(shards: list[spec.ShardInfo], begin: int, length: int) -> list[Segment]:
+    """``length`` samples of the shards read one after another, from sample ``begin`` of
+    that sequence on, wrapping from the last shard to the first."""
+    total = sum(s.num_samples for s in shards)
+    if length == 0:
+        return []
+    index, start = 0, begin % total
+    while start >= shards[index].num_samples:
+        start -= shards[index].num_samples
+        index += 1
+    segments, first = [], 0
+    while first < length:
+        take = min(shards[index].num_samples - start, length - first)
+        if take > 0:
+            segments.append(Segment(shards[index], start, start + take, first))
+        first, start, index = first + take, 0, (index + 1) % len(shards)
+    return segments
+
+
+def buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
+    """The order in which a shuffle buffer of ``size`` emits items 0..n-1 streamed into it:
+    each arrival past the first ``size`` replaces a random resident, which leaves; at the
+    end of the pass the residents leave in a random order (no second pass refills it)."""
+    size = max(1, min(size, n))
+    buffer, out = list(range(min(size, n))), []
+    for item, pick in zip(range(size, n), rng.integers(size, size=max(0, n - size))):
+        out.append(buffer[pick])
+        buffer[pick] = item
+    rng.shuffle(buffer)
+    return out + buffer
+
+
+def _full_batches(dataset: BuiltDataset, split: str, batch_size: int, world: int) -> int:
+    count = dataset.num_samples(split) // (batch_size * world)
+    if count < 1:
+        raise CcatError(f"split {split!r} of {dataset.root} has {dataset.num_samples(split)} "
+                        f"samples, fewer than one batch for each of {world} process(es) "
+                        f"({world} x data.batch_size {batch_size}); lower data.batch_size")
+    return count
 
 
 def num_train_batches(dataset: BuiltDataset, batch_size: int, world: int) -> int:
-    """Batches every rank runs per epoch: the split divided evenly, the remainder dropped."""
-    return max(1, dataset.num_samples("train") // (batch_size * world))
+    """Full batches every rank runs per epoch; the remainder, fewer than world x batch
+    samples, is dropped (see the module docstring)."""
+    return _full_batches(dataset, "train", batch_size, world)
+
+
+def train_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, seed: int, epoch: int,
+               rank: int, world: int) -> RankPlan:
+    """Rank ``rank``'s run of the epoch's seeded sequence, shuffled by the buffer. The last
+    rank also reads (without using) the dropped remainder, so that every shard's count is
+    checked every epoch."""
+    shards = spec.shards_of(dataset.manifest, split)
+    total = dataset.num_samples(split)
+    per_rank = _full_batches(dataset, split, cfg.batch_size, world) * cfg.batch_size
+    rng = np.random.default_rng([ORDER_SEED, seed, epoch])
+    shards = [shards[i] for i in rng.permutation(len(shards))]
+    begin = int(rng.integers(total)) + rank * per_rank
+    length = per_rank if rank < world - 1 else total - rank * per_rank
+    order = buffer_order(per_rank, cfg.shuffle_buffer,
+                         np.random.default_rng([BUFFER_SEED, seed, epoch, rank]))
+    return RankPlan(cut(shards, begin, length), order, cfg.batch_size)
+
+
+def eval_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, rank: int,
+              world: int) -> RankPlan:
+    """Rank ``rank``'s share of the split in manifest order: samples
+    ``rank * N // world`` to ``(rank + 1) * N // world - 1``."""
+    total = dataset.num_samples(split)
+    begin, end = rank * total // world, (rank + 1) * total // world
+    return RankPlan(cut(spec.shards_of(dataset.manifest, split), begin, end - begin),
+                    list(range(end - begin)), cfg.batch_size)
+
+
+@dataclass(frozen=True)
+class LoaderFailure:
+    """A worker's error on its way to the main process, where it is raised as itself."""
+
+    message: str
+
+
+class ShardStream(IterableDataset):
+    """Batches of one split for one rank; see the module docstring for the contract."""
+
+    def __init__(self, dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool,
+                 seed: int, epoch: int, rank: int, world: int,
+                 transform: Transform | None = None):
+        self.dataset, self.split, self.cfg = dataset, split, cfg
+        self.train, self.seed, self.epoch = train, seed, epoch
+        self.rank, self.world = rank, world
+        self.transform = transform or Transform(dataset.modalities, cfg, train)
+        self.plan = (train_plan(dataset, split, cfg, seed, epoch, rank, world) if train
+                     else eval_plan(dataset, split, cfg, rank, world))
+
+    def __iter__(self) -> Iterator[Batch | LoaderFailure]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            yield from self._batches(range(worker, self.plan.num_batches, workers))
+        except ShardError as err:
+            yield LoaderFailure(str(err))
+
+    def _batches(self, mine: range) -> Iterator[Batch]:
+        """Batches ``mine`` of the plan, each made once its samples have been read (they
+        come in position order); then the rest of the rank's shards, to check their counts."""
+        if not mine:
+            return
+        plan = self.plan
+        samples = self._read(plan.segments, {p for j in mine for p in plan.batch(j)})
+        held: dict[int, tuple[str, str, dict[str, bytes]]] = {}
+        last = -1
+        for j in mine:
+            positions = plan.batch(j)
+            while last < max(positions):
+                last, shard, key, members = next(samples)
+                held[last] = shard, key, members
+            rng = np.random.default_rng([AUGMENT_SEED, self.seed, self.epoch, self.rank, j])
+            yield self._collate([held.pop(p) for p in positions], rng)
+        for _ in samples:
+            pass
+
+    def _read(self, segments: list[Segment], wanted: set[int]
+              ) -> Iterator[tuple[int, str, str, dict[str, bytes]]]:
+        """``(position, shard, key, members)`` of the wanted samples, in file order; the
+        others are seeked past."""
+        root = self.dataset.root
+        for seg in segments:
+            def keep(index: int, seg: Segment = seg) -> bool:
+                return seg.start <= index < seg.stop and seg.first + index - seg.start in wanted
+
+            with contextlib.closing(read_shard(root, seg.shard, keep)) as reading:
+                for index, key, members in reading:
+                    if index == seg.stop:  # the shard goes on, in another rank's run
+                        break
+                    if members is not None:
+                        yield seg.first + index - seg.start, seg.shard.name, key, members
+
+    def _collate(self, samples: list[tuple[str, str, dict[str, bytes]]],
+                 rng: np.random.Generator) -> Batch:
+        """Decode (checked), transform and stack one batch."""
+        keys, labels, inputs = [], [], []
+        for shard, key, members in samples:
+            sample = decode_checked(self.dataset.root, shard, key, members,
+                                    self.dataset.modalities, len(self.dataset.classes))
+            keys.append(key)
+            labels.append(sample.label)
+            inputs.append(self.transform(sample, rng))
+        return collate(keys, labels, inputs)
 
 
 def make_loader(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,
                 epoch: int = 0, rank: int = 0, world: int = 1,
                 cache: Any = None) -> Iterable[Batch]:
     """Batches of ``split`` for this rank: from ``cache`` (a :class:`DeviceCache`) when
-    given, else a DataLoader whose workers read, decode and augment the shards."""
+    given, else, once the shards' sizes are checked (``cfg.verify``), from workers that
+    read, decode and augment the shards."""
     if cache is not None:
         return cache.batches(split, train=train, seed=seed, epoch=epoch, rank=rank, world=world)
-    stream = ShardStream(dataset.shard_paths(split), dataset.modalities, cfg, train=train,
-                         seed=seed, epoch=epoch, rank=rank, world=world,
-                         num_batches=num_train_batches(dataset, cfg.batch_size, world),
-                         num_samples=dataset.num_samples(split))
-    return worker_loader(stream, cfg)
+    verify_shards(dataset.root, spec.shards_of(dataset.manifest, split), cfg.verify)
+    stream = ShardStream(dataset, split, cfg, train=train, seed=seed, epoch=epoch, rank=rank,
+                         world=world)
+    return WorkerLoader(stream, cfg)
 
 
-def worker_loader(stream: ShardStream, cfg: DataConfig) -> DataLoader:
+class WorkerLoader:
     """``stream`` in ``cfg.workers`` processes, ``cfg.prefetch`` batches ahead each, pinned
-    for asynchronous copies when a GPU is there."""
-    return DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                      prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
-                      pin_memory=cfg.pin_memory and torch.cuda.is_available())
+    for asynchronous copies when a GPU is there; a worker's error, death or stall is one
+    ShardError here in the main process."""
+
+    def __init__(self, stream: ShardStream, cfg: DataConfig):
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                 prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
+                                 pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                                 timeout=WORKER_STALL_S if cfg.workers > 0 else 0,
+                                 in_order=True)  # batch j from worker j % workers, in turn
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = iter(self.loader)
+        while True:
+            item = self._next(batches)
+            if item is None:
+                return
+            if isinstance(item, LoaderFailure):
+                del batches  # stops the workers now, not when the error is collected
+                raise ShardError(item.message)
+            yield item
+
+    def _next(self, batches: Iterator) -> Batch | LoaderFailure | None:
+        """The next batch, None at the end, or the reason the workers stopped."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except RuntimeError as err:
+            if str(err).startswith(WORKER_EXCEPTION):
+                raise  # a bug in a worker, with its traceback
+            reason = str(err).splitlines()[0].rstrip(". ")
+            root = self.stream.dataset.root
+            return LoaderFailure(f"the loader's workers stopped while reading split "
+                                 f"{self.stream.split!r} of {root} ({reason}); run `ccat-data "
+                                 f"verify {root}`, and check that its file system answers and "
+                                 "that memory suffices for data.workers")

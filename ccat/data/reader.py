@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from ccat.data import remote, spec
+from ccat.data import integrity, remote, spec
 from ccat.data.spec import Sample, decode_sample
 
 __all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]
@@ -55,14 +55,13 @@ class BuiltDataset:
         return [self.root / s.name for s in spec.shards_of(self.manifest, split)]
 
     def iter_samples(self, split: str) -> Iterator[Sample]:
-        """Decoded samples of ``split`` in shard order."""
-        for path in self.shard_paths(split):
-            with open(path, "rb") as f:
-                try:
-                    for key, members in spec.iter_tar_samples(f):
-                        yield decode_sample(key, members, self.modalities)
-                except spec.SpecError as err:
-                    raise DatasetError(f"{path.name}: {err}") from None
+        """Decoded samples of ``split`` in shard order; a shard holding another count than
+        the manifest's, a sample that fails to decode or a label outside the classes is a
+        :class:`~ccat.data.integrity.ShardError` naming the shard and the key."""
+        for shard in spec.shards_of(self.manifest, split):
+            for _, key, members in integrity.read_shard(self.root, shard):
+                yield integrity.decode_checked(self.root, shard.name, key, members,
+                                               self.modalities, len(self.classes))
 
 
 def open_dataset(path: str | Path, cache_dir: str | Path | None = None) -> BuiltDataset:
