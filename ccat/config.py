@@ -342,8 +342,9 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 
 # Keys that change how fast a run goes or where it reads and writes, not what it learns:
 # ``--resume`` accepts new values for these (data.path and data.cache_dir: the data's
-# fingerprint is checked). Workers and threads change the order of batches and of float
-# sums, so such a resume continues the same run but is no longer bit-identical to it.
+# fingerprint is checked). The batches do not depend on the workers (ccat.data.pipeline);
+# threads change the order of float sums, so a resume with new threads continues the same
+# run but is no longer bit-identical to it.
 RESUME_FREE_KEYS = ("out", "threads", "data.path", "data.cache_dir", "data.workers",
                     "data.prefetch", "data.pin_memory", "data.verify")
 UNSET = "(unset)"

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ccat.cli import app as ccat_app, main as ccat_main
 from ccat.data import open_dataset, spec
-from ccat.data.reader import DatasetError
+from ccat.data.integrity import ShardError
 from conftest import run_cli, serve
 from preprocess import check
 from train_helpers import write_tiny_dataset
@@ -97,8 +97,8 @@ def test_verify_over_http_refuses_the_bomb_naming_the_url(bombed, capsys) -> Non
 
 def test_the_dataset_reader_refuses_the_bomb_naming_shard_and_key(bombed) -> None:
     root, shard, key = bombed
-    with pytest.raises(DatasetError, match=f"^{shard}: sample '{key}', member video.0.jpg: "
-                       f"{BOMB_MESSAGE}"):
+    with pytest.raises(ShardError, match=f"^shard {shard} of .* has sample '{key}' that fails "
+                       f"to decode \\(member video.0.jpg: {BOMB_MESSAGE}"):
         list(open_dataset(root).iter_samples("train"))
 
 
@@ -119,7 +119,7 @@ def test_ccat_eval_refuses_the_bomb_in_one_line(tmp_path: Path, monkeypatch, cap
         ccat_main()
     err = " ".join(capsys.readouterr().err.split())  # rich wraps the one sentence at 80 columns
     assert exit_.value.code != 0 and err.startswith("error: ") and "Traceback" not in err
-    assert f"sample '{key}', member video.1.jpg: {BOMB_MESSAGE}" in err
+    assert f"sample '{key}' that fails to decode (member video.1.jpg: {BOMB_MESSAGE}" in err
 
 
 @pytest.mark.parametrize("suffix, payload, says", [

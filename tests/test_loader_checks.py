@@ -2,8 +2,10 @@
 reading; a damaged shard, a dead worker or a stalled one is one sentence, never a hang."""
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import signal
 import sys
 import tarfile
@@ -14,6 +16,7 @@ from ccat.cli import main
 from ccat.config import ConfigError, DataConfig, load_config
 from ccat.data import open_dataset, pipeline, spec
 from ccat.data.integrity import ShardError
+from ccat.data.reader import DatasetError
 from ccat.data.pipeline import ShardStream, Transform, WorkerLoader, make_loader
 from ccat.train import train as run_training
 from train_helpers import tiny_config, write_tiny_dataset
@@ -78,13 +81,23 @@ def test_a_shard_truncated_to_zero_bytes_is_refused(data, workers):
         epoch(data, workers=workers, verify="none")
 
 
-def test_empty_shards_that_match_their_sha_are_refused_not_waited_on(data):
-    def empty(manifest):
-        for shard in manifest["splits"]["train"]["shards"]:
-            (data / shard["name"]).write_bytes(b"")
-            shard["bytes"], shard["sha256"] = 0, hashlib.sha256(b"").hexdigest()
+def test_empty_shards_that_match_their_sha_are_refused_not_waited_on(data, tmp_path):
+    zero_bytes = tmp_path / "zero"
+    shutil.copytree(data, zero_bytes)
 
-    edit_manifest(data, empty)
+    def empty(root, payload):
+        def change(manifest):
+            for shard in manifest["splits"]["train"]["shards"]:
+                (root / shard["name"]).write_bytes(payload)
+                shard["bytes"], shard["sha256"] = len(payload), hashlib.sha256(payload).hexdigest()
+        return change
+
+    edit_manifest(zero_bytes, empty(zero_bytes, b""))  # no tar is 0 bytes: the schema says so
+    with pytest.raises(DatasetError, match=r"splits\.train\.shards\[\d\]\.bytes: 0 is less"):
+        open_dataset(zero_bytes)
+    no_members = io.BytesIO()
+    tarfile.open(fileobj=no_members, mode="w").close()  # a valid tar holding no sample
+    edit_manifest(data, empty(data, no_members.getvalue()))
     with pytest.raises(ShardError, match="holds 0 samples, but the manifest lists 8"):
         epoch(data, workers=2, verify="sha")
 

@@ -98,7 +98,8 @@ def decode_checked(root: Path, shard: str, key: str, members: dict[str, bytes],
     try:
         sample = decode_sample(key, members, modalities)
     except DECODE_ERRORS as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = " ".join(str(err).split()).removeprefix(f"sample {key!r}, ")
+        reason = reason or type(err).__name__
         raise damaged(root, shard, f"has sample {key!r} that fails to decode ({reason})") \
             from None
     if not 0 <= sample.label < num_classes:
