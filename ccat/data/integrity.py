@@ -9,7 +9,6 @@ every sample must decode, and every label must name one of the classes. Each fai
 
 from __future__ import annotations
 
-import hashlib
 import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +18,6 @@ from ccat.data.spec import Sample, ShardInfo, decode_sample
 from ccat.errors import CcatError
 
 VERIFY_MODES = ("size", "sha", "none")
-HASH_CHUNK = 1 << 20
 # What decoding bytes raises when they are not what the format says: SpecError (members,
 # headers), ValueError (.npy, JSON, UTF-8, digits), RuntimeError (torchvision's JPEG
 # decoder), OSError (Pillow's).
@@ -53,16 +51,8 @@ def verify_shards(root: Path, shards: list[ShardInfo], mode: str) -> None:
         if info.st_size != shard.bytes:
             raise damaged(root, shard.name, f"has {info.st_size} bytes but the manifest lists "
                                             f"{shard.bytes}")
-        if mode == "sha" and _sha256(path) != shard.sha256:
+        if mode == "sha" and spec.file_sha256(path) != shard.sha256:
             raise damaged(root, shard.name, "has another sha256 than the manifest lists")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_shard(root: Path, shard: ShardInfo, keep: Callable[[int], bool] | None = None

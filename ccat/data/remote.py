@@ -269,14 +269,6 @@ def load_manifest(base: str, limits: HttpLimits | None = None) -> dict[str, Any]
         raise RemoteError(str(err)) from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_error(where: Path, err: OSError) -> RemoteError:
     """One sentence for a cache that cannot be written, naming it and the fix."""
     why = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is full",
@@ -325,7 +317,8 @@ def fetch_shard(base: str, shard: spec.ShardInfo, folder: Path,
                 limits: HttpLimits | None = None) -> Path:
     """``folder/<shard>``, verified against the manifest; fetched when absent or changed."""
     target = folder / shard.name
-    if target.is_file() and target.stat().st_size == shard.bytes and _sha256(target) == shard.sha256:
+    if (target.is_file() and target.stat().st_size == shard.bytes
+            and spec.file_sha256(target) == shard.sha256):
         return target
     url = url_of(base, shard.name)
     digest, size = hashlib.sha256(), 0

@@ -562,6 +562,12 @@ def shards_of(manifest: dict[str, Any], split: str) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in manifest["splits"][split]["shards"]]
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in blocks (shards and raw media can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def membership_sha256(rows: list[tuple[str, int]] | list[list[Any]]) -> str:
     """sha256 over the canonical JSON of the sorted ``[[key, label], ...]`` of a split."""
     return hashlib.sha256(encode_json(sorted([str(k), int(v)] for k, v in rows))).hexdigest()
