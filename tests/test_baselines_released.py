@@ -90,7 +90,8 @@ def test_lfm_released_variant_trains_the_releases_loss_on_per_modality_heads():
     method.begin_epoch(50)
     with torch.no_grad():
         feats = model.encode_all(batch.inputs)
-        o_a, o_v = (model.classifier.heads[i](feats[m][1]) for i, m in enumerate(("audio", "video")))
+        o_a, o_v = (head(feats[m][1]) for head, m in zip(model.classifier.heads,
+                                                         ("audio", "video")))
         w_cls, w_align = fitted_weights(50)
         released = 2 * (w_cls * F.cross_entropy(0.5 * o_v + 0.5 * o_a, batch.label)
                         + w_align * released_alignment_as_written(o_a, o_v))
@@ -201,7 +202,8 @@ def test_sum_is_ogm_ges_untied_sumfusion_and_sum_tied_the_tied_form():
     feats = {"audio": (x[:, None], x), "video": (y[:, None], y)}
     assert torch.allclose(model.fused_logits(feats), fc_x(x) + fc_y(y), atol=1e-6)
     # main.py's out_a for fusion 'sum': a @ fc_x.weight^T + fc_x.bias (its own bias, whole).
-    assert torch.allclose(model.unimodal_logits("audio", x), torch.mm(x, fc_x.weight.t()) + fc_x.bias)
+    assert torch.allclose(model.unimodal_logits("audio", x),
+                          torch.mm(x, fc_x.weight.t()) + fc_x.bias)
     assert not torch.equal(fc_x.bias, fc_y.bias)
     tied = build_model(TINY_MODALITIES, len(CLASSES), TINY, "sum_tied")
     w, b = tied.classifier.weight, tied.classifier.bias

@@ -26,6 +26,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(name, params, t
     train(cfg)
     cfg.out = str(tmp_path / "cut")
     interrupt_then_resume(cfg, monkeypatch, at_epoch=2)
-    full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("full", "cut"))
+    full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True)
+                 for run in ("full", "cut"))
     assert full["model"].keys() == cut["model"].keys()
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
