@@ -220,3 +220,20 @@ def test_lora_scale_is_the_papers_alpha_by_default_and_hu_et_als_as_an_option():
     for bad in ({"lora_scale": "rank"}, {"lora_alpha": 0.0}):
         with pytest.raises(ConfigError, match="method.lora"):
             METHODS.get("ccat")(MethodConfig(**bad), 2)
+
+
+def test_eval_reports_contributions_with_the_runs_similarity(tmp_path):
+    """The same weights evaluated under each similarity: the contributions follow it."""
+    from ccat.evaluate import evaluate_checkpoint
+    from ccat.train import train
+    from train_helpers import tiny_config, write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 8, "val": 3, "test": 6})
+    train(tiny_config(data, tmp_path / "run", epochs=2))
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ckpt["config"]["method"]["similarity"] = "dot"
+    torch.save(ckpt, tmp_path / "run" / "dot.pt")
+    cosine = evaluate_checkpoint(tmp_path / "run" / "best.pt")
+    dot = evaluate_checkpoint(tmp_path / "run" / "dot.pt")
+    assert cosine["accuracy"] == dot["accuracy"]  # the same model
+    assert cosine["contribution"] != pytest.approx(dot["contribution"], abs=1e-4)
