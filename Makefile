@@ -76,8 +76,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Table 1: every method x every seed on DATASET, then `ccat report`; Table 2 the same for
-# CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat runs).
+# Table 1: every method x every seed on DATASET, then `ccat report`; every method trains
+# optim.epochs in total (CCAT splits them between its stages, method.budget=total). Table 2
+# the same for CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat
+# runs); fresh_encoders=false reports the other reading of Algorithm 1 line 4.
 #   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
 #   make ablation DATASET=cremad SEEDS="0 1 2"            -> runs/cremad/ablation/table.md
 # Every run folder is checked on every call: one holding a run continues it (--resume),
@@ -87,7 +89,7 @@ test: install
 # table (`make -k` trains the rest).
 METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm unimodal ccat
 SEEDS ?= 0 1 2
-ABLATIONS ?= fixed_classifier alternating secondary lora
+ABLATIONS ?= fixed_classifier alternating secondary lora fresh_encoders
 RUNS ?= runs/$(DATASET)
 TABLE_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RUNS)/$(m)/s$(s)))
 ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \

@@ -9,6 +9,7 @@ naming the dotted key. Numbers in scientific notation (``1e-3``) are floats, as 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -133,14 +134,32 @@ class MethodConfig:
 
     RANGES: ClassVar[dict[str, Range]] = {
         "lambda_reg": NON_NEGATIVE, "rank": AT_LEAST_ONE, "beta": FRACTION,
-        "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE}
+        "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE,
+        "pretrain_fraction": Range(0, 1, low_open=True, high_open=True),
+        "lora_alpha": POSITIVE}
     name: str = "ccat"
     lambda_reg: float = 0.001  # Eq. 8 weight of the contribution-balance term
     rank: int = 2  # LoRA rank r
     beta: float = 0.15  # contribution threshold for secondary updates (Eq. 12)
     temperature: float = 1.0  # of the contribution estimator; 1 = the paper as written
-    pretrain_epochs: int = 0  # stage 1 epochs; 0 = optim.epochs
-    fresh_encoders: bool = True  # stage 2 re-initializes the encoders (Algorithm 1, line 4)
+    # Eq. 5's <f, z>: "cosine" (L2-normalised vectors, our literal reading) or "dot" (raw).
+    similarity: str = "cosine"
+    # "total": stage 1 + stage 2 = optim.epochs (the paper's "150 total epochs"); "per_stage":
+    # each stage gets optim.epochs (stage 1: pretrain_epochs if set), twice a baseline's budget.
+    budget: str = "total"
+    pretrain_epochs: int = 0  # stage 1 epochs; 0 = pretrain_fraction of the total budget
+    pretrain_fraction: float = 0.5  # stage 1's share of optim.epochs (budget total), in (0, 1)
+    # Stage 2 re-initializes the encoders: our reading of Algorithm 1 line 4, "initialize
+    # {Enc_m}"; false keeps stage 1's encoders (the other reading).
+    fresh_encoders: bool = True
+    # The secondary update's optimizer: "shared" (the primary SGD, its momentum re-applied)
+    # or "plain" (a momentum-free SGD step at the same learning rate and weight decay).
+    secondary_optimizer: str = "shared"
+    # The secondary pass forwards the "batch" (batch norm sees all B) or only the "subset"
+    # of selected samples (batch norm sees those; needs at least 2).
+    secondary_forward: str = "batch"
+    lora_alpha: float = 1.0  # LoRA's alpha (Eq. 9 has no scale: alpha 1)
+    lora_scale: str = "alpha"  # "alpha" (Eq. 9: B A z * alpha) or "alpha_over_rank" (Hu et al.)
     fixed_classifier: bool = True  # Table 2 ablation switches
     alternating: bool = True  # false: all modalities at once on the fused decision's CE
     secondary: bool = True
@@ -220,7 +239,10 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; known keys here: {sorted(names)}")
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {prefix + close[0]!r}?" if close else \
+                f"known keys here: {sorted(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}; {hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             merge(current, value, f"{dotted}.")

@@ -37,7 +37,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 @torch.no_grad()
 def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
                   ctx: distributed.Context, cfg_data: DataConfig, temperature: float,
-                  cache: DeviceCache | None = None) -> dict[str, Any]:
+                  cache: DeviceCache | None = None, similarity: str = "cosine") -> dict[str, Any]:
     """Every sample of ``split`` exactly once over all ranks: keys, labels, predictions."""
     model.eval()
     rows: dict[str, list] = {"keys": [], "label": [], "fused": [], "uni": [], "contrib": []}
@@ -48,7 +48,7 @@ def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset,
         with autocast(ctx.device):
             out = method.predict(model, batch)
         shares = contributions({m: v.float() for m, v in out.unimodal.items()},
-                               out.fused.float(), temperature)
+                               out.fused.float(), temperature, similarity)
         rows["keys"] += batch.keys
         rows["label"].append(batch.label.cpu())
         rows["fused"].append(out.fused.argmax(1).cpu())
@@ -90,7 +90,7 @@ def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, spli
              cache: DeviceCache | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (``cfg`` is the run's config)."""
     pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature,
-                         cache)
+                         cache, cfg.method.similarity)
     return compute_metrics(pred, split, dataset.classes, model.modalities)
 
 

@@ -27,7 +27,8 @@ from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.ui import make_console
 
-ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora")  # Table 2
+# Table 2's switches, and fresh_encoders=false (the other reading of Algorithm 1 line 4).
+ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders")
 EVAL_NAME = run_dir.EVAL
 CONFIG_NAME = run_dir.CONFIG
 FORMATS = ("table", "markdown", "csv")

@@ -42,8 +42,13 @@ class Step:
         self._finite = self._finite and bool(torch.isfinite(loss.detach()))
         loss.backward()
 
-    def step(self) -> None:
-        """Average gradients over ranks, check them, clip, and update the parameters."""
+    def step(self, momentum: bool = True) -> None:
+        """Average gradients over ranks, check them, clip, and update the parameters.
+
+        ``momentum=False``: a plain SGD step, p <- p - lr (g + weight_decay p), at each
+        group's learning rate and weight decay, that neither reads nor changes the
+        optimizer's momentum buffers (CCAT's ``secondary_optimizer: plain``).
+        """
         params = [p for group in self.optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
         bad = torch.tensor([0.0 if self._finite else 1.0],
@@ -60,8 +65,19 @@ class Step:
             raise NonFiniteLoss("the loss is not finite")
         if self.grad_clip > 0:
             clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        if momentum:
+            self.optimizer.step()
+        else:
+            self._plain_step()
         self.updates += 1
+
+    @torch.no_grad()
+    def _plain_step(self) -> None:
+        """p <- p - lr (g + weight_decay p) for every parameter with a gradient."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad + group.get("weight_decay", 0.0) * p, alpha=-group["lr"])
 
     def all_sum(self, value: float) -> float:
         """``value`` summed over ranks (the value itself without torchrun)."""

@@ -120,6 +120,8 @@ class Run:
         if ctx.device.type == "cpu":
             distributed.configure_cpu(cfg.deterministic, cfg.threads)
         self.method: Method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
+        self.method.bind_data(self.dataset.num_samples("train"),
+                              num_train_batches(self.dataset, cfg.data.batch_size, ctx.world))
         self.model = self.method.build_model(self.dataset.modalities, len(self.dataset.classes),
                                              cfg.model).to(ctx.device)
         if ctx.device.type == "cuda":

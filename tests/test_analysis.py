@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     rank 1 straight into the sweep folder, where the sweep test expects it to be reused."""
     root = tmp_path_factory.mktemp("analysis")
     data = write_tiny_dataset(root / "data")
-    cfg = tiny_config(data, root / "runs" / "ccat", epochs=1)
+    cfg = tiny_config(data, root / "runs" / "ccat", epochs=2)
     cfg.method.pretrain_epochs, cfg.method.beta = 1, BASE_BETA
     cfg.threads = 1  # torch and t-SNE on one core each
     config = root / "base.yaml"

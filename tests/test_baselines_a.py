@@ -24,6 +24,7 @@ TINY = ModelConfig(width=16, encoder_width=4, encoder_blocks=[1, 1, 1, 1], heads
 
 def build(name, **params):
     method = METHODS.get(name)(MethodConfig(name=name, params=params), epochs=3)
+    method.bind_data(train_samples=6, batches_per_epoch=1)  # random_batch(): 6 samples
     torch.manual_seed(0)
     return method, method.build_model(TINY_MODALITIES, len(CLASSES), TINY)
 

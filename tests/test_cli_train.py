@@ -41,7 +41,7 @@ def test_train_both_stages_then_eval(shards, tmp_path, pytestconfig):
     out = tmp_path / "run"
     config = pytestconfig.rootpath / "configs" / "demo.yaml"
     result = runner.invoke(app, ["train", "--config", str(config), "--data", str(shards),
-                                 "--out", str(out), *TINY, "--set", "optim.epochs=1",
+                                 "--out", str(out), *TINY, "--set", "optim.epochs=2",
                                  "--set", "method.pretrain_epochs=1"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

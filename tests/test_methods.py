@@ -29,7 +29,8 @@ class RecordingStep(Step):
 
 def one_step(name, stage_index, **method):
     cfg = MethodConfig(name=name, **method)
-    m = METHODS.get(name)(cfg, epochs=1)
+    m = METHODS.get(name)(cfg, epochs=2)  # CCAT: one epoch per stage
+    m.bind_data(train_samples=6, batches_per_epoch=1)
     torch.manual_seed(0)
     model = m.build_model(TINY_MODALITIES, len(CLASSES), TINY)
     m.begin_stage(m.stages()[stage_index], model)
@@ -47,7 +48,7 @@ def owners(names):
 
 
 CASES = [(name, i) for name in METHODS.names()
-         for i in range(len(METHODS.get(name)(MethodConfig(name=name), 1).stages()))]
+         for i in range(len(METHODS.get(name)(MethodConfig(name=name), 2).stages()))]
 
 
 @pytest.mark.parametrize("name,stage_index", CASES)
@@ -89,7 +90,7 @@ def test_ccat_ablations_change_what_is_updated():
 
 def test_fresh_encoders_restart_stage_two():
     for fresh in (True, False):
-        m = METHODS.get("ccat")(MethodConfig(fresh_encoders=fresh), epochs=1)
+        m = METHODS.get("ccat")(MethodConfig(fresh_encoders=fresh), epochs=2)
         model = m.build_model(TINY_MODALITIES, len(CLASSES), TINY)
         before = model.encoders["audio"].proj.weight.detach().clone()
         m.begin_stage(m.stages()[1], model)

@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def train_and_eval(data: Path, out: Path, method: str, seed: int, **switches: bool) -> None:
-    """One epoch in this process, then ``ccat eval`` through the CLI into OUT/eval.json."""
-    cfg = tiny_config(data, out, method)
+    """One epoch (CCAT: one per stage) in this process, then ``ccat eval`` through the CLI
+    into OUT/eval.json."""
+    cfg = tiny_config(data, out, method, epochs=2 if method == "ccat" else 1)
     cfg.seed, cfg.threads = seed, 1
     for name, value in switches.items():
         setattr(cfg.method, name, value)
@@ -175,8 +176,8 @@ def test_make_table_and_ablation_dry_run(tmp_path):
     out = subprocess.run([*common, "ablation"], capture_output=True, text=True,
                          check=True).stdout
     train_lines = [line for line in out.splitlines() if " train " in line]
-    assert len(train_lines) == 10
-    for switch in ("fixed_classifier", "alternating", "secondary", "lora"):
+    assert len(train_lines) == 12  # 2 full-CCAT runs + 5 switches x 2 seeds
+    for switch in ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders"):
         assert sum(f"--set method.{switch}=false" in line and f"ablation/no_{switch}/" in line
                    for line in train_lines) == 2
 

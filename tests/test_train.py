@@ -54,7 +54,7 @@ def weights(path):
 
 
 def test_resume_ends_with_the_same_weights(tiny, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny, tmp_path / "full", epochs=2)
+    cfg = tiny_config(tiny, tmp_path / "full", epochs=3)  # CCAT's total: 1 + 2
     cfg.method.pretrain_epochs = 1
     history = train(cfg)
     assert [(r["stage"], r["epoch"]) for r in history] == [("pretrain", 1), ("alternate", 1),

@@ -16,7 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ccat import checkpoint, distributed
-from ccat.config import RunConfig, from_dict
+from ccat.config import MethodConfig, RunConfig, from_dict
 from ccat.contribution import contributions
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset
@@ -94,7 +94,7 @@ def _predict_all(method: Method, model: MultimodalModel, dataset: BuiltDataset, 
             batch = batch.to(device)
             with autocast(device):
                 out = method.predict(model, batch)
-            for name, value in _arrays(out, cfg.method.temperature, method.cfg.name).items():
+            for name, value in _arrays(out, cfg.method, method.cfg.name).items():
                 rows.setdefault(name, []).append(value)
             rows.setdefault("labels", []).append(batch.label.cpu().numpy())
             rows["keys"] += batch.keys
@@ -102,13 +102,14 @@ def _predict_all(method: Method, model: MultimodalModel, dataset: BuiltDataset, 
     return rows
 
 
-def _arrays(out: Outputs, temperature: float, method: str) -> dict[str, np.ndarray]:
-    """One batch's outputs as float32 numpy arrays named as in the HDF5 layout."""
+def _arrays(out: Outputs, estimator: MethodConfig, method: str) -> dict[str, np.ndarray]:
+    """One batch's outputs as float32 numpy arrays named as in the HDF5 layout; the
+    contributions with ``estimator``'s (the run's method config) temperature and similarity."""
     if out.representation is None or not out.embeddings:
         raise CcatError(f"method {method!r} gives no embeddings or representation in its "
                         f"predict(); fill Outputs.embeddings and Outputs.representation")
     shares = contributions({m: v.float() for m, v in out.unimodal.items()}, out.fused.float(),
-                           temperature)  # Eq. 5-6, as ccat eval computes them
+                           estimator.temperature, estimator.similarity)  # Eq. 5-6, as ccat eval
     arrays = {"fused": out.fused, "representation": out.representation}
     arrays.update({f"logits/{m}": v for m, v in out.unimodal.items()})
     arrays.update({f"embeddings/{m}": v for m, v in out.embeddings.items()})

@@ -79,6 +79,14 @@ class Method:
         self.params = parse_params(self.Params, cfg.params, cfg.name)
         self.epoch = 0
         self.stage: Stage = self.stages()[0]
+        self.train_samples = 0  # the training split's size; 0 = not told (bind_data)
+        self.batches_per_epoch = 0  # batches each rank trains per epoch; 0 = not told
+
+    def bind_data(self, train_samples: int, batches_per_epoch: int) -> None:
+        """Told by the loop before training: the training split's size and the batches
+        each rank trains per epoch (QMF's history, MLA's released annealing, CCAT's
+        end-of-epoch check)."""
+        self.train_samples, self.batches_per_epoch = train_samples, batches_per_epoch
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:

@@ -4,6 +4,12 @@ Stage 1 (pretrain): BiCross fusion and the shared classifier, trained on CE plus
 contribution-balance term (Eq. 7-8). Stage 2 (alternate): the classifier frozen, each
 modality's encoder and LoRA trained in turn through it, then secondary updates for the
 samples where a modality contributes less than beta (Algorithm 1, Eq. 12).
+
+Where the paper leaves a choice open, the default is one named reading and the others are
+``method.`` options: the budget (``budget``, ``pretrain_fraction``), the secondary update's
+optimizer (``secondary_optimizer``) and forward pass (``secondary_forward``), the
+estimator's similarity (``similarity``), stage 2's encoders (``fresh_encoders``) and the
+LoRA scale (``lora_alpha``, ``lora_scale``); ``ccat/config.py`` says what each one means.
 """
 
 from __future__ import annotations
@@ -13,15 +19,24 @@ import itertools
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import ModelConfig
-from ccat.contribution import contributions
+from ccat.config import ConfigError, MethodConfig, ModelConfig
+from ccat.contribution import SIMILARITIES, contributions
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions
 from ccat.models import MultimodalModel, build_model
+from ccat.models.heads import LORA_SCALES
 from ccat.step import Step
+from ccat.ui import make_console
+
+BUDGETS = ("total", "per_stage")
+SECONDARY_OPTIMIZERS = ("shared", "plain")
+SECONDARY_FORWARDS = ("batch", "subset")
+MIN_SUBSET = 2  # batch norm needs two samples for batch statistics
+warn_console = make_console(stderr=True)
 
 
 @contextlib.contextmanager
@@ -42,26 +57,67 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.copy_(tracked)
 
 
+def check_choices(cfg: MethodConfig) -> None:
+    """Each of CCAT's named readings is one of its known values (numbers: MethodConfig.RANGES)."""
+    for key, allowed in (("budget", BUDGETS), ("similarity", SIMILARITIES),
+                         ("secondary_optimizer", SECONDARY_OPTIMIZERS),
+                         ("secondary_forward", SECONDARY_FORWARDS),
+                         ("lora_scale", LORA_SCALES)):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, "
+                              f"not {getattr(cfg, key)!r}")
+
+
+def stage_epochs(cfg: MethodConfig, epochs: int) -> tuple[int, int]:
+    """Epochs of stage 1 and stage 2 for ``optim.epochs`` = ``epochs``.
+
+    Budget "total" (the paper's "150 total epochs", the default): the two stages share
+    ``epochs``, stage 1 taking ``pretrain_epochs`` or ``round(pretrain_fraction * epochs)``.
+    Budget "per_stage": each stage gets ``epochs`` (stage 1 ``pretrain_epochs`` if set).
+    """
+    if cfg.budget == "per_stage":
+        return cfg.pretrain_epochs or epochs, epochs
+    first = cfg.pretrain_epochs or round(cfg.pretrain_fraction * epochs)
+    if not 1 <= first < epochs:
+        raise ConfigError(
+            f"optim.epochs={epochs} is CCAT's total budget for both stages (method.budget=total) "
+            f"and stage 1 would get {first} of them; give optim.epochs >= 2 with "
+            f"method.pretrain_epochs below it, or set method.budget=per_stage")
+    return first, epochs - first
+
+
 @METHODS.register("ccat")
 class CCAT(Method):
     fusion = "bicross"
+
+    def __init__(self, cfg: MethodConfig, epochs: int):
+        check_choices(cfg)
+        super().__init__(cfg, epochs)
+        self.selected_in_epoch: dict[str, float] = {}  # modality -> samples picked this epoch
+        self.steps_in_epoch = 0
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:
         """BiCross fusion, the shared classifier and one LoRA per modality (rank r)."""
         return build_model(modalities, num_classes, cfg, self.fusion,
-                           self.cfg.rank if self.cfg.lora else 0)
+                           self.cfg.rank if self.cfg.lora else 0, self.cfg.lora_alpha,
+                           self.cfg.lora_scale)
 
     def stages(self) -> list[Stage]:
-        return [Stage("pretrain", self.cfg.pretrain_epochs or self.epochs),
-                Stage("alternate", self.epochs)]
+        first, second = stage_epochs(self.cfg, self.epochs)
+        return [Stage("pretrain", first), Stage("alternate", second)]
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch, self.steps_in_epoch, self.selected_in_epoch = epoch, 0, {}
 
     def begin_stage(self, stage: Stage, model: MultimodalModel) -> None:
         self.stage = stage
         if stage.name == "pretrain":
             model.lora.requires_grad_(False)
             return
-        if self.cfg.fresh_encoders:  # Algorithm 1, line 4: stage 2 starts from fresh encoders
+        # Our reading of Algorithm 1 line 4, "initialize {Enc_m}": fresh encoders for stage 2;
+        # fresh_encoders=false (stage 1's encoders) is the other reading.
+        if self.cfg.fresh_encoders:
             for encoder in model.encoders.values():
                 encoder.reset()
         model.fusion.requires_grad_(False)  # unused in stage 2
@@ -78,7 +134,7 @@ class CCAT(Method):
         fused = model.fusion(feats)
         ce = F.cross_entropy(model.classifier(fused), batch.label)
         shares = contributions({m: feats[m][1] for m in model.modalities}, fused,
-                               self.cfg.temperature)  # Eq. 5-6
+                               self.cfg.temperature, self.cfg.similarity)  # Eq. 5-6
         # Eq. 8 for two modalities; with more, the mean over modality pairs.
         reg = torch.stack([(shares[a] - shares[b]).abs().mean()
                            for a, b in itertools.combinations(model.modalities, 2)]).mean()
@@ -123,22 +179,61 @@ class CCAT(Method):
         with torch.no_grad(), frozen_norm_stats(model):  # contributions of the models just updated
             logits = {m: self._unimodal(model, batch, m) for m in model.modalities}
             shares = contributions(logits, fuse_decisions(logits, self.cfg.fusion_rule),
-                                   self.cfg.temperature)  # Eq. 5-6 at the decision level
+                                   self.cfg.temperature, self.cfg.similarity)  # Eq. 5-6
         total = step.all_sum(len(batch.label))
         out = {f"contrib/{m}": c.mean().item() for m, c in shares.items()}
         for m in model.modalities:
             selected = shares[m] < self.cfg.beta
-            count = step.all_sum(int(selected.sum()))
-            out[f"selected/{m}"] = count / total
+            picked = int(selected.sum())
+            out[f"selected/{m}"] = step.all_sum(picked) / total
+            self.selected_in_epoch[m] = self.selected_in_epoch.get(m, 0.0) + out[f"selected/{m}"]
+            usable = picked if self.cfg.secondary_forward == "batch" or picked >= MIN_SUBSET else 0
+            count = step.all_sum(usable)
+            if self.cfg.secondary_forward == "subset":
+                out[f"updated/{m}"] = count / total  # picks that got the update (>= 2 per rank)
             if count == 0:  # every rank agrees, so none calls the collective
                 continue
             step.zero_grad()
-            picked = self._unimodal(model, batch, m)[selected]
             # Sum over this rank's picks, scaled so the rank average is the mean over all picks.
-            loss = F.cross_entropy(picked, batch.label[selected], reduction="sum") * step.world / count
+            loss = self._picked_loss(model, batch, m, selected, usable) * step.world / count
             step.backward(loss)
-            step.step()
+            if self.cfg.secondary_optimizer == "shared":
+                step.step()
+            else:
+                step.step(momentum=False)
+        self._warn_if_epoch_selected_nothing(model.modalities)
         return out
+
+    def _picked_loss(self, model: MultimodalModel, batch: Batch, modality: str,
+                     selected: torch.Tensor, usable: int) -> torch.Tensor:
+        """Summed CE of the selected samples. "batch": the whole batch is forwarded and the
+        picks indexed (batch norm sees all B); "subset": only the picks are forwarded. A
+        rank whose picks are unusable (fewer than 2 in subset mode) adds a zero loss over
+        the same parameters, so every rank reduces the same gradients."""
+        if self.cfg.secondary_forward == "batch":
+            logits = self._unimodal(model, batch, modality)
+            return F.cross_entropy(logits[selected], batch.label[selected], reduction="sum")
+        if usable == 0:
+            with frozen_norm_stats(model):
+                return self._unimodal(model, batch, modality).sum() * 0.0
+        subset = Batch([k for k, s in zip(batch.keys, selected.tolist()) if s],
+                       batch.label[selected], {m: x[selected] for m, x in batch.inputs.items()})
+        return F.cross_entropy(self._unimodal(model, subset, modality), subset.label,
+                               reduction="sum")
+
+    def _warn_if_epoch_selected_nothing(self, modalities: list[str]) -> None:
+        """At the epoch's last step, one line per modality whose secondary update selected
+        no sample in the whole epoch (with the literal estimator this is the usual case)."""
+        self.steps_in_epoch += 1
+        if self.steps_in_epoch != self.batches_per_epoch or \
+                (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        for m in modalities:
+            if self.selected_in_epoch.get(m, 0.0) == 0.0:
+                warn_console.print(
+                    f"warning: epoch {self.epoch + 1}: the secondary update selected no {m} "
+                    f"sample (no contribution below beta={self.cfg.beta}); try "
+                    f"method.similarity=dot or a lower method.temperature")
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: feature-level fusion; stage 2: unimodal logits fused at decision level."""

@@ -1,5 +1,9 @@
 """Joint training baselines (Table 1, first rows): Sum and Concat fusion, one CE loss;
-and the unimodal ensemble."""
+and the unimodal ensemble.
+
+``sum`` is OGM-GE's SumFusion, fc_x(z^x) + fc_y(z^y) with a head per modality (the code
+Table 1's baselines come from); ``sum_tied`` is the tied form W (z^x + z^y) + b.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ class Sum(JointMethod):
     fusion = "sum"
 
 
+@METHODS.register("sum_tied")
+class TiedSum(JointMethod):
+    fusion = "sum_tied"
+
+
 @METHODS.register("concat")
 class Concat(JointMethod):
     fusion = "concat"
@@ -44,13 +53,13 @@ class Concat(JointMethod):
 
 @METHODS.register("unimodal")
 class UnimodalEnsemble(Method):
-    """Each modality trained alone on its own block of the head; logits averaged.
+    """Each modality trained alone on its own head (weights and bias); logits averaged.
 
-    The reference every balancing method has to beat. The modalities share only the
-    head's bias (Sec. 4.1's b / M split), so no encoder ever sees another modality's loss.
+    The reference every balancing method has to beat: the untied Sum's heads, so the
+    modalities share no parameter and no encoder or head sees another modality's loss.
     """
 
-    fusion = "concat"
+    fusion = "sum"
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         step.zero_grad()

@@ -10,9 +10,18 @@ per-sample weights from their prediction entropies (test-time dynamic fusion).
 The paper's text was not at hand here: sections are cited by their names, and the
 formulas follow the paper's description and the released code (Cecile-hi/Multimodal-
 Learning-with-Alternating-Unimodal-Adaptation, ``GSPlugin`` and ``calculate_gating_weights``).
-The released code never projects: its ``GSPlugin`` looks for a parameter named
-"module.weight", which the head it is handed (parameters "weight", "bias") never has.
-Here the projection is applied, as the paper describes.
+
+``method.params.projection`` chooses the gradient modification:
+
+- ``paper`` (default, our reading of the paper): the exact OWM projector below, applied
+  from the second update on, each modality's mean feature stored after its update.
+- ``released``: what the released code really does, no projection at all: its
+  ``GSPlugin.before_update`` looks for a parameter named "module.weight", which the head it
+  is handed (parameters "weight", "bias") never has, so the plugin never touches a gradient.
+- ``gsplugin``: the plugin's body as written, as if its name check matched: skip the very
+  first call; alpha_b = alpha * 0.1 ** (b / batches) for batch b of the epoch; r the current
+  modality's mean feature, k = P r^T, P <- P - (k k^T) / (alpha_b + k r), where ``k r`` is a
+  D x D outer product divided elementwise; P <- P / ||P||_F; then grad <- grad P^T.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ccat.config import POSITIVE, MethodConfig, Range
+from ccat.config import POSITIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.models import MultimodalModel
@@ -42,6 +51,19 @@ def update_projector(projector: torch.Tensor, feature: torch.Tensor, alpha: floa
     A, by the recursive least-squares step P <- P - (P r)(P r)^T / (alpha + r^T P r)."""
     k = projector @ feature
     return projector - torch.outer(k, k) / (alpha + feature @ k)
+
+
+PROJECTIONS = ("paper", "released", "gsplugin")
+PLUGIN_DECAY = 0.1  # GSPlugin: alpha = 1.0 * 0.1 ** (batch_index / len_dataloader + 1)
+
+
+def plugin_projector(projector: torch.Tensor, feature: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``gsplugin``: the released GSPlugin's update of P as written, then its Frobenius
+    normalization: P - (k k^T) / (alpha + k r) elementwise, k = P r^T, ``k r`` (D, D)."""
+    r = feature[None, :]  # (1, D)
+    k = projector @ r.t()  # (D, 1)
+    updated = projector - (k @ k.t()) / (alpha + k @ r)
+    return updated / torch.linalg.matrix_norm(updated)
 
 
 def entropy_weights(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,32 +84,44 @@ class MLA(Method):
     @dataclass
     class Params:
         RANGES: ClassVar[dict[str, Range]] = {"alpha": POSITIVE}
-        # Regularizer alpha of the projector (gradient modification). The released code
-        # anneals it from 0.1 to 0.01 over each epoch (0.1 ** (1 + batch / batches)).
+        # Regularizer alpha of the projector (gradient modification). The GSPlugin anneals
+        # it from 0.1 to 0.01 over each epoch (0.1 ** (1 + batch / batches)); ``gsplugin``
+        # applies that annealing to this value.
         alpha: float = 0.1
         # Test-time dynamic fusion: "entropy" (the paper) or "mean" of the unimodal logits.
         test_fusion: str = "entropy"
-        # The released code divides P by its Frobenius norm after each update, which also
-        # scales the head's step by 1/||P||_F; off = the paper.
-        normalize_projector: bool = False
+        # Gradient modification: "paper", "released" (none) or "gsplugin" (module docstring).
+        projection: str = "paper"
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         super().__init__(cfg, epochs)
         if self.params.test_fusion not in ("entropy", "mean"):
             raise ValueError(f"method.params.test_fusion must be 'entropy' or 'mean', "
                              f"not {self.params.test_fusion!r}")
+        if self.params.projection not in PROJECTIONS:
+            raise ConfigError(f"method.params.projection must be one of {', '.join(PROJECTIONS)}, "
+                              f"not {self.params.projection!r}")
         self.projector: torch.Tensor | None = None  # P (D, D); None = identity, nothing stored
+        self.calls = 0  # gsplugin: updates seen so far (the plugin's exp_count)
+        self.batch = 0  # gsplugin: batches trained so far in this epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.projector is None else {"projector": self.projector.detach().cpu()}
+        state: dict[str, Any] = {"calls": self.calls}
+        if self.projector is not None:
+            state["projector"] = self.projector.detach().cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.projector = state.get("projector")
+        self.calls = state.get("calls", 0)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
-        """Alternating unimodal learning: one update per modality through the shared head;
-        each head gradient is projected off every direction stored so far (P is never reset,
-        as in the code), then the modality's mean feature is stored."""
+        """Alternating unimodal learning: one update per modality through the shared head,
+        its weight gradient modified as ``projection`` says (P is never reset, as in the
+        code)."""
         out: dict[str, float] = {}
         weight = model.classifier.weight
         for m in model.modalities:
@@ -95,26 +129,49 @@ class MLA(Method):
             z = model.encode(batch.inputs, m)[1]
             loss = F.cross_entropy(model.unimodal_logits(m, z), batch.label)
             step.backward(loss)
-            with torch.autocast(weight.device.type, enabled=False):
-                if self.projector is not None and weight.grad is not None:
-                    self.projector = self.projector.to(weight.grad)
-                    weight.grad = project_gradient(weight.grad, self.projector)
-                self._store(z.detach().float().mean(0), step.world)
+            if self.params.projection != "released":
+                with torch.autocast(weight.device.type, enabled=False):
+                    feature = self._mean_feature(z.detach().float(), step.world)
+                    if self.params.projection == "paper":
+                        self._project_then_store(weight, feature)
+                    else:
+                        self._plugin(weight, feature)
             step.step()
             out[f"loss/{m}"] = loss.item()
+        self.batch += 1
         return out
 
-    def _store(self, feature: torch.Tensor, world: int) -> None:
-        """Add this modality's mean feature r (averaged over ranks, so every rank keeps
-        the same P) to the directions later updates must leave alone."""
+    @staticmethod
+    def _mean_feature(z: torch.Tensor, world: int) -> torch.Tensor:
+        """This modality's mean feature r, averaged over ranks so every rank keeps one P."""
+        feature = z.mean(0)
         if world > 1:
             dist.all_reduce(feature)
             feature = feature / world
+        return feature
+
+    def _project_then_store(self, weight: torch.Tensor, feature: torch.Tensor) -> None:
+        """``paper``: project the head's gradient off every stored direction, then add r."""
+        if self.projector is not None and weight.grad is not None:
+            self.projector = self.projector.to(weight.grad)
+            weight.grad = project_gradient(weight.grad, self.projector)
         if self.projector is None:
             self.projector = torch.eye(feature.numel(), device=feature.device)
         self.projector = update_projector(self.projector.to(feature), feature, self.params.alpha)
-        if self.params.normalize_projector:
-            self.projector = self.projector / torch.linalg.matrix_norm(self.projector)
+
+    def _plugin(self, weight: torch.Tensor, feature: torch.Tensor) -> None:
+        """``gsplugin``: the released plugin's body, as if its name check matched."""
+        if self.batches_per_epoch == 0:
+            raise RuntimeError("MLA's gsplugin anneals alpha over the epoch's batches: call "
+                               "bind_data() before train_step()")
+        calls, self.calls = self.calls, self.calls + 1
+        if calls == 0 or weight.grad is None:  # the plugin skips its first call
+            return
+        alpha = self.params.alpha * PLUGIN_DECAY ** (self.batch / self.batches_per_epoch)
+        if self.projector is None:
+            self.projector = torch.eye(feature.numel(), device=feature.device)
+        self.projector = plugin_projector(self.projector.to(feature), feature, alpha)
+        weight.grad = weight.grad @ self.projector.t().to(weight.grad)
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Each modality's logits from the shared head, fused per sample by entropy."""

@@ -3,10 +3,11 @@
 Losses: the multimodal CE of the concat head plus each modality's CE through a unimodal
 head of its own (the paper's multitask framework; the released code's AVClassifier has
 the same three heads). For each encoder, the gradients of the multimodal loss g_mm and of
-its unimodal loss g_u are combined (Algorithm 1): equal weights when they agree
-(cos >= 0), else the two-task min-norm (MGDA) weights, and the result rescaled to the
-magnitude of the plain sum g_mm + g_u. The heads get the ordinary gradient of the summed
-loss. Under torchrun each rank combines its own gradients and ``step()`` averages them.
+its unimodal loss g_u are combined (Algorithm 1): equal weights when they agree (cos > 0,
+as the released MMPareto.py tests), else the two-task min-norm (MGDA) weights, and the
+result rescaled to the magnitude of the plain sum g_mm + g_u. The heads get the ordinary
+gradient of the summed loss. Under torchrun each rank combines its own gradients and
+``step()`` averages them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor,
     weights (alpha_mm, alpha_u) and cos(g_mm, g_u)."""
     cos = float(F.cosine_similarity(g_mm, g_u, dim=0))
     # Direction: innocent (agreeing) unimodal gradient -> uniform weights; conflict -> MGDA.
-    w_mm, w_u = (0.5, 0.5) if cos >= 0 else min_norm_weights(g_mm, g_u)
+    # Orthogonal gradients (cos = 0) count as conflicting, as in the released `cos > 0` test.
+    w_mm, w_u = (0.5, 0.5) if cos > 0 else min_norm_weights(g_mm, g_u)
     combined = 2 * (w_mm * g_mm + w_u * g_u)
     # Magnitude: the norm of the summed gradient g_mm + g_u, which the combination never
     # exceeds. The paper rescales the whole encoder's gradient; the released code rescales

@@ -46,8 +46,17 @@ def discrepancy_ratios(scores: dict[str, float]) -> dict[str, float]:
 
 
 def coefficients(ratios: dict[str, float], alpha: float) -> dict[str, float]:
-    """Eq. 10: k^u = 1 - tanh(alpha * rho^u) if rho^u > 1, else 1."""
-    return {m: 1.0 - math.tanh(alpha * rho) if rho > 1 else 1.0 for m, rho in ratios.items()}
+    """Eq. 10: k^u = 1 - tanh(alpha * rho^u) if rho^u > 1, else 1.
+
+    When no ratio exceeds 1 (two modalities scoring exactly alike) the first modality is
+    damped all the same, as the released main.py's else-branch damps audio whenever
+    ratio_v > 1 fails (k_a = 1 - tanh(alpha) at rho_a = rho_v = 1).
+    """
+    coefs = {m: 1.0 - math.tanh(alpha * rho) if rho > 1 else 1.0 for m, rho in ratios.items()}
+    if not any(rho > 1 for rho in ratios.values()):
+        first = next(iter(ratios))
+        coefs[first] = 1.0 - math.tanh(alpha * ratios[first])
+    return coefs
 
 
 def modulate(encoder: nn.Module, coef: float, noise: bool) -> None:

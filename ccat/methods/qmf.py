@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ccat.config import NON_NEGATIVE, POSITIVE, MethodConfig, Range
+from ccat.config import NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs
 from ccat.methods.protocol import zeroed_unimodal
@@ -41,9 +41,19 @@ def ranking_loss(conf: torch.Tensor, loss_history: torch.Tensor) -> torch.Tensor
     return F.relu(torch.sign(gap) * (conf - conf.roll(-1)) + gap.abs()).mean()
 
 
-def normalized(history: dict[str, float], keys: list[str]) -> torch.Tensor:
-    """The cumulative losses of ``keys``, min-max normalized over the whole history."""
+HISTORY_NORMS = ("released", "seen")
+
+
+def normalized(history: dict[str, float], keys: list[str], total: int = 0) -> torch.Tensor:
+    """The cumulative losses of ``keys``, min-max normalized over the whole history.
+
+    With ``total`` training samples of which fewer have been seen, the unseen ones count
+    as 0 (the released ``History``, an ``np.zeros(n_data)`` array, normalizes over all of
+    them); ``total`` 0 normalizes over the seen samples only.
+    """
     low, high = min(history.values()), max(history.values())
+    if len(history) < total:
+        low, high = min(low, 0.0), max(high, 0.0)
     values = torch.tensor([history[k] for k in keys], dtype=torch.float32)
     return (values - low) / max(high - low, 1e-12)
 
@@ -60,9 +70,16 @@ class QMF(Method):
         # text-image script adds the ranking term with weight 1); w = -0.1 * energy.
         lambda_rank: float = 0.1
         confidence_scale: float = 0.1
+        # Min-max normalization of the loss history: "released" over every training sample,
+        # unseen ones as 0 (the released History); "seen" over the samples seen so far.
+        # They differ only until every training sample has been seen (about one epoch).
+        history_norm: str = "released"
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         super().__init__(cfg, epochs)
+        if self.params.history_norm not in HISTORY_NORMS:
+            raise ConfigError(f"method.params.history_norm must be one of "
+                              f"{', '.join(HISTORY_NORMS)}, not {self.params.history_norm!r}")
         # modality -> sample key -> cumulative per-sample CE of that modality's head
         self.history: dict[str, dict[str, float]] = {}
 
@@ -71,6 +88,15 @@ class QMF(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = {m: dict(h) for m, h in state.get("history", {}).items()}
+
+    def _total(self) -> int:
+        """The sample count the history is normalized over (0: the seen samples)."""
+        if self.params.history_norm == "seen":
+            return 0
+        if self.train_samples == 0:
+            raise RuntimeError("QMF's released history normalization needs the training set's "
+                               "size: call bind_data() before train_step()")
+        return self.train_samples
 
     def decide(self, model: MultimodalModel,
                feats: Features) -> tuple[torch.Tensor, dict[str, torch.Tensor],
@@ -95,7 +121,8 @@ class QMF(Method):
             history = self.history.setdefault(m, {})
             for key, value in zip(batch.keys, per_sample.detach().float().tolist()):
                 history[key] = history.get(key, 0.0) + value
-            rank[m] = ranking_loss(conf[m], normalized(history, batch.keys).to(conf[m].device))
+            rank[m] = ranking_loss(conf[m], normalized(history, batch.keys, self._total())
+                                   .to(conf[m].device))
         reg = torch.stack(list(rank.values())).sum()
         loss = ce + torch.stack(list(unimodal.values())).sum() + self.params.lambda_rank * reg
         step.backward(loss)

@@ -1,8 +1,9 @@
-"""Fusion modules: BiCross (CCAT, appendix A.1); Sum, Concat, FiLM and BiGated (joint
-baselines); the shared head of MLA.
+"""Fusion modules: BiCross (CCAT, appendix A.1); Sum (untied and tied), Concat, FiLM and
+BiGated (joint baselines); the shared head of MLA.
 
 A fusion maps per-modality features to the fused vector f that the classifier reads,
-and says how the classifier scores one modality alone (Sec. 4.1 for the baselines).
+and says how the classifier scores one modality alone (Sec. 4.1 for the baselines). A
+fusion whose head is not one linear layer over f builds it (``make_classifier``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class CrossBlock(nn.Module):
         padding = None if context_mask is None else ~context_mask
         attended, _ = self.attn(query, context, context, key_padding_mask=padding,
                                 need_weights=False)
-        h = self.norm1(query + attended)  # Eq. 19: the residual is the query
+        # Eq. 19 prints the residual as z^1, whose shape (the other sequence's length) cannot
+        # be added to the attended query; we add the query, the only shape-valid reading.
+        h = self.norm1(query + attended)
         h = self.norm2(h + self.ffn(h))
         return masked_mean(h, query_mask)  # average pooling over the query's real tokens
 
@@ -73,9 +76,46 @@ class BiCross(nn.Module):
         return classifier(z)
 
 
+class BlockHeads(nn.Module):
+    """One linear head per modality, each reading its block of the concatenated vector
+    f = [z^1; ...; z^M], summed: fc_1(z^1) + ... + fc_M(z^M), every head with its own bias."""
+
+    def __init__(self, width: int, modalities: int, num_classes: int):
+        super().__init__()
+        self.width = width
+        self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(modalities))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(block) for head, block in
+                            zip(self.heads, f.split(self.width, dim=1))]).sum(0)
+
+
 @FUSIONS.register("sum")
 class SumFusion(nn.Module):
-    """f = sum of the pooled vectors; a modality alone scores W z^m + b / M (Sec. 4.1)."""
+    """Untied sum of unimodal decisions, OGM-GE's SumFusion (fusion_modules.py, the source of
+    Table 1's baselines): logits fc_x(z^x) + fc_y(z^y), a head per modality. f is the
+    concatenated pooled vectors; a modality alone scores its own head, bias included."""
+
+    def __init__(self, modalities: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.width = cfg.width
+        self.out_dim = cfg.width * len(modalities)
+
+    def make_classifier(self, num_classes: int) -> BlockHeads:
+        return BlockHeads(self.width, len(self.modalities), num_classes)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return torch.cat([feats[m][1] for m in self.modalities], dim=1)
+
+    def unimodal_logits(self, classifier: BlockHeads, index: int, z: torch.Tensor) -> torch.Tensor:
+        return classifier.heads[index](z)
+
+
+@FUSIONS.register("sum_tied")
+class TiedSumFusion(nn.Module):
+    """f = sum of the pooled vectors, one head W f + b for all modalities (the tied form);
+    a modality alone scores W z^m + b / M (Sec. 4.1)."""
 
     def __init__(self, modalities: list[str], cfg: ModelConfig):
         super().__init__()

@@ -8,22 +8,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccat.config import ModelConfig
+from ccat.config import ConfigError, ModelConfig
 from ccat.models.encoders import build_encoder
 from ccat.models.fusion import FUSIONS, Features
 
 
-class LoRA(nn.Module):
-    """Low-rank update B A z of a linear layer's output (Hu et al.), scaled by alpha / r.
+LORA_SCALES = ("alpha", "alpha_over_rank")
 
-    B starts at zero, so an adapter added at initialization leaves the logits unchanged.
+
+class LoRA(nn.Module):
+    """Low-rank update B A z of a linear layer's output, times a scale.
+
+    ``scale="alpha_over_rank"`` is Hu et al.'s alpha / r; ``"alpha"`` is CCAT's Eq. 9, which
+    prints no scale (alpha = 1). B starts at zero, so an adapter added at initialization
+    leaves the logits unchanged.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float = 1.0):
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float = 1.0,
+                 scale: str = "alpha_over_rank"):
         super().__init__()
+        if scale not in LORA_SCALES:
+            raise ConfigError(f"method.lora_scale must be one of {', '.join(LORA_SCALES)}, "
+                              f"not {scale!r}")
+        if not alpha > 0:
+            raise ConfigError(f"method.lora_alpha must be > 0, not {alpha!r}")
         self.A = nn.Parameter(torch.empty(rank, in_dim))
         self.B = nn.Parameter(torch.zeros(out_dim, rank))
-        self.scale = alpha / rank
+        self.scale = alpha / rank if scale == "alpha_over_rank" else alpha
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -31,18 +42,22 @@ class LoRA(nn.Module):
 
 
 class MultimodalModel(nn.Module):
-    """Encoders per modality, a fusion, one shared linear classifier and optional LoRAs."""
+    """Encoders per modality, a fusion, the classifier (one linear layer unless the fusion makes
+    its own) and optional LoRAs."""
 
     def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, num_classes: int,
-                 lora_rank: int = 0):
+                 lora_rank: int = 0, lora_alpha: float = 1.0,
+                 lora_scale: str = "alpha_over_rank"):
         super().__init__()
         self.modalities = list(encoders)
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
-        self.classifier = nn.Linear(fusion.out_dim, num_classes)
+        make_classifier = getattr(fusion, "make_classifier", None)  # e.g. the untied Sum's heads
+        self.classifier = make_classifier(num_classes) if make_classifier is not None \
+            else nn.Linear(fusion.out_dim, num_classes)
         in_dim = next(iter(encoders.values())).proj.out_features
-        self.lora = nn.ModuleDict({m: LoRA(in_dim, num_classes, lora_rank) for m in encoders}
-                                  if lora_rank > 0 else {})
+        self.lora = nn.ModuleDict({m: LoRA(in_dim, num_classes, lora_rank, lora_alpha, lora_scale)
+                                   for m in encoders} if lora_rank > 0 else {})
 
     def encode(self, inputs: dict[str, torch.Tensor], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, L, D) and pooled vector (B, D) of one modality."""
@@ -64,8 +79,10 @@ class MultimodalModel(nn.Module):
 
 
 def build_model(modalities: dict[str, dict[str, Any]], num_classes: int, cfg: ModelConfig,
-                fusion: str, lora_rank: int = 0) -> MultimodalModel:
-    """A model for the manifest's ``modalities``; ``fusion`` is a registered fusion name."""
+                fusion: str, lora_rank: int = 0, lora_alpha: float = 1.0,
+                lora_scale: str = "alpha_over_rank") -> MultimodalModel:
+    """A model for the manifest's ``modalities``; ``fusion`` is a registered fusion name;
+    with ``lora_rank`` > 0 one LoRA per modality (see :class:`LoRA` for the scale)."""
     encoders = {m: build_encoder(m, params, cfg) for m, params in modalities.items()}
     return MultimodalModel(encoders, FUSIONS.get(fusion)(list(modalities), cfg), num_classes,
-                           lora_rank)
+                           lora_rank, lora_alpha, lora_scale)

@@ -1,0 +1,32 @@
+"""Resume equals an uninterrupted run for every registered method (and MLA's gsplugin,
+whose state is the projector and the plugin's call count)."""
+
+import pytest
+import torch
+
+from ccat.methods import METHODS
+from ccat.train import train
+from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
+
+CASES = [(name, {}) for name in METHODS.names()] + [("mla", {"projection": "gsplugin"})]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("resume"),
+                              counts={"train": 8, "val": 2, "test": 2}, size=16, steps=16)
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=[f"{n}{'-' if p else ''}{'-'.join(p.values())}"
+                                                    for n, p in CASES])
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(name, params, tiny, tmp_path,
+                                                                  monkeypatch):
+    cfg = tiny_config(tiny, tmp_path / "full", method=name, epochs=2)
+    cfg.method.params = params
+    train(cfg)
+    cfg.out = str(tmp_path / "cut")
+    interrupt_then_resume(cfg, monkeypatch, at_epoch=2)
+    full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True)
+                 for run in ("full", "cut"))
+    assert full["model"].keys() == cut["model"].keys()
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
