@@ -217,9 +217,10 @@ def test_lora_scale_is_the_papers_alpha_by_default_and_hu_et_als_as_an_option():
         lora.B.normal_()
     z = torch.randn(4, TINY.width)
     assert torch.allclose(lora(z), 3.0 * (lora.B @ (lora.A @ z.t())).t(), atol=1e-5)
-    for bad in ({"lora_scale": "rank"}, {"lora_alpha": 0.0}):
-        with pytest.raises(ConfigError, match="method.lora"):
-            METHODS.get("ccat")(MethodConfig(**bad), 2)
+    with pytest.raises(ConfigError, match="method.lora_scale must be one of"):
+        METHODS.get("ccat")(MethodConfig(lora_scale="rank"), 2)
+    with pytest.raises(ConfigError, match=r"method.lora_alpha is 0.0 but must be > 0"):
+        load_config(overrides=["method.lora_alpha=0"])
 
 
 def test_eval_reports_contributions_with_the_runs_similarity(tmp_path):

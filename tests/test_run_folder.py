@@ -29,7 +29,7 @@ device: cpu
 threads: 1
 data: {batch_size: 8, workers: 0}
 model: {width: 16, encoder_width: 4, encoder_blocks: [1, 1, 1, 1], heads: 2, ffn_mult: 2}
-optim: {epochs: 2, lr: 0.01}
+optim: {epochs: 3, lr: 0.01}  # CCAT: 1 + 2 of the total budget
 method: {name: ccat, pretrain_epochs: 1}
 """
 runner = CliRunner()
@@ -126,10 +126,10 @@ def _interrupt(cfg, monkeypatch):
 
 def test_used_out_needs_resume_or_overwrite(tiny, tmp_path):
     out = tmp_path / "run"
-    train(tiny_config(tiny, out, method="ccat", epochs=1))
+    train(tiny_config(tiny, out, method="ccat", epochs=2))
     (out / run_dir.EVAL).write_text("{}")
     with pytest.raises(CcatError, match="holds a run already; pass --resume .* --overwrite"):
-        train(tiny_config(tiny, out, method="ccat", epochs=1))
+        train(tiny_config(tiny, out, method="ccat", epochs=2))
     with pytest.raises(CcatError, match="pass one of them"):
         train(tiny_config(tiny, out, method="sum"), resume=True, overwrite=True)
     train(tiny_config(tiny, out, method="sum"), overwrite=True)
@@ -194,7 +194,7 @@ def test_resume_equals_uninterrupted_for_every_method(method, tmp_path, monkeypa
 
 
 def test_resume_says_where_it_continues(tiny, tmp_path, monkeypatch, capsys):
-    cfg = tiny_config(tiny, tmp_path / "run", method="ccat", epochs=2)
+    cfg = tiny_config(tiny, tmp_path / "run", method="ccat", epochs=3)  # 1 + 2
     cfg.method.pretrain_epochs = 1
     interrupt_then_resume(cfg, monkeypatch, at_epoch=3)
     said = capsys.readouterr().out
@@ -296,7 +296,7 @@ def test_make_table_refuses_changed_args_on_a_rerun(tiny, config_file, tmp_path,
     """`make table` resumes every run folder: a rerun with other ARGS is refused, naming the
     key, instead of mixing settings; the same ARGS again reuse the finished run."""
     config = tmp_path / "one_epoch.yaml"
-    config.write_text(TINY_YAML.replace("epochs: 2", "epochs: 1"))
+    config.write_text(TINY_YAML.replace("epochs: 3", "epochs: 1"))
     make = ["make", "-s", "-C", str(pytestconfig.rootpath), "-o", ".venv/.installed", "table",
             "DATASET=tiny", f"SHARDS={tiny}", "SEEDS=0", "METHODS=sum",
             f"RUNS={tmp_path}/runs", f"CONFIG={config}"]
