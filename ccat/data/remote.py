@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import hashlib
 import io
 import json
 import math
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,13 +166,20 @@ def open_stream(url: str, max_bytes: int, what: str = "the size the manifest giv
             yield stream
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default certificate checks (certifi, or $SSL_CERT_FILE / $SSL_CERT_DIR), built
+    once: loading the CA bundle costs about 17 ms, which a new client per shard paid again."""
+    return httpx.create_ssl_context()
+
+
 @contextlib.contextmanager
 def _http_blocks(url: str, max_bytes: int, limits: HttpLimits) -> Iterator[Iterator[bytes]]:
     """The raw body of a GET of ``url`` (redirects checked), as blocks."""
     timeout = httpx.Timeout(connect=limits.connect_s, read=limits.stall_s,
                             write=limits.stall_s, pool=limits.connect_s)
     # identity: the bytes hashed are the bytes of the file, never a server's re-encoding
-    with httpx.Client(timeout=timeout, follow_redirects=False,
+    with httpx.Client(timeout=timeout, follow_redirects=False, verify=_tls_context(),
                       headers={"Accept-Encoding": "identity"}) as client:
         response = _follow(client, url, limits)
         try:
