@@ -21,7 +21,7 @@ from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.methods import METHODS
 from ccat.train import train
-from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
+from train_helpers import interrupt, interrupt_then_resume, tiny_config, write_tiny_dataset
 
 # One thread: runs in this process and in subprocesses sum floats in the same order.
 TINY_YAML = """\
@@ -79,7 +79,7 @@ def same_weights(a, b):
 
 def test_resume_refuses_changed_settings_naming_each_key(tiny, tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tiny, tmp_path / "run", method="sum", epochs=2)
-    _interrupt(cfg, monkeypatch)
+    interrupt(cfg, monkeypatch, at_epoch=2)
     changed = tiny_config(tiny, tmp_path / "run", method="sum", epochs=3)
     changed.optim.lr, changed.seed, changed.data.batch_size = 0.5, 1, 4
     with pytest.raises(CcatError) as err:
@@ -102,24 +102,6 @@ def test_resume_refuses_changed_settings_naming_each_key(tiny, tmp_path, monkeyp
     free = tiny_config(tiny, tmp_path / "run", method="sum", epochs=2)
     free.data.prefetch, free.data.pin_memory, free.data.cache_dir = 4, False, str(tmp_path)
     assert [r["epoch"] for r in train(free, resume=True)] == [1, 2]
-
-
-def _interrupt(cfg, monkeypatch):
-    """Train ``cfg`` and stop it with Ctrl-C at the start of its second epoch."""
-    from ccat import train as train_module
-
-    real, calls = train_module._train_epoch, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(cfg)
-    monkeypatch.setattr(train_module, "_train_epoch", real)
 
 
 # ------------------------------------------------------------------ item 4: one run a folder
@@ -145,7 +127,7 @@ def test_used_out_needs_resume_or_overwrite(tiny, tmp_path):
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tiny, tmp_path, monkeypatch):
     cfg = tiny_config(tiny, tmp_path / "run", method="sum", epochs=3)
-    _interrupt(cfg, monkeypatch)
+    interrupt(cfg, monkeypatch, at_epoch=2)
     with open(tmp_path / "run" / run_dir.METRICS, "a") as f:  # rows ahead of last.pt
         f.write(json.dumps({"stage": "joint", "epoch": 2}) + "\n" + '{"stage": "jo')
     history = train(cfg, resume=True)

@@ -99,9 +99,9 @@ def random_batch(size: int = 6, seed: int = 0):
                          "video": torch.randn(size, 3, 3, 32, 32, generator=gen)})
 
 
-def interrupt_then_resume(cfg: RunConfig, monkeypatch, at_epoch: int) -> list[dict]:
-    """Train ``cfg`` killed at the start of its ``at_epoch``-th epoch (counted over all
-    stages), then ``--resume`` it; returns the resumed run's history."""
+def interrupt(cfg: RunConfig, monkeypatch, at_epoch: int) -> None:
+    """Train ``cfg`` stopped by Ctrl-C at the start of its ``at_epoch``-th epoch (counted
+    over all stages)."""
     import pytest
 
     from ccat import train as train_module
@@ -118,4 +118,11 @@ def interrupt_then_resume(cfg: RunConfig, monkeypatch, at_epoch: int) -> list[di
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg)
     monkeypatch.setattr(train_module, "_train_epoch", real)
-    return train_module.train(cfg, resume=True)
+
+
+def interrupt_then_resume(cfg: RunConfig, monkeypatch, at_epoch: int) -> list[dict]:
+    """:func:`interrupt`, then ``--resume``; returns the resumed run's history."""
+    from ccat.train import train
+
+    interrupt(cfg, monkeypatch, at_epoch)
+    return train(cfg, resume=True)
