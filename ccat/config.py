@@ -190,6 +190,10 @@ class RunConfig:
     # The split that picks best.pt (best fused accuracy on it). "" = data.val_split when the
     # data has it, else the last epoch: the test split is used only when named here.
     select_split: str = ""
+    # How best.pt is chosen: "best" = the epoch of the best fused accuracy on the selection
+    # split (a tie goes to the later epoch), "last" = the last epoch (the selection split is
+    # still evaluated each epoch, for the curves). A resume may not change it.
+    select: Literal["best", "last"] = "best"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

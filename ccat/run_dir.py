@@ -70,6 +70,22 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def training_cost(folder: Path) -> dict[str, float]:
+    """The run's training wall-clock (seconds, summed over its epochs' ``train_s``) and
+    samples/s over it; {} when a row lacks ``train_s`` (written before it was recorded).
+
+    Every epoch's row counts once: a resumed run keeps the rows up to ``last.pt`` from the
+    interrupted process and appends its own, so the sum is the time of the epochs the run
+    consists of, across processes. Work lost to an interruption (an epoch begun but not
+    saved, then trained again) and the per-epoch evaluations are not counted."""
+    rows = read_metrics(folder)
+    if not rows or any("train_s" not in row or "samples_per_s" not in row for row in rows):
+        return {}
+    seconds = sum(row["train_s"] for row in rows)
+    samples = sum(row["train_s"] * row["samples_per_s"] for row in rows)
+    return {"train_s": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
+
+
 def cut_metrics(folder: Path, rows: int) -> list[dict[str, Any]]:
     """Keep the first ``rows`` rows of ``metrics.jsonl`` (rewritten atomically); returns them."""
     kept = read_metrics(folder)

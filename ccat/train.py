@@ -3,8 +3,10 @@
 A run folder holds one run (see :mod:`ccat.run_dir` for its files and their write order):
 training into a folder that holds one needs ``resume`` (continue, with the saved config:
 any difference outside ``config.RESUME_FREE_KEYS`` is refused) or ``overwrite`` (start
-afresh). ``best.pt`` is chosen on ``RunConfig.select_split``: by default the validation
-split, or the last epoch when the data has none; never the test split unless named.
+afresh). ``best.pt`` follows ``RunConfig.select``: ``best`` is the best fused accuracy on
+``RunConfig.select_split`` (by default the validation split, or the last epoch when the data
+has none; never the test split unless named), a tie going to the later epoch; ``last`` is
+the last epoch. :func:`selection_splits` is the one place that decides.
 """
 
 from __future__ import annotations
@@ -80,16 +82,25 @@ def open_run_data(cfg: RunConfig) -> BuiltDataset:
 def selection_splits(cfg: RunConfig, dataset: BuiltDataset) -> tuple[str | None, str | None]:
     """(the split evaluated after each epoch, the split whose best fused accuracy picks
     best.pt, None = the last epoch): ``select_split`` when given, else the validation split,
-    else the last epoch, with the test split evaluated for the curves only."""
+    else the last epoch, with the test split evaluated for the curves only. ``select: last``
+    keeps the evaluated split and picks the last epoch."""
     splits = dataset.splits
     if cfg.select_split:
         if cfg.select_split not in splits:
             raise CcatError(f"select_split {cfg.select_split!r} is not a split of "
                             f"{dataset.root} (it has {splits}); name one of those")
-        return cfg.select_split, cfg.select_split
-    if cfg.data.val_split in splits:
-        return cfg.data.val_split, cfg.data.val_split
-    return ("test" if "test" in splits else None), None
+        evaluated, scored = cfg.select_split, cfg.select_split
+    elif cfg.data.val_split in splits:
+        evaluated, scored = cfg.data.val_split, cfg.data.val_split
+    else:
+        evaluated, scored = ("test" if "test" in splits else None), None
+    return evaluated, (scored if cfg.select == "best" else None)
+
+
+def is_selected(score: float | None, best: float) -> bool:
+    """Whether an epoch scoring ``score`` (None: no selection split) becomes best.pt over
+    the best score so far: always without a score, and on a tie (the later epoch wins)."""
+    return score is None or score >= best
 
 
 def check_batch_size(cfg: RunConfig, dataset: BuiltDataset, world: int) -> None:
@@ -142,8 +153,9 @@ class Run:
     def selection(self) -> dict[str, Any]:
         """How best.pt is chosen, as the checkpoint and the eval JSON record it."""
         if self.select_split is None:
-            return {"split": None, "rule": "last epoch"}
-        return {"split": self.select_split, "rule": "best fused accuracy"}
+            return {"select": self.cfg.select, "split": None, "rule": "last epoch"}
+        return {"select": self.cfg.select, "split": self.select_split,
+                "rule": "best fused accuracy", "ties": "later epoch"}
 
     def checkpoint(self, opt: Optimizer, sched: LRScheduler, stage_index: int, epoch: int,
                    best: tuple[float, int], metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -217,10 +229,12 @@ def _train_stages(run: Run, state: dict[str, Any] | None) -> None:
 
 
 def _selection_text(run: Run) -> str:
+    if run.cfg.select == "last":
+        return "the last epoch (select: last)"
     if run.select_split is None:
         return (f"the last epoch (the data has no {run.cfg.data.val_split!r} split; "
                 f"--set select_split=test would select on test)")
-    return f"the best fused accuracy on {run.select_split!r}"
+    return f"the best fused accuracy on {run.select_split!r} (a tie: the later epoch)"
 
 
 def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool,
@@ -362,7 +376,7 @@ def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | Non
         distributed.average_buffers(run.model)
         metrics = _evaluate_epoch(run, row)
         score = metrics["accuracy"]["fused"] if metrics and run.select_split else None
-        best_now = score is None or score > best[0]
+        best_now = is_selected(score, best[0])
         if best_now:
             best = (score if score is not None else best[0], epoch + 1)
         if run.ctx.main:
@@ -431,6 +445,7 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
                            "lr": step.optimizer.param_groups[0]["lr"]}
     row.update({k: v / max(1, steps) for k, v in sums.items()})
     row["samples_per_s"] = seen * ctx.world / elapsed
+    row["train_s"] = elapsed  # the epoch's training steps, loader included; not its evaluation
     return row
 
 
@@ -451,7 +466,9 @@ def epoch_table(row: dict[str, Any]) -> Table:
     return table
 
 
-SUMMARY_PREFIXES = ("stage", "epoch", "loss", "selected", "samples_per_s")
+# Wall-clock values of a metrics row: they differ between otherwise identical runs.
+TIMING_KEYS = ("samples_per_s", "train_s")
+SUMMARY_PREFIXES = ("stage", "epoch", "loss", "selected", *TIMING_KEYS)
 
 
 def summary_table(history: list[dict[str, Any]]) -> Table:

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from ccat import run_dir
 from ccat.cli import app, main
-from ccat.config import load_config
+from ccat.config import ConfigError, load_config
 from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.methods import METHODS
-from ccat.train import train
+from ccat.train import TIMING_KEYS, train
 from train_helpers import interrupt, interrupt_then_resume, tiny_config, write_tiny_dataset
 
 # One thread: runs in this process and in subprocesses sum floats in the same order.
@@ -63,7 +63,7 @@ def run_main(args, monkeypatch, capsys):
 
 
 def rows_without_timing(folder):
-    return [{k: v for k, v in row.items() if k != "samples_per_s"}
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS}
             for row in run_dir.read_metrics(folder)]
 
 
@@ -213,20 +213,75 @@ def test_without_validation_best_is_the_last_epoch_unless_test_is_named(tmp_path
     cfg = tiny_config(data, tmp_path / "last", method="sum", epochs=3)
     train(cfg)
     best = checkpoint_of(tmp_path / "last" / run_dir.BEST)
-    assert best["epoch"] == 3 and best["selection"] == {"split": None, "rule": "last epoch"}
+    assert best["epoch"] == 3 and best["selection"] == {"select": "best", "split": None,
+                                                        "rule": "last epoch"}
     metrics = evaluate_checkpoint(tmp_path / "last" / run_dir.BEST)
-    assert metrics["selection"] == {"split": None, "rule": "last epoch", "stage": "joint",
-                                    "epoch": 3}
+    assert metrics["selection"] == {"select": "best", "split": None, "rule": "last epoch",
+                                    "stage": "joint", "epoch": 3}
     cfg = tiny_config(data, tmp_path / "test", method="sum", epochs=3)
     cfg.select_split = "test"
     train(cfg)
     metrics = evaluate_checkpoint(tmp_path / "test" / run_dir.BEST)
     assert metrics["selection"]["split"] == "test"
     assert metrics["selection"]["rule"] == "best fused accuracy"
+    assert metrics["selection"]["ties"] == "later epoch"
     cfg = tiny_config(data, tmp_path / "val", method="sum")
     cfg.select_split = "val"
     with pytest.raises(CcatError, match="select_split 'val' is not a split"):
         train(cfg)
+
+
+def test_select_last_keeps_the_last_epoch_and_still_evaluates_validation(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 3, "test": 3})
+    cfg = tiny_config(data, tmp_path / "run", method="sum", epochs=3)
+    cfg.select = "last"
+    train(cfg)
+    best = checkpoint_of(tmp_path / "run" / run_dir.BEST)
+    assert best["epoch"] == 3 and best["selection"] == {"select": "last", "split": None,
+                                                        "rule": "last epoch"}
+    assert all("val/acc/fused" in row for row in run_dir.read_metrics(tmp_path / "run"))
+    assert evaluate_checkpoint(tmp_path / "run" / run_dir.BEST)["selection"]["select"] == "last"
+    with pytest.raises(ConfigError, match="select"):
+        load_config(None, ["select=first"])
+
+
+def test_a_tie_in_validation_accuracy_selects_the_later_epoch(tmp_path):
+    """One validation sample: its accuracy is 0 or 1, so 4 epochs tie at their best."""
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 1, "test": 3})
+    cfg = tiny_config(data, tmp_path / "run", method="sum", epochs=4)
+    train(cfg)
+    scores = [row["val/acc/fused"] for row in run_dir.read_metrics(tmp_path / "run")]
+    top = [epoch for epoch, score in enumerate(scores, 1) if score == max(scores)]
+    assert len(top) > 1, f"no tie at the best score to test: {scores}"
+    best = checkpoint_of(tmp_path / "run" / run_dir.BEST)
+    assert best["epoch"] == top[-1] and best["best_epoch"] == top[-1]
+
+
+def test_resume_refuses_a_change_of_the_selection_rule(tmp_path, monkeypatch):
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 3, "test": 3})
+    cfg = tiny_config(data, tmp_path / "run", method="sum", epochs=3)
+    interrupt(cfg, monkeypatch, at_epoch=2)
+    cfg.select = "last"
+    with pytest.raises(CcatError, match="select: 'best' -> 'last'"):
+        train(cfg, resume=True)
+
+
+def test_a_resumed_run_reports_the_training_time_of_all_its_epochs(tmp_path, monkeypatch):
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 3, "test": 3})
+    cfg = tiny_config(data, tmp_path / "run", method="sum", epochs=3)
+    interrupt(cfg, monkeypatch, at_epoch=3)
+    before = run_dir.read_metrics(tmp_path / "run")
+    train(cfg, resume=True)
+    rows = run_dir.read_metrics(tmp_path / "run")
+    assert len(rows) == 3 and rows[:2] == before  # the interrupted process's rows are kept
+    assert all(row["train_s"] > 0 for row in rows)
+    cost = run_dir.training_cost(tmp_path / "run")
+    assert cost["train_s"] == pytest.approx(sum(row["train_s"] for row in rows))
+    samples = sum(row["train_s"] * row["samples_per_s"] for row in rows)
+    assert cost["samples_per_s"] == pytest.approx(samples / cost["train_s"])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / run_dir.METRICS).write_text('{"epoch": 1, "samples_per_s": 9.0}\n')
+    assert run_dir.training_cost(tmp_path / "old") == {}  # written before train_s existed
 
 
 def test_a_batch_larger_than_the_train_split_is_refused(tmp_path):
