@@ -1,4 +1,4 @@
-"""The ``ccat`` command: train, eval, report, analyze, export, sweep, list. Each command
+"""The ``ccat`` command: train, eval, probe, report, analyze, export, sweep, list. Each command
 parses, builds a config, calls one library function; user errors print one sentence and
 exit non-zero."""
 
@@ -74,11 +74,25 @@ def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
 def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt)"),
              data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
              split: str = typer.Option("test", help="split to evaluate"),
-             json_path: Optional[Path] = typer.Option(None, "--json", help="write metrics here")) -> None:
+             json_path: Optional[Path] = typer.Option(None, "--json", help="write metrics here"),
+             probe: bool = typer.Option(False, help="add each modality's linear-probe "
+                                        "accuracy (see `ccat probe`)")) -> None:
     """Evaluate a checkpoint: fused and per-modality accuracy, macro-F1, contributions."""
     from ccat.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(ckpt, data, split, json_path)
+    evaluate_checkpoint(ckpt, data, split, json_path, probe)
+
+
+@app.command("probe")
+def probe(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt)"),
+          data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
+          split: str = typer.Option("test", help="split the probe is scored on"),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="write the probe here"),
+          ) -> None:
+    """Linear probe per modality on the frozen encoders: fit on train, accuracy on SPLIT."""
+    from ccat.analysis.probe import probe as run_probe
+
+    run_probe(ckpt, data, split, json_path)
 
 
 @app.command("report")

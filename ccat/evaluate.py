@@ -105,6 +105,8 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
         table.add_row(f"class {name}", f"{value:.4f}")
     for name, value in metrics["contribution"].items():
         table.add_row(f"contribution {name}", f"{value:.4f}")
+    for name, value in metrics.get("probe", {}).items():
+        table.add_row(f"probe {name}", f"{value:.4f}")
     return table
 
 
@@ -154,8 +156,10 @@ def checkpoint_selection(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
-                        json_path: str | Path | None = None) -> dict[str, Any]:
-    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``)."""
+                        json_path: str | Path | None = None,
+                        probe: bool = False) -> dict[str, Any]:
+    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``); with
+    ``probe``, add the linear probe's accuracies (:mod:`ccat.analysis.probe`)."""
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
@@ -169,6 +173,10 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
         metrics["selection"] = checkpoint_selection(ckpt)
     finally:
         distributed.cleanup()
+    if probe:
+        from ccat.analysis.probe import linear_probe  # it reads features through this module
+
+        metrics["probe"] = linear_probe(ckpt_path, data, split)["probe"]
     if ctx.main:
         console.print(metrics_table(metrics, f"{ckpt_path} on {split}"))
         if json_path:

@@ -47,6 +47,7 @@ class Collected:
     split: str
     checkpoint: str
     fingerprint: str
+    dataset: str  # the manifest's name of the data
 
 
 def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test") -> Collected:
@@ -76,7 +77,7 @@ def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test")
         contributions={m: cat[f"contributions/{m}"] for m in modalities},
         classes=list(dataset.classes), modalities=modalities, method=cfg.method.name,
         stage=ckpt["stage"], split=split, checkpoint=str(ckpt_path),
-        fingerprint=dataset.fingerprint)
+        fingerprint=dataset.fingerprint, dataset=dataset.name)
 
 
 @torch.no_grad()

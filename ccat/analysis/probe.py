@@ -1,0 +1,94 @@
+"""``ccat probe``: how well each encoder learned, measured the same way for every method.
+
+A method's own unimodal accuracy (Sec. 4.1) reads each modality through whatever that
+method has (its own head, a block of the fused head, the fusion with the other modality
+zeroed), so it is not comparable across methods. The linear probe is: the checkpoint's
+encoders are frozen (eval mode, ``ccat eval``'s loader without augmentation), every train
+and evaluated sample's pooled feature z^m is taken (:func:`ccat.analysis.collect.collect`,
+the features ``ccat export`` writes), and per modality a multinomial logistic regression on
+standardized features is fitted on the train split and scored on the evaluated split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ccat import checkpoint
+from ccat.analysis.collect import Collected, collect
+from ccat.config import from_dict
+from ccat.errors import CcatError
+from ccat.evaluate import checkpoint_selection
+from ccat.report import run_block
+from ccat.ui import make_console
+
+console = make_console()
+
+FIT_SPLIT = "train"
+MAX_ITER = 2000  # lbfgs iterations; standardized features converge well within this
+
+
+def fit_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+              test_labels: np.ndarray, seed: int) -> float:
+    """Test accuracy of a seeded multinomial logistic regression on standardized features,
+    fitted on ``train``."""
+    model = make_pipeline(StandardScaler(),
+                          LogisticRegression(max_iter=MAX_ITER, random_state=seed))
+    model.fit(train, train_labels)
+    return float((model.predict(test) == test_labels).mean())
+
+
+def probe_accuracies(train: Collected, test: Collected, seed: int) -> dict[str, float]:
+    """Per modality, the probe's accuracy on ``test`` after fitting on ``train``."""
+    classes = np.unique(train.labels)
+    if len(classes) < 2:
+        raise CcatError(f"the {train.split!r} split holds only class "
+                        f"{train.classes[int(classes[0])]!r} (or no sample), and a probe needs "
+                        f"at least two classes to fit; rebuild the data with more samples")
+    return {m: fit_probe(train.embeddings[m], train.labels, test.embeddings[m], test.labels,
+                         seed) for m in train.modalities}
+
+
+def linear_probe(ckpt_path: str | Path, data: str | None = None,
+                 split: str = "test") -> dict[str, Any]:
+    """The probe of ``ckpt_path`` scored on ``split``, with what identifies the run."""
+    if split == FIT_SPLIT:
+        raise CcatError(f"the probe is fitted on {FIT_SPLIT!r}; score it on another split "
+                        f"(--split test or val)")
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = from_dict(ckpt["config"])
+    train, test = collect(ckpt_path, data, FIT_SPLIT), collect(ckpt_path, data, split)
+    return {"split": split, "probe": probe_accuracies(train, test, cfg.seed),
+            "num_samples": {FIT_SPLIT: len(train.keys), split: len(test.keys)},
+            "probe_seed": cfg.seed, "run": run_block(cfg, test.dataset),
+            "selection": checkpoint_selection(ckpt), "checkpoint": str(ckpt_path),
+            "fingerprint": test.fingerprint}
+
+
+def probe_table(result: dict[str, Any], title: str) -> Table:
+    """The probe's accuracy per modality, as ``ccat eval``'s table shows metrics."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["probe"].items():
+        table.add_row(f"probe {name}", f"{value:.4f}")
+    return table
+
+
+def probe(ckpt_path: str | Path, data: str | None = None, split: str = "test",
+          json_path: str | Path | None = None) -> dict[str, Any]:
+    """``ccat probe``: print the probe's table and write its JSON to ``json_path``."""
+    result = linear_probe(ckpt_path, data, split)
+    console.print(probe_table(result, f"linear probe of {ckpt_path}: fit on {FIT_SPLIT!r}, "
+                                      f"scored on {split!r}"))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
