@@ -1,8 +1,11 @@
 """``ccat report``: the eval JSON of many runs -> one Table-1-style comparison.
 
 Rows are methods (an ablation variant of a method is a row of its own, e.g. "ccat (no
-secondary)"); columns are, per dataset, the fused accuracy and each modality's accuracy;
-cells are the mean ± sample standard deviation over seeds. A run is identified by the
+secondary)"); columns are, per dataset, the fused accuracy, each modality's accuracy
+(Sec. 4.1, read differently by each method), each modality's linear probe (``ccat eval
+--probe``; the same measure for every method), the training wall-clock and samples/s
+(the run folder's metrics.jsonl); cells are the mean ± sample standard deviation over
+seeds. A run without a probe or timing shows an empty cell there. A run is identified by the
 ``run`` block that ``ccat eval`` writes into its JSON (method, variant, dataset, seed), or,
 for older JSON, by the ``config.yaml`` next to it and the manifest of its data.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from ccat import run_dir
@@ -35,6 +39,9 @@ FORMATS = ("table", "markdown", "csv")
 CAPTION_MARKS = "**bold**: best in its column; <u>underlined</u>: second best"
 CSV_FIELDS = ["row", "method", "variant", "dataset", "accuracy", "mean", "std", "n", "seeds",
               "rank"]
+PROBE_PREFIX = "probe "  # column "probe audio": the linear probe of the audio encoder
+TRAIN_TIME, THROUGHPUT = "train s", "samples/s"  # columns from the run's metrics.jsonl
+COST_COLUMNS = (TRAIN_TIME, THROUGHPUT)  # not accuracies: shown as numbers, never ranked
 SWITCH_LABELS = {name: f"no {name.replace('_', ' ')}" for name in ABLATION_SWITCHES}
 
 
@@ -51,7 +58,8 @@ def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RunResult:
-    """One evaluated run: who it is and its accuracies (fraction, fused and per modality)."""
+    """One evaluated run: who it is, its values by column (accuracies and probes as
+    fractions, the training cost) and how its checkpoint was selected."""
 
     path: Path
     method: str
@@ -59,6 +67,7 @@ class RunResult:
     dataset: str
     seed: int
     accuracy: dict[str, float]
+    selection: str = "unrecorded"
 
     @property
     def row(self) -> str:
@@ -96,6 +105,27 @@ def _identity(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return run_block(cfg, _dataset_of(cfg, run_dir))
 
 
+def selection_text(selection: Any) -> str:
+    """How best.pt was chosen, from the eval JSON's ``selection``: 'best fused accuracy
+    on 'val', ties to the later epoch' or 'last epoch'."""
+    if not isinstance(selection, dict) or "rule" not in selection:
+        return "unrecorded"
+    if selection.get("split") is None:
+        return str(selection["rule"])
+    ties = f", ties to the {selection['ties']}" if selection.get("ties") else ""
+    return f"{selection['rule']} on {selection['split']!r}{ties}"
+
+
+def _values(metrics: dict[str, Any], folder: Path) -> dict[str, float]:
+    """The columns of one run: accuracies, probes, then the training cost of its folder."""
+    values = {str(k): float(v) for k, v in metrics["accuracy"].items()}
+    values.update({f"{PROBE_PREFIX}{k}": float(v) for k, v in metrics.get("probe", {}).items()})
+    cost = run_dir.training_cost(folder)
+    if cost:
+        values.update({TRAIN_TIME: cost["train_s"], THROUGHPUT: cost["samples_per_s"]})
+    return values
+
+
 def read_result(path: Path, split: str) -> RunResult:
     """One eval JSON as a :class:`RunResult`; ValueError says why it cannot be used."""
     try:
@@ -103,7 +133,8 @@ def read_result(path: Path, split: str) -> RunResult:
         run = _identity(metrics, path.parent)
         result = RunResult(path, str(run["method"]), str(run.get("variant", "")),
                            str(run["dataset"]), int(run["seed"]),
-                           {str(k): float(v) for k, v in metrics["accuracy"].items()})
+                           _values(metrics, path.parent),
+                           selection_text(metrics.get("selection")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError,
             yaml.YAMLError) as err:
         raise ValueError(f"unusable ({type(err).__name__}: {err})") from None
@@ -164,6 +195,7 @@ class Report:
     cells: dict[tuple[str, tuple[str, str]], Cell]
     identity: dict[str, tuple[str, str]]  # row -> (method, variant)
     notes: list[str]
+    selections: dict[str, list[str]] = field(default_factory=dict)  # how best.pt -> rows
 
     @property
     def seeds(self) -> int:
@@ -189,6 +221,8 @@ def _row_order(results: list[RunResult]) -> list[str]:
 def _rank(report: Report) -> None:
     """Mark the best and second-best mean of every column, at the shown precision."""
     for column in report.columns:
+        if column[1] in COST_COLUMNS:
+            continue
         cells = [report.cells[(row, column)] for row in report.rows
                  if (row, column) in report.cells]
         shown = sorted({round(100 * c.mean, 2) for c in cells}, reverse=True)
@@ -213,6 +247,10 @@ def build_report(found: Found, split: str = "test") -> Report:
         by_seed[key] = r
         columns.setdefault(r.dataset, {"fused": None}).update(dict.fromkeys(r.accuracy))
     rows = _row_order(found.results)
+    selections: dict[str, list[str]] = {}
+    for row in rows:
+        for text in dict.fromkeys(r.selection for r in found.results if r.row == row):
+            selections.setdefault(text, []).append(row)
     cells: dict[tuple[str, tuple[str, str]], Cell] = {}
     for (row, dataset, seed), r in sorted(by_seed.items(), key=lambda kv: kv[0][2]):
         for name, value in r.accuracy.items():
@@ -221,19 +259,30 @@ def build_report(found: Found, split: str = "test") -> Report:
             cell.seeds.append(seed)
     notes = [f"not evaluated (no {EVAL_NAME}): {p}" for p in found.unevaluated]
     notes += [f"skipped {s}" for s in found.skipped]
-    report = Report(split, rows, [(d, a) for d, names in columns.items() for a in names],
-                    cells, {r.row: (r.method, r.variant) for r in found.results}, notes)
+    report = Report(split, rows, [(d, a) for d, names in columns.items()
+                                  for a in sorted(names, key=_column_kind)],
+                    cells, {r.row: (r.method, r.variant) for r in found.results}, notes,
+                    selections)
     _rank(report)
     return report
 
 
-def format_cell(cell: Cell | None, seeds: int) -> str:
-    """'71.24 ± 0.81' in percent; '(n=2)' when the cell has fewer seeds than the table."""
+def _column_kind(name: str) -> int:
+    """Column order within a dataset: accuracies, probes, training cost (stable within)."""
+    if name in COST_COLUMNS:
+        return 2
+    return 1 if name.startswith(PROBE_PREFIX) else 0
+
+
+def format_cell(cell: Cell | None, seeds: int, column: str = "fused") -> str:
+    """'71.24 ± 0.81' in percent (a cost column: '12.3 ± 0.4' in its unit); '(n=2)' when
+    the cell has fewer seeds than the table."""
     if cell is None:
         return "—"
-    text = f"{100 * cell.mean:.2f}"
+    scale, digits = (1, 1) if column in COST_COLUMNS else (100, 2)
+    text = f"{scale * cell.mean:.{digits}f}"
     if cell.std is not None:
-        text += f" ± {100 * cell.std:.2f}"
+        text += f" ± {scale * cell.std:.{digits}f}"
     if len(cell.values) < seeds:
         text += f" (n={len(cell.values)})"
     return text
@@ -246,10 +295,30 @@ def _over(report: Report) -> str:
     return f"{n} seed{'s' if n > 1 else ''}" + (", fewer where a cell says n=k" if fewer else "")
 
 
-def caption(report: Report) -> str:
-    """One sentence saying what the cells are and what the marks mean."""
+def _selection_sentence(report: Report) -> str:
+    """'best.pt: best fused accuracy on 'val', ties to the later epoch.' (per row group
+    where runs differ)."""
+    if len(report.selections) == 1:
+        return f"best.pt: {next(iter(report.selections))}."
+    parts = [f"{text} ({', '.join(rows)})" for text, rows in report.selections.items()]
+    return f"best.pt: {'; '.join(parts)}."
+
+
+def _cells_sentence(report: Report) -> str:
+    """What the cells are."""
     return (f"{report.split.capitalize()} accuracy (%) of the fused prediction and of each "
-            f"modality alone: mean ± sample std over {_over(report)}. {CAPTION_MARKS}.")
+            f"modality alone (Sec. 4.1: each method reads a modality its own way, so these "
+            f"are not comparable across methods); probe <m>: a linear probe on the frozen "
+            f"encoder's pooled features, the same measure for every method and so comparable "
+            f"across them; {TRAIN_TIME}: training wall-clock summed over the run's epochs, "
+            f"{THROUGHPUT}: training samples per second; mean ± sample std over "
+            f"{_over(report)}; — where a run has no such value.")
+
+
+def caption(report: Report) -> str:
+    """What the cells are, how the checkpoints were chosen and what the marks mean."""
+    return (f"{_cells_sentence(report)} {_selection_sentence(report)} {CAPTION_MARKS} "
+            f"(accuracies and probes).")
 
 
 def to_markdown(report: Report) -> str:
@@ -261,7 +330,7 @@ def to_markdown(report: Report) -> str:
         cells = []
         for column in report.columns:
             cell = report.cells.get((row, column))
-            text = format_cell(cell, report.seeds)
+            text = format_cell(cell, report.seeds, column[1])
             if cell is not None and cell.rank:
                 text = f"**{text}**" if cell.rank == 1 else f"<u>{text}</u>"
             cells.append(text)
@@ -293,8 +362,10 @@ def to_csv(report: Report) -> str:
 def to_rich(report: Report) -> Table:
     """The table for the terminal: best in bold, second best underlined."""
     table = Table(title=f"{report.split} accuracy (%), mean ± std over {_over(report)}",
-                  caption="[bold]bold[/bold]: best in its column; "
-                          "[underline]underlined[/underline]: second best")
+                  caption=f"{escape(_cells_sentence(report))} "
+                          f"{escape(_selection_sentence(report))} [bold]bold[/bold]: best in "
+                          f"its column; [underline]underlined[/underline]: second best "
+                          f"(accuracies and probes)")
     table.add_column("method")
     for dataset, name in report.columns:
         table.add_column(f"{dataset}\n{name}", justify="right")
@@ -303,7 +374,7 @@ def to_rich(report: Report) -> Table:
         cells = []
         for column in report.columns:
             cell = report.cells.get((row, column))
-            text = format_cell(cell, report.seeds)
+            text = format_cell(cell, report.seeds, column[1])
             cells.append(f"[{styles[cell.rank]}]{text}[/]" if cell and cell.rank else text)
         table.add_row(row, *cells)
     return table

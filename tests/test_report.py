@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ccat.cli import app, main
-from ccat.report import find_runs, read_result
+from ccat import run_dir
+from ccat.report import COST_COLUMNS, find_runs, read_result
 from ccat.train import train
 from train_helpers import tiny_config, write_tiny_dataset
 
@@ -64,9 +65,15 @@ def test_report_means_stds_and_marks(runs, tmp_path):
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
     assert {r["row"] for r in rows} == {"sum", "concat"}
-    assert {r["accuracy"] for r in rows} == {"fused", "audio", "video"}
+    assert {r["accuracy"] for r in rows} == {"fused", "audio", "video", "train s", "samples/s"}
     for r in rows:
-        values = [m["accuracy"][r["accuracy"]] for m in evals(runs / r["method"])]
+        if r["accuracy"] in COST_COLUMNS:  # from each run's metrics.jsonl, never ranked
+            key = "train_s" if r["accuracy"] == "train s" else "samples_per_s"
+            values = [run_dir.training_cost(p.parent)[key]
+                      for p in sorted((runs / r["method"]).rglob("eval.json"))]
+            assert r["rank"] == ""
+        else:
+            values = [m["accuracy"][r["accuracy"]] for m in evals(runs / r["method"])]
         assert float(r["mean"]) == pytest.approx(statistics.mean(values))
         assert float(r["std"]) == pytest.approx(statistics.stdev(values))
         assert r["n"] == "2" and r["seeds"] == "0 1" and r["dataset"] == "tiny"
@@ -95,6 +102,34 @@ def test_ablation_variant_is_its_own_row_and_table_prints(runs):
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| ccat (no secondary)",
                                                              "| concat", "| sum"]
     assert "(n=1)" in lines[2] and "±" not in lines[2]  # one seed: no std
+
+
+def test_probe_columns_beside_the_unimodal_ones_and_empty_without_a_probe(runs, tmp_path):
+    for seed in (0, 1):
+        run = shutil.copytree(runs / "sum" / f"s{seed}", tmp_path / "sum" / f"s{seed}")
+        result = runner.invoke(app, ["eval", "--ckpt", str(run / "best.pt"), "--probe",
+                                     "--json", str(run / "eval.json")])
+        assert result.exit_code == 0, result.output
+    shutil.copytree(runs / "concat", tmp_path / "concat")  # evaluated without --probe
+    markdown = runner.invoke(app, ["report", str(tmp_path), "--format", "markdown"]).stdout
+    header = next(line for line in markdown.splitlines() if line.startswith("| method"))
+    assert header == ("| method | tiny fused | tiny audio | tiny video | tiny probe audio | "
+                      "tiny probe video | tiny train s | tiny samples/s |")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith(("| method", "| ---"))}
+    probes = [json.loads((tmp_path / "sum" / f"s{seed}" / "eval.json").read_text())["probe"]
+              for seed in (0, 1)]
+    mean = statistics.mean(p["audio"] for p in probes)
+    assert rows["sum"][4].strip("*<u>/ ").startswith(f"{100 * mean:.2f}")
+    assert rows["concat"][4] == "—" and rows["concat"][5] == "—"
+    caption = markdown.splitlines()[0]
+    assert "not comparable across methods" in caption and "comparable across them" in caption
+    assert "best.pt: best fused accuracy on 'val', ties to the later epoch." in caption
+    printed = runner.invoke(app, ["report", str(tmp_path)])
+    assert printed.exit_code == 0 and "probe audio" in printed.stdout
+    csv_rows = list(csv.DictReader(io.StringIO(
+        runner.invoke(app, ["report", str(tmp_path), "--format", "csv"]).stdout)))
+    assert {r["row"] for r in csv_rows if r["accuracy"] == "probe audio"} == {"sum"}
 
 
 def test_unevaluated_run_is_a_note_and_old_json_falls_back_to_config(runs, tmp_path):
