@@ -96,11 +96,12 @@ ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \
 	$(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(RUNS)/ablation/no_$(a)/s$(s)))
 # --resume for a run folder $(1) that holds a run, unless ARGS asks for --overwrite.
 resume_flag = $(if $(findstring --overwrite,$(ARGS)),,$$(test -f $(1)/config.yaml && echo --resume))
-# Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt.
+# Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt
+# with the linear probe (the per-modality measure comparable across methods).
 train_eval = $(BIN)/ccat train --config $(CONFIG) --method $(1) --data $(SHARDS) --out $(@D) \
 	--set seed=$(2) $(3) $(ARGS) $(call resume_flag,$(@D)) && \
 	{ test $@ -nt $(@D)/best.pt || \
-	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --json $@; }
+	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --probe --json $@; }
 
 .PHONY: table ablation have-shards FORCE
 FORCE:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from typer.testing import CliRunner
@@ -20,7 +21,7 @@ from ccat.analysis import tblog
 from ccat.analysis.collect import collect
 from ccat.analysis.curves import plot_run
 from ccat.analysis.geometry import cluster_scores
-from ccat.analysis.sweep import parse_grid
+from ccat.analysis.sweep import Trial, parse_grid, score
 from ccat.cli import app, main
 from ccat.config import save_config
 from ccat.data.reader import open_dataset
@@ -217,6 +218,9 @@ def test_sweep_chooses_on_validation_and_reuses_finished_runs(tiny):
     assert [(r["phase"], r["rank"], r["beta"]) for r in table] == [
         ("rank", "1", "0.1"), ("rank", "2", "0.1"),
         ("beta", str(best_rank), "0.1"), ("beta", str(best_rank), "0.2")]
+    for row in table:  # the trial's epoch is the one its best.pt holds (a tie: the later)
+        best = torch.load(out / row["run"] / "best.pt", weights_only=True)
+        assert int(row["best_epoch"]) == best["epoch"]
     assert "| phase | rank | beta | val_acc |" in (out / "sweep.md").read_text()
     assert_image(out / "beta.png")
     assert_image(out / "rank.png")
@@ -228,6 +232,15 @@ def test_sweep_chooses_on_validation_and_reuses_finished_runs(tiny):
     assert again.output.count("(reused)") == 4 and "(training)" not in again.output
     assert {p: p.stat().st_mtime_ns for p in out.glob("r*_b*/last.pt")} == stamps
     assert json.loads((out / "sweep.json").read_text())["rank"] == chosen["rank"]
+
+
+def test_sweep_score_takes_the_later_of_tied_epochs_as_best_pt_does():
+    rows = [{"stage": "pretrain", "epoch": 1, "val/acc/fused": 0.9},
+            *({"stage": "alternate", "epoch": e, "val/acc/fused": acc, "val/acc/audio": e / 10}
+              for e, acc in ((1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7)))]
+    trial = Trial(phase="rank", rank=1, beta=0.1, folder=Path("unused"))
+    score(trial, rows, "val")
+    assert (trial.val_acc, trial.best_epoch, trial.unimodal) == (0.7, 4, {"audio": 0.4})
 
 
 def test_grid_syntax():

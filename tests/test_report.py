@@ -202,7 +202,7 @@ def test_make_table_and_ablation_dry_run(tmp_path):
                    and f"--set seed={seed}" in line
                    and f"test -f {run}/config.yaml && echo --resume" in line
                    for line in train_lines)
-        assert any(f"--json {run}/eval.json" in line for line in eval_lines)
+        assert any(f"--probe --json {run}/eval.json" in line for line in eval_lines)
     out = subprocess.run([*common, "METHODS=sum", "ARGS=--overwrite", "table"],
                          capture_output=True, text=True, check=True).stdout
     assert "--overwrite" in out and "echo --resume" not in out

@@ -6,8 +6,9 @@ Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this pro
 folder whose run finished (last.pt at the last epoch of the last stage) with the same
 config is reused, an unfinished one is resumed, one holding a run with another config
 (outside ``config.RESUME_FREE_KEYS``) is refused. The score is the best fused validation
-accuracy over the epochs of the last stage (the stage best.pt follows); ties go to the
-earlier grid value.
+accuracy over the epochs of the last stage (the stage best.pt follows; its epoch is chosen
+by best.pt's rule, a tie going to the later epoch); ties between trials go to the earlier
+grid value.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ccat.analysis.plots import new_figure, save
 from ccat.config import RunConfig, from_dict, to_dict
 from ccat.data.reader import DatasetError, open_dataset
 from ccat.errors import CcatError
-from ccat.train import check_same_config, finished, saved_run, train
+from ccat.train import check_same_config, finished, is_selected, saved_run, train
 from ccat.ui import make_console
 
 MAX_GRID = 1000  # values one option may expand to; more is a typo in a range's step
@@ -125,9 +126,13 @@ def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def score(trial: Trial, rows: list[dict[str, Any]], val: str) -> None:
-    """Best fused ``val`` accuracy over the last stage's epochs (first of equals)."""
+    """Best fused ``val`` accuracy over the last stage's epochs, its epoch picked as
+    best.pt's is (:func:`ccat.train.is_selected`: a tie goes to the later epoch)."""
     last = [r for r in rows if r["stage"] == rows[-1]["stage"]]
-    best = max(last, key=lambda r: r[f"{val}/acc/fused"])
+    best = last[0]
+    for row in last[1:]:
+        if is_selected(row[f"{val}/acc/fused"], best[f"{val}/acc/fused"]):
+            best = row
     trial.val_acc, trial.best_epoch = best[f"{val}/acc/fused"], best["epoch"]
     prefix = f"{val}/acc/"
     trial.unimodal = {k[len(prefix):]: v for k, v in best.items()
