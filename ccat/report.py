@@ -308,7 +308,7 @@ def _cells_sentence(report: Report) -> str:
     """What the cells are."""
     return (f"{report.split.capitalize()} accuracy (%) of the fused prediction and of each "
             f"modality alone (Sec. 4.1: each method reads a modality its own way, so these "
-            f"are not comparable across methods); probe <m>: a linear probe on the frozen "
+            f"are not comparable across methods); probe columns: a linear probe on each frozen "
             f"encoder's pooled features, the same measure for every method and so comparable "
             f"across them; {TRAIN_TIME}: training wall-clock summed over the run's epochs, "
             f"{THROUGHPUT}: training samples per second; mean ± sample std over "
