@@ -4,11 +4,14 @@ determinism, and a probe of 1.0 on an encoder whose pooled feature is the label 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from ccat.analysis import probe as probe_module
+from ccat.analysis.probe import fit_probe
 from ccat.cli import app
 from ccat.config import ModelConfig
 from ccat.models import ENCODERS
@@ -61,6 +64,7 @@ def test_probe_json_keys_range_and_determinism(tiny_run, tmp_path):
     assert first["split"] == "test" and set(first["probe"]) == {"audio", "video"}
     assert all(0.0 <= v <= 1.0 for v in first["probe"].values())
     assert first["num_samples"] == {"train": 24, "test": 12}
+    assert first["probe_converged"] == {"audio": True, "video": True}
     assert first["run"] == {"method": "concat", "variant": "", "dataset": "tiny", "seed": 0}
     assert first["selection"]["select"] == "best" and first["selection"]["split"] == "val"
     manifest = json.loads((tiny_run / "shards" / "manifest.json").read_text())
@@ -91,6 +95,16 @@ def test_probe_of_a_label_one_hot_encoder_is_exact(tiny_run, tmp_path, monkeypat
     result = probe_json(tmp_path / "run" / "best.pt", tmp_path / "probe.json")
     assert result["probe"]["audio"] == 1.0
     assert result["probe"]["video"] < 1.0  # the faint video cue after one epoch: not exact
+
+
+def test_a_fit_that_does_not_converge_says_so():
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(60, 40)), np.arange(60) % 3  # separable only by memory
+    accuracy, converged = fit_probe(feats, labels, feats, labels, seed=0)
+    assert 0.0 <= accuracy <= 1.0 and converged
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe_module, "MAX_ITER", 1)
+        assert fit_probe(feats, labels, feats, labels, seed=0)[1] is False
 
 
 def test_probe_refuses_scoring_on_its_fit_split_and_data_elsewhere(tiny_run, tmp_path):

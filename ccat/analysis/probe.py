@@ -12,11 +12,13 @@ standardized features is fitted on the train split and scored on the evaluated s
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.table import Table
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -36,24 +38,30 @@ MAX_ITER = 2000  # lbfgs iterations; standardized features converge well within 
 
 
 def fit_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-              test_labels: np.ndarray, seed: int) -> float:
-    """Test accuracy of a seeded multinomial logistic regression on standardized features,
-    fitted on ``train``."""
+              test_labels: np.ndarray, seed: int) -> tuple[float, bool]:
+    """(test accuracy, whether the fit converged) of a seeded multinomial logistic
+    regression on standardized features, fitted on ``train``."""
     model = make_pipeline(StandardScaler(),
                           LogisticRegression(max_iter=MAX_ITER, random_state=seed))
-    model.fit(train, train_labels)
-    return float((model.predict(test) == test_labels).mean())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(train, train_labels)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return float((model.predict(test) == test_labels).mean()), converged
 
 
-def probe_accuracies(train: Collected, test: Collected, seed: int) -> dict[str, float]:
-    """Per modality, the probe's accuracy on ``test`` after fitting on ``train``."""
+def probe_accuracies(train: Collected, test: Collected,
+                     seed: int) -> tuple[dict[str, float], dict[str, bool]]:
+    """Per modality, the probe's accuracy on ``test`` after fitting on ``train``, and
+    whether its fit converged."""
     classes = np.unique(train.labels)
     if len(classes) < 2:
         raise CcatError(f"the {train.split!r} split holds only class "
                         f"{train.classes[int(classes[0])]!r} (or no sample), and a probe needs "
                         f"at least two classes to fit; rebuild the data with more samples")
-    return {m: fit_probe(train.embeddings[m], train.labels, test.embeddings[m], test.labels,
+    fits = {m: fit_probe(train.embeddings[m], train.labels, test.embeddings[m], test.labels,
                          seed) for m in train.modalities}
+    return {m: acc for m, (acc, _) in fits.items()}, {m: ok for m, (_, ok) in fits.items()}
 
 
 def linear_probe(ckpt_path: str | Path, data: str | None = None,
@@ -65,7 +73,12 @@ def linear_probe(ckpt_path: str | Path, data: str | None = None,
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     train, test = collect(ckpt_path, data, FIT_SPLIT), collect(ckpt_path, data, split)
-    return {"split": split, "probe": probe_accuracies(train, test, cfg.seed),
+    accuracy, converged = probe_accuracies(train, test, cfg.seed)
+    for m in (m for m, ok in converged.items() if not ok):
+        console.print(f"warning: the {m} probe did not converge in {MAX_ITER} lbfgs "
+                      f"iterations; its accuracy is that of the last iterate",
+                      highlight=False, markup=False)
+    return {"split": split, "probe": accuracy, "probe_converged": converged,
             "num_samples": {FIT_SPLIT: len(train.keys), split: len(test.keys)},
             "probe_seed": cfg.seed, "run": run_block(cfg, test.dataset),
             "selection": checkpoint_selection(ckpt), "checkpoint": str(ckpt_path),
