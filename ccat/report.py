@@ -66,7 +66,7 @@ class RunResult:
     variant: str
     dataset: str
     seed: int
-    accuracy: dict[str, float]
+    values: dict[str, float]  # column -> value: "fused", "audio", "probe audio", "train s"
     selection: str = "unrecorded"
 
     @property
@@ -245,7 +245,7 @@ def build_report(found: Found, split: str = "test") -> Report:
             raise CcatError(f"{by_seed[key].path} and {r.path} are both {r.row} on {r.dataset} "
                             f"with seed {r.seed}; pass RUN_DIRs that hold only one of them")
         by_seed[key] = r
-        columns.setdefault(r.dataset, {"fused": None}).update(dict.fromkeys(r.accuracy))
+        columns.setdefault(r.dataset, {"fused": None}).update(dict.fromkeys(r.values))
     rows = _row_order(found.results)
     selections: dict[str, list[str]] = {}
     for row in rows:
@@ -253,7 +253,7 @@ def build_report(found: Found, split: str = "test") -> Report:
             selections.setdefault(text, []).append(row)
     cells: dict[tuple[str, tuple[str, str]], Cell] = {}
     for (row, dataset, seed), r in sorted(by_seed.items(), key=lambda kv: kv[0][2]):
-        for name, value in r.accuracy.items():
+        for name, value in r.values.items():
             cell = cells.setdefault((row, (dataset, name)), Cell([], []))
             cell.values.append(value)
             cell.seeds.append(seed)

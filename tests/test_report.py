@@ -164,6 +164,22 @@ def test_datasets_with_other_modalities_get_their_own_columns(tmp_path):
                        ("mvsa", "fused"), ("mvsa", "image"), ("mvsa", "text")]
 
 
+def test_caption_names_each_selection_rule_and_its_rows(tmp_path):
+    selections = {"sum": {"select": "best", "split": "val", "rule": "best fused accuracy",
+                          "ties": "later epoch", "stage": "joint", "epoch": 2},
+                  "concat": {"select": "last", "split": None, "rule": "last epoch",
+                             "stage": "joint", "epoch": 3}}
+    for method, selection in selections.items():
+        run = tmp_path / method / "s0"
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text(json.dumps(
+            {"split": "test", "accuracy": {"fused": 0.5}, "selection": selection,
+             "run": {"method": method, "variant": "", "dataset": "tiny", "seed": 0}}))
+    markdown = runner.invoke(app, ["report", str(tmp_path), "--format", "markdown"]).stdout
+    assert ("best.pt: last epoch (concat); best fused accuracy on 'val', ties to the later "
+            "epoch (sum).") in markdown.splitlines()[0]
+
+
 def run_main(args, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ccat", *map(str, args)])
     with pytest.raises(SystemExit) as done:
