@@ -94,20 +94,23 @@ def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, spli
     return compute_metrics(pred, split, dataset.classes, model.modalities)
 
 
-def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+def value_table(title: str, groups: list[tuple[str, dict[str, float]]]) -> Table:
+    """A two-column metric/value table: each ``(prefix, {name: value})`` group in order."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in metrics["accuracy"].items():
-        table.add_row(f"accuracy {name}", f"{value:.4f}")
-    table.add_row("macro-F1", f"{metrics['macro_f1']:.4f}")
-    for name, value in metrics["per_class_accuracy"].items():
-        table.add_row(f"class {name}", f"{value:.4f}")
-    for name, value in metrics["contribution"].items():
-        table.add_row(f"contribution {name}", f"{value:.4f}")
-    for name, value in metrics.get("probe", {}).items():
-        table.add_row(f"probe {name}", f"{value:.4f}")
+    for prefix, values in groups:
+        for name, value in values.items():
+            table.add_row(f"{prefix} {name}".strip(), f"{value:.4f}")
     return table
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    return value_table(title, [("accuracy", metrics["accuracy"]),
+                               ("", {"macro-F1": metrics["macro_f1"]}),
+                               ("class", metrics["per_class_accuracy"]),
+                               ("contribution", metrics["contribution"]),
+                               ("probe", metrics.get("probe", {}))])
 
 
 def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,

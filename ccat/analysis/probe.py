@@ -27,7 +27,7 @@ from ccat import checkpoint
 from ccat.analysis.collect import Collected, collect
 from ccat.config import from_dict
 from ccat.errors import CcatError
-from ccat.evaluate import checkpoint_selection
+from ccat.evaluate import checkpoint_selection, value_table
 from ccat.report import run_block
 from ccat.ui import make_console
 
@@ -87,12 +87,7 @@ def linear_probe(ckpt_path: str | Path, data: str | None = None,
 
 def probe_table(result: dict[str, Any], title: str) -> Table:
     """The probe's accuracy per modality, as ``ccat eval``'s table shows metrics."""
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in result["probe"].items():
-        table.add_row(f"probe {name}", f"{value:.4f}")
-    return table
+    return value_table(title, [("probe", result["probe"])])
 
 
 def probe(ckpt_path: str | Path, data: str | None = None, split: str = "test",
