@@ -14,18 +14,29 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ccat.config import ConfigError, load_config
-from ccat.data.reader import DatasetError
-from ccat.data.spec import SpecError
-from ccat.errors import CcatError
-from ccat.registry import RegistryError
+from ccat.config import load_config
+from ccat.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and evaluate balanced multimodal models from shards.")
 console = Console(stderr=True)
-USER_ERRORS = (CcatError, ConfigError, DatasetError, SpecError, RegistryError)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from ccat import __version__
+
+        Console().print(f"ccat {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                          is_eager=True, help="Print the version and exit.")
+             ) -> None:
+    """Train and evaluate balanced multimodal models from shards."""
 
 
 @contextlib.contextmanager
@@ -168,6 +179,6 @@ def main() -> None:
     """Console-script entry: run the app, turning user errors into one line."""
     try:
         app()
-    except USER_ERRORS as err:
+    except UserError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None

@@ -20,8 +20,10 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from ccat.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
 
 

@@ -17,7 +17,7 @@ from ccat.config import DataConfig, RunConfig, from_dict
 from ccat.contribution import contributions
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
-from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
+from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.methods import METHODS, Method
@@ -142,10 +142,7 @@ def checkpoint_dataset(ckpt: dict[str, Any], ckpt_path: str | Path, data: str | 
                        split: str) -> BuiltDataset:
     """The checkpoint's dataset (or ``data``), fingerprint-checked, with ``split`` present."""
     cfg = from_dict(ckpt["config"])
-    try:
-        dataset = open_dataset(data or run_data_path(ckpt), cfg.data.cache_dir or None)
-    except DatasetError as err:
-        raise CcatError(str(err)) from None
+    dataset = open_dataset(data or run_data_path(ckpt), cfg.data.cache_dir or None)
     checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
     if split not in dataset.splits:
         raise CcatError(f"{dataset.root} has no split {split!r}; choose one of {dataset.splits}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from ccat.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown name was asked for, or a name was registered twice."""
 
     def __str__(self) -> str:

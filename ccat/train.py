@@ -32,7 +32,7 @@ from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
-from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
+from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.errors import CcatError
 from ccat.evaluate import autocast, evaluate
 from ccat.methods import METHODS, Method, Stage
@@ -73,10 +73,7 @@ def open_run_data(cfg: RunConfig) -> BuiltDataset:
     """The run's shards, opened (manifest only)."""
     if not cfg.data.path:
         raise CcatError("no data given: pass --data PATH or set data.path in the config")
-    try:
-        return open_dataset(cfg.data.path, cfg.data.cache_dir or None)
-    except DatasetError as err:
-        raise CcatError(str(err)) from None
+    return open_dataset(cfg.data.path, cfg.data.cache_dir or None)
 
 
 def selection_splits(cfg: RunConfig, dataset: BuiltDataset) -> tuple[str | None, str | None]:

@@ -1,6 +1,7 @@
 """Raw media -> WebDataset shards of cached features (the ``ccat-data`` CLI); CPU only.
 
-This package imports only :mod:`ccat.data.spec` from ``ccat``: the format is the contract.
+From ``ccat`` this package imports only :mod:`ccat.data` (the format is the contract; the
+remote reader serves verify and info) and :mod:`ccat.errors` (the user-error base class).
 """
 
 from importlib.metadata import PackageNotFoundError, version

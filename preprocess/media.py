@@ -24,6 +24,8 @@ import soxr
 import torch
 from PIL import Image
 
+from ccat.errors import UserError
+
 LOG_EPS = 1e-7  # log(|S| + eps) of the published CREMA-D recipe
 TARGET_SAMPLE_RATE = 22050  # librosa's default rate, used by the published code
 N_FFT = 512
@@ -36,7 +38,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # declared size above which an image is skipped u
 MAX_IMAGE_ASPECT = 20.0  # longer side / shorter side; beyond it the resize explodes
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A raw media file cannot be turned into features.
 
     ``reason`` is a short, stable phrase (summaries group by it); ``detail`` says more.

@@ -13,12 +13,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ccat.errors import UserError
+
 VAL_SALT = 1  # separate random streams for the test and the validation carve
 TEST_SALT = 2
 UNKNOWN_LABEL = -1  # an entry whose class only a split file can tell (e.g. a flat clip folder)
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A split file cannot be used; the message names the file and the fix."""
 
 
@@ -148,7 +150,8 @@ def parse_split_arguments(values: list[str]) -> dict[str, Path]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise SplitError(f"--split {value!r} must look like NAME=FILE, e.g. "
-                             "train=../shared/data/cremad/train.csv")
+                             "train=data/raw/cremad/splits/train.csv (where `ccat-data "
+                             "download cremad` puts the published list)")
         if name not in ("train", "val", "test"):
             raise SplitError(f"--split {value!r}: the split name must be train, val or test")
         if name in parsed:

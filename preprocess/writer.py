@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ccat.data import spec
+from ccat.errors import UserError
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
 from preprocess.media import MediaError
@@ -43,7 +44,7 @@ TMP_SUFFIX = ".tmp"
 CHUNKSIZE = 4  # samples per pool task: amortizes IPC without hurting load balance
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A build cannot go on; the message names the thing and the fix."""
 
 

@@ -170,8 +170,9 @@ def mvsa_build(raw: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
 
 def test_mvsa_builds_images_token_ids_and_text(tmp_path: Path, capsys) -> None:
     mvsa_tree(tmp_path / "raw")
-    code, _, _ = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys)
+    code, out, _ = mvsa_build(tmp_path / "raw", tmp_path / "out", capsys)
     assert code == 0
+    assert "processed 13 pairs" in out and "pairs/s" in out and "clips" not in out
     ds = open_dataset(tmp_path / "out")
     assert ds.classes == ["negative", "neutral", "positive"]
     text = ds.modalities["text"]

@@ -49,7 +49,8 @@ def test_a_cache_dir_that_is_not_a_folder(url: str, tmp_path: Path, capsys, make
     (tmp_path / "file").write_text("not a folder")
     cache = tmp_path / "file" if make == "a file" else tmp_path / "file" / "cache"
     with pytest.raises(DatasetError, match=f"^the shard cache {cache} is not a folder .*; point "
-                       "--cache-dir, data.cache_dir or \\$CCAT_CACHE_DIR at a writable folder$"):
+                       r"\$CCAT_CACHE_DIR, `--set data.cache_dir=DIR` \(ccat\) or `--cache-dir "
+                       r"DIR` \(ccat-data verify\) at a writable folder$"):
         open_dataset(url, cache)
     code, _, err = run_cli(["verify", url, "--cache-dir", cache], capsys)
     assert code == 1 and f"the shard cache {cache} is not a folder" in err

@@ -11,11 +11,12 @@ from typing import Any, Iterator
 
 from ccat.data import integrity, remote, spec
 from ccat.data.spec import Sample, decode_sample
+from ccat.errors import UserError
 
 __all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A built dataset is missing, unfinished, or does not follow the shard format."""
 
 

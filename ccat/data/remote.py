@@ -32,14 +32,17 @@ from typing import Any, BinaryIO, Callable, Iterator
 import httpx
 
 from ccat.data import spec
+from ccat.errors import UserError
 
 CHUNK = 1 << 20
 CACHE_ENV = "CCAT_CACHE_DIR"
 MAX_REDIRECTS = 5
 HTTP_SCHEMES = ("http://", "https://")
+# URL scheme -> the extra of pyproject.toml that installs fsspec with its backend
+FSSPEC_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
-class RemoteError(RuntimeError):
+class RemoteError(UserError, RuntimeError):
     """A remote dataset cannot be read; the message names the URL and the fix."""
 
 
@@ -237,6 +240,15 @@ def _http_error(url: str, err: httpx.HTTPError, limits: HttpLimits) -> RemoteErr
     return RemoteError(f"fetching {url} broke off ({err}); try again")
 
 
+def missing_backend(url: str) -> str:
+    """The sentence for a URL whose fsspec backend is not installed: the extra to install."""
+    scheme = url.split("://", 1)[0]
+    extra = FSSPEC_EXTRAS.get(scheme)
+    fix = (f'pip install "ccat[{extra}]"' if extra else
+           f'pip install "ccat[remote]" and the fsspec backend for {scheme}://')
+    return f"reading {url} needs fsspec and its {scheme}:// backend, not installed here; {fix}"
+
+
 @contextlib.contextmanager
 def _fsspec_blocks(url: str, max_bytes: int, limits: HttpLimits) -> Iterator[Iterator[bytes]]:
     """The object at an fsspec ``url`` as blocks; its backend's errors name ``url``."""
@@ -244,10 +256,8 @@ def _fsspec_blocks(url: str, max_bytes: int, limits: HttpLimits) -> Iterator[Ite
         import fsspec
 
         handle = fsspec.open(url, "rb").open()
-    except ImportError as err:
-        raise RemoteError(f"reading {url} needs fsspec and the backend for its scheme "
-                          f"({err.name} is missing): pip install 'ccat[s3]' or 'ccat[gcs]'"
-                          ) from None
+    except ImportError:
+        raise RemoteError(missing_backend(url)) from None
     except FileNotFoundError:
         raise RemoteError(f"{url} does not exist; check the URL and that the whole build "
                           "was uploaded") from None
@@ -286,7 +296,8 @@ def cache_error(where: Path, err: OSError) -> RemoteError:
            errno.ENOTDIR: "is not a folder", errno.EEXIST: "is not a folder",
            }.get(err.errno or 0, "cannot be written")
     return RemoteError(f"the shard cache {where} {why} ({err.strerror or err}); point "
-                       "--cache-dir, data.cache_dir or $CCAT_CACHE_DIR at a writable folder")
+                       "$CCAT_CACHE_DIR, `--set data.cache_dir=DIR` (ccat) or `--cache-dir DIR` "
+                       "(ccat-data verify) at a writable folder")
 
 
 def cache_folder(manifest: dict[str, Any], cache_dir: Path | None) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from ccat.data import manifest_schema
+from ccat.errors import UserError
 
 SPEC_VERSION = 2  # 2: the fingerprint covers split membership and raw content
 MANIFEST_NAME = "manifest.json"
@@ -56,9 +58,14 @@ IDENTITY_WORDS = {"membership_sha256": "which samples the split holds",
                   "sources.split_files": "a split or label file"}
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 SHORT_HASH = 12  # hex digits of a hash shown in messages
+# A folder without a manifest holding files with these suffixes (at the top or one level down)
+# is a raw tree, not an unfinished build; the markers name its dataset.
+RAW_MEDIA_SUFFIXES = {".wav", ".flv", ".mp4", ".mkv", ".webm", ".avi", ".jpg", ".jpeg", ".png"}
+RAW_MARKERS = (("AudioWAV", "cremad"), ("VideoFlash", "cremad"), ("labelResultAll.txt", "mvsa"))
+RAW_LOOK = 2000  # entries looked at per level to tell the two apart
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A shard, sample or manifest does not follow the shard format."""
 
 
@@ -543,13 +550,26 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     return manifest
 
 
+def _no_manifest_hint(root: Path) -> str:
+    """What a folder without a manifest is, and the command that fixes it: a raw tree (media,
+    no shards) is built, an interrupted build is resumed."""
+    if not root.is_dir():
+        return "build it with `ccat-data build` first"
+    names = [p.name for p in itertools.islice(root.iterdir(), RAW_LOOK)]
+    nested = [p.name for p in itertools.islice(root.glob("*/*"), RAW_LOOK)]
+    has_shards = any(SHARD_PATTERN.match(n) for n in names)
+    if has_shards or not any(Path(n).suffix.lower() in RAW_MEDIA_SUFFIXES for n in names + nested):
+        return "its build never finished; run the same `ccat-data build` command again to resume it"
+    dataset = next((d for marker, d in RAW_MARKERS if marker in names), "DATASET")
+    return (f"it looks like a raw tree (media, no shards); build shards from it with "
+            f"`ccat-data build {dataset} --raw {root} --out shards/{dataset}`")
+
+
 def load_manifest(root: Path) -> dict[str, Any]:
     """Read and check ``root/manifest.json``; SpecError names the problem and the fix."""
     path = root / MANIFEST_NAME
     if not path.is_file():
-        hint = ("its build never finished; run the same `ccat-data build` command again to "
-                "resume it") if root.is_dir() else "build it with `ccat-data build` first"
-        raise SpecError(f"{root} has no {MANIFEST_NAME}: {hint}")
+        raise SpecError(f"{root} has no {MANIFEST_NAME}: {_no_manifest_hint(root)}")
     if path.stat().st_size > MANIFEST_MAX_BYTES:
         raise manifest_too_large(str(path))
     return parse_manifest(path.read_bytes(), str(path))

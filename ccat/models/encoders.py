@@ -9,7 +9,9 @@ of real tokens, which its pooling and the fusion's attention respect.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registr
 # The encoder factory's one table: which encoder reads which modality kind by default.
 DEFAULT_ENCODER_BY_KIND = {"spectrogram": "resnet18_audio", "frames": "resnet18_video",
                            "image": "resnet50_image", "tokens": "bert_text"}
+BERT_POOLER_PREFIX = "pooler."  # checkpoint weights of the pooler, which TextEncoder drops
 
 
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
@@ -206,14 +209,44 @@ class TextEncoder(nn.Module):
 
 
 def load_pretrained_bert(source: str) -> nn.Module:
-    """BertModel (no pooler) from a hub name or a local folder; a bad source is a ConfigError."""
+    """BertModel (no pooler) from a hub name or a local folder; a bad source is a ConfigError.
+
+    transformers' own load report is silenced: it lists the pooler's weights, which are
+    dropped on purpose, as UNEXPECTED on every load. Weights that are really missing or
+    unused are one warning instead."""
     from transformers import BertModel
 
     try:
-        return BertModel.from_pretrained(source, add_pooling_layer=False)
+        with _quiet_transformers():
+            model, info = BertModel.from_pretrained(source, add_pooling_layer=False,
+                                                    output_loading_info=True)
     except OSError as err:
         raise ConfigError(f"model.text_model {source!r} is neither a local BERT folder nor a "
                           f"model the hub (or its offline cache) has: {err}") from None
+    missing = sorted(info["missing_keys"])
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(BERT_POOLER_PREFIX))
+    if missing or unused:
+        warnings.warn(f"model.text_model {source!r} is not a whole BERT checkpoint: "
+                      f"{len(missing)} weights are missing (initialised at random, e.g. "
+                      f"{missing[:2]}), {len(unused)} of its weights are unused (e.g. "
+                      f"{unused[:2]})", stacklevel=2)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off, for one block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
+from ccat.errors import UserError
 from preprocess.splits import Entry, SplitRow
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A raw folder is not the layout a recipe expects; the message says what was expected."""
 
 
@@ -20,6 +21,7 @@ class Recipe(Protocol):
 
     name: str
     classes: list[str]
+    unit: ClassVar[str]  # what one sample is called in summaries: "clips", "pairs"
 
     def modalities(self) -> dict[str, dict[str, Any]]:
         """Manifest entry per modality: its kind and every preprocessing parameter."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ccat.data import spec
 from preprocess import media
@@ -37,6 +37,7 @@ class Cremad:
     audio: media.AudioParams = field(default_factory=lambda: media.AudioParams(DEFAULT_SECONDS))
     video: media.VideoParams = field(default_factory=media.VideoParams)
     name: str = "cremad"
+    unit: ClassVar[str] = "clips"  # what the build summary counts
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
 
     def modalities(self) -> dict[str, dict[str, Any]]:

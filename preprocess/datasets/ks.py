@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ccat.data import spec
 from preprocess import media
@@ -53,6 +53,7 @@ class KineticsSounds:
     video: media.VideoParams = field(default_factory=media.VideoParams)
     classes_file: Path | None = None
     name: str = "ks"
+    unit: ClassVar[str] = "clips"  # what the build summary counts
     classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ccat.data import spec
 from preprocess import media, text
@@ -59,6 +59,7 @@ class Mvsa:
     multiple: bool = False
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     name: str = "mvsa"
+    unit: ClassVar[str] = "pairs"  # what the build summary counts
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
 
     def __post_init__(self) -> None:
