@@ -103,12 +103,19 @@ def test_training_logs_nothing_without_tensorboard(tmp_path, monkeypatch):
     assert not (tmp_path / tblog.TB_DIR).exists()
 
 
+def png_title(path: Path) -> str:
+    """The Title text a figure was saved with (the same string is drawn at its top)."""
+    with Image.open(path) as img:
+        return img.text["Title"]
+
+
 def test_analyze_run_writes_the_curves(tiny):
     result = runner.invoke(app, ["analyze", str(tiny.run)])
     assert result.exit_code == 0, result.output
     for name in ("contributions.png", "accuracy.png"):
         assert_image(tiny.run / "plots" / name)
         assert name in result.output
+        assert png_title(tiny.run / "plots" / name) == f"{tiny.run}: ccat"
 
 
 def test_curves_of_a_one_stage_method_with_three_modalities(tmp_path):
@@ -147,7 +154,10 @@ def test_tsne_geometry_of_the_test_features(tiny):
     result = runner.invoke(app, ["analyze", "--ckpt", str(tiny.run / "best.pt"), "--tsne",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "cluster scores by class" in result.output and "t-SNE map (2-D)" in result.output
+    assert "{" not in result.output  # a table, not a raw dict
     assert_image(out / "tsne_test.png")
+    assert png_title(out / "tsne_test.png") == f"{tiny.run}: ccat"
     scores = json.loads((out / "clusters_test.json").read_text())
     got = collect(tiny.run / "best.pt", split="test")
     feats, labels = got.representation, got.labels
@@ -224,6 +234,7 @@ def test_sweep_chooses_on_validation_and_reuses_finished_runs(tiny):
     assert "| phase | rank | beta | val_acc |" in (out / "sweep.md").read_text()
     assert_image(out / "beta.png")
     assert_image(out / "rank.png")
+    assert png_title(out / "rank.png") == f"{out}: ccat sweep"
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("r*_b*/last.pt")}
     assert len(stamps) == 3

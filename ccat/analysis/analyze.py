@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ def analyze(run: str | Path | None = None, ckpt: str | Path | None = None, tsne:
         scores = {k: result[k] for k in ("representation", "tsne")}
     console.print(files_table(files))
     if scores:
-        console.print(json.dumps(scores, indent=1))
+        console.print(scores_table(scores))
     return files
 
 
@@ -49,4 +48,18 @@ def files_table(files: dict[str, Path]) -> Table:
     table.add_column("file")
     for name, path in files.items():
         table.add_row(name, str(path))
+    return table
+
+
+def scores_table(scores: dict[str, dict[str, float]]) -> Table:
+    """Cluster scores per feature space: Calinski-Harabasz and silhouette (higher is better),
+    Davies-Bouldin (lower is better)."""
+    table = Table(title="cluster scores by class (CH and SI: higher is better; DBI: lower)")
+    table.add_column("features")
+    for column in ("CH (Calinski-Harabasz)", "SI (silhouette)", "DBI (Davies-Bouldin)"):
+        table.add_column(column, justify="right")
+    for space, name in (("representation", "representation"), ("tsne", "t-SNE map (2-D)")):
+        values = scores[space]
+        table.add_row(name, f"{values['calinski_harabasz']:.1f}", f"{values['silhouette']:.3f}",
+                      f"{values['davies_bouldin']:.2f}")
     return table

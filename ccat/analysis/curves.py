@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ccat import run_dir
-from ccat.analysis.plots import new_figure, save
+from ccat.analysis.plots import new_figure, run_title, save
 from ccat.errors import CcatError
 
 VAL_ACC = re.compile(r"^(?P<split>[^/]+)/acc/fused$")
@@ -26,6 +26,7 @@ class History:
     val: str  # the split validation metrics were logged under
     modalities: list[str]
     beta: float | None  # ccat's secondary-update threshold, from the run's config.yaml
+    title: str  # the run folder and its method, drawn above each figure
 
     @property
     def epochs(self) -> list[int]:
@@ -64,10 +65,12 @@ def read_history(run: str | Path) -> History:
     acc = f"{val}/acc/"
     modalities = [k[len(acc):] for k in rows[0] if k.startswith(acc) and k != f"{acc}fused"]
     config = run / run_dir.CONFIG
+    method = (yaml.safe_load(config.read_text(encoding="utf-8"))["method"]
+              if config.is_file() else {})
     beta = None
-    if any(k.startswith("selected/") for row in rows for k in row) and config.is_file():
-        beta = float(yaml.safe_load(config.read_text(encoding="utf-8"))["method"]["beta"])
-    return History(rows, val, modalities, beta)
+    if any(k.startswith("selected/") for row in rows for k in row) and "beta" in method:
+        beta = float(method["beta"])
+    return History(rows, val, modalities, beta, run_title(run, method.get("name")))
 
 
 def _mark_stages(ax: Any, history: History) -> None:
@@ -118,7 +121,7 @@ def plot_contributions(history: History, path: Path) -> Path:
         axes[1].legend(fontsize=7, loc="upper left")
         _mark_stages(axes[1], history)
     axes[-1].set_xlabel("epoch (all stages)")
-    return save(fig, path)
+    return save(fig, path, history.title)
 
 
 def plot_accuracy(history: History, path: Path) -> Path:
@@ -133,7 +136,7 @@ def plot_accuracy(history: History, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="best")
     _mark_stages(ax, history)
-    return save(fig, path)
+    return save(fig, path, history.title)
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silho
 from threadpoolctl import threadpool_limits
 
 from ccat.analysis.collect import Collected, collect
-from ccat.analysis.plots import new_figure, save
+from ccat.analysis.plots import new_figure, run_title, save
 from ccat.errors import CcatError
 
 TSNE_PERPLEXITY = 30.0  # scikit-learn's default; smaller splits get (N - 1) / 3
@@ -41,8 +41,9 @@ def tsne_map(features: np.ndarray) -> np.ndarray:
     return tsne.fit_transform(features.astype(np.float64))
 
 
-def plot_tsne(points: np.ndarray, got: Collected, scores: dict[str, float], path: Path) -> Path:
-    """The 2-D map, one colour per class, the representation's scores in the title."""
+def plot_tsne(points: np.ndarray, got: Collected, scores: dict[str, float], path: Path,
+              title: str) -> Path:
+    """The 2-D map, one colour per class, the representation's scores in the axes' title."""
     fig, (ax,) = new_figure(size=(5.6, 5.0))
     for c, name in enumerate(got.classes):
         mask = got.labels == c
@@ -54,7 +55,7 @@ def plot_tsne(points: np.ndarray, got: Collected, scores: dict[str, float], path
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    return save(fig, path)
+    return save(fig, path, title)
 
 
 def feature_geometry(ckpt: str | Path, data: str | None = None, split: str = "test",
@@ -70,7 +71,8 @@ def feature_geometry(ckpt: str | Path, data: str | None = None, split: str = "te
               "representation": cluster_scores(got.representation, got.labels),
               "tsne": cluster_scores(points, got.labels)}
     folder = Path(out) if out else Path(ckpt).parent / "analysis"
-    png = plot_tsne(points, got, result["representation"], folder / f"tsne_{split}.png")
+    png = plot_tsne(points, got, result["representation"], folder / f"tsne_{split}.png",
+                    run_title(Path(ckpt).parent, got.method))
     scores = folder / f"clusters_{split}.json"
     scores.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return {**result, "files": {"tsne": png, "scores": scores}}

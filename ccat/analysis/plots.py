@@ -21,8 +21,15 @@ def new_figure(rows: int = 1, size: tuple[float, float] = (7.0, 4.0),
     return fig, list(axes)
 
 
-def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` (folders made as needed)."""
+def save(fig: Figure, path: Path, title: str) -> Path:
+    """Write ``fig`` as PNG to ``path`` (folders made as needed), with ``title`` (the run
+    folder and method) drawn at its top and stored as the PNG's Title text."""
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", metadata={"Title": title})
     return path
+
+
+def run_title(run: str | Path, method: str | None) -> str:
+    """The figures' title: the run folder, and the method when it is known."""
+    return f"{run}: {method}" if method else str(run)

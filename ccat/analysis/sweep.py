@@ -24,9 +24,9 @@ from typing import Any
 from rich.table import Table
 
 from ccat import run_dir
-from ccat.analysis.plots import new_figure, save
+from ccat.analysis.plots import new_figure, run_title, save
 from ccat.config import RunConfig, from_dict, to_dict
-from ccat.data.reader import DatasetError, open_dataset
+from ccat.data.reader import open_dataset
 from ccat.errors import CcatError
 from ccat.train import check_same_config, finished, is_selected, saved_run, train
 from ccat.ui import make_console
@@ -183,10 +183,7 @@ def sweep(base: RunConfig, ranks: list[int], betas: list[float], out: str | Path
 
 def _check_validation(cfg: RunConfig) -> None:
     """Hyperparameters are chosen on validation, never on test."""
-    try:
-        splits = open_dataset(cfg.data.path, cfg.data.cache_dir or None).splits
-    except DatasetError as err:
-        raise CcatError(str(err)) from None
+    splits = open_dataset(cfg.data.path, cfg.data.cache_dir or None).splits
     if cfg.data.val_split not in splits:
         raise CcatError(f"{cfg.data.path} has no validation split {cfg.data.val_split!r} "
                         f"(it has {splits}); build the shards with one, since choosing r and "
@@ -246,7 +243,7 @@ def _plot(trials: list[Trial], phase: str, val: str, path: Path) -> Path:
     ax.set_xlabel("LoRA rank r" if phase == "rank" else "beta")
     ax.set_ylabel(f"best {val} accuracy (fused)")
     ax.legend(fontsize=8)
-    return save(fig, path)
+    return save(fig, path, run_title(path.parent, "ccat sweep"))
 
 
 def results_table(trials: list[Trial], chosen: Trial, val: str) -> Table:
