@@ -78,10 +78,12 @@ def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt
              probe: bool = typer.Option(False, help="add each modality's linear-probe "
                                         "accuracy (see `ccat probe`)")) -> None:
     """Evaluate a checkpoint: fused and per-modality accuracy, macro-F1, contributions."""
-    from ccat.analysis.probe import linear_probe
     from ccat.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe if probe else None)
+    linear_probe = None
+    if probe:  # sklearn is imported only when asked for
+        from ccat.analysis.probe import linear_probe
+    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe)
 
 
 @app.command("probe")
