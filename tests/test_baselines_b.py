@@ -68,7 +68,7 @@ def test_mla_step_projects_the_second_modality_off_the_firsts_features():
     method, model, step = build("mla", alpha=1e-6)
     batch = random_batch(3)
     first, second = model.modalities
-    r_first = model.encode(batch.inputs, first)[1].detach().mean(0)
+    r_first = model.encode(batch.inputs, first).pooled.detach().mean(0)
     out = method.train_step(model, batch, step)
     assert set(out) == {f"loss/{first}", f"loss/{second}"}
     g_first, g_second = (g["classifier.weight"] for g in step.grads)

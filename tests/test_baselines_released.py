@@ -251,7 +251,7 @@ def test_unimodal_ensemble_gives_each_modality_its_own_head_and_bias():
     method, model, step = build("unimodal", lr=0.1)
     audio, video = model.classifier.heads
     batch = random_batch()
-    z = model.encode(batch.inputs, "audio")[1]
+    z = model.encode(batch.inputs, "audio").pooled
     F.cross_entropy(model.unimodal_logits("audio", z), batch.label).backward()
     assert audio.bias.grad is not None and video.bias.grad is None  # nothing shared
     model.zero_grad(set_to_none=True)
