@@ -23,7 +23,7 @@ from ccat.config import load_config
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.step import Step
-from ccat.train import Run, autocast, make_optimizer
+from ccat.train import Run, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"clips": 96, "frame_size": 32, "seconds": 1.0,
@@ -58,7 +58,7 @@ def time_stage(run: Run, index: int, steps: int,
             batch = next(loader)
         batch = batch.to(run.ctx.device)
         t1 = time.perf_counter()
-        with autocast(run.ctx.device):
+        with distributed.autocast(run.ctx.device):
             run.method.train_step(run.model, batch, step)
         if run.ctx.device.type == "cuda":
             torch.cuda.synchronize()

@@ -91,7 +91,10 @@ def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt
     """Evaluate a checkpoint: fused and per-modality accuracy, macro-F1, contributions."""
     from ccat.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(ckpt, data, split, json_path, probe)
+    linear_probe = None
+    if probe:  # sklearn is imported only when asked for
+        from ccat.analysis.probe import linear_probe
+    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe)
 
 
 @app.command("probe")
@@ -156,7 +159,7 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. optim.epochs=10"),
           ) -> None:
     """Search the LoRA rank at the config's beta, then beta at the best rank (validation)."""
-    from ccat.analysis.sweep import parse_grid, sweep as run_sweep
+    from ccat.sweep import parse_grid, sweep as run_sweep
 
     cfg = load_config(config, set_, {"data.path": data})
     ranks, betas = parse_grid(rank, "--rank", integer=True), parse_grid(beta, "--beta")

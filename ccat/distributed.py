@@ -1,7 +1,9 @@
-"""torchrun support: process group setup, the device of this rank, gathering results."""
+"""torchrun support: process group setup, the device of this rank and its precision,
+gathering results."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,13 @@ def setup(device: str = "auto") -> Context:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Context(rank, world, dev)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; exact fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def configure_cpu(deterministic: bool, threads: int) -> None:

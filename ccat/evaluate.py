@@ -2,77 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from ccat.ui import make_console
 from rich.table import Table
 
 from ccat import checkpoint, distributed
-from ccat.config import DataConfig, RunConfig, from_dict
-from ccat.contribution import contributions
+from ccat.config import RunConfig, from_dict
 from ccat.data.device_cache import DeviceCache
-from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.methods import METHODS, Method
 from ccat.models import MultimodalModel
-from ccat.report import run_block
+from ccat.predict import Predictions, predict
+from ccat.run_dir import run_block
+from ccat.ui import make_console
 
 console = make_console()
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; exact fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
-                  ctx: distributed.Context, cfg_data: DataConfig, temperature: float,
-                  cache: DeviceCache | None = None, similarity: str = "cosine") -> dict[str, Any]:
-    """Every sample of ``split`` exactly once over all ranks: keys, labels, predictions."""
-    model.eval()
-    rows: dict[str, list] = {"keys": [], "label": [], "fused": [], "uni": [], "contrib": []}
-    loader = make_loader(dataset, split, cfg_data, train=False, seed=0, rank=ctx.rank,
-                         world=ctx.world, cache=cache)
-    for batch in loader:
-        batch = batch.to(ctx.device)
-        with autocast(ctx.device):
-            out = method.predict(model, batch)
-        shares = contributions({m: v.float() for m, v in out.unimodal.items()},
-                               out.fused.float(), temperature, similarity)
-        rows["keys"] += batch.keys
-        rows["label"].append(batch.label.cpu())
-        rows["fused"].append(out.fused.argmax(1).cpu())
-        rows["uni"].append(torch.stack([v.argmax(1) for v in out.unimodal.values()], 1).cpu())
-        rows["contrib"].append(torch.stack(list(shares.values()), 1).float().cpu())
-    model.train()
-    local = {k: (v if k == "keys" else torch.cat(v).numpy() if v else np.zeros((0,)))
-             for k, v in rows.items()}
-    merged = distributed.gather(local)
-    keys = [k for part in merged for k in part["keys"]]
-    expected = dataset.num_samples(split)
-    if len(keys) != expected or len(set(keys)) != expected:
-        raise CcatError(f"evaluation of {split!r} saw {len(keys)} samples "
-                        f"({len(set(keys))} distinct) but the manifest lists {expected}")
-    return {k: np.concatenate([p[k] for p in merged if len(p[k])]) for k in local if k != "keys"}
-
-
-def compute_metrics(pred: dict[str, Any], split: str, classes: list[str],
-                    modalities: list[str]) -> dict[str, Any]:
+def compute_metrics(pred: Predictions, split: str, classes: list[str]) -> dict[str, Any]:
     """The evaluation JSON: split, num_samples, accuracy, macro_f1, per-class, contribution."""
-    label, fused = pred["label"], pred["fused"]
+    label, fused = pred.labels, pred.fused.argmax(1)
     accuracy = {"fused": float((fused == label).mean())}
-    accuracy.update({m: float((pred["uni"][:, k] == label).mean())
-                     for k, m in enumerate(modalities)})
+    accuracy.update({m: float((logits.argmax(1) == label).mean())
+                     for m, logits in pred.unimodal.items()})
     f1s, per_class = [], {}
     for c, name in enumerate(classes):
         tp = float(((fused == c) & (label == c)).sum())
@@ -81,17 +39,15 @@ def compute_metrics(pred: dict[str, Any], split: str, classes: list[str],
         per_class[name] = tp / support if support else 0.0
     return {"split": split, "num_samples": int(len(label)), "accuracy": accuracy,
             "macro_f1": float(np.mean(f1s)), "per_class_accuracy": per_class,
-            "contribution": {m: float(pred["contrib"][:, k].mean())
-                             for k, m in enumerate(modalities)}}
+            "contribution": {m: float(share.mean()) for m, share in pred.contributions.items()}}
 
 
 def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
              ctx: distributed.Context, cfg: RunConfig,
              cache: DeviceCache | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (``cfg`` is the run's config)."""
-    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature,
-                         cache, cfg.method.similarity)
-    return compute_metrics(pred, split, dataset.classes, model.modalities)
+    return compute_metrics(predict(method, model, dataset, split, ctx, cfg, cache), split,
+                           dataset.classes)
 
 
 def value_table(title: str, groups: list[tuple[str, dict[str, float]]]) -> Table:
@@ -155,11 +111,15 @@ def checkpoint_selection(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**chosen, "stage": ckpt["stage"], "epoch": ckpt["epoch"]}
 
 
+Probe = Callable[[Path, str | None, str], dict[str, Any]]  # (checkpoint, data, split) -> result
+
+
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
                         json_path: str | Path | None = None,
-                        probe: bool = False) -> dict[str, Any]:
+                        probe: Probe | None = None) -> dict[str, Any]:
     """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``); with
-    ``probe``, add the linear probe's accuracies (:mod:`ccat.analysis.probe`)."""
+    ``probe`` (``ccat eval --probe`` passes :func:`ccat.analysis.probe.linear_probe`), add
+    its accuracies under ``probe``."""
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
@@ -173,10 +133,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
         metrics["selection"] = checkpoint_selection(ckpt)
     finally:
         distributed.cleanup()
-    if probe:
-        from ccat.analysis.probe import linear_probe  # it reads features through this module
-
-        metrics["probe"] = linear_probe(ckpt_path, data, split)["probe"]
+    if probe is not None:
+        metrics["probe"] = probe(Path(ckpt_path), data, split)["probe"]
     if ctx.main:
         console.print(metrics_table(metrics, f"{ckpt_path} on {split}"))
         if json_path:

@@ -26,13 +26,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccat import run_dir
-from ccat.config import ConfigError, MethodConfig, RunConfig, from_dict
+from ccat.config import ConfigError, RunConfig, from_dict
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
+from ccat.run_dir import SWITCH_LABELS, run_block
 from ccat.ui import make_console
 
-# Table 2's switches, and fresh_encoders=false (the other reading of Algorithm 1 line 4).
-ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders")
 EVAL_NAME = run_dir.EVAL
 CONFIG_NAME = run_dir.CONFIG
 FORMATS = ("table", "markdown", "csv")
@@ -42,18 +41,6 @@ CSV_FIELDS = ["row", "method", "variant", "dataset", "accuracy", "mean", "std", 
 PROBE_PREFIX = "probe "  # column "probe audio": the linear probe of the audio encoder
 TRAIN_TIME, THROUGHPUT = "train s", "samples/s"  # columns from the run's metrics.jsonl
 COST_COLUMNS = (TRAIN_TIME, THROUGHPUT)  # not accuracies: shown as numbers, never ranked
-SWITCH_LABELS = {name: f"no {name.replace('_', ' ')}" for name in ABLATION_SWITCHES}
-
-
-def variant_label(method: MethodConfig) -> str:
-    """'' for the full method, else the Table 2 switches it turns off: 'no secondary'."""
-    return ", ".join(label for name, label in SWITCH_LABELS.items() if not getattr(method, name))
-
-
-def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:
-    """What identifies a run in a comparison; ``ccat eval`` stores it in its JSON."""
-    return {"method": cfg.method.name, "variant": variant_label(cfg.method),
-            "dataset": dataset, "seed": cfg.seed}
 
 
 @dataclass(frozen=True)
@@ -204,7 +191,7 @@ class Report:
 
 def _row_order(results: list[RunResult]) -> list[str]:
     """Methods in order of first appearance; each full method before its ablations, which
-    follow the order of ABLATION_SWITCHES (Table 2)."""
+    follow the order of run_dir.ABLATION_SWITCHES (Table 2)."""
     methods = list(dict.fromkeys(r.method for r in results))
     labels = {r.row: r for r in results}
     known = list(SWITCH_LABELS.values())

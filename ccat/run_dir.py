@@ -1,4 +1,5 @@
-"""A run folder: the one place that names its files and reads, appends and cuts its metrics.
+"""A run folder: the one place that names its files, reads, appends and cuts its metrics,
+and says who the run is (:func:`run_block`).
 
 A run folder holds one run. ``ccat train`` writes, per epoch and in this order:
 
@@ -28,6 +29,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from ccat.config import MethodConfig, RunConfig
 from ccat.errors import CcatError
 
 METRICS = "metrics.jsonl"
@@ -36,11 +38,27 @@ BEST = "best.pt"
 CONFIG = "config.yaml"
 EVAL = "eval.json"  # what `make table` and the README's `ccat eval --json` write
 TB_DIR = "tb"  # OUT/tb/: TensorBoard event files
-DERIVED_DIRS = ("plots", "analysis")  # what `ccat analyze` writes into a run folder
+PLOTS_DIR = "plots"  # OUT/plots/: `ccat analyze`'s curves of the run
+ANALYSIS_DIR = "analysis"  # OUT/analysis/: `ccat analyze`'s feature geometry of a checkpoint
+DERIVED_DIRS = (PLOTS_DIR, ANALYSIS_DIR)  # what `ccat analyze` writes into a run folder
 RUN_FILES = (METRICS, LAST, BEST, CONFIG)  # any of these: the folder holds a run
 KILL_ENV = "CCAT_KILL_AFTER"
+# Table 2's switches, and fresh_encoders=false (the other reading of Algorithm 1 line 4).
+ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders")
+SWITCH_LABELS = {name: f"no {name.replace('_', ' ')}" for name in ABLATION_SWITCHES}
 
 _writes: collections.Counter[str] = collections.Counter()
+
+
+def variant_label(method: MethodConfig) -> str:
+    """'' for the full method, else the Table 2 switches it turns off: 'no secondary'."""
+    return ", ".join(label for name, label in SWITCH_LABELS.items() if not getattr(method, name))
+
+
+def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:
+    """What identifies a run in a comparison; ``ccat eval`` stores it in its JSON."""
+    return {"method": cfg.method.name, "variant": variant_label(cfg.method),
+            "dataset": dataset, "seed": cfg.seed}
 
 
 def holds_run(folder: Path) -> bool:

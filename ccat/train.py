@@ -25,8 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ccat import checkpoint, distributed, run_dir
-from ccat.analysis import tblog
+from ccat import checkpoint, distributed, run_dir, tblog
 from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
                          load_config, save_config, to_dict)
 from ccat.data import spec
@@ -34,7 +33,7 @@ from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
 from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.errors import CcatError
-from ccat.evaluate import autocast, evaluate
+from ccat.evaluate import evaluate
 from ccat.methods import METHODS, Method, Stage
 from ccat.models import MultimodalModel
 from ccat.step import NonFiniteLoss, Step
@@ -425,7 +424,7 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
         for batch in loader:
             batch, steps = batch.to(ctx.device), steps + 1
             try:
-                with autocast(ctx.device):
+                with distributed.autocast(ctx.device):
                     out = run.method.train_step(run.model, batch, step)
             except NonFiniteLoss:
                 raise CcatError(f"non-finite loss in stage {stage.name!r}, epoch {epoch + 1}, "

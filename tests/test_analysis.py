@@ -17,16 +17,16 @@ from PIL import Image
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from typer.testing import CliRunner
 
-from ccat.analysis import tblog
+from ccat import tblog
 from ccat.analysis.collect import collect
 from ccat.analysis.curves import plot_run
 from ccat.analysis.geometry import cluster_scores
-from ccat.analysis.sweep import Trial, parse_grid, score
 from ccat.cli import app, main
 from ccat.config import save_config
 from ccat.data.reader import open_dataset
 from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
+from ccat.sweep import Trial, parse_grid, score
 from train_helpers import tiny_config, write_tiny_dataset
 
 runner = CliRunner()

@@ -14,6 +14,7 @@ from ccat.methods.ogm_ge import coefficients, correct_class_score, discrepancy_r
 from ccat.methods.protocol import without_others
 from ccat.methods.qmf import confidence, normalized, ranking_loss
 from ccat.models import FUSIONS
+from ccat.models.encoders import EncoderOutput
 from ccat.step import Step
 from ccat.train import train
 from train_helpers import (CLASSES, TINY_MODALITIES, interrupt_then_resume, random_batch,
@@ -110,7 +111,7 @@ def test_qmf_step_keeps_a_loss_history_that_survives_a_checkpoint():
     with torch.no_grad():
         feats = model.encode_all(batch.inputs)
         first = {m: torch.nn.functional.cross_entropy(
-            model.unimodal_logits(m, feats[m][1]), batch.label, reduction="none").tolist()
+            model.unimodal_logits(m, feats[m].pooled), batch.label, reduction="none").tolist()
             for m in model.modalities}
     step = Step(torch.optim.SGD(model.parameters(), lr=0.0))
     out = method.train_step(model, batch, step)
@@ -150,10 +151,11 @@ def test_film_and_bigated_fusion_formulas():
     with torch.no_grad():
         film.film.weight.zero_()
         film.film.bias.copy_(torch.cat([torch.full((16,), 2.0), torch.full((16,), 1.0)]))
-    assert torch.allclose(film({"audio": (None, x), "video": (None, y)}), 2 * y + 1)
+    feats = {"audio": EncoderOutput(None, x), "video": EncoderOutput(None, y)}
+    assert torch.allclose(film(feats), 2 * y + 1)
     gated = FUSIONS.get("bigated")(["audio", "video"], TINY)
     hx, hy = gated.proj[0](x), gated.proj[1](y)
-    fused = gated({"audio": (None, x), "video": (None, y)})
+    fused = gated(feats)
     assert fused.shape == (3, 16) and gated.out_dim == 16
     assert torch.allclose(fused, torch.sigmoid(hx) * hy + torch.sigmoid(hy) * hx)
     for name in ("film", "bigated"):
@@ -163,11 +165,11 @@ def test_film_and_bigated_fusion_formulas():
 
 def test_without_others_zeroes_tokens_and_pooled_but_keeps_the_mask():
     mask = torch.ones(2, 3, dtype=torch.bool)
-    feats = {"a": (torch.ones(2, 3, 4), torch.ones(2, 4)),
-             "b": (torch.ones(2, 3, 4), torch.ones(2, 4), mask)}
+    feats = {"a": EncoderOutput(torch.ones(2, 3, 4), torch.ones(2, 4)),
+             "b": EncoderOutput(torch.ones(2, 3, 4), torch.ones(2, 4), mask)}
     kept = without_others(feats, "a")
-    assert kept["a"] is feats["a"] and kept["b"][2] is mask
-    assert not kept["b"][0].any() and not kept["b"][1].any()
+    assert kept["a"] is feats["a"] and kept["b"].mask is mask
+    assert not kept["b"].tokens.any() and not kept["b"].pooled.any()
 
 
 @pytest.mark.parametrize("name", ["film", "bigated", "ogm_ge", "qmf"])

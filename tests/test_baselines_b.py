@@ -12,6 +12,7 @@ from ccat.methods import METHODS
 from ccat.methods.lfm import contrastive_loss, gap_weight, js_loss
 from ccat.methods.mla import entropy_weights, project_gradient, update_projector
 from ccat.methods.mmpareto import min_norm_weights, pareto_combine
+from ccat.models import build_model
 from ccat.step import Step
 from train_helpers import CLASSES, TINY_MODALITIES, random_batch
 
@@ -67,7 +68,7 @@ def test_mla_step_projects_the_second_modality_off_the_firsts_features():
     method, model, step = build("mla", alpha=1e-6)
     batch = random_batch(3)
     first, second = model.modalities
-    r_first = model.encode(batch.inputs, first)[1].detach().mean(0)
+    r_first = model.encode(batch.inputs, first).pooled.detach().mean(0)
     out = method.train_step(model, batch, step)
     assert set(out) == {f"loss/{first}", f"loss/{second}"}
     g_first, g_second = (g["classifier.weight"] for g in step.grads)
@@ -130,7 +131,7 @@ def test_mmpareto_step_writes_the_combined_gradient_into_each_encoder():
     expected = {}
     for m in model.modalities:
         params = list(model.encoders[m].parameters())
-        loss_u = F.cross_entropy(model.unimodal_heads[m](feats[m][1]), batch.label)
+        loss_u = F.cross_entropy(model.unimodal_heads[m](feats[m].pooled), batch.label)
         g_mm = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_mm, params,
                                                                       retain_graph=True)])
         g_u = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_u, params,
@@ -144,6 +145,17 @@ def test_mmpareto_step_writes_the_combined_gradient_into_each_encoder():
         assert (out[f"weight_mm/{m}"], out[f"weight_uni/{m}"]) == expected[m][1:3]
     heads = {"classifier.weight", *(f"unimodal_heads.{m}.weight" for m in model.modalities)}
     assert heads <= set(step.grads[0])  # the heads keep their ordinary gradient
+
+
+def test_mmpareto_unimodal_heads_are_declared_by_the_model_it_builds():
+    _, model, _ = build("mmpareto")
+    torch.manual_seed(0)
+    declared = build_model(TINY_MODALITIES, len(CLASSES), TINY, "concat", unimodal_heads=True)
+    declared.load_state_dict(model.state_dict())  # strict: the same modules under the same names
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  declared.state_dict().values()))
+    assert list(model.unimodal_heads) == model.modalities
+    assert not list(build_model(TINY_MODALITIES, len(CLASSES), TINY, "concat").unimodal_heads)
 
 
 # LFM

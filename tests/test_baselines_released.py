@@ -18,6 +18,7 @@ from ccat.methods.mmpareto import pareto_combine
 from ccat.methods.ogm_ge import coefficients, discrepancy_ratios
 from ccat.methods.qmf import normalized
 from ccat.models import build_model
+from ccat.models.encoders import EncoderOutput
 from ccat.step import Step
 from train_helpers import CLASSES, TINY_MODALITIES, random_batch
 
@@ -90,7 +91,7 @@ def test_lfm_released_variant_trains_the_releases_loss_on_per_modality_heads():
     method.begin_epoch(50)
     with torch.no_grad():
         feats = model.encode_all(batch.inputs)
-        o_a, o_v = (head(feats[m][1]) for head, m in zip(model.classifier.heads,
+        o_a, o_v = (head(feats[m].pooled) for head, m in zip(model.classifier.heads,
                                                          ("audio", "video")))
         w_cls, w_align = fitted_weights(50)
         released = 2 * (w_cls * F.cross_entropy(0.5 * o_v + 0.5 * o_a, batch.label)
@@ -114,7 +115,7 @@ def test_mla_released_never_projects_the_heads_gradient():
     method.train_step(model, batch, step)
     for i, m in enumerate(model.modalities):
         reference.zero_grad()
-        z = reference.encode(batch.inputs, m)[1]
+        z = reference.encode(batch.inputs, m).pooled
         F.cross_entropy(reference.unimodal_logits(m, z), batch.label).backward()
         assert torch.allclose(step.grads[i]["classifier.weight"], reference.classifier.weight.grad,
                               atol=1e-6)
@@ -132,7 +133,7 @@ def test_mla_gsplugin_is_the_plugins_body_as_written():
     pl, expected = identity.clone(), []
     for batch_index, m in itertools.product((0, 1), model.modalities):
         reference.zero_grad()
-        a = reference.encode(batch.inputs, m)[1]
+        a = reference.encode(batch.inputs, m).pooled
         F.cross_entropy(reference.unimodal_logits(m, a), batch.label).backward()
         grad = reference.classifier.weight.grad
         if (batch_index, m) != (0, "audio"):  # GSPlugin.before_update, exp_count != 0
@@ -199,7 +200,7 @@ def test_sum_is_ogm_ges_untied_sumfusion_and_sum_tied_the_tied_form():
     model = build_model(TINY_MODALITIES, len(CLASSES), TINY, "sum")
     fc_x, fc_y = model.classifier.heads  # OGM-GE's SumFusion: fc_x(x) + fc_y(y)
     x, y = torch.randn(4, TINY.width), torch.randn(4, TINY.width)
-    feats = {"audio": (x[:, None], x), "video": (y[:, None], y)}
+    feats = {"audio": EncoderOutput(x[:, None], x), "video": EncoderOutput(y[:, None], y)}
     assert torch.allclose(model.fused_logits(feats), fc_x(x) + fc_y(y), atol=1e-6)
     # main.py's out_a for fusion 'sum': a @ fc_x.weight^T + fc_x.bias (its own bias, whole).
     assert torch.allclose(model.unimodal_logits("audio", x),
@@ -250,7 +251,7 @@ def test_unimodal_ensemble_gives_each_modality_its_own_head_and_bias():
     method, model, step = build("unimodal", lr=0.1)
     audio, video = model.classifier.heads
     batch = random_batch()
-    z = model.encode(batch.inputs, "audio")[1]
+    z = model.encode(batch.inputs, "audio").pooled
     F.cross_entropy(model.unimodal_logits("audio", z), batch.label).backward()
     assert audio.bias.grad is not None and video.bias.grad is None  # nothing shared
     model.zero_grad(set_to_none=True)

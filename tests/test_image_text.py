@@ -14,7 +14,7 @@ from ccat.cli import app
 from ccat.config import DataConfig, ModelConfig
 from ccat.data.pipeline import PAD_ID, Transform, collate
 from ccat.data.reader import Sample
-from ccat.models.encoders import ImageEncoder, TextEncoder, masked_mean
+from ccat.models.encoders import EncoderOutput, ImageEncoder, TextEncoder, masked_mean
 from ccat.models.fusion import BiCross
 from conftest import assert_keys_unique
 
@@ -106,12 +106,13 @@ def test_bicross_ignores_padded_keys_and_queries():
     fusion = BiCross(["image", "text"], TINY).eval()
     image, text = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
     mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
-    feats = {"image": (image, image.mean(1)), "text": (text, text.mean(1), mask)}
+    feats = {"image": EncoderOutput(image, image.mean(1)),
+             "text": EncoderOutput(text, text.mean(1), mask)}
     changed = text.clone()
     changed[1, 3:] = 100 * torch.randn(3, 16)  # only padded positions differ
-    feats2 = {"image": feats["image"], "text": (changed, changed.mean(1), mask)}
+    feats2 = {"image": feats["image"], "text": EncoderOutput(changed, changed.mean(1), mask)}
     assert torch.allclose(fusion(feats), fusion(feats2), atol=1e-5)
-    unmasked = {"image": feats["image"], "text": (changed, changed.mean(1))}
+    unmasked = {"image": feats["image"], "text": EncoderOutput(changed, changed.mean(1))}
     assert not torch.allclose(fusion(feats), fusion(unmasked), atol=1e-3)
 
 
@@ -142,8 +143,8 @@ def test_image_encoder_is_torchvision_resnet50_layer_for_layer():
     shapes = [tuple(p.shape) for n, p in theirs.named_parameters() if not n.startswith("fc.")]
     assert [tuple(p.shape) for p in ours.trunk.parameters()] == shapes
     assert ours.proj.in_features == 2048 and ours.proj.out_features == 768
-    tokens, pooled = ImageEncoder({}, TINY)(torch.randn(2, 3, 32, 32))
-    assert tokens.shape == (2, 1, 16) and pooled.shape == (2, 16)
+    tokens, pooled, mask = ImageEncoder({}, TINY)(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 1, 16) and pooled.shape == (2, 16) and mask is None
 
 
 def test_synth_trees_have_the_real_layouts(built):

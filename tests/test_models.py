@@ -26,7 +26,8 @@ def test_model_shapes_for_every_fusion(fusion):
     model = build_model(TINY_MODALITIES, len(CLASSES), TINY, fusion, lora_rank=2)
     batch = random_batch(4)
     feats = model.encode_all(batch.inputs)
-    for m, (tokens, pooled) in feats.items():
+    for m, (tokens, pooled, mask) in feats.items():
+        assert mask is None  # no padding in spectrograms and frames
         assert tokens.shape[0] == 4 and tokens.shape[2] == 16 and pooled.shape == (4, 16)
         assert model.unimodal_logits(m, pooled, lora=True).shape == (4, len(CLASSES))
     assert model.fused_logits(feats).shape == (4, len(CLASSES))
@@ -36,8 +37,8 @@ def test_every_encoder_is_built_by_kind():
     assert set(ENCODERS.names()) == {"resnet18_audio", "resnet18_video", "resnet50_image",
                                      "bert_text"}
     video = ENCODERS.get("resnet18_video")(TINY_MODALITIES["video"], TINY)
-    tokens, pooled = video(torch.randn(2, 3, 3, 32, 32))
-    assert torch.allclose(pooled, tokens.mean(1))  # pooled over time and space
+    out = video(torch.randn(2, 3, 3, 32, 32))
+    assert torch.allclose(out.pooled, out.tokens.mean(1))  # pooled over time and space
 
 
 def test_lora_at_init_leaves_logits_unchanged():
@@ -64,5 +65,5 @@ def test_sum_and_concat_unimodal_logits_add_up_to_the_fused_logits():
     for fusion in ("sum", "concat"):
         model = build_model(TINY_MODALITIES, len(CLASSES), TINY, fusion)
         feats = model.encode_all(random_batch(3).inputs)
-        parts = sum(model.unimodal_logits(m, feats[m][1]) for m in model.modalities)
+        parts = sum(model.unimodal_logits(m, feats[m].pooled) for m in model.modalities)
         assert torch.allclose(parts, model.fused_logits(feats), atol=1e-5)

@@ -142,6 +142,6 @@ def plot_accuracy(history: History, path: Path) -> Path:
 def plot_run(run: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     """Write RUN/plots/contributions.png and accuracy.png (or into ``out``)."""
     history = read_history(run)
-    folder = Path(out) if out else Path(run) / "plots"
+    folder = Path(out) if out else Path(run) / run_dir.PLOTS_DIR
     return {"contributions": plot_contributions(history, folder / "contributions.png"),
             "accuracy": plot_accuracy(history, folder / "accuracy.png")}

@@ -14,6 +14,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
+from ccat import run_dir
 from ccat.analysis.collect import Collected, collect
 from ccat.analysis.plots import new_figure, run_title, save
 from ccat.errors import CcatError
@@ -70,7 +71,7 @@ def feature_geometry(ckpt: str | Path, data: str | None = None, split: str = "te
               "representation_dim": int(got.representation.shape[1]),
               "representation": cluster_scores(got.representation, got.labels),
               "tsne": cluster_scores(points, got.labels)}
-    folder = Path(out) if out else Path(ckpt).parent / "analysis"
+    folder = Path(out) if out else Path(ckpt).parent / run_dir.ANALYSIS_DIR
     png = plot_tsne(points, got, result["representation"], folder / f"tsne_{split}.png",
                     run_title(Path(ckpt).parent, got.method))
     scores = folder / f"clusters_{split}.json"

@@ -28,7 +28,7 @@ from ccat.analysis.collect import Collected, collect
 from ccat.config import from_dict
 from ccat.errors import CcatError
 from ccat.evaluate import checkpoint_selection, value_table
-from ccat.report import run_block
+from ccat.run_dir import run_block
 from ccat.ui import make_console
 
 console = make_console()

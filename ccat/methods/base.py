@@ -7,13 +7,14 @@ owns its stages and what happens inside one step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ccat.config import ConfigError, MethodConfig, ModelConfig, check_ranges, merge
 from ccat.data.pipeline import Batch
 from ccat.models import MultimodalModel, build_model
+from ccat.models.fusion import Features
 from ccat.registry import Registry
 from ccat.step import Step
 
@@ -47,6 +48,25 @@ def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> tor
     if rule == "sum":
         return stacked.sum(0)
     raise ValueError(f"method.fusion_rule must be 'mean' or 'sum', not {rule!r}")
+
+
+def predict_outputs(model: MultimodalModel, feats: Features,
+                    unimodal: dict[str, torch.Tensor] | Callable[[str, torch.Tensor], torch.Tensor],
+                    decide: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+                    ) -> Outputs:
+    """A method's :class:`Outputs` for a batch's ``feats``: ``unimodal`` (the logits, or a
+    head scoring modality m's pooled z^m), and the fused logits: ``decide(unimodal)`` at
+    decision level (its representation: the z^m concatenated), else feature level
+    Cls(f) with f = model.fusion(feats) (its representation: f)."""
+    embeddings = {m: feats[m].pooled for m in model.modalities}
+    if callable(unimodal):
+        unimodal = {m: unimodal(m, z) for m, z in embeddings.items()}
+    if decide is not None:
+        return Outputs(fused=decide(unimodal), unimodal=unimodal, embeddings=embeddings,
+                       representation=torch.cat(list(embeddings.values()), 1))
+    fused = model.fusion(feats)
+    return Outputs(fused=model.classifier(fused), unimodal=unimodal, embeddings=embeddings,
+                   representation=fused)
 
 
 def parse_params(params_type: type | None, values: dict[str, Any], method: str) -> Any:

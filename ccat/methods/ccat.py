@@ -26,7 +26,7 @@ from torch import nn
 from ccat.config import ConfigError, MethodConfig, ModelConfig
 from ccat.contribution import SIMILARITIES, contributions
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions
+from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs
 from ccat.models import MultimodalModel, build_model
 from ccat.models.heads import LORA_SCALES
 from ccat.step import Step
@@ -133,7 +133,7 @@ class CCAT(Method):
         feats = model.encode_all(batch.inputs)
         fused = model.fusion(feats)
         ce = F.cross_entropy(model.classifier(fused), batch.label)
-        shares = contributions({m: feats[m][1] for m in model.modalities}, fused,
+        shares = contributions({m: feats[m].pooled for m in model.modalities}, fused,
                                self.cfg.temperature, self.cfg.similarity)  # Eq. 5-6
         # Eq. 8 for two modalities; with more, the mean over modality pairs.
         reg = torch.stack([(shares[a] - shares[b]).abs().mean()
@@ -148,7 +148,7 @@ class CCAT(Method):
 
     def _unimodal(self, model: MultimodalModel, batch: Batch, modality: str) -> torch.Tensor:
         """Cls(z^m) + LoRA_m(z^m) (LoRA off in the ablation)."""
-        z = model.encode(batch.inputs, modality)[1]
+        z = model.encode(batch.inputs, modality).pooled
         return model.unimodal_logits(modality, z, lora=self.cfg.lora)
 
     def _alternate_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
@@ -238,14 +238,8 @@ class CCAT(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: feature-level fusion; stage 2: unimodal logits fused at decision level."""
         feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
         if self.stage.name == "pretrain":
-            unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
-            fused = model.fusion(feats)
-            return Outputs(fused=model.classifier(fused), unimodal=unimodal,
-                           embeddings=embeddings, representation=fused)
-        unimodal = {m: model.unimodal_logits(m, z, lora=self.cfg.lora)
-                    for m, z in embeddings.items()}
-        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal,
-                       embeddings=embeddings,
-                       representation=torch.cat(list(embeddings.values()), 1))
+            return predict_outputs(model, feats, model.unimodal_logits)
+        return predict_outputs(model, feats,
+                               lambda m, z: model.unimodal_logits(m, z, lora=self.cfg.lora),
+                               lambda unimodal: fuse_decisions(unimodal, self.cfg.fusion_rule))

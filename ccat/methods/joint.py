@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions
+from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions, predict_outputs
 from ccat.models import MultimodalModel
 from ccat.step import Step
 
@@ -28,12 +28,7 @@ class JointMethod(Method):
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Fused logits, and each modality's share of the head alone (Sec. 4.1)."""
-        feats = model.encode_all(batch.inputs)
-        unimodal = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
-        fused = model.fusion(feats)
-        return Outputs(fused=model.classifier(fused), unimodal=unimodal,
-                       embeddings={m: feats[m][1] for m in model.modalities},
-                       representation=fused)
+        return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits)
 
 
 @METHODS.register("sum")
@@ -63,16 +58,12 @@ class UnimodalEnsemble(Method):
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         step.zero_grad()
-        losses = {m: F.cross_entropy(model.unimodal_logits(m, model.encode(batch.inputs, m)[1]),
+        losses = {m: F.cross_entropy(model.unimodal_logits(m, model.encode(batch.inputs, m).pooled),
                                      batch.label) for m in model.modalities}
         step.backward(torch.stack(list(losses.values())).sum())
         step.step()
         return {f"loss/{m}": v.item() for m, v in losses.items()}
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
-        feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
-        unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
-        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal,
-                       embeddings=embeddings,
-                       representation=torch.cat(list(embeddings.values()), 1))
+        return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits,
+                               lambda unimodal: fuse_decisions(unimodal, self.cfg.fusion_rule))

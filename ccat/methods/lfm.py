@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ccat.config import (FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig,
                          ModelConfig, Range)
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs
+from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
 from ccat.models import MultimodalModel, build_model
 from ccat.models.fusion import Features
 from ccat.step import Step
@@ -137,7 +137,7 @@ class LFM(Method):
             loss, out = self._released_loss(model, feats, batch.label)
         else:
             ce = F.cross_entropy(model.fused_logits(feats), batch.label)
-            match = self.gap({m: feats[m][1] for m in model.modalities})
+            match = self.gap({m: feats[m].pooled for m in model.modalities})
             alpha = gap_weight(self.epoch, self.params.rate, self.params.alpha_min,
                                self.params.alpha_max)
             loss = alpha * match + (1 - alpha) * ce
@@ -151,7 +151,7 @@ class LFM(Method):
                        label: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """2 [w_cls CE(mean of the unimodal logits) + w_align A(o^a, o^v)], fitted weights;
         with more than two modalities, A averaged over modality pairs."""
-        logits = [model.unimodal_logits(m, feats[m][1]) for m in model.modalities]
+        logits = [model.unimodal_logits(m, feats[m].pooled) for m in model.modalities]
         ce = F.cross_entropy(torch.stack(logits).mean(0), label)
         align = torch.stack([released_alignment(a, b)
                              for a, b in itertools.combinations(logits, 2)]).mean()
@@ -162,9 +162,4 @@ class LFM(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """The head's logits (concat; ``released``: the sum of the per-modality heads); a
         modality alone scores its block of the head (``released``: its own head)."""
-        feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
-        fused = model.fusion(feats)
-        return Outputs(fused=model.classifier(fused),
-                       unimodal={m: model.unimodal_logits(m, z) for m, z in embeddings.items()},
-                       embeddings=embeddings, representation=fused)
+        return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ccat.config import POSITIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs
+from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
 from ccat.models import MultimodalModel
 from ccat.step import Step
 
@@ -126,7 +126,7 @@ class MLA(Method):
         weight = model.classifier.weight
         for m in model.modalities:
             step.zero_grad()
-            z = model.encode(batch.inputs, m)[1]
+            z = model.encode(batch.inputs, m).pooled
             loss = F.cross_entropy(model.unimodal_logits(m, z), batch.label)
             step.backward(loss)
             if self.params.projection != "released":
@@ -175,13 +175,12 @@ class MLA(Method):
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Each modality's logits from the shared head, fused per sample by entropy."""
-        feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
-        unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
+        return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits,
+                               self.fuse)
+
+    def fuse(self, unimodal: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The test-time fusion: entropy-weighted per sample, or the mean of the logits."""
         if self.params.test_fusion == "entropy":
             weights = entropy_weights(unimodal)
-            fused = sum(weights[m].unsqueeze(1).to(x) * x for m, x in unimodal.items())
-        else:
-            fused = torch.stack(list(unimodal.values())).mean(0)
-        return Outputs(fused=fused, unimodal=unimodal, embeddings=embeddings,
-                       representation=torch.cat(list(embeddings.values()), 1))
+            return sum(weights[m].unsqueeze(1).to(x) * x for m, x in unimodal.items())
+        return torch.stack(list(unimodal.values())).mean(0)

@@ -17,12 +17,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ccat.config import POSITIVE, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs
-from ccat.models import MultimodalModel
+from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
+from ccat.models import MultimodalModel, build_model
 from ccat.step import Step
 
 
@@ -73,16 +72,13 @@ class MMPareto(Method):
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:
-        """The concat model plus one linear head per modality for the unimodal losses."""
-        model = super().build_model(modalities, num_classes, cfg)
-        model.add_module("unimodal_heads", nn.ModuleDict(
-            {m: nn.Linear(cfg.width, num_classes) for m in model.modalities}))
-        return model
+        """The concat model with its unimodal heads, one per modality, for the unimodal losses."""
+        return build_model(modalities, num_classes, cfg, self.fusion, unimodal_heads=True)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         feats = model.encode_all(batch.inputs)
         loss_mm = F.cross_entropy(model.fused_logits(feats), batch.label)
-        losses = {m: F.cross_entropy(model.unimodal_heads[m](feats[m][1]), batch.label)
+        losses = {m: F.cross_entropy(model.unimodal_heads[m](feats[m].pooled), batch.label)
                   for m in model.modalities}
         params = {m: [p for p in model.encoders[m].parameters() if p.requires_grad]
                   for m in model.modalities}
@@ -108,12 +104,8 @@ class MMPareto(Method):
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """The concat head's logits, and each modality's own head (decision level)."""
-        feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
-        fused = model.fusion(feats)
-        return Outputs(fused=model.classifier(fused),
-                       unimodal={m: model.unimodal_heads[m](z) for m, z in embeddings.items()},
-                       embeddings=embeddings, representation=fused)
+        return predict_outputs(model, model.encode_all(batch.inputs),
+                               lambda m, z: model.unimodal_heads[m](z))
 
 
 def _write(params: list[torch.Tensor], flat: torch.Tensor) -> None:

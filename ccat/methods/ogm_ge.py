@@ -110,7 +110,7 @@ class OGMGE(JointMethod):
         step.backward(loss)
         with torch.no_grad():  # s^u over the whole batch, summed across ranks so all agree
             scores = {m: step.all_sum(correct_class_score(
-                model.unimodal_logits(m, feats[m][1]), batch.label)) for m in model.modalities}
+                model.unimodal_logits(m, feats[m].pooled), batch.label)) for m in model.modalities}
         ratios = discrepancy_ratios(scores)
         coefs = coefficients(ratios, self.params.alpha)
         active = self.modulating()

@@ -11,14 +11,15 @@ from typing import Callable
 import torch
 
 from ccat.data.pipeline import Batch
-from ccat.methods.base import Outputs
+from ccat.methods.base import Outputs, predict_outputs
 from ccat.models import MultimodalModel
 from ccat.models.fusion import Features
 
 
 def without_others(feats: Features, keep: str) -> Features:
     """``feats`` with every modality but ``keep`` zeroed (tokens and pooled vector)."""
-    return {m: f if m == keep else (torch.zeros_like(f[0]), torch.zeros_like(f[1]), *f[2:])
+    return {m: f if m == keep else f._replace(tokens=torch.zeros_like(f.tokens),
+                                               pooled=torch.zeros_like(f.pooled))
             for m, f in feats.items()}
 
 
@@ -31,8 +32,4 @@ def zeroed_unimodal(feats: Features,
 def feature_fusion_outputs(model: MultimodalModel, batch: Batch) -> Outputs:
     """Fused logits Cls(f), the zeroed-complement unimodal logits, z^m and f."""
     feats = model.encode_all(batch.inputs)
-    fused = model.fusion(feats)
-    return Outputs(fused=model.classifier(fused),
-                   unimodal=zeroed_unimodal(feats, model.fused_logits),
-                   embeddings={m: feats[m][1] for m in model.modalities},
-                   representation=fused)
+    return predict_outputs(model, feats, zeroed_unimodal(feats, model.fused_logits))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ccat.config import NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs
+from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
 from ccat.methods.protocol import zeroed_unimodal
 from ccat.models import MultimodalModel
 from ccat.models.fusion import Features
@@ -105,7 +105,7 @@ class QMF(Method):
 
         The weights enter the fusion detached, as in the released text-image code.
         """
-        logits = {m: model.unimodal_logits(m, feats[m][1]) for m in model.modalities}
+        logits = {m: model.unimodal_logits(m, feats[m].pooled) for m in model.modalities}
         conf = {m: confidence(v, self.params.confidence_scale) for m, v in logits.items()}
         fused = torch.stack([conf[m].detach()[:, None] * logits[m] for m in logits]).sum(0)
         return fused, logits, conf
@@ -135,8 +135,6 @@ class QMF(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Confidence-weighted fusion; each modality's with the other zeroed (Sec. 4.1)."""
         feats = model.encode_all(batch.inputs)
-        embeddings = {m: feats[m][1] for m in model.modalities}
-        return Outputs(fused=self.decide(model, feats)[0],
-                       unimodal=zeroed_unimodal(feats, lambda f: self.decide(model, f)[0]),
-                       embeddings=embeddings,
-                       representation=torch.cat(list(embeddings.values()), 1))
+        return predict_outputs(model, feats,
+                               zeroed_unimodal(feats, lambda f: self.decide(model, f)[0]),
+                               lambda _: self.decide(model, feats)[0])

@@ -1,17 +1,17 @@
 """Encoders: ResNet18 from scratch for spectrograms (1 channel) and video frames, ResNet50
 from scratch for images, BERT for token ids.
 
-Each encoder maps its modality's batch to a token sequence (B, L, D) and a pooled
-vector (B, D), D being the model width (a linear projection of the encoder's channels).
-An encoder whose tokens can be padding (BERT) returns a third item, the (B, L) bool mask
-of real tokens, which its pooling and the fusion's attention respect.
+Each encoder maps its modality's batch to an :class:`EncoderOutput`: a token sequence
+(B, L, D) and a pooled vector (B, D), D being the model width (a linear projection of the
+encoder's channels). An encoder whose tokens can be padding (BERT) also gives the (B, L)
+bool mask of real tokens, which its pooling and the fusion's attention respect.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -19,6 +19,16 @@ from torch import nn
 from ccat.config import ConfigError, ModelConfig
 from ccat.data.pipeline import PAD_ID, normalize_pixels
 from ccat.registry import Registry
+
+
+
+class EncoderOutput(NamedTuple):
+    """One modality's features for a batch."""
+
+    tokens: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor  # (B, D): z^m
+    mask: torch.Tensor | None = None  # (B, L) bool, True on real tokens; None: no padding
+
 
 ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
 # The encoder factory's one table: which encoder reads which modality kind by default.
@@ -131,9 +141,9 @@ class SpectrogramEncoder(_ResNetEncoder):
     def __init__(self, params: dict[str, Any], cfg: ModelConfig):
         super().__init__(1, cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
         tokens = self._tokens(x.float().unsqueeze(1), x.shape[0])  # float16 in the shards
-        return tokens, tokens.mean(1)
+        return EncoderOutput(tokens, tokens.mean(1))
 
 
 @ENCODERS.register("resnet18_video")
@@ -143,9 +153,9 @@ class FramesEncoder(_ResNetEncoder):
     def __init__(self, params: dict[str, Any], cfg: ModelConfig):
         super().__init__(3, cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
         tokens = self._tokens(normalize_pixels(x).flatten(0, 1), x.shape[0])
-        return tokens, tokens.mean(1)
+        return EncoderOutput(tokens, tokens.mean(1))
 
 
 @ENCODERS.register("resnet50_image")
@@ -159,9 +169,9 @@ class ImageEncoder(_ResNetEncoder):
     def __init__(self, params: dict[str, Any], cfg: ModelConfig):
         super().__init__(3, cfg, Bottleneck)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
         tokens = self._tokens(normalize_pixels(x), x.shape[0])
-        return tokens, tokens.mean(1)
+        return EncoderOutput(tokens, tokens.mean(1))
 
 
 @ENCODERS.register("bert_text")
@@ -194,11 +204,11 @@ class TextEncoder(nn.Module):
                             pad_token_id=PAD_ID)
         return BertModel(config, add_pooling_layer=False)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor) -> EncoderOutput:
         mask = ids != PAD_ID
         hidden = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         tokens = self.proj(hidden)
-        return tokens, masked_mean(tokens, mask), mask
+        return EncoderOutput(tokens, masked_mean(tokens, mask), mask)
 
     def reset(self) -> None:
         if self.scratch:

@@ -15,16 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccat.config import ModelConfig
-from ccat.models.encoders import masked_mean
+from ccat.models.encoders import EncoderOutput, masked_mean
 from ccat.registry import Registry
 
-Features = dict[str, tuple[torch.Tensor, ...]]  # modality -> (tokens, pooled[, mask])
+Features = dict[str, EncoderOutput]  # modality -> its encoder's tokens, pooled z^m and mask
 FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion")
-
-
-def token_mask(feature: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An encoder's tokens and its mask of real tokens (None: no padding)."""
-    return feature[0], feature[2] if len(feature) > 2 else None
 
 
 class CrossBlock(nn.Module):
@@ -67,9 +62,9 @@ class BiCross(nn.Module):
         self.out_dim = cfg.width
 
     def forward(self, feats: Features) -> torch.Tensor:
-        (first, mask1), (second, mask2) = (token_mask(feats[m]) for m in self.modalities)
-        return self.blocks[0](second, first, mask2, mask1) + \
-            self.blocks[1](first, second, mask1, mask2)
+        first, second = (feats[m] for m in self.modalities)
+        return self.blocks[0](second.tokens, first.tokens, second.mask, first.mask) + \
+            self.blocks[1](first.tokens, second.tokens, first.mask, second.mask)
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         """The shared classifier reads any modality's pooled vector directly."""
@@ -106,7 +101,7 @@ class SumFusion(nn.Module):
         return BlockHeads(self.width, len(self.modalities), num_classes)
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return torch.cat([feats[m][1] for m in self.modalities], dim=1)
+        return torch.cat([feats[m].pooled for m in self.modalities], dim=1)
 
     def unimodal_logits(self, classifier: BlockHeads, index: int, z: torch.Tensor) -> torch.Tensor:
         return classifier.heads[index](z)
@@ -123,7 +118,7 @@ class TiedSumFusion(nn.Module):
         self.out_dim = cfg.width
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return torch.stack([feats[m][1] for m in self.modalities]).sum(0)
+        return torch.stack([feats[m].pooled for m in self.modalities]).sum(0)
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, classifier.weight, classifier.bias / len(self.modalities))
@@ -140,7 +135,7 @@ class ConcatFusion(nn.Module):
         self.out_dim = cfg.width * len(modalities)
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return torch.cat([feats[m][1] for m in self.modalities], dim=1)
+        return torch.cat([feats[m].pooled for m in self.modalities], dim=1)
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         block = classifier.weight[:, index * self.width:(index + 1) * self.width]
@@ -180,7 +175,7 @@ class FiLM(nn.Module):
         return gamma * y + beta
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return self.fuse(*(feats[m][1] for m in self.modalities))
+        return self.fuse(*(feats[m].pooled for m in self.modalities))
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         """The fused prediction with the other modality's vector zeroed (Sec. 4.1)."""
@@ -207,7 +202,7 @@ class BiGated(nn.Module):
         return torch.sigmoid(hx) * hy + torch.sigmoid(hy) * hx
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return self.fuse(*(feats[m][1] for m in self.modalities))
+        return self.fuse(*(feats[m].pooled for m in self.modalities))
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         """The fused prediction with the other modality's vector zeroed (Sec. 4.1)."""
@@ -227,7 +222,7 @@ class SharedHead(nn.Module):
         self.out_dim = cfg.width
 
     def forward(self, feats: Features) -> torch.Tensor:
-        return torch.stack([feats[m][1] for m in self.modalities]).mean(0)
+        return torch.stack([feats[m].pooled for m in self.modalities]).mean(0)
 
     def unimodal_logits(self, classifier: nn.Linear, index: int, z: torch.Tensor) -> torch.Tensor:
         return classifier(z)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
-from ccat.models.encoders import build_encoder
+from ccat.models.encoders import EncoderOutput, build_encoder
 from ccat.models.fusion import FUSIONS, Features
 
 
@@ -43,11 +43,12 @@ class LoRA(nn.Module):
 
 class MultimodalModel(nn.Module):
     """Encoders per modality, a fusion, the classifier (one linear layer unless the fusion makes
-    its own) and optional LoRAs."""
+    its own), optional LoRAs and optional unimodal heads (one linear layer per modality on
+    its pooled z^m, apart from the classifier: MMPareto's unimodal losses)."""
 
     def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, num_classes: int,
                  lora_rank: int = 0, lora_alpha: float = 1.0,
-                 lora_scale: str = "alpha_over_rank"):
+                 lora_scale: str = "alpha_over_rank", unimodal_heads: bool = False):
         super().__init__()
         self.modalities = list(encoders)
         self.encoders = nn.ModuleDict(encoders)
@@ -58,10 +59,13 @@ class MultimodalModel(nn.Module):
         in_dim = next(iter(encoders.values())).proj.out_features
         self.lora = nn.ModuleDict({m: LoRA(in_dim, num_classes, lora_rank, lora_alpha, lora_scale)
                                    for m in encoders} if lora_rank > 0 else {})
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(in_dim, num_classes) for m in encoders}
+                                            if unimodal_heads else {})
 
-    def encode(self, inputs: dict[str, torch.Tensor], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, L, D) and pooled vector (B, D) of one modality."""
-        return self.encoders[modality](inputs[modality])
+    def encode(self, inputs: dict[str, torch.Tensor], modality: str) -> EncoderOutput:
+        """Tokens (B, L, D), pooled vector (B, D) and mask of one modality (an encoder
+        registered elsewhere may give them as a plain tuple)."""
+        return EncoderOutput(*self.encoders[modality](inputs[modality]))
 
     def encode_all(self, inputs: dict[str, torch.Tensor]) -> Features:
         return {m: self.encode(inputs, m) for m in self.modalities}
@@ -80,9 +84,11 @@ class MultimodalModel(nn.Module):
 
 def build_model(modalities: dict[str, dict[str, Any]], num_classes: int, cfg: ModelConfig,
                 fusion: str, lora_rank: int = 0, lora_alpha: float = 1.0,
-                lora_scale: str = "alpha_over_rank") -> MultimodalModel:
+                lora_scale: str = "alpha_over_rank",
+                unimodal_heads: bool = False) -> MultimodalModel:
     """A model for the manifest's ``modalities``; ``fusion`` is a registered fusion name;
-    with ``lora_rank`` > 0 one LoRA per modality (see :class:`LoRA` for the scale)."""
+    with ``lora_rank`` > 0 one LoRA per modality (see :class:`LoRA` for the scale); with
+    ``unimodal_heads`` a linear head per modality (:class:`MultimodalModel`)."""
     encoders = {m: build_encoder(m, params, cfg) for m, params in modalities.items()}
     return MultimodalModel(encoders, FUSIONS.get(fusion)(list(modalities), cfg), num_classes,
-                           lora_rank, lora_alpha, lora_scale)
+                           lora_rank, lora_alpha, lora_scale, unimodal_heads)
