@@ -1,5 +1,6 @@
 # ccat: staged workflow. Every target sets up the environment it needs first.
 #   make demo | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
+#   [BUILD_ARGS="--seconds 20"]
 #   make train | make eval | make table | make ablation | make sweep | make bench
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,11 +10,11 @@ DATASET ?= cremad
 RAW ?= data/raw/$(DATASET)
 SHARDS ?= shards/$(DATASET)
 WORKERS ?= 0
-# Published split lists, as NAME=FILE words; by default the ones `make download` fetched.
-SPLITS_cremad = train=$(RAW)/splits/train.csv test=$(RAW)/splits/test.csv
-SPLITS_ks = train=$(RAW)/splits/train.txt test=$(RAW)/splits/test.txt
-SPLITS_mvsa = train=$(RAW)/splits/train.jsonl val=$(RAW)/splits/dev.jsonl test=$(RAW)/splits/test.jsonl
-SPLITS ?= $(if $(wildcard $(RAW)/splits/*),$(SPLITS_$(DATASET)))
+# Extra `ccat-data build DATASET` options (`ccat-data build DATASET --help` lists them), e.g.
+# BUILD_ARGS="--seconds 20" or BUILD_ARGS="--split train=my.csv --split test=other.csv".
+# The published split files `make download` put under RAW/splits are used unless --split
+# names others.
+BUILD_ARGS ?=
 METHOD ?= ccat
 SEED ?= 0
 CONFIG ?= configs/$(DATASET).yaml
@@ -40,11 +41,12 @@ download: install
 
 shards: install
 	$(BIN)/ccat-data build $(DATASET) --raw $(RAW) --out $(SHARDS) --workers $(WORKERS) \
-		$(foreach s,$(SPLITS),--split $(s))
+		$(BUILD_ARGS)
 	$(BIN)/ccat-data verify $(SHARDS)
 
-# Shards first when they are missing, then every stage of METHOD with seed SEED. A RUN that
-# holds a run already needs ARGS=--resume (continue it) or ARGS=--overwrite (replace it).
+# Shards first when they are missing (built with BUILD_ARGS), then every stage of METHOD
+# with seed SEED. A RUN that holds a run already needs ARGS=--resume (continue it) or
+# ARGS=--overwrite (replace it).
 train: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
 	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN) \

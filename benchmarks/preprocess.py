@@ -63,7 +63,7 @@ def replicate(raw: Path, ids: list[str], total: int) -> list[str]:
 def build_rate(raw: Path, seconds: float, workers: int) -> float:
     """Clips per second of a full build (plan, decode, features, shards, manifest)."""
     with tempfile.TemporaryDirectory() as out:
-        recipe = Cremad(audio=media.AudioParams(seconds=seconds))
+        recipe = Cremad(seconds=seconds)
         options = writer.BuildOptions(workers=workers, shard_size=64, test_fraction=0.0,
                                       val_fraction=0.0)
         report = writer.build(recipe, raw, Path(out), {}, options)

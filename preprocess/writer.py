@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ccat.data import spec
+from ccat.data import kinds, spec
 from ccat.errors import UserError
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
@@ -99,7 +99,7 @@ def _init_worker(recipe: Recipe, raw: Path) -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
-    _WORKER.update(recipe=recipe, raw=raw)
+    _WORKER.update(recipe=recipe, raw=raw, modalities=recipe.modalities())
 
 
 def _process(task: tuple[str, Entry]) -> Result:
@@ -120,6 +120,7 @@ def _process(task: tuple[str, Entry]) -> Result:
             **meta}
     members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
+    kinds.check_written(entry.key, members, _WORKER["modalities"])  # a recipe bug stops the build
     return Result(split, entry.key, entry.label, members, hashes=hashes)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ccat.cli import app as ccat_app, main as ccat_main
-from ccat.data import open_dataset, spec
+from ccat.data import kinds, open_dataset, spec
 from ccat.data.integrity import ShardError
 from conftest import run_cli, serve
 from preprocess import check
@@ -167,12 +167,12 @@ def jpeg(width: int, height: int) -> bytes:
 def test_mvsa_images_and_token_ids_are_bounded_by_the_manifest(image, ids, says) -> None:
     members = image_text_members(image, ids)
     if says is None:
-        sample = spec.decode_sample("k", members, IMAGE_TEXT)
+        sample = kinds.decode_sample("k", members, IMAGE_TEXT)
         assert sample.data["image"].shape == (90, 40, 3) and len(sample.data["text"]) == 8
         return
     with pytest.raises(spec.SpecError, match=r"^sample 'k', member .*: " + says.replace(
             "[", r"\[").replace("]", r"\]")):
-        spec.decode_sample("k", members, IMAGE_TEXT)
+        kinds.decode_sample("k", members, IMAGE_TEXT)
 
 
 def test_decoding_without_a_manifest_still_refuses_huge_headers() -> None:

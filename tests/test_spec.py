@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from ccat.data import spec
+from ccat.data import kinds, spec
 
 MODALITIES = {"audio": {"kind": "spectrogram", "shape": [257, 4], "dtype": "float16"},
               "video": {"kind": "frames", "num_frames": 3, "size": 8}}
@@ -32,7 +32,7 @@ def manifest(**changes) -> dict:
 
 
 def test_audio_video_member_names_are_exactly_the_spec() -> None:
-    assert spec.sample_members(MODALITIES) == [
+    assert kinds.sample_members(MODALITIES) == [
         "audio.npy", "label.cls", "meta.json", "video.0.jpg", "video.1.jpg", "video.2.jpg"]
 
 
@@ -53,12 +53,12 @@ def test_tar_round_trip_is_deterministic_and_decodes() -> None:
 
     assert tar_bytes() == tar_bytes()
     [(key, read)] = list(spec.iter_tar_samples(io.BytesIO(tar_bytes())))
-    sample = spec.decode_sample(key, read, MODALITIES)
+    sample = kinds.decode_sample(key, read, MODALITIES)
     assert sample.label == 1 and sample.meta == {"id": "k_1"}
     assert sample.data["audio"].dtype == np.float16
     assert sample.data["video"].shape == (3, 8, 8, 3)
     with pytest.raises(spec.SpecError, match="expected"):
-        spec.decode_sample(key, {k: v for k, v in read.items() if k != "video.2.jpg"}, MODALITIES)
+        kinds.decode_sample(key, {k: v for k, v in read.items() if k != "video.2.jpg"}, MODALITIES)
 
 
 def test_keys_with_dots_are_refused() -> None:

@@ -15,7 +15,6 @@ training crops are drawn, since images of different sizes cannot share one tenso
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -25,11 +24,10 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ccat.config import DataConfig
-from ccat.data import spec
+from ccat.data import kinds, spec
 from ccat.data.integrity import verify_shards
-from ccat.data.pipeline import (EVAL_CROP_FRACTION, IMAGE_SIZE, PAD_ID, Batch, ShardStream,
-                                Transform, WorkerLoader, center_square, crop_box,
-                                num_train_batches)
+from ccat.data.pipeline import (EVAL_CROP_FRACTION, PAD_ID, Batch, ShardStream, Transform,
+                                WorkerLoader, center_square, crop_box, num_train_batches)
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
 from ccat.ui import make_console
@@ -76,18 +74,8 @@ class SplitTensors:
 
 def cache_bytes(dataset: BuiltDataset, split: str, frame_size: int) -> int:
     """Bytes a split takes in the cache, from the manifest's shapes."""
-    per_sample = 0
-    for params in dataset.modalities.values():
-        kind = params["kind"]
-        if kind == "spectrogram":
-            per_sample += 2 * math.prod(params["shape"])
-        elif kind == "frames":
-            side = max(params["size"], frame_size)
-            per_sample += params["num_frames"] * 3 * side * side
-        elif kind == "image":
-            per_sample += 3 * round((frame_size or IMAGE_SIZE) / EVAL_CROP_FRACTION) ** 2
-        else:
-            per_sample += 8 * params["max_length"]
+    per_sample = sum(kinds.of(name, params).cache_bytes(params, frame_size)
+                     for name, params in dataset.modalities.items())
     return per_sample * dataset.num_samples(split)
 
 
@@ -130,7 +118,7 @@ class DeviceCache:
                 progress.update(task, advance=len(batch.keys))
         tensors, lengths = {}, {}
         for m, parts in inputs.items():
-            if parts[0].dim() == 2 and not parts[0].is_floating_point():  # token ids
+            if kinds.of(m, modalities[m]).cache_padded:
                 width = max(p.shape[1] for p in parts)
                 parts = [F.pad(p, (0, width - p.shape[1]), value=PAD_ID) for p in parts]
                 tensors[m] = torch.cat(parts)
@@ -176,14 +164,12 @@ class DeviceCache:
         """Random resized crop and flip per sample, one draw for all frames of a clip."""
         inputs = dict(batch.inputs)
         for m, params in self.dataset.modalities.items():
-            if params["kind"] == "frames":
-                inputs[m] = self._crop(inputs[m], self.cfg.frame_size or params["size"], rng)
-            elif params["kind"] == "image":
-                inputs[m] = self._crop(inputs[m][:, None], self.cfg.frame_size or IMAGE_SIZE,
-                                       rng)[:, 0]
+            augment = kinds.of(m, params).cache_augment
+            if augment is not None:
+                inputs[m] = augment(self, inputs[m], params, rng)
         return Batch(batch.keys, batch.label, inputs)
 
-    def _crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    def crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [B, N, 3, H, W] -> uint8 [B, N, 3, size, size] by one batched grid_sample."""
         b, n, c, h, w = frames.shape
         # the streaming path's box distribution (crop_box) and flip, per sample

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ccat.data import spec
-from ccat.data.spec import Sample, ShardInfo, decode_sample
+from ccat.data.kinds import decode_sample
+from ccat.data.spec import Sample, ShardInfo
 from ccat.errors import CcatError
 
 VERIFY_MODES = ("size", "sha", "none")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -39,18 +38,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from ccat.config import DataConfig
-from ccat.data import spec
+from ccat.data import kinds, spec
 from ccat.data.integrity import ShardError, decode_checked, read_shard, verify_shards
+from ccat.data.kinds import EVAL_CROP_FRACTION
 from ccat.data.reader import BuiltDataset, Sample
 from ccat.errors import CcatError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-IMAGE_SIZE = 224  # crop side of image modalities when data.frame_size is 0 (the paper's)
-EVAL_CROP_FRACTION = 224 / 256  # eval: resize the shorter side to size / this, center crop
 PAD_ID = 0  # token id of padding: [PAD] in BERT WordPiece vocabularies, never real text
-KINDS = ("spectrogram", "frames", "image", "tokens")
 
 
 @dataclass
@@ -99,7 +96,8 @@ def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class Transform:
-    """Per-sample arrays -> tensors, by modality kind (train: augment; eval: resize).
+    """Per-sample arrays -> tensors, the view of each modality's kind (:mod:`ccat.data.kinds`;
+    train: augment; eval: resize) built from the operations below.
 
     Pixels stay uint8 and spectrograms float16: the encoder normalizes and widens them on
     the device (:func:`normalize_pixels`).
@@ -109,24 +107,15 @@ class Transform:
         self.modalities = modalities
         self.cfg = cfg
         self.train = train
-        for name, params in modalities.items():
-            if params["kind"] not in KINDS:
-                raise ValueError(f"modality {name!r} of kind {params['kind']!r} has no "
-                                 f"training transform yet ({', '.join(KINDS)} do)")
+        self.kinds = {name: kinds.of(name, params) for name, params in modalities.items()}
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, params in self.modalities.items():
-            array, kind = sample.data[name], params["kind"]
-            if kind == "spectrogram":
-                out[name] = torch.from_numpy(array.astype(np.float16))
-            elif kind == "tokens":
-                out[name] = torch.from_numpy(array.astype(np.int64))
-            elif kind == "image":
-                out[name] = self.image(array, self.cfg.frame_size or IMAGE_SIZE, rng)
-            else:
-                out[name] = self.frames(array, self.cfg.frame_size or params["size"], rng)
-        return out
+        return {name: self.kinds[name].view(self, sample.data[name], params, rng)
+                for name, params in self.modalities.items()}
+
+    def tensor(self, array: np.ndarray, dtype: type) -> torch.Tensor:
+        """An array as a tensor of ``dtype``, unaugmented."""
+        return torch.from_numpy(array.astype(dtype))
 
     def image(self, image: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [H, W, 3] of any size -> uint8 [3, size, size].

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ccat.data import integrity, remote, spec
-from ccat.data.spec import Sample, decode_sample
+from ccat.data.kinds import decode_sample
+from ccat.data.spec import Sample
 from ccat.errors import UserError
 
 __all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]

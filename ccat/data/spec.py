@@ -12,8 +12,10 @@ tar members that share a key (the clip id, which never contains a dot):
     <key>.label.cls        the class index, ASCII digits
     <key>.meta.json        provenance of the sample
 
-Both the builder (``preprocess``) and the trainer (``ccat``) import this module, and
-nothing else crosses that boundary.
+Which members a modality stores, and how they decode into one array, depends on its
+kind: :mod:`ccat.data.kinds` holds that table, built on this module's codecs. Both the
+builder (``preprocess``) and the trainer (``ccat``) import these two modules, and nothing
+else crosses that boundary.
 """
 
 from __future__ import annotations
@@ -74,29 +76,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def modality_members(name: str, params: dict[str, Any]) -> list[str]:
-    """Member suffixes (after ``<key>.``) that carry modality ``name`` of a sample."""
-    kind = params["kind"]
-    if kind == "spectrogram":
-        return [f"{name}.npy"]
-    if kind == "frames":
-        return [f"{name}.{i}.jpg" for i in range(params["num_frames"])]
-    if kind == "image":
-        return [f"{name}.jpg"]
-    if kind == "tokens":
-        return [f"{name}.ids.npy", f"{name}.txt"]
-    raise SpecError(f"modality {name!r} has unknown kind {kind!r}; spec v{SPEC_VERSION} "
-                    "knows spectrogram, frames, image and tokens")
-
-
-def sample_members(modalities: dict[str, dict[str, Any]]) -> list[str]:
-    """Every member suffix one sample must have, sorted as they are written."""
-    members = [LABEL_MEMBER, META_MEMBER]
-    for name, params in modalities.items():
-        members.extend(modality_members(name, params))
-    return sorted(members)
-
-
 # ---------------------------------------------------------------- member encoding
 
 
@@ -119,9 +98,9 @@ def encode_label(index: int) -> bytes:
 def decode_member(suffix: str, data: bytes, bound: Bound | None = None) -> Any:
     """Decode one member's bytes by its suffix: arrays, images (uint8 HWC), text, label.
 
-    Arrays and images are checked against ``bound`` (see :func:`member_bound`) from their
-    headers before any pixel or element is read; without one, only against what their
-    bytes can hold.
+    Arrays and images are checked against ``bound`` (their kind's, see
+    :mod:`ccat.data.kinds`) from their headers before any pixel or element is read;
+    without one, only against what their bytes can hold.
     """
     if suffix.endswith(".npy"):
         return decode_npy(data, bound if isinstance(bound, ArrayBound) else None)
@@ -185,22 +164,6 @@ Bound = ArrayBound | ImageBound
 # max_aspect of its own (MVSA: 256 x 5120)
 MAX_ASPECT = 20
 UNBOUNDED_SIDE = 16384  # an image decoded with no manifest at hand: at most 16384 px a side
-
-
-def member_bound(suffix: str, params: dict[str, Any]) -> Bound | None:
-    """The largest header that member ``suffix`` of a modality with ``params`` may declare."""
-    kind = params["kind"]
-    if kind == "spectrogram":
-        return ArrayBound(params["dtype"], tuple(params["shape"]))
-    if kind == "frames":
-        return ImageBound(params["size"], params["size"])
-    if kind == "image":
-        # the builder's aspect cap, plus a pixel for rounding the longer side when resizing
-        longer = math.ceil(params["shorter_side"] * params.get("max_aspect", MAX_ASPECT)) + 1
-        return ImageBound(params["shorter_side"], longer)
-    if kind == "tokens" and suffix.endswith(".npy"):
-        return ArrayBound("int32", None, params["max_length"])
-    return None
 
 
 def decode_npy(data: bytes, bound: ArrayBound | None = None) -> np.ndarray:
@@ -289,43 +252,6 @@ class Sample:
     data: dict[str, np.ndarray]
     meta: dict[str, Any]
     text: dict[str, str] = field(default_factory=dict)
-
-
-def decode_sample(key: str, members: dict[str, bytes],
-                  modalities: dict[str, dict[str, Any]]) -> Sample:
-    """Turn a sample's raw members into arrays, one per modality.
-
-    spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
-    tokens -> int32 [L] (the text itself goes into ``Sample.text``).
-    """
-    expected = sample_members(modalities)
-    if sorted(members) != expected:
-        raise SpecError(f"sample {key!r} has members {sorted(members)}, expected {expected}")
-    meta = _decode_checked(key, META_MEMBER, members, None)
-    data: dict[str, np.ndarray] = {}
-    texts: dict[str, str] = {}
-    for name, params in modalities.items():
-        decoded = [_decode_checked(key, s, members, member_bound(s, params))
-                   for s in modality_members(name, params)]
-        if params["kind"] == "frames":
-            data[name] = np.stack(decoded)
-        elif params["kind"] == "tokens":
-            data[name] = decoded[0]
-            texts[name] = decoded[1]
-        else:
-            data[name] = decoded[0]
-    label = _decode_checked(key, LABEL_MEMBER, members, None)
-    return Sample(key=key, label=label, data=data, meta=meta, text=texts)
-
-
-def _decode_checked(key: str, suffix: str, members: dict[str, bytes], bound: Bound | None) -> Any:
-    """:func:`decode_member`, a failure named by sample key and member."""
-    try:
-        return decode_member(suffix, members[suffix], bound)
-    except SpecError as err:
-        raise SpecError(f"sample {key!r}, member {suffix}: {err}") from None
-    except (ValueError, UnicodeDecodeError, RuntimeError) as err:
-        raise SpecError(f"sample {key!r}, member {suffix}: does not decode ({err})") from None
 
 
 # ---------------------------------------------------------------- tar reading/writing

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
+from ccat.data import kinds
 from ccat.data.pipeline import PAD_ID, normalize_pixels
 from ccat.registry import Registry
-
 
 
 class EncoderOutput(NamedTuple):
@@ -31,9 +31,6 @@ class EncoderOutput(NamedTuple):
 
 
 ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
-# The encoder factory's one table: which encoder reads which modality kind by default.
-DEFAULT_ENCODER_BY_KIND = {"spectrogram": "resnet18_audio", "frames": "resnet18_video",
-                           "image": "resnet50_image", "tokens": "bert_text"}
 BERT_POOLER_PREFIX = "pooler."  # checkpoint weights of the pooler, which TextEncoder drops
 
 
@@ -269,8 +266,5 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def build_encoder(modality: str, params: dict[str, Any], cfg: ModelConfig) -> nn.Module:
     """The encoder for one manifest modality: ``cfg.encoders[modality]`` or the kind's default."""
-    name = cfg.encoders.get(modality) or DEFAULT_ENCODER_BY_KIND.get(params["kind"])
-    if name is None:
-        raise ValueError(f"no encoder reads modality kind {params['kind']!r} yet; set "
-                         f"model.encoders.{modality} to one of {ENCODERS.names()}")
+    name = cfg.encoders.get(modality) or kinds.of(modality, params).encoder
     return ENCODERS.get(name)(params, cfg)

@@ -1,16 +1,88 @@
-"""Dataset recipes, chosen by name: one module adds one recipe with ``@register``."""
+"""Dataset recipes, chosen by name: one module of this package adds one recipe with
+``@register``.
+
+A recipe is a dataclass: its init fields, declared with :func:`option`, are the options of
+``ccat-data build NAME`` (name, type, default and help text all come from the field), and
+its class attributes hold the dataset's facts: ``name``, the class list, the published
+split files and how to download them (:class:`Published`), and an optional ``synth``
+dataclass whose fields are the options of ``ccat-data synth NAME``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+import typing
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 from ccat.errors import UserError
-from preprocess.splits import Entry, SplitRow
+from preprocess.splits import Entry, SplitError, SplitRow
+
+SPLITS_DIR = "splits"  # where `ccat-data download` puts the published split files, under RAW
 
 
 class LayoutError(UserError, ValueError):
     """A raw folder is not the layout a recipe expects; the message says what was expected."""
+
+
+class RecipeError(UserError, ValueError):
+    """An unknown recipe name, or a recipe declared wrongly; the message names it."""
+
+
+class OptionError(ValueError):
+    """An option value out of its range; the message names the option and the choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """Where a dataset's published split lists come from and how its media are obtained."""
+
+    lists_url: str  # base URL of the split files
+    split_files: dict[str, str]  # split name -> file name, under RAW/splits after a download
+    media_by_hand: str = ""  # how to get media that cannot be fetched here ({target}: RAW)
+    media_repo: str = ""  # or: a Git LFS repository holding the media in media_folders
+    media_folders: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One command-line option, made from a dataclass field declared with :func:`option`."""
+
+    name: str  # the dataclass keyword
+    flag: str  # e.g. --frame-size
+    type: Any
+    default: Any
+    help: str
+
+
+def option(default: Any, help: str, *, flag: str = "") -> Any:
+    """A dataclass field that is a command-line option: its default and help text, and the
+    flag when it is not ``--<name with dashes>``."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+def options_of(cls: type) -> list[Option]:
+    """The options of a recipe or synth dataclass: its init fields, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    options = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        if "help" not in field.metadata:
+            raise RecipeError(f"{cls.__name__}.{field.name} is an init field without help "
+                              "text; declare it with preprocess.datasets.option(default, help)")
+        options.append(Option(field.name, field.metadata["flag"] or
+                              "--" + field.name.replace("_", "-"), hints[field.name],
+                              field.default, field.metadata["help"]))
+    return options
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` of option ``flag`` unless it is one of ``choices``."""
+    if value not in choices:
+        raise OptionError(f"{flag} {value!r}: choose {' or '.join(choices)}")
 
 
 class Recipe(Protocol):
@@ -22,6 +94,8 @@ class Recipe(Protocol):
     name: str
     classes: list[str]
     unit: ClassVar[str]  # what one sample is called in summaries: "clips", "pairs"
+    published: Published | None  # None: no published splits to download or find
+    synth: type | None  # a dataclass with options and write(out, progress) -> summary
 
     def modalities(self) -> dict[str, dict[str, Any]]:
         """Manifest entry per modality: its kind and every preprocessing parameter."""
@@ -53,3 +127,49 @@ def register(name: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recip
         return factory
 
     return add
+
+
+def _load_builtin() -> None:
+    """Import every module of this package, so their ``@register`` lines have run."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def recipe_names() -> list[str]:
+    """The registered recipe names, sorted."""
+    _load_builtin()
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str) -> Callable[..., Recipe]:
+    """The recipe registered as ``name``; an unknown name is an error naming the known ones."""
+    names = recipe_names()
+    factory = RECIPES.get(name)
+    if factory is None:
+        raise RecipeError(f"unknown dataset recipe {name!r}; known: {', '.join(names)}")
+    return factory
+
+
+def published_split_files(recipe: Recipe, raw: Path) -> dict[str, Path]:
+    """The recipe's published split files under ``raw/splits`` (where ``ccat-data download``
+    puts them), by split; none when that folder holds none of them."""
+    if recipe.published is None:
+        return {}
+    files = {split: raw / SPLITS_DIR / name for split, name in
+             recipe.published.split_files.items()}
+    missing = [path.name for path in files.values() if not path.is_file()]
+    if len(missing) == len(files):
+        return {}
+    if missing:
+        raise SplitError(f"{raw / SPLITS_DIR} lacks {', '.join(missing)} of the published "
+                         f"{recipe.name} split files; fetch them again (`ccat-data download "
+                         f"{recipe.name}`) or name every split file with --split")
+    return files
+
+
+def iter_published() -> Iterator[tuple[str, Published]]:
+    """``(name, published facts)`` of every registered recipe that has them."""
+    for name in recipe_names():
+        published = get_recipe(name).published
+        if published is not None:
+            yield name, published

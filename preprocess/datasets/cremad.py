@@ -6,19 +6,25 @@ Published split files are ``<id>,<EMO>`` rows (CRLF, sometimes with a UTF-8 BOM)
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from ccat.data import spec
+from ccat.data import kinds, spec
 from preprocess import media
-from preprocess.datasets import LayoutError, register
+from preprocess.datasets import LayoutError, Published, check_choice, option, register
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 AUDIO_DIR, AUDIO_SUFFIX = "AudioWAV", ".wav"
 VIDEO_DIR, VIDEO_SUFFIX = "VideoFlash", ".flv"
 DEFAULT_SECONDS = 3.0  # published CREMA-D code (OGM-GE); the CCAT paper states 20 s
+PUBLISHED = Published(
+    lists_url="https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/CREMAD/",
+    split_files={"train": "train.csv", "test": "test.csv"},
+    media_repo="https://github.com/CheyneyComputerScience/CREMA-D.git",
+    media_folders=(AUDIO_DIR, VIDEO_DIR))
 
 
 def label_of(clip_id: str) -> int | None:
@@ -29,16 +35,60 @@ def label_of(clip_id: str) -> int | None:
     return CLASSES.index(fields[2])
 
 
+@dataclass
+class CremadSynth:
+    """A small raw tree in the exact CREMA-D layout, one modality much easier than the other."""
+
+    clips: int = option(120, "Number of clips (balanced over 6 classes).")
+    seed: int = option(0, "Seed: same seed, same files.")
+    easy: str = option("audio", "The easy modality: audio or video.")
+    width: int = option(96, "Video width, px.")
+    height: int = option(72, "Video height, px.")
+    title: ClassVar[str] = "synthetic CREMA-D"
+
+    def __post_init__(self) -> None:
+        check_choice("--easy", self.easy, ("audio", "video"))
+
+    @property
+    def total(self) -> int:
+        return self.clips
+
+    def write(self, out: Path, progress: Callable[[int], None]) -> str:
+        """Write the tree; a line saying what was written."""
+        from preprocess.datasets.synth import synthesize_cremad
+
+        ids = synthesize_cremad(out, self.clips, self.seed, easy=self.easy, width=self.width,
+                                height=self.height, progress=progress)
+        counts = Counter(CLASSES[label_of(i)] for i in ids)
+        return (f"wrote {len(ids)} clips to {out} ({self.easy} is the easy modality); per "
+                "class: " + ", ".join(f"{c} {counts[c]}" for c in CLASSES))
+
+
 @register("cremad")
 @dataclass
 class Cremad:
-    """The CREMA-D recipe: the wav for audio, the flv's video track for frames."""
+    """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
 
-    audio: media.AudioParams = field(default_factory=lambda: media.AudioParams(DEFAULT_SECONDS))
-    video: media.VideoParams = field(default_factory=media.VideoParams)
-    name: str = "cremad"
+    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: 3.0 as in the published "
+                                             "CREMA-D code; the paper states 20.")
+    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.")
+    num_frames: int = option(media.VideoParams.num_frames,
+                             "Frames sampled per clip (segment centres).")
+    classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     unit: ClassVar[str] = "clips"  # what the build summary counts
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    name: ClassVar[str] = "cremad"
+    published: ClassVar[Published] = PUBLISHED
+    synth: ClassVar[type] = CremadSynth
+
+    @property
+    def audio(self) -> media.AudioParams:
+        """The wav's spectrogram parameters."""
+        return media.AudioParams(seconds=self.seconds)
+
+    @property
+    def video(self) -> media.VideoParams:
+        """The flv's frame parameters."""
+        return media.VideoParams(num_frames=self.num_frames, size=self.frame_size)
 
     def modalities(self) -> dict[str, dict[str, Any]]:
         return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
@@ -90,6 +140,6 @@ class Cremad:
                 raise media.MediaError(f"{modality} file is missing", entry.sources[modality])
         spectrogram, audio_meta = media.audio_features(audio_path, self.audio)
         frames, video_meta = media.sample_frames(video_path, self.video)
-        members = {"audio.npy": spec.encode_npy(spectrogram)}
-        members.update({f"video.{i}.jpg": jpeg for i, jpeg in enumerate(frames)})
+        members = {**kinds.encode("audio", "spectrogram", spectrogram),
+                   **kinds.encode("video", "frames", frames)}
         return members, {"audio": audio_meta, "video": video_meta}

