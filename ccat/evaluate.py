@@ -14,7 +14,6 @@ from rich.table import Table
 
 from ccat import checkpoint, distributed
 from ccat.config import DataConfig, RunConfig, from_dict
-from ccat.contribution import contributions
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset, DatasetError, open_dataset
@@ -36,8 +35,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset, split: str,
-                  ctx: distributed.Context, cfg_data: DataConfig, temperature: float,
-                  cache: DeviceCache | None = None, similarity: str = "cosine") -> dict[str, Any]:
+                  ctx: distributed.Context, cfg_data: DataConfig,
+                  cache: DeviceCache | None = None) -> dict[str, Any]:
     """Every sample of ``split`` exactly once over all ranks: keys, labels, predictions."""
     model.eval()
     rows: dict[str, list] = {"keys": [], "label": [], "fused": [], "uni": [], "contrib": []}
@@ -47,8 +46,8 @@ def predict_split(method: Method, model: MultimodalModel, dataset: BuiltDataset,
         batch = batch.to(ctx.device)
         with autocast(ctx.device):
             out = method.predict(model, batch)
-        shares = contributions({m: v.float() for m, v in out.unimodal.items()},
-                               out.fused.float(), temperature, similarity)
+        shares = method.estimator({m: v.float() for m, v in out.unimodal.items()},
+                                  out.fused.float())
         rows["keys"] += batch.keys
         rows["label"].append(batch.label.cpu())
         rows["fused"].append(out.fused.argmax(1).cpu())
@@ -89,8 +88,7 @@ def evaluate(method: Method, model: MultimodalModel, dataset: BuiltDataset, spli
              ctx: distributed.Context, cfg: RunConfig,
              cache: DeviceCache | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (``cfg`` is the run's config)."""
-    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cfg.method.temperature,
-                         cache, cfg.method.similarity)
+    pred = predict_split(method, model, dataset, split, ctx, cfg.data, cache)
     return compute_metrics(pred, split, dataset.classes, model.modalities)
 
 

@@ -46,8 +46,9 @@ SWITCH_LABELS = {name: f"no {name.replace('_', ' ')}" for name in ABLATION_SWITC
 
 
 def variant_label(method: MethodConfig) -> str:
-    """'' for the full method, else the Table 2 switches it turns off: 'no secondary'."""
-    return ", ".join(label for name, label in SWITCH_LABELS.items() if not getattr(method, name))
+    """'' for the full method, else the Table 2 switches its params turn off: 'no secondary'."""
+    return ", ".join(label for name, label in SWITCH_LABELS.items()
+                     if method.params.get(name) is False)
 
 
 def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from rich.table import Table
 from ccat import checkpoint, distributed, run_dir
 from ccat.analysis import tblog
 from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
-                         load_config, save_config, to_dict)
+                         load_config, resolve_params, save_config, to_dict)
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
@@ -194,6 +194,8 @@ def train(cfg: RunConfig, resume: bool = False,
           overwrite: bool = False) -> list[dict[str, Any]]:
     """Train every stage of ``cfg.method`` into ``cfg.out``; returns one metrics row per
     epoch. ``resume`` continues the run there, ``overwrite`` replaces it."""
+    cfg = from_dict(to_dict(cfg))
+    resolve_params(cfg)  # the saved config records every param the run trains with
     check_ranges(cfg)
     ctx = distributed.setup(cfg.device)
     try:

@@ -16,8 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ccat import checkpoint, distributed
-from ccat.config import MethodConfig, RunConfig, from_dict
-from ccat.contribution import contributions
+from ccat.config import RunConfig, from_dict
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
@@ -95,7 +94,7 @@ def _predict_all(method: Method, model: MultimodalModel, dataset: BuiltDataset, 
             batch = batch.to(device)
             with autocast(device):
                 out = method.predict(model, batch)
-            for name, value in _arrays(out, cfg.method, method.cfg.name).items():
+            for name, value in _arrays(out, method).items():
                 rows.setdefault(name, []).append(value)
             rows.setdefault("labels", []).append(batch.label.cpu().numpy())
             rows["keys"] += batch.keys
@@ -103,14 +102,14 @@ def _predict_all(method: Method, model: MultimodalModel, dataset: BuiltDataset, 
     return rows
 
 
-def _arrays(out: Outputs, estimator: MethodConfig, method: str) -> dict[str, np.ndarray]:
+def _arrays(out: Outputs, method: Method) -> dict[str, np.ndarray]:
     """One batch's outputs as float32 numpy arrays named as in the HDF5 layout; the
-    contributions with ``estimator``'s (the run's method config) temperature and similarity."""
+    contributions measured with the method's estimator, as ``ccat eval`` measures them."""
     if out.representation is None or not out.embeddings:
-        raise CcatError(f"method {method!r} gives no embeddings or representation in its "
+        raise CcatError(f"method {method.cfg.name!r} gives no embeddings or representation in its "
                         f"predict(); fill Outputs.embeddings and Outputs.representation")
-    shares = contributions({m: v.float() for m, v in out.unimodal.items()}, out.fused.float(),
-                           estimator.temperature, estimator.similarity)  # Eq. 5-6, as ccat eval
+    shares = method.estimator({m: v.float() for m, v in out.unimodal.items()},
+                              out.fused.float())  # Eq. 5-6
     arrays = {"fused": out.fused, "representation": out.representation}
     arrays.update({f"logits/{m}": v for m, v in out.unimodal.items()})
     arrays.update({f"embeddings/{m}": v for m, v in out.embeddings.items()})

@@ -66,7 +66,8 @@ def read_history(run: str | Path) -> History:
     config = run / run_dir.CONFIG
     beta = None
     if any(k.startswith("selected/") for row in rows for k in row) and config.is_file():
-        beta = float(yaml.safe_load(config.read_text(encoding="utf-8"))["method"]["beta"])
+        params = yaml.safe_load(config.read_text(encoding="utf-8"))["method"]["params"]
+        beta = float(params["beta"]) if "beta" in params else None
     return History(rows, val, modalities, beta)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig, check_ranges, merge
+from ccat.config import MethodConfig, ModelConfig, parse_params
+from ccat.contribution import Estimator
 from ccat.data.pipeline import Batch
 from ccat.models import MultimodalModel, build_model
 from ccat.registry import Registry
@@ -46,21 +47,7 @@ def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> tor
         return stacked.mean(0)
     if rule == "sum":
         return stacked.sum(0)
-    raise ValueError(f"method.fusion_rule must be 'mean' or 'sum', not {rule!r}")
-
-
-def parse_params(params_type: type | None, values: dict[str, Any], method: str) -> Any:
-    """``method.params`` checked strictly against the method's ``Params`` dataclass (keys,
-    types and its ``RANGES``)."""
-    if params_type is None:
-        if values:
-            raise ConfigError(f"method {method!r} takes no method.params, got {sorted(values)}; "
-                              f"remove them or choose another method")
-        return None
-    params = params_type()
-    merge(params, values, "method.params.")
-    check_ranges(params, "method.params.")
-    return params
+    raise ValueError(f"method.params.fusion_rule must be 'mean' or 'sum', not {rule!r}")
 
 
 class Method:
@@ -72,6 +59,7 @@ class Method:
 
     fusion = "sum"
     Params: type | None = None
+    estimator = Estimator()  # how evaluation measures this method's contributions
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         self.cfg = cfg

@@ -73,6 +73,6 @@ class UnimodalEnsemble(Method):
         feats = model.encode_all(batch.inputs)
         embeddings = {m: feats[m][1] for m in model.modalities}
         unimodal = {m: model.unimodal_logits(m, z) for m, z in embeddings.items()}
-        return Outputs(fused=fuse_decisions(unimodal, self.cfg.fusion_rule), unimodal=unimodal,
+        return Outputs(fused=fuse_decisions(unimodal, "mean"), unimodal=unimodal,
                        embeddings=embeddings,
                        representation=torch.cat(list(embeddings.values()), 1))
