@@ -106,4 +106,4 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", "ccat.methods")

@@ -18,7 +18,8 @@ from ccat.config import ConfigError, ModelConfig
 from ccat.data.pipeline import PAD_ID, normalize_pixels
 from ccat.registry import Registry
 
-ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
+ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry(
+    "encoder", "ccat.encoders")
 # The encoder factory's one table: which encoder reads which modality kind by default.
 DEFAULT_ENCODER_BY_KIND = {"spectrogram": "resnet18_audio", "frames": "resnet18_video",
                            "image": "resnet50_image", "tokens": "bert_text"}

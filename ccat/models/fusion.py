@@ -19,7 +19,8 @@ from ccat.models.encoders import masked_mean
 from ccat.registry import Registry
 
 Features = dict[str, tuple[torch.Tensor, ...]]  # modality -> (tokens, pooled[, mask])
-FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion")
+FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion",
+                                                                           "ccat.fusions")
 
 
 def token_mask(feature: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:

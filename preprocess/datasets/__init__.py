@@ -1,10 +1,12 @@
-"""Dataset recipes, chosen by name: one module adds one recipe with ``@register``."""
+"""Dataset recipes, chosen by name: one module adds one recipe with ``@register``; other
+installed packages add theirs through the ``ccat.recipes`` entry point group."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ccat.registry import Registry
 from preprocess.splits import Entry, SplitRow
 
 
@@ -38,16 +40,7 @@ class Recipe(Protocol):
         """Encoded modality members of one sample and its provenance for meta.json."""
 
 
-RECIPES: dict[str, Callable[..., Recipe]] = {}
+RECIPES: Registry[Callable[..., Recipe]] = Registry("dataset recipe", "ccat.recipes")
+register = RECIPES.register  # class decorator adding a recipe under a name, once
 
-
-def register(name: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
-    """Class decorator adding a recipe under ``name``; a duplicate name is an error."""
-
-    def add(factory: Callable[..., Recipe]) -> Callable[..., Recipe]:
-        if name in RECIPES:
-            raise ValueError(f"dataset recipe {name!r} is registered twice")
-        RECIPES[name] = factory
-        return factory
-
-    return add
+from preprocess.datasets import cremad, ks, mvsa  # noqa: E402,F401 (importing registers them)
