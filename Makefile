@@ -79,7 +79,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Table 1: every method x every seed on DATASET, then `ccat report`; every method trains
-# optim.epochs in total (CCAT splits them between its stages, method.budget=total). Table 2
+# optim.epochs in total (CCAT splits them between its stages, method.params.budget=total). Table 2
 # the same for CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat
 # runs); fresh_encoders=false reports the other reading of Algorithm 1 line 4.
 #   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
@@ -118,7 +118,7 @@ have-shards: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
 
 $(RUNS)/ablation/no_%/eval.json: FORCE | have-shards
-	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.$(*D)=false)
+	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.params.$(*D)=false)
 
 $(RUNS)/%/eval.json: FORCE | have-shards
 	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))

@@ -19,7 +19,7 @@ import torch
 from _shards import build_shards
 
 from ccat import distributed
-from ccat.config import load_config
+from ccat.run_config import load_config
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.step import Step

@@ -13,8 +13,9 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
-from ccat.config import load_config
+from ccat.run_config import load_config
 from ccat.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -169,13 +170,17 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
 
 @app.command("list")
 def list_registered() -> None:
-    """Print the registered methods, encoders and fusions."""
+    """Print the registered methods, encoders, fusions and dataset recipes, each with where
+    it comes from: builtin, or the plugin distribution and version that adds it."""
     from ccat.methods import METHODS
     from ccat.models import ENCODERS, FUSIONS
+    from preprocess.datasets import RECIPES
 
-    out = Console()
-    for registry in (METHODS, ENCODERS, FUSIONS):
-        out.print(f"[bold]{registry.kind}s[/bold]: {', '.join(registry.names())}")
+    table = Table("kind", "name", "from", box=None)
+    for registry in (METHODS, ENCODERS, FUSIONS, RECIPES):
+        for name, source in registry.sources().items():
+            table.add_row(registry.kind, name, source)
+    Console().print(table)
 
 
 def main() -> None:

@@ -130,45 +130,22 @@ class OptimConfig:
     encoder_lr: dict[str, float] = field(default_factory=dict)  # modality -> its encoder's lr
 
 
+# CCAT's settings, MethodConfig fields until they became its Params (method.params): a config
+# or a saved run that still has one at the top of ``method`` is refused, naming the new key.
+MOVED_TO_PARAMS = ("lambda_reg", "rank", "beta", "temperature", "similarity", "budget",
+                   "pretrain_epochs", "pretrain_fraction", "fresh_encoders",
+                   "secondary_optimizer", "secondary_forward", "lora_alpha", "lora_scale",
+                   "fixed_classifier", "alternating", "secondary", "lora", "fusion_rule")
+
+
 @dataclass
 class MethodConfig:
-    """Which method trains and its hyperparameters (those of ``ccat`` unless noted)."""
+    """Which method trains, and its hyperparameters: ``params``, checked against the chosen
+    method's ``Params`` dataclass (``ccat/methods/<name>.py``), which holds its paper's
+    defaults; ``configs/methods/<name>.yaml`` holds what a run differs in from them."""
 
-    RANGES: ClassVar[dict[str, Range]] = {
-        "lambda_reg": NON_NEGATIVE, "rank": AT_LEAST_ONE, "beta": FRACTION,
-        "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE,
-        "pretrain_fraction": Range(0, 1, low_open=True, high_open=True),
-        "lora_alpha": POSITIVE}
+    MOVED: ClassVar[dict[str, str]] = {key: f"params.{key}" for key in MOVED_TO_PARAMS}
     name: str = "ccat"
-    lambda_reg: float = 0.001  # Eq. 8 weight of the contribution-balance term
-    rank: int = 2  # LoRA rank r
-    beta: float = 0.15  # contribution threshold for secondary updates (Eq. 12)
-    temperature: float = 1.0  # of the contribution estimator; 1 = the paper as written
-    # Eq. 5's <f, z>: "cosine" (L2-normalised vectors, our literal reading) or "dot" (raw).
-    similarity: str = "cosine"
-    # "total": stage 1 + stage 2 = optim.epochs (the paper's "150 total epochs"); "per_stage":
-    # each stage gets optim.epochs (stage 1: pretrain_epochs if set), twice a baseline's budget.
-    budget: str = "total"
-    pretrain_epochs: int = 0  # stage 1 epochs; 0 = pretrain_fraction of the total budget
-    pretrain_fraction: float = 0.5  # stage 1's share of optim.epochs (budget total), in (0, 1)
-    # Stage 2 re-initializes the encoders: our reading of Algorithm 1 line 4, "initialize
-    # {Enc_m}"; false keeps stage 1's encoders (the other reading).
-    fresh_encoders: bool = True
-    # The secondary update's optimizer: "shared" (the primary SGD, its momentum re-applied)
-    # or "plain" (a momentum-free SGD step at the same learning rate and weight decay).
-    secondary_optimizer: str = "shared"
-    # The secondary pass forwards the "batch" (batch norm sees all B) or only the "subset"
-    # of selected samples (batch norm sees those; needs at least 2).
-    secondary_forward: str = "batch"
-    lora_alpha: float = 1.0  # LoRA's alpha (Eq. 9 has no scale: alpha 1)
-    lora_scale: str = "alpha"  # "alpha" (Eq. 9: B A z * alpha) or "alpha_over_rank" (Hu et al.)
-    fixed_classifier: bool = True  # Table 2 ablation switches
-    alternating: bool = True  # false: all modalities at once on the fused decision's CE
-    secondary: bool = True
-    lora: bool = True
-    fusion_rule: str = "mean"  # decision-level fusion at inference: mean or sum
-    # Hyperparameters of the other methods, checked against the method's Params dataclass;
-    # their papers' defaults live there and in configs/methods/<name>.yaml.
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,6 +219,7 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    check_moved(type(obj), values, prefix)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
@@ -256,6 +234,17 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, {**current, **_check_value(dotted, hints[key], value)})
         else:
             setattr(obj, key, _check_value(dotted, hints[key], value))
+
+
+def check_moved(cls: type, values: dict[str, Any], prefix: str) -> None:
+    """Refuse keys that moved elsewhere (the dataclass's ``MOVED``), naming the new keys."""
+    moved = [key for key in values if key in getattr(cls, "MOVED", {})]
+    if moved:
+        old = ", ".join(f"{prefix}{key}" for key in moved)
+        new = ", ".join(f"{prefix}{cls.MOVED[key]}" for key in moved)
+        raise ConfigError(f"{old} {'is' if len(moved) == 1 else 'are'} now {new}: write "
+                          f"{'it' if len(moved) == 1 else 'them'} there (a run saved with the "
+                          f"old keys cannot be resumed or read; train it again)")
 
 
 class _Loader(yaml.SafeLoader):
@@ -275,11 +264,11 @@ def load_yaml(text: str) -> Any:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``'method.beta=0.2'`` -> ``{'method': {'beta': 0.2}}``; the value is read as YAML."""
+    """``'optim.lr=0.1'`` -> ``{'optim': {'lr': 0.1}}``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.epochs=10")
-    return _nest(key.strip(), load_yaml(raw) if raw else "")
+    return nest(key.strip(), load_yaml(raw) if raw else "")
 
 
 METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
@@ -296,26 +285,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                cli: dict[str, Any] | None = None,
-                method_configs: Path | None = METHOD_CONFIGS) -> RunConfig:
-    """Defaults, then the chosen method's ``configs/methods/<name>.yaml`` (its paper's
-    settings), then the YAML file, then ``--set`` overrides, then ``cli``: CLI options
-    given as ``{'data.path': ...}`` (None = not given)."""
-    layers = [read_yaml(path)] if path is not None else []
-    layers += [parse_override(text) for text in overrides]
-    layers += [_nest(dotted, value) for dotted, value in (cli or {}).items() if value is not None]
-    probe = RunConfig()
-    for values in layers:
-        merge(probe, values)
-    method_file = method_configs / f"{probe.method.name}.yaml" if method_configs else None
-    if method_file is not None and method_file.is_file():
-        layers.insert(0, read_yaml(method_file))
-    cfg = RunConfig()
-    for values in layers:
-        merge(cfg, values)
-    check_ranges(cfg)
-    return cfg
+def parse_params(cls: type | None, values: Any, method: str) -> Any:
+    """``values`` as an instance of ``Params`` dataclass ``cls`` (None when the method has
+    none), strictly: a key it lacks, a wrong type or an out-of-range number is a
+    ConfigError; the first names the method's params."""
+    prefix = "method.params."
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key 'method.params' must be a mapping, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        has = f"its params are {', '.join(known)}" if known else "it takes no params"
+        raise ConfigError(f"method {method!r} has no param {', '.join(map(repr, unknown))} "
+                          f"({', '.join(prefix + k for k in unknown)}); {has}")
+    if cls is None:
+        return None
+    params = cls()
+    merge(params, values, prefix)
+    check_ranges(params, prefix)
+    return params
 
 
 def range_errors(obj: Any, prefix: str = "") -> list[str]:
@@ -351,7 +339,7 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
         raise ConfigError("; ".join(errors) + ".")
 
 
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
+def nest(dotted: str, value: Any) -> dict[str, Any]:
     """``('a.b', 1)`` -> ``{'a': {'b': 1}}``."""
     for part in reversed(dotted.split(".")):
         value = {part: value}

@@ -12,6 +12,7 @@ reading and the default) or ``"dot"`` (the raw dot product).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +41,16 @@ def contributions(parts: dict[str, torch.Tensor], fused: torch.Tensor,
         scores.append(math.log(len(f)) + sim.diag() - torch.logsumexp(sim, dim=1))  # Eq. 5
     shares = torch.softmax(torch.stack(scores, dim=1), dim=1)  # Eq. 6
     return {m: shares[:, k] for k, m in enumerate(parts)}
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How contributions are measured: Eq. 5's temperature and similarity. Evaluation
+    measures every method with its method's (:attr:`ccat.methods.base.Method.estimator`)."""
+
+    temperature: float = 1.0  # the paper as written
+    similarity: str = "cosine"
+
+    def __call__(self, parts: dict[str, torch.Tensor],
+                 fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        return contributions(parts, fused, self.temperature, self.similarity)

@@ -4,7 +4,7 @@
 ``ccat export``, ``ccat probe`` and ``ccat analyze`` read the same per-sample arrays
 (:mod:`ccat.analysis.collect`): the logits of the fused prediction and of each modality,
 the pooled embeddings z^m, the representation the fused prediction is read from, the
-contributions (Eq. 5-6, batch-level, with the run's temperature and similarity), the
+contributions (Eq. 5-6, batch-level, with the method's estimator), the
 labels and the sample keys. Under torchrun every rank predicts its share of the split
 and every rank gets the whole of it, in rank order.
 """
@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ccat import distributed
 from ccat.config import RunConfig
-from ccat.contribution import contributions
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader
 from ccat.data.reader import BuiltDataset
@@ -63,7 +62,7 @@ def predict(method: Method, model: MultimodalModel, dataset: BuiltDataset, split
             batch = batch.to(ctx.device)
             with distributed.autocast(ctx.device):
                 out = method.predict(model, batch)
-            for name, value in _arrays(out, cfg, method.cfg.name).items():
+            for name, value in _arrays(out, method).items():
                 rows.setdefault(name, []).append(value)
             rows["labels"].append(batch.label.cpu().numpy())
             rows["keys"] += batch.keys
@@ -73,13 +72,14 @@ def predict(method: Method, model: MultimodalModel, dataset: BuiltDataset, split
     return _merge(parts, dataset, split, list(model.modalities))
 
 
-def _arrays(out: Outputs, cfg: RunConfig, method: str) -> dict[str, np.ndarray]:
-    """One batch's outputs as float32 numpy arrays named as in the HDF5 layout."""
+def _arrays(out: Outputs, method: Method) -> dict[str, np.ndarray]:
+    """One batch's outputs as float32 numpy arrays named as in the HDF5 layout; the
+    contributions measured with the method's estimator."""
     if out.representation is None or not out.embeddings:
-        raise CcatError(f"method {method!r} gives no embeddings or representation in its "
+        raise CcatError(f"method {method.cfg.name!r} gives no embeddings or representation in its "
                         f"predict(); fill Outputs.embeddings and Outputs.representation")
-    shares = contributions({m: v.float() for m, v in out.unimodal.items()}, out.fused.float(),
-                           cfg.method.temperature, cfg.method.similarity)  # Eq. 5-6
+    shares = method.estimator({m: v.float() for m, v in out.unimodal.items()},
+                              out.fused.float())  # Eq. 5-6
     arrays = {"fused": out.fused, "representation": out.representation}
     arrays.update({f"logits/{m}": v for m, v in out.unimodal.items()})
     arrays.update({f"embeddings/{m}": v for m, v in out.embeddings.items()})

@@ -51,8 +51,9 @@ _writes: collections.Counter[str] = collections.Counter()
 
 
 def variant_label(method: MethodConfig) -> str:
-    """'' for the full method, else the Table 2 switches it turns off: 'no secondary'."""
-    return ", ".join(label for name, label in SWITCH_LABELS.items() if not getattr(method, name))
+    """'' for the full method, else the Table 2 switches its params turn off: 'no secondary'."""
+    return ", ".join(label for name, label in SWITCH_LABELS.items()
+                     if method.params.get(name) is False)
 
 
 def run_block(cfg: RunConfig, dataset: str) -> dict[str, Any]:

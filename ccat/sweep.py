@@ -28,6 +28,7 @@ from ccat.analysis.plots import new_figure, run_title, save
 from ccat.config import RunConfig, from_dict, to_dict
 from ccat.data.reader import open_dataset
 from ccat.errors import CcatError
+from ccat.run_config import resolve_params
 from ccat.train import check_same_config, finished, is_selected, saved_run, train
 from ccat.ui import make_console
 
@@ -141,7 +142,18 @@ def score(trial: Trial, rows: list[dict[str, Any]], val: str) -> None:
 
 def _trial_config(base: RunConfig, rank: int, beta: float, folder: Path) -> RunConfig:
     cfg = from_dict(to_dict(base))
-    cfg.method.rank, cfg.method.beta, cfg.out = rank, beta, str(folder)
+    cfg.method.params.update(rank=rank, beta=beta)
+    cfg.out = str(folder)
+    return cfg
+
+
+def _searchable(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every method param filled in; its method must have a rank and a beta."""
+    cfg = from_dict(to_dict(cfg))
+    resolve_params(cfg)
+    if not {"rank", "beta"} <= cfg.method.params.keys():
+        raise CcatError(f"ccat sweep searches method.params.rank and method.params.beta, "
+                        f"which method {cfg.method.name!r} does not have; use method ccat")
     return cfg
 
 
@@ -164,10 +176,12 @@ def sweep(base: RunConfig, ranks: list[int], betas: list[float], out: str | Path
     """Rank first (beta at the config's value), then beta at the best rank; writes
     OUT/sweep.md, sweep.csv, sweep.json, rank.png and beta.png; returns the choice."""
     check_grids(ranks, betas)
+    base = _searchable(base)
     _check_validation(base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rank_trials = _run_phase("rank", [(r, base.method.beta) for r in ranks], base, out)
+    rank_trials = _run_phase("rank", [(r, base.method.params["beta"]) for r in ranks], base,
+                             out)
     best_rank = _best(rank_trials).rank
     beta_trials = _run_phase("beta", [(best_rank, b) for b in betas], base, out)
     chosen = _best(beta_trials)

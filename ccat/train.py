@@ -27,12 +27,13 @@ from rich.table import Table
 
 from ccat import checkpoint, distributed, run_dir, tblog
 from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
-                         load_config, save_config, to_dict)
+                         save_config, to_dict)
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import make_loader, num_train_batches
 from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.errors import CcatError
+from ccat.run_config import load_config, resolve_params
 from ccat.evaluate import evaluate
 from ccat.methods import METHODS, Method, Stage
 from ccat.models import MultimodalModel
@@ -190,6 +191,8 @@ def train(cfg: RunConfig, resume: bool = False,
           overwrite: bool = False) -> list[dict[str, Any]]:
     """Train every stage of ``cfg.method`` into ``cfg.out``; returns one metrics row per
     epoch. ``resume`` continues the run there, ``overwrite`` replaces it."""
+    cfg = from_dict(to_dict(cfg))
+    resolve_params(cfg)  # the saved config records every param the run trains with
     check_ranges(cfg)
     ctx = distributed.setup(cfg.device)
     try:

@@ -40,13 +40,13 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     data = write_tiny_dataset(root / "data")
     cfg = tiny_config(data, root / "runs" / "ccat", epochs=2)
-    cfg.method.pretrain_epochs, cfg.method.beta = 1, BASE_BETA
+    cfg.method.params.update(pretrain_epochs=1, beta=BASE_BETA)
     cfg.threads = 1  # torch and t-SNE on one core each
     config = root / "base.yaml"
     save_config(cfg, config)
     run = root / "sweep" / f"r1_b{BASE_BETA:g}"
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(run),
-                                 "--set", "method.rank=1"])
+                                 "--set", "method.params.rank=1"])
     assert result.exit_code == 0, result.output
     return SimpleNamespace(root=root, data=data, config=config, run=run)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig, load_config
+from ccat.config import ConfigError, MethodConfig, ModelConfig
 from ccat.methods import METHODS
 from ccat.methods.ogm_ge import coefficients, correct_class_score, discrepancy_ratios
 from ccat.methods.protocol import without_others
@@ -192,13 +192,6 @@ def test_unimodal_prediction_ignores_the_other_modality(name):
 
 
 # Through the loop
-
-
-def test_method_yaml_files_give_the_papers_defaults():
-    cfg = load_config(None, ["method.name=ogm_ge"])
-    assert cfg.method.params == {"alpha": 0.8, "modulation": "OGM_GE", "modulation_starts": 0,
-                                 "modulation_ends": 50}
-    assert load_config(None, ["method.name=qmf"]).method.params["lambda_rank"] == 0.1
 
 
 def test_qmf_resume_restores_the_loss_history(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccat.config import MethodConfig, ModelConfig, load_config
+from ccat.config import MethodConfig, ModelConfig
 from ccat.methods import METHODS
 from ccat.methods.lfm import contrastive_loss, gap_weight, js_loss
 from ccat.methods.mla import entropy_weights, project_gradient, update_projector
@@ -182,9 +182,3 @@ def test_lfm_contrastive_loss_is_lower_for_aligned_pairs():
     assert torch.isclose(js_loss(a, shuffled), js_loss(shuffled, a))
 
 
-def test_method_yamls_hold_the_params_defaults():
-    for name in ("mla", "mmpareto", "lfm"):
-        method_cfg = load_config(None, [f"method.name={name}"]).method
-        assert method_cfg.params  # the YAML was layered in
-        method = METHODS.get(name)(method_cfg, epochs=1)
-        assert method.params == type(method).Params()

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccat.config import ConfigError, MethodConfig, load_config
+from ccat.config import ConfigError, MethodConfig
+from ccat.run_config import load_config
 from ccat.contribution import contributions
 from ccat.methods import METHODS
-from ccat.methods.ccat import stage_epochs
+from ccat.methods.ccat import CCATParams, stage_epochs
 from ccat.step import Step
 from test_methods import TINY, one_step
 from train_helpers import CLASSES, TINY_MODALITIES, random_batch
@@ -20,19 +21,19 @@ from train_helpers import CLASSES, TINY_MODALITIES, random_batch
 
 
 def test_total_budget_splits_optim_epochs_between_the_stages():
-    assert stage_epochs(MethodConfig(), 150) == (75, 75)  # "150 total epochs"
-    assert stage_epochs(MethodConfig(pretrain_fraction=0.2), 150) == (30, 120)
-    assert stage_epochs(MethodConfig(pretrain_epochs=50), 150) == (50, 100)
-    assert stage_epochs(MethodConfig(budget="per_stage"), 150) == (150, 150)
-    assert stage_epochs(MethodConfig(budget="per_stage", pretrain_epochs=20), 150) == (20, 150)
+    assert stage_epochs(CCATParams(), 150) == (75, 75)  # "150 total epochs"
+    assert stage_epochs(CCATParams(pretrain_fraction=0.2), 150) == (30, 120)
+    assert stage_epochs(CCATParams(pretrain_epochs=50), 150) == (50, 100)
+    assert stage_epochs(CCATParams(budget="per_stage"), 150) == (150, 150)
+    assert stage_epochs(CCATParams(budget="per_stage", pretrain_epochs=20), 150) == (20, 150)
     with pytest.raises(ConfigError, match="optim.epochs=1 is CCAT's total budget"):
-        stage_epochs(MethodConfig(), 1)
+        stage_epochs(CCATParams(), 1)
     with pytest.raises(ConfigError, match="stage 1 would get 4"):
-        stage_epochs(MethodConfig(pretrain_epochs=4), 4)
+        stage_epochs(CCATParams(pretrain_epochs=4), 4)
     for bad in ({"pretrain_fraction": 1.0}, {"pretrain_fraction": 0.0}, {"budget": "stage"},
                 {"pretrain_epochs": -1}):
         with pytest.raises(ConfigError, match="method."):
-            METHODS.get("ccat")(MethodConfig(**bad), 10)
+            METHODS.get("ccat")(MethodConfig(params=bad), 10)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -93,7 +94,7 @@ def test_plain_step_is_sgd_without_momentum_and_keeps_the_buffers():
 
 def test_ccat_plain_secondary_updates_leave_the_momentum_buffers_of_the_primaries():
     def state(**options):
-        cfg = MethodConfig(beta=1.01, **options)  # beta > 1: every sample selected
+        cfg = MethodConfig(params=dict(beta=1.0, **options))  # beta 1: every sample selected (c < 1)
         method = METHODS.get("ccat")(cfg, epochs=2)
         torch.manual_seed(0)
         model = method.build_model(TINY_MODALITIES, len(CLASSES), TINY)
@@ -117,7 +118,7 @@ def test_ccat_plain_secondary_updates_leave_the_momentum_buffers_of_the_primarie
 
 
 def picked_loss(forward: str, selected: torch.Tensor):
-    method = METHODS.get("ccat")(MethodConfig(secondary_forward=forward), epochs=2)
+    method = METHODS.get("ccat")(MethodConfig(params=dict(secondary_forward=forward)), epochs=2)
     torch.manual_seed(0)
     model = method.build_model(TINY_MODALITIES, len(CLASSES), TINY)
     method.begin_stage(method.stages()[1], model)
@@ -144,10 +145,10 @@ def test_subset_forward_sees_only_the_selected_samples_and_batch_forward_all():
 
 
 def test_subset_forward_skips_a_single_pick_and_says_so():
-    # beta = 1.01 picks all 6 for both modalities; a subset of all 6 is an update.
-    _, _, out, changes = one_step("ccat", 1, beta=1.01, secondary_forward="subset")
+    # beta = 1 picks all 6 for both modalities; a subset of all 6 is an update.
+    _, _, out, changes = one_step("ccat", 1, beta=1.0, secondary_forward="subset")
     assert len(changes) == 4 and out["updated/audio"] == 1.0
-    method = METHODS.get("ccat")(MethodConfig(secondary_forward="subset"), epochs=2)
+    method = METHODS.get("ccat")(MethodConfig(params=dict(secondary_forward="subset")), epochs=2)
     torch.manual_seed(0)
     model = method.build_model(TINY_MODALITIES, len(CLASSES), TINY)
     method.begin_stage(method.stages()[1], model)
@@ -172,13 +173,13 @@ def test_dot_similarity_uses_raw_dot_products():
     assert torch.allclose(dot, expected)
     cosine = contributions({"a": a, "b": b}, fused)["a"]
     assert not torch.allclose(dot, cosine)
-    with pytest.raises(ConfigError, match="method.similarity"):
-        METHODS.get("ccat")(MethodConfig(similarity="l2"), 2)
+    with pytest.raises(ConfigError, match="method.params.similarity"):
+        METHODS.get("ccat")(MethodConfig(params=dict(similarity="l2")), 2)
 
 
 def test_an_epoch_without_a_selected_sample_warns_once(capsys):
     def epoch_warnings(beta):
-        method = METHODS.get("ccat")(MethodConfig(beta=beta), epochs=2)
+        method = METHODS.get("ccat")(MethodConfig(params=dict(beta=beta)), epochs=2)
         method.bind_data(train_samples=12, batches_per_epoch=2)
         torch.manual_seed(0)
         model = method.build_model(TINY_MODALITIES, len(CLASSES), TINY)
@@ -193,7 +194,7 @@ def test_an_epoch_without_a_selected_sample_warns_once(capsys):
     err = epoch_warnings(beta=0.0)
     assert err.count("warning: epoch 1: the secondary update selected no") == 2
     assert "no audio sample" in err and "no video sample" in err
-    assert "warning" not in epoch_warnings(beta=1.01)
+    assert "warning" not in epoch_warnings(beta=1.0)
 
 
 # 5. Stage-2 initialisation: fresh_encoders (tests/test_methods.py::test_fresh_encoders_...)
@@ -205,7 +206,7 @@ def test_an_epoch_without_a_selected_sample_warns_once(capsys):
 
 def test_lora_scale_is_the_papers_alpha_by_default_and_hu_et_als_as_an_option():
     def adapter(**options):
-        method = METHODS.get("ccat")(MethodConfig(rank=2, **options), epochs=2)
+        method = METHODS.get("ccat")(MethodConfig(params=dict(rank=2, **options)), epochs=2)
         return method.build_model(TINY_MODALITIES, len(CLASSES), TINY).lora["audio"]
 
     assert adapter().scale == 1.0  # Eq. 9: B A z, no scale
@@ -217,10 +218,10 @@ def test_lora_scale_is_the_papers_alpha_by_default_and_hu_et_als_as_an_option():
         lora.B.normal_()
     z = torch.randn(4, TINY.width)
     assert torch.allclose(lora(z), 3.0 * (lora.B @ (lora.A @ z.t())).t(), atol=1e-5)
-    with pytest.raises(ConfigError, match="method.lora_scale must be one of"):
-        METHODS.get("ccat")(MethodConfig(lora_scale="rank"), 2)
-    with pytest.raises(ConfigError, match=r"method.lora_alpha is 0.0 but must be > 0"):
-        load_config(overrides=["method.lora_alpha=0"])
+    with pytest.raises(ConfigError, match="method.params.lora_scale' must be one of"):
+        METHODS.get("ccat")(MethodConfig(params=dict(lora_scale="rank")), 2)
+    with pytest.raises(ConfigError, match=r"method.params.lora_alpha is 0.0 but must be > 0"):
+        load_config(overrides=["method.params.lora_alpha=0"])
 
 
 def test_eval_reports_contributions_with_the_runs_similarity(tmp_path):
@@ -232,7 +233,7 @@ def test_eval_reports_contributions_with_the_runs_similarity(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", counts={"train": 8, "val": 3, "test": 6})
     train(tiny_config(data, tmp_path / "run", epochs=2))
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    ckpt["config"]["method"]["similarity"] = "dot"
+    ckpt["config"]["method"]["params"]["similarity"] = "dot"
     torch.save(ckpt, tmp_path / "run" / "dot.pt")
     cosine = evaluate_checkpoint(tmp_path / "run" / "best.pt")
     dot = evaluate_checkpoint(tmp_path / "run" / "dot.pt")

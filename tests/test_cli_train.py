@@ -42,7 +42,7 @@ def test_train_both_stages_then_eval(shards, tmp_path, pytestconfig):
     config = pytestconfig.rootpath / "configs" / "demo.yaml"
     result = runner.invoke(app, ["train", "--config", str(config), "--data", str(shards),
                                  "--out", str(out), *TINY, "--set", "optim.epochs=2",
-                                 "--set", "method.pretrain_epochs=1"])
+                                 "--set", "method.params.pretrain_epochs=1"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["pretrain", "alternate"]

@@ -25,7 +25,7 @@ def test_two_process_gloo_run_trains_both_stages_and_counts_every_test_sample_on
     config.write_text(
         "device: cpu\ndata: {batch_size: 4, workers: 1}\n"
         "model: {width: 16, encoder_width: 4, encoder_blocks: [1, 1, 1, 1], heads: 2, ffn_mult: 2}\n"
-        "optim: {epochs: 2, lr: 0.01}\nmethod: {name: ccat, beta: 0.6, temperature: 0.1}\n")
+        "optim: {epochs: 2, lr: 0.01}\nmethod: {name: ccat, params: {beta: 0.6, temperature: 0.1}}\n")
     out = tmp_path / "run"
     torchrun(["train", "--config", str(config), "--data", str(data), "--out", str(out)], tmp_path)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

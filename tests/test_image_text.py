@@ -27,7 +27,7 @@ TRAIN = ["--set", "device=cpu", "--set", "data.batch_size=8", "--set", "data.wor
          "--set", "data.frame_size=32", "--set", "model.width=16", "--set", "model.heads=2",
          "--set", "model.encoder_width=4", "--set", "model.encoder_blocks=[1, 1, 1, 1]",
          "--set", "model.ffn_mult=2", "--set", "optim.lr=0.01", "--set", "optim.epochs=2",
-         "--set", "method.pretrain_epochs=1"]
+         "--set", "method.params.pretrain_epochs=1"]
 # synth + build of both datasets in one subprocess (one import of the builder): the builder
 # sets torch's thread count, which crashed later training in the same process.
 BUILD = """

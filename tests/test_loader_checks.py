@@ -13,7 +13,8 @@ import tarfile
 import pytest
 
 from ccat.cli import main
-from ccat.config import ConfigError, DataConfig, load_config
+from ccat.config import ConfigError, DataConfig
+from ccat.run_config import load_config
 from ccat.data import open_dataset, pipeline, spec
 from ccat.data.integrity import ShardError
 from ccat.data.reader import DatasetError

@@ -1,12 +1,15 @@
 """One training step of every registered method: finite loss, exactly the intended params."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from ccat.config import MethodConfig, ModelConfig
+from ccat.config import (METHOD_CONFIGS, ConfigError, MethodConfig, ModelConfig, RunConfig,
+                         read_yaml, save_config)
 from ccat.methods import METHODS
+from ccat.run_config import load_config
 from ccat.step import NonFiniteLoss, Step
 from train_helpers import CLASSES, TINY_MODALITIES, random_batch
 
@@ -28,7 +31,7 @@ class RecordingStep(Step):
 
 
 def one_step(name, stage_index, **method):
-    cfg = MethodConfig(name=name, **method)
+    cfg = MethodConfig(name=name, params=method)
     m = METHODS.get(name)(cfg, epochs=2)  # CCAT: one epoch per stage
     m.bind_data(train_samples=6, batches_per_epoch=1)
     torch.manual_seed(0)
@@ -67,7 +70,7 @@ def test_ccat_pretrain_updates_encoders_fusion_classifier_not_lora():
 
 
 def test_ccat_alternate_updates_one_modality_at_a_time_through_a_fixed_classifier():
-    _, model, out, changes = one_step("ccat", 1, beta=1.01)  # beta > 1: every sample selected
+    _, model, out, changes = one_step("ccat", 1, beta=1.0)  # beta 1: every sample selected (c < 1)
     # Algorithm 1: primary audio, primary video, then secondary audio, secondary video.
     assert [owners(c) for c in changes] == [{"encoders.audio", "lora.audio"},
                                            {"encoders.video", "lora.video"}] * 2
@@ -90,7 +93,7 @@ def test_ccat_ablations_change_what_is_updated():
 
 def test_fresh_encoders_restart_stage_two():
     for fresh in (True, False):
-        m = METHODS.get("ccat")(MethodConfig(fresh_encoders=fresh), epochs=2)
+        m = METHODS.get("ccat")(MethodConfig(params={"fresh_encoders": fresh}), epochs=2)
         model = m.build_model(TINY_MODALITIES, len(CLASSES), TINY)
         before = model.encoders["audio"].proj.weight.detach().clone()
         m.begin_stage(m.stages()[1], model)
@@ -132,9 +135,33 @@ def test_ccat_ablation_switches_each_change_the_update():
         _, model, _, _ = one_step("ccat", 1, **switches)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    full = state(beta=1.01)
+    full = state(beta=1.0)
     for switch in ("alternating", "secondary", "fixed_classifier", "lora"):
-        changed = state(beta=1.01, **{switch: False})
+        changed = state(beta=1.0, **{switch: False})
         assert any(not torch.equal(full[k], changed[k]) for k in full.keys() & changed.keys())
     nothing_selected, off = state(beta=0.0), state(secondary=False)
     assert all(torch.equal(nothing_selected[k], off[k]) for k in off)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_methods_params_round_trip_through_yaml_and_its_file_validates(name, tmp_path):
+    """A method's Params, saved as a run config and loaded back, come back unchanged;
+    configs/methods/<name>.yaml, where there is one, names the method, holds only values
+    that differ from the Params defaults and loads into the defaults plus those."""
+    cls = METHODS.get(name).Params
+    defaults = dataclasses.asdict(cls()) if cls else {}
+    path = tmp_path / "run.yaml"
+    save_config(RunConfig(method=MethodConfig(name=name, params=defaults)), path)
+    cfg = load_config(path, method_configs=None)
+    assert cfg.method.params == defaults
+    assert METHODS.get(name)(cfg.method, 2).params == (cls() if cls else None)
+    with pytest.raises(ConfigError, match=f"method {name!r} has no param 'no_such_key'"):
+        load_config(path, ["method.params.no_such_key=1"], method_configs=None)
+    method_file = METHOD_CONFIGS / f"{name}.yaml"
+    if method_file.is_file():
+        written = read_yaml(method_file)["method"]
+        assert written["name"] == name
+        differs = written.get("params", {})
+        assert all(defaults[k] != v for k, v in differs.items()), "a copy of a default"
+        assert load_config(None, [f"method.name={name}"]).method.params == {**defaults,
+                                                                             **differs}

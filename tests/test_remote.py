@@ -109,7 +109,7 @@ def train_and_eval(data: str, out: Path, cache: Path, config: Path) -> dict:
     tiny = ["--set", "data.batch_size=8", "--set", "data.workers=0", "--set", "model.width=16",
             "--set", "model.encoder_width=4", "--set", "model.encoder_blocks=[1, 1, 1, 1]",
             "--set", "model.heads=2", "--set", "optim.epochs=2",
-            "--set", "method.pretrain_epochs=1", "--set", f"data.cache_dir={cache}"]
+            "--set", "method.params.pretrain_epochs=1", "--set", f"data.cache_dir={cache}"]
     for args in (["train", "--config", str(config), "--data", data, "--out", str(out), *tiny],
                  ["eval", "--ckpt", str(out / "best.pt"), "--data", data,
                   "--json", str(out / "eval.json")]):

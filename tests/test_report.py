@@ -29,7 +29,7 @@ def train_and_eval(data: Path, out: Path, method: str, seed: int, **switches: bo
     cfg = tiny_config(data, out, method, epochs=2 if method == "ccat" else 1)
     cfg.seed, cfg.threads = seed, 1
     for name, value in switches.items():
-        setattr(cfg.method, name, value)
+        cfg.method.params[name] = value
     train(cfg)
     result = runner.invoke(app, ["eval", "--ckpt", str(out / "best.pt"),
                                  "--json", str(out / "eval.json")])
@@ -229,7 +229,7 @@ def test_make_table_and_ablation_dry_run(tmp_path):
     train_lines = [line for line in out.splitlines() if " train " in line]
     assert len(train_lines) == 12  # 2 full-CCAT runs + 5 switches x 2 seeds
     for switch in ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders"):
-        assert sum(f"--set method.{switch}=false" in line and f"ablation/no_{switch}/" in line
+        assert sum(f"--set method.params.{switch}=false" in line and f"ablation/no_{switch}/" in line
                    for line in train_lines) == 2
 
 

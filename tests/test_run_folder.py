@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from ccat import run_dir
 from ccat.cli import app, main
-from ccat.config import ConfigError, load_config
+from ccat.config import ConfigError
+from ccat.run_config import load_config
 from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.methods import METHODS
@@ -30,7 +31,7 @@ threads: 1
 data: {batch_size: 8, workers: 0}
 model: {width: 16, encoder_width: 4, encoder_blocks: [1, 1, 1, 1], heads: 2, ffn_mult: 2}
 optim: {epochs: 3, lr: 0.01}  # CCAT: 1 + 2 of the total budget
-method: {name: ccat, pretrain_epochs: 1}
+method: {name: ccat, params: {pretrain_epochs: 1}}
 """
 runner = CliRunner()
 
@@ -88,13 +89,14 @@ def test_resume_refuses_changed_settings_naming_each_key(tiny, tmp_path, monkeyp
     for part in ("optim.lr: 0.01 -> 0.5", "seed: 0 -> 1", "data.batch_size: 8 -> 4",
                  "optim.epochs: 2 -> 3", "--overwrite"):
         assert part in message
-    # another method or another rank: the same refusal, not a state_dict traceback
+    # another method, or a param sum lacks: one line, not a state_dict traceback
     cfg_path = tmp_path / "sum.yaml"
-    cfg_path.write_text(TINY_YAML.replace("name: ccat, pretrain_epochs: 1", "name: sum"))
+    cfg_path.write_text(TINY_YAML.replace("name: ccat, params: {pretrain_epochs: 1}",
+                                          "name: sum"))
     base = ["train", "--config", cfg_path, "--data", tiny, "--out", tmp_path / "run",
             "--set", "data.workers=0", "--set", "seed=0", "--resume"]
     for extra, says in ((["--method", "concat"], "method.name: 'sum' -> 'concat'"),
-                        (["--set", "method.rank=8"], "method.rank: 2 -> 8")):
+                        (["--set", "method.params.rank=8"], "method 'sum' has no param 'rank'")):
         code, stderr = run_main(base + extra, monkeypatch, capsys)
         assert code == 2 and stderr.startswith("error:") and says in stderr
         assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
@@ -165,7 +167,8 @@ def test_a_kill_after_any_write_resumes_to_the_uninterrupted_run(
 def test_resume_equals_uninterrupted_for_every_method(method, tmp_path, monkeypatch):
     data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 4, "test": 4})
     cfg = tiny_config(data, tmp_path / "full", method=method, epochs=2)
-    cfg.method.pretrain_epochs = 1
+    if method == "ccat":
+        cfg.method.params["pretrain_epochs"] = 1
     train(cfg)
     cfg.out = str(tmp_path / "cut")
     interrupt_then_resume(cfg, monkeypatch, at_epoch=2)
@@ -177,7 +180,7 @@ def test_resume_equals_uninterrupted_for_every_method(method, tmp_path, monkeypa
 
 def test_resume_says_where_it_continues(tiny, tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tiny, tmp_path / "run", method="ccat", epochs=3)  # 1 + 2
-    cfg.method.pretrain_epochs = 1
+    cfg.method.params["pretrain_epochs"] = 1
     interrupt_then_resume(cfg, monkeypatch, at_epoch=3)
     said = capsys.readouterr().out
     assert "stage 'alternate' (2 of 2), epoch 2 of 2, step 7" in said.replace("\n", " ")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ccat.config import ConfigError, RunConfig, load_config, save_config
+from ccat.config import ConfigError, RunConfig, save_config
+from ccat.run_config import load_config
 from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.train import train
@@ -22,18 +23,22 @@ def test_config_defaults_are_the_papers():
     assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == \
         (32, 1e-3, 0.9, 0.1)
     assert (cfg.optim.step_size, cfg.optim.gamma, cfg.optim.epochs) == (70, 0.1, 150)
-    assert (cfg.method.lambda_reg, cfg.method.temperature, cfg.method.fresh_encoders) == \
+    params = load_config().method.params
+    assert (params["lambda_reg"], params["temperature"], params["fresh_encoders"]) == \
         (0.001, 1.0, True)
 
 
 def test_config_is_strict_and_layered(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: {beta: 0.3}\noptim: {epochs: 5}\n")
-    cfg = load_config(path, ["method.beta=0.2", "model.encoder_blocks=[1, 1]"], {"out": "x"})
-    assert (cfg.method.beta, cfg.optim.epochs, cfg.model.encoder_blocks, cfg.out) == \
+    path.write_text("method: {params: {beta: 0.3}}\noptim: {epochs: 5}\n")
+    cfg = load_config(path, ["method.params.beta=0.2", "model.encoder_blocks=[1, 1]"],
+                      {"out": "x"})
+    assert (cfg.method.params["beta"], cfg.optim.epochs, cfg.model.encoder_blocks, cfg.out) == \
         (0.2, 5, [1, 1], "x")
     with pytest.raises(ConfigError, match="'method.betta'"):
         load_config(None, ["method.betta=0.2"])
+    with pytest.raises(ConfigError, match="has no param 'betta'.*its params are lambda_reg, rank"):
+        load_config(None, ["method.params.betta=0.2"])
     with pytest.raises(ConfigError, match="'optim.epochs'"):
         load_config(None, ["optim.epochs=ten"])
     with pytest.raises(ConfigError, match="'optim.lr'"):
@@ -46,7 +51,10 @@ def test_configs_in_the_repo_load(pytestconfig):
     root = pytestconfig.rootpath / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path)
-    assert load_config(root / "cremad.yaml").method.beta == 0.15
+    for path in sorted((root / "methods").glob("*.yaml")):
+        assert load_config(path).method.name == path.stem  # each file is a method's
+    assert load_config(root / "cremad.yaml").method.params["beta"] == 0.15
+    assert load_config(root / "ks.yaml").method.params["beta"] == 0.30
 
 
 def weights(path):
@@ -55,7 +63,7 @@ def weights(path):
 
 def test_resume_ends_with_the_same_weights(tiny, tmp_path, monkeypatch):
     cfg = tiny_config(tiny, tmp_path / "full", epochs=3)  # CCAT's total: 1 + 2
-    cfg.method.pretrain_epochs = 1
+    cfg.method.params["pretrain_epochs"] = 1
     history = train(cfg)
     assert [(r["stage"], r["epoch"]) for r in history] == [("pretrain", 1), ("alternate", 1),
                                                            ("alternate", 2)]
@@ -95,21 +103,54 @@ def test_non_finite_loss_names_stage_epoch_step_keys_and_checkpoint(tiny, tmp_pa
 def test_method_yaml_is_a_layer_under_the_run_config(tmp_path):
     methods = tmp_path / "methods"
     methods.mkdir()
-    (methods / "ccat.yaml").write_text("method:\n  beta: 0.3\n  params: {}\n  rank: 4\n")
+    (methods / "ccat.yaml").write_text("method:\n  params: {beta: 0.3, rank: 4}\n")
     run = tmp_path / "run.yaml"
-    run.write_text("method:\n  rank: 8\n")
+    run.write_text("method:\n  params: {rank: 8}\n")
     cfg = load_config(run, [], None, method_configs=methods)
-    assert (cfg.method.beta, cfg.method.rank) == (0.3, 8)  # the run's file wins over the method's
-    (methods / "ccat.yaml").write_text("method:\n  betta: 0.3\n")
-    with pytest.raises(ConfigError, match="method.betta"):
+    params = cfg.method.params  # the run's file wins over the method's
+    assert (params["beta"], params["rank"], params["lambda_reg"]) == (0.3, 8, 0.001)
+    (methods / "ccat.yaml").write_text("method:\n  params: {betta: 0.3}\n")
+    with pytest.raises(ConfigError, match="method.params.betta"):
         load_config(run, [], None, method_configs=methods)
+
+
+def test_a_datasets_ccat_params_apply_to_ccat_only(pytestconfig, tmp_path):
+    """configs/ks.yaml names ccat with beta 0.30: training another method from it leaves
+    them out (checked all the same), while a --set param the chosen method lacks is an
+    error naming that method's params."""
+    ks = pytestconfig.rootpath / "configs" / "ks.yaml"
+    assert load_config(ks, [], {"method.name": "ogm_ge"}).method.params == \
+        load_config(None, ["method.name=ogm_ge"]).method.params
+    with pytest.raises(ConfigError, match=r"^method 'ogm_ge' has no param 'beta' "
+                       r"\(method.params.beta\); its params are alpha, modulation, "):
+        load_config(ks, ["method.params.beta=0.2"], {"method.name": "ogm_ge"})
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("method: {name: ccat, params: {betta: 0.2}}\n")
+    with pytest.raises(ConfigError, match="method 'ccat' has no param 'betta'"):
+        load_config(typo, [], {"method.name": "ogm_ge"})
+
+
+def test_top_level_ccat_keys_are_refused_naming_the_new_key(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"^method.beta is now method.params.beta: "):
+        load_config(None, ["method.beta=0.2"])
+    old = tmp_path / "old.yaml"
+    old.write_text("method: {name: ccat, rank: 4, lora: false}\n")
+    with pytest.raises(ConfigError, match="method.rank, method.lora are now "
+                       "method.params.rank, method.params.lora"):
+        load_config(old)
+    train(tiny_config(tiny, tmp_path / "run", method="sum"))
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ckpt["config"]["method"]["beta"] = 0.15  # as runs saved before the move hold it
+    torch.save(ckpt, tmp_path / "run" / "old.pt")
+    with pytest.raises(ConfigError, match="method.beta is now method.params.beta"):
+        evaluate_checkpoint(tmp_path / "run" / "old.pt")
 
 
 def test_method_params_are_checked_against_the_method():
     from ccat.config import MethodConfig
     from ccat.methods import METHODS
 
-    with pytest.raises(ConfigError, match="takes no method.params"):
+    with pytest.raises(ConfigError, match="method 'sum' has no param 'alpha'.*takes no params"):
         METHODS.get("sum")(MethodConfig(name="sum", params={"alpha": 1.0}), 1)
 
 
@@ -130,10 +171,11 @@ def test_scientific_notation_reads_as_float_in_set_and_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim: {lr: 1e-3, weight_decay: 5E-4, encoder_lr: {text: 1e-5}}\n"
                     "method: {name: ogm_ge, params: {alpha: 5e-1}}\n")
-    cfg = load_config(path, ["method.beta=2.5e-1"])
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.encoder_lr, cfg.method.beta) == \
-        (1e-3, 5e-4, {"text": 1e-5}, 0.25)
-    assert cfg.method.params["alpha"] == 0.5
+    assert load_config(path).method.params["alpha"] == 0.5
+    cfg = load_config(path, ["method.params.alpha=2.5e-1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.encoder_lr) == \
+        (1e-3, 5e-4, {"text": 1e-5})
+    assert cfg.method.params["alpha"] == 0.25
     with pytest.raises(ConfigError, match="'optim.epochs' must be int"):
         load_config(None, ["optim.epochs=1e3"])  # ints stay ints
 
@@ -146,7 +188,7 @@ def test_scientific_notation_reads_as_float_in_set_and_yaml(tmp_path):
     ("data.shuffle_buffer=0", "data.shuffle_buffer is 0 but must be >= 1"),
     ("data.frame_size=-5", "data.frame_size is -5 but must be >= 0"),
     ("data.crop_scale_min=5", "data.crop_scale_min is 5.0 but must be in (0, 1]"),
-    ("method.rank=0", "method.rank is 0 but must be >= 1"),
+    ("method.params.rank=0", "method.params.rank is 0 but must be >= 1"),
     ("optim.epochs=0", "optim.epochs is 0 but must be >= 1"),
     ("optim.epochs=-3", "optim.epochs is -3 but must be >= 1"),
     ("model.encoder_blocks=[2, 0]", "model.encoder_blocks[1] is 0 but must be >= 1"),

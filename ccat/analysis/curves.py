@@ -68,8 +68,9 @@ def read_history(run: str | Path) -> History:
     method = (yaml.safe_load(config.read_text(encoding="utf-8"))["method"]
               if config.is_file() else {})
     beta = None
-    if any(k.startswith("selected/") for row in rows for k in row) and "beta" in method:
-        beta = float(method["beta"])
+    if any(k.startswith("selected/") for row in rows for k in row) and "beta" in method.get(
+            "params", {}):
+        beta = float(method["params"]["beta"])
     return History(rows, val, modalities, beta, run_title(run, method.get("name")))
 
 

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig, check_ranges, merge
+from ccat.config import MethodConfig, ModelConfig, parse_params
+from ccat.contribution import Estimator
 from ccat.data.pipeline import Batch
 from ccat.models import MultimodalModel, build_model
 from ccat.models.fusion import Features
@@ -47,7 +48,7 @@ def fuse_decisions(unimodal: dict[str, torch.Tensor], rule: str = "mean") -> tor
         return stacked.mean(0)
     if rule == "sum":
         return stacked.sum(0)
-    raise ValueError(f"method.fusion_rule must be 'mean' or 'sum', not {rule!r}")
+    raise ValueError(f"method.params.fusion_rule must be 'mean' or 'sum', not {rule!r}")
 
 
 def predict_outputs(model: MultimodalModel, feats: Features,
@@ -69,20 +70,6 @@ def predict_outputs(model: MultimodalModel, feats: Features,
                    representation=fused)
 
 
-def parse_params(params_type: type | None, values: dict[str, Any], method: str) -> Any:
-    """``method.params`` checked strictly against the method's ``Params`` dataclass (keys,
-    types and its ``RANGES``)."""
-    if params_type is None:
-        if values:
-            raise ConfigError(f"method {method!r} takes no method.params, got {sorted(values)}; "
-                              f"remove them or choose another method")
-        return None
-    params = params_type()
-    merge(params, values, "method.params.")
-    check_ranges(params, "method.params.")
-    return params
-
-
 class Method:
     """Base class: one stage, no model changes between stages.
 
@@ -92,6 +79,7 @@ class Method:
 
     fusion = "sum"
     Params: type | None = None
+    estimator = Estimator()  # how evaluation measures this method's contributions
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         self.cfg = cfg
@@ -138,4 +126,4 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", "ccat.methods")

@@ -6,35 +6,33 @@ modality's encoder and LoRA trained in turn through it, then secondary updates f
 samples where a modality contributes less than beta (Algorithm 1, Eq. 12).
 
 Where the paper leaves a choice open, the default is one named reading and the others are
-``method.`` options: the budget (``budget``, ``pretrain_fraction``), the secondary update's
-optimizer (``secondary_optimizer``) and forward pass (``secondary_forward``), the
+``method.params`` options: the budget (``budget``, ``pretrain_fraction``), the secondary
+update's optimizer (``secondary_optimizer``) and forward pass (``secondary_forward``), the
 estimator's similarity (``similarity``), stage 2's encoders (``fresh_encoders``) and the
-LoRA scale (``lora_alpha``, ``lora_scale``); ``ccat/config.py`` says what each one means.
+LoRA scale (``lora_alpha``, ``lora_scale``); :class:`CCATParams` says what each one means.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig
-from ccat.contribution import SIMILARITIES, contributions
+from ccat.config import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError,
+                         MethodConfig, ModelConfig, Range)
+from ccat.contribution import Estimator, contributions
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs
 from ccat.models import MultimodalModel, build_model
-from ccat.models.heads import LORA_SCALES
 from ccat.step import Step
 from ccat.ui import make_console
 
-BUDGETS = ("total", "per_stage")
-SECONDARY_OPTIMIZERS = ("shared", "plain")
-SECONDARY_FORWARDS = ("batch", "subset")
 MIN_SUBSET = 2  # batch norm needs two samples for batch statistics
 warn_console = make_console(stderr=True)
 
@@ -57,18 +55,46 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.copy_(tracked)
 
 
-def check_choices(cfg: MethodConfig) -> None:
-    """Each of CCAT's named readings is one of its known values (numbers: MethodConfig.RANGES)."""
-    for key, allowed in (("budget", BUDGETS), ("similarity", SIMILARITIES),
-                         ("secondary_optimizer", SECONDARY_OPTIMIZERS),
-                         ("secondary_forward", SECONDARY_FORWARDS),
-                         ("lora_scale", LORA_SCALES)):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, "
-                              f"not {getattr(cfg, key)!r}")
+@dataclass
+class CCATParams:
+    """CCAT's hyperparameters (Table 1's for CREMA-D) and its named readings."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lambda_reg": NON_NEGATIVE, "rank": AT_LEAST_ONE, "beta": FRACTION,
+        "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE,
+        "pretrain_fraction": Range(0, 1, low_open=True, high_open=True),
+        "lora_alpha": POSITIVE}
+    lambda_reg: float = 0.001  # Eq. 8 weight of the contribution-balance term
+    rank: int = 2  # LoRA rank r
+    beta: float = 0.15  # contribution threshold for secondary updates (Eq. 12)
+    temperature: float = 1.0  # of the contribution estimator; 1 = the paper as written
+    # Eq. 5's <f, z>: "cosine" (L2-normalised vectors, our literal reading) or "dot" (raw).
+    similarity: Literal["cosine", "dot"] = "cosine"
+    # "total": stage 1 + stage 2 = optim.epochs (the paper's "150 total epochs"); "per_stage":
+    # each stage gets optim.epochs (stage 1: pretrain_epochs if set), twice a baseline's budget.
+    budget: Literal["total", "per_stage"] = "total"
+    pretrain_epochs: int = 0  # stage 1 epochs; 0 = pretrain_fraction of the total budget
+    pretrain_fraction: float = 0.5  # stage 1's share of optim.epochs (budget total), in (0, 1)
+    # Stage 2 re-initializes the encoders: our reading of Algorithm 1 line 4, "initialize
+    # {Enc_m}"; false keeps stage 1's encoders (the other reading).
+    fresh_encoders: bool = True
+    # The secondary update's optimizer: "shared" (the primary SGD, its momentum re-applied)
+    # or "plain" (a momentum-free SGD step at the same learning rate and weight decay).
+    secondary_optimizer: Literal["shared", "plain"] = "shared"
+    # The secondary pass forwards the "batch" (batch norm sees all B) or only the "subset"
+    # of selected samples (batch norm sees those; needs at least 2).
+    secondary_forward: Literal["batch", "subset"] = "batch"
+    lora_alpha: float = 1.0  # LoRA's alpha (Eq. 9 has no scale: alpha 1)
+    # "alpha" (Eq. 9: B A z * alpha) or "alpha_over_rank" (Hu et al.)
+    lora_scale: Literal["alpha", "alpha_over_rank"] = "alpha"
+    fixed_classifier: bool = True  # Table 2 ablation switches
+    alternating: bool = True  # false: all modalities at once on the fused decision's CE
+    secondary: bool = True
+    lora: bool = True
+    fusion_rule: Literal["mean", "sum"] = "mean"  # decision-level fusion at inference
 
 
-def stage_epochs(cfg: MethodConfig, epochs: int) -> tuple[int, int]:
+def stage_epochs(cfg: CCATParams, epochs: int) -> tuple[int, int]:
     """Epochs of stage 1 and stage 2 for ``optim.epochs`` = ``epochs``.
 
     Budget "total" (the paper's "150 total epochs", the default): the two stages share
@@ -80,19 +106,21 @@ def stage_epochs(cfg: MethodConfig, epochs: int) -> tuple[int, int]:
     first = cfg.pretrain_epochs or round(cfg.pretrain_fraction * epochs)
     if not 1 <= first < epochs:
         raise ConfigError(
-            f"optim.epochs={epochs} is CCAT's total budget for both stages (method.budget=total) "
-            f"and stage 1 would get {first} of them; give optim.epochs >= 2 with "
-            f"method.pretrain_epochs below it, or set method.budget=per_stage")
+            f"optim.epochs={epochs} is CCAT's total budget for both stages "
+            f"(method.params.budget=total) and stage 1 would get {first} of them; give "
+            f"optim.epochs >= 2 with method.params.pretrain_epochs below it, or set "
+            f"method.params.budget=per_stage")
     return first, epochs - first
 
 
 @METHODS.register("ccat")
 class CCAT(Method):
     fusion = "bicross"
+    Params = CCATParams
 
     def __init__(self, cfg: MethodConfig, epochs: int):
-        check_choices(cfg)
         super().__init__(cfg, epochs)
+        self.estimator = Estimator(self.params.temperature, self.params.similarity)
         self.selected_in_epoch: dict[str, float] = {}  # modality -> samples picked this epoch
         self.steps_in_epoch = 0
 
@@ -100,11 +128,11 @@ class CCAT(Method):
                     cfg: ModelConfig) -> MultimodalModel:
         """BiCross fusion, the shared classifier and one LoRA per modality (rank r)."""
         return build_model(modalities, num_classes, cfg, self.fusion,
-                           self.cfg.rank if self.cfg.lora else 0, self.cfg.lora_alpha,
-                           self.cfg.lora_scale)
+                           self.params.rank if self.params.lora else 0, self.params.lora_alpha,
+                           self.params.lora_scale)
 
     def stages(self) -> list[Stage]:
-        first, second = stage_epochs(self.cfg, self.epochs)
+        first, second = stage_epochs(self.params, self.epochs)
         return [Stage("pretrain", first), Stage("alternate", second)]
 
     def begin_epoch(self, epoch: int) -> None:
@@ -117,11 +145,11 @@ class CCAT(Method):
             return
         # Our reading of Algorithm 1 line 4, "initialize {Enc_m}": fresh encoders for stage 2;
         # fresh_encoders=false (stage 1's encoders) is the other reading.
-        if self.cfg.fresh_encoders:
+        if self.params.fresh_encoders:
             for encoder in model.encoders.values():
                 encoder.reset()
         model.fusion.requires_grad_(False)  # unused in stage 2
-        model.classifier.requires_grad_(not self.cfg.fixed_classifier)
+        model.classifier.requires_grad_(not self.params.fixed_classifier)
         model.lora.requires_grad_(True)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
@@ -134,11 +162,11 @@ class CCAT(Method):
         fused = model.fusion(feats)
         ce = F.cross_entropy(model.classifier(fused), batch.label)
         shares = contributions({m: feats[m].pooled for m in model.modalities}, fused,
-                               self.cfg.temperature, self.cfg.similarity)  # Eq. 5-6
+                               self.params.temperature, self.params.similarity)  # Eq. 5-6
         # Eq. 8 for two modalities; with more, the mean over modality pairs.
         reg = torch.stack([(shares[a] - shares[b]).abs().mean()
                            for a, b in itertools.combinations(model.modalities, 2)]).mean()
-        loss = ce + self.cfg.lambda_reg * reg  # Eq. 7
+        loss = ce + self.params.lambda_reg * reg  # Eq. 7
         step.zero_grad()
         step.backward(loss)
         step.step()
@@ -149,11 +177,11 @@ class CCAT(Method):
     def _unimodal(self, model: MultimodalModel, batch: Batch, modality: str) -> torch.Tensor:
         """Cls(z^m) + LoRA_m(z^m) (LoRA off in the ablation)."""
         z = model.encode(batch.inputs, modality).pooled
-        return model.unimodal_logits(modality, z, lora=self.cfg.lora)
+        return model.unimodal_logits(modality, z, lora=self.params.lora)
 
     def _alternate_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.cfg.alternating:
+        if self.params.alternating:
             for m in model.modalities:  # Algorithm 1: each modality in turn through the fixed Cls
                 step.zero_grad()
                 loss = F.cross_entropy(self._unimodal(model, batch, m), batch.label)
@@ -165,11 +193,11 @@ class CCAT(Method):
             # loss reaches only its own encoder and LoRA through the fixed classifier.)
             step.zero_grad()
             logits = {m: self._unimodal(model, batch, m) for m in model.modalities}
-            loss = F.cross_entropy(fuse_decisions(logits, self.cfg.fusion_rule), batch.label)
+            loss = F.cross_entropy(fuse_decisions(logits, self.params.fusion_rule), batch.label)
             step.backward(loss)
             step.step()
             out["loss"] = loss.item()
-        if self.cfg.secondary:
+        if self.params.secondary:
             out.update(self._secondary_updates(model, batch, step))
         return out
 
@@ -178,18 +206,19 @@ class CCAT(Method):
         """Eq. 12: samples where c_i^m < beta get one more update of Enc_m and LoRA_m."""
         with torch.no_grad(), frozen_norm_stats(model):  # contributions of the models just updated
             logits = {m: self._unimodal(model, batch, m) for m in model.modalities}
-            shares = contributions(logits, fuse_decisions(logits, self.cfg.fusion_rule),
-                                   self.cfg.temperature, self.cfg.similarity)  # Eq. 5-6
+            shares = contributions(logits, fuse_decisions(logits, self.params.fusion_rule),
+                                   self.params.temperature, self.params.similarity)  # Eq. 5-6
         total = step.all_sum(len(batch.label))
         out = {f"contrib/{m}": c.mean().item() for m, c in shares.items()}
         for m in model.modalities:
-            selected = shares[m] < self.cfg.beta
+            selected = shares[m] < self.params.beta
             picked = int(selected.sum())
             out[f"selected/{m}"] = step.all_sum(picked) / total
             self.selected_in_epoch[m] = self.selected_in_epoch.get(m, 0.0) + out[f"selected/{m}"]
-            usable = picked if self.cfg.secondary_forward == "batch" or picked >= MIN_SUBSET else 0
+            usable = (picked if self.params.secondary_forward == "batch" or picked >= MIN_SUBSET
+                      else 0)
             count = step.all_sum(usable)
-            if self.cfg.secondary_forward == "subset":
+            if self.params.secondary_forward == "subset":
                 out[f"updated/{m}"] = count / total  # picks that got the update (>= 2 per rank)
             if count == 0:  # every rank agrees, so none calls the collective
                 continue
@@ -197,7 +226,7 @@ class CCAT(Method):
             # Sum over this rank's picks, scaled so the rank average is the mean over all picks.
             loss = self._picked_loss(model, batch, m, selected, usable) * step.world / count
             step.backward(loss)
-            if self.cfg.secondary_optimizer == "shared":
+            if self.params.secondary_optimizer == "shared":
                 step.step()
             else:
                 step.step(momentum=False)
@@ -210,7 +239,7 @@ class CCAT(Method):
         picks indexed (batch norm sees all B); "subset": only the picks are forwarded. A
         rank whose picks are unusable (fewer than 2 in subset mode) adds a zero loss over
         the same parameters, so every rank reduces the same gradients."""
-        if self.cfg.secondary_forward == "batch":
+        if self.params.secondary_forward == "batch":
             logits = self._unimodal(model, batch, modality)
             return F.cross_entropy(logits[selected], batch.label[selected], reduction="sum")
         if usable == 0:
@@ -232,8 +261,8 @@ class CCAT(Method):
             if self.selected_in_epoch.get(m, 0.0) == 0.0:
                 warn_console.print(
                     f"warning: epoch {self.epoch + 1}: the secondary update selected no {m} "
-                    f"sample (no contribution below beta={self.cfg.beta}); try "
-                    f"method.similarity=dot or a lower method.temperature")
+                    f"sample (no contribution below beta={self.params.beta}); try "
+                    f"method.params.similarity=dot or a lower method.params.temperature")
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: feature-level fusion; stage 2: unimodal logits fused at decision level."""
@@ -241,5 +270,5 @@ class CCAT(Method):
         if self.stage.name == "pretrain":
             return predict_outputs(model, feats, model.unimodal_logits)
         return predict_outputs(model, feats,
-                               lambda m, z: model.unimodal_logits(m, z, lora=self.cfg.lora),
-                               lambda unimodal: fuse_decisions(unimodal, self.cfg.fusion_rule))
+                               lambda m, z: model.unimodal_logits(m, z, lora=self.params.lora),
+                               lambda unimodal: fuse_decisions(unimodal, self.params.fusion_rule))

@@ -30,7 +30,8 @@ class EncoderOutput(NamedTuple):
     mask: torch.Tensor | None = None  # (B, L) bool, True on real tokens; None: no padding
 
 
-ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry("encoder")
+ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry(
+    "encoder", "ccat.encoders")
 BERT_POOLER_PREFIX = "pooler."  # checkpoint weights of the pooler, which TextEncoder drops
 
 

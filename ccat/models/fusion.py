@@ -19,7 +19,8 @@ from ccat.models.encoders import EncoderOutput, masked_mean
 from ccat.registry import Registry
 
 Features = dict[str, EncoderOutput]  # modality -> its encoder's tokens, pooled z^m and mask
-FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion")
+FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion",
+                                                                           "ccat.fusions")
 
 
 class CrossBlock(nn.Module):

@@ -28,10 +28,10 @@ class LoRA(nn.Module):
                  scale: str = "alpha_over_rank"):
         super().__init__()
         if scale not in LORA_SCALES:
-            raise ConfigError(f"method.lora_scale must be one of {', '.join(LORA_SCALES)}, "
+            raise ConfigError(f"method.params.lora_scale must be one of {', '.join(LORA_SCALES)}, "
                               f"not {scale!r}")
         if not alpha > 0:
-            raise ConfigError(f"method.lora_alpha must be > 0, not {alpha!r}")
+            raise ConfigError(f"method.params.lora_alpha must be > 0, not {alpha!r}")
         self.A = nn.Parameter(torch.empty(rank, in_dim))
         self.B = nn.Parameter(torch.zeros(out_dim, rank))
         self.scale = alpha / rank if scale == "alpha_over_rank" else alpha

@@ -1,5 +1,6 @@
 """Dataset recipes, chosen by name: one module of this package adds one recipe with
-``@register``.
+``@register``; other installed packages add theirs through the ``ccat.recipes`` entry point
+group.
 
 A recipe is a dataclass: its init fields, declared with :func:`option`, are the options of
 ``ccat-data build NAME`` (name, type, default and help text all come from the field), and
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 from ccat.errors import UserError
+from ccat.registry import Registry, RegistryError
 from preprocess.splits import Entry, SplitError, SplitRow
 
 SPLITS_DIR = "splits"  # where `ccat-data download` puts the published split files, under RAW
@@ -114,19 +116,8 @@ class Recipe(Protocol):
         """Encoded modality members of one sample and its provenance for meta.json."""
 
 
-RECIPES: dict[str, Callable[..., Recipe]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
-    """Class decorator adding a recipe under ``name``; a duplicate name is an error."""
-
-    def add(factory: Callable[..., Recipe]) -> Callable[..., Recipe]:
-        if name in RECIPES:
-            raise ValueError(f"dataset recipe {name!r} is registered twice")
-        RECIPES[name] = factory
-        return factory
-
-    return add
+RECIPES: Registry[Callable[..., Recipe]] = Registry("dataset recipe", "ccat.recipes")
+register = RECIPES.register  # class decorator adding a recipe under a name, once
 
 
 def _load_builtin() -> None:
@@ -138,16 +129,16 @@ def _load_builtin() -> None:
 def recipe_names() -> list[str]:
     """The registered recipe names, sorted."""
     _load_builtin()
-    return sorted(RECIPES)
+    return RECIPES.names()
 
 
 def get_recipe(name: str) -> Callable[..., Recipe]:
     """The recipe registered as ``name``; an unknown name is an error naming the known ones."""
-    names = recipe_names()
-    factory = RECIPES.get(name)
-    if factory is None:
-        raise RecipeError(f"unknown dataset recipe {name!r}; known: {', '.join(names)}")
-    return factory
+    _load_builtin()
+    try:
+        return RECIPES.get(name)
+    except RegistryError as err:
+        raise RecipeError(str(err)) from None
 
 
 def published_split_files(recipe: Recipe, raw: Path) -> dict[str, Path]:
@@ -173,3 +164,6 @@ def iter_published() -> Iterator[tuple[str, Published]]:
         published = get_recipe(name).published
         if published is not None:
             yield name, published
+
+
+from preprocess.datasets import cremad, ks, mvsa  # noqa: E402,F401 (importing registers them)
