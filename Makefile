@@ -134,10 +134,12 @@ $(RUNS)/%/eval.json: FORCE | have-shards
 	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
 
 # docs/results.md and docs/img/results_accuracy.png: `make table` for every method in METHODS
-# and seed in SEEDS on the demo's data and config (in RESULTS_DIR; reused when it is there,
-# so an interrupted run continues), then `ccat results`, which stamps the page with the git
-# commit and this command. RESULTS_ARGS: extra `ccat train` arguments, e.g.
-# RESULTS_ARGS="--set optim.epochs=2" for a quick check. Start over: rm -rf $(RESULTS_DIR).
+# and seed in SEEDS on the demo's data and config, in RESULTS_DIR, then `ccat results`, which
+# stamps the page with the git commit and this command. The data is written and built on
+# every call: the generator and the build are deterministic, so the shards are reused and
+# finished runs too (an interrupted call continues); after the generator changed, the runs
+# are refused by their data's fingerprint: rm -rf $(RESULTS_DIR). RESULTS_ARGS: extra
+# `ccat train` arguments, e.g. RESULTS_ARGS="--set optim.epochs=2" for a quick check.
 RESULTS_DIR ?= runs/results
 RESULTS_ARGS ?=
 RESULT_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RESULTS_DIR)/$(m)/s$(s)))
@@ -149,7 +151,7 @@ results: $(addsuffix /eval.json,$(RESULT_RUNS))
 		--command '$(RESULTS_COMMAND)'
 
 results-data: install
-	test -f $(RESULTS_DIR)/shards/manifest.json || { $(call synth_data,$(RESULTS_DIR)); }
+	$(call synth_data,$(RESULTS_DIR))
 
 $(RESULTS_DIR)/%/eval.json: CONFIG = $(DEMO_CONFIG)
 $(RESULTS_DIR)/%/eval.json: SHARDS = $(RESULTS_DIR)/shards

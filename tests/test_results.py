@@ -98,7 +98,8 @@ def test_make_results_dry_run(tmp_path):
                           f"RESULTS_DIR={tmp_path}", "RESULTS_ARGS=--set optim.epochs=2"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
-    assert any(f"test -f {tmp_path}/shards/manifest.json" in line and "synth cremad" in line
+    assert any(f"synth cremad --out {tmp_path}/raw" in line
+               and f"build cremad --raw {tmp_path}/raw --out {tmp_path}/shards" in line
                for line in lines)
     train_lines = [line for line in lines if " train " in line]
     assert len(train_lines) == 4
