@@ -82,12 +82,15 @@ def accuracy_figure(report: Report, path: Path) -> Path:
 
 
 def _cost_sentence(report: Report) -> str:
-    """'The runs' training epochs took 1234 s of wall-clock in all (the train s column).'"""
-    total = sum(sum(cell.values) for (_, (_, name)), cell in report.cells.items()
-                if name == TRAIN_TIME)
+    """'33 runs; their training epochs took 1234 s of wall-clock in all (...)'."""
+    times = [v for (_, (_, name)), cell in report.cells.items() if name == TRAIN_TIME
+             for v in cell.values]
     runs = sum(len(cell.values) for (_, (_, name)), cell in report.cells.items()
                if name == "fused")
-    return (f"{runs} runs; their training epochs took {total:.0f} s of wall-clock in all "
+    counted = f"{runs} run{'s' * (runs != 1)}"
+    if len(times) < runs:
+        return f"{counted}; {runs - len(times)} of them did not record their training time."
+    return (f"{counted}; their training epochs took {sum(times):.0f} s of wall-clock in all "
             f"(the `{TRAIN_TIME}` column; per-epoch validation and the probes not counted).")
 
 

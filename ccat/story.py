@@ -93,7 +93,8 @@ def gap_sentence(rows: list[MethodNumbers], base: MethodNumbers,
     """How far the weak modality's probe is from its unimodal level under each method (or,
     without a reference run, from the baseline's)."""
     _, weak = dominant_and_weak(base)
-    others = [r for r in rows if r.method not in (base.method, getattr(reference, "method", None))]
+    compared = {base.method} | ({reference.method} if reference else set())
+    others = [r for r in rows if r.method not in compared]
     versus = "; ".join(_versus(r, base, weak) for r in others)
     if reference is None:
         start = (f"Without a {REFERENCE} run to give {weak}'s own level, compare with "

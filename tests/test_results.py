@@ -84,7 +84,12 @@ def test_outside_a_checkout_the_commit_is_unknown_and_an_empty_command_refused(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert write_results(tmp_path).exit_code == 0
-    assert "an unknown commit (not a git checkout)" in (tmp_path / "docs/results.md").read_text()
+    page = (tmp_path / "docs/results.md").read_text()
+    assert "an unknown commit (not a git checkout)" in page and "1 run; their" in page
+    (tmp_path / "runs" / "concat" / "s0" / "metrics.jsonl").unlink()  # no training time
+    assert write_results(tmp_path).exit_code == 0
+    assert "1 run; 1 of them did not record their training time." in (
+        tmp_path / "docs/results.md").read_text()
     monkeypatch.setattr(sys, "argv", ["ccat", "results", "runs", "--command", " "])
     with pytest.raises(SystemExit) as done:
         main()
