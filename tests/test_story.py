@@ -3,6 +3,7 @@ the weak modality or not, audio or video dominant), and the command reads hand-b
 folders: probes from eval.json, CCAT's selected fractions from metrics.jsonl."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,3 +124,18 @@ def test_no_baseline_or_no_probe_is_a_one_line_error(tmp_path, monkeypatch, caps
          "run": {"method": "concat", "variant": "", "dataset": "cremad", "seed": 0}}))
     code, err = run_main(["summary", tmp_path / "old"], monkeypatch, capsys)
     assert code == 2 and "the concat runs on cremad have no probe accuracies" in err
+
+
+def test_make_demo_trains_the_three_methods_on_one_set_of_shards_then_summarizes(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "-s", "-C", str(repo), "-o", ".venv/.installed", "demo",
+                          f"DEMO_DIR={tmp_path}"], capture_output=True, text=True,
+                         check=True).stdout
+    loop = next(line for line in out.splitlines() if line.startswith("for m in"))
+    assert loop.startswith("for m in concat ccat unimodal; do")
+    assert (f"ccat train --config configs/demo.yaml --method $m --data {tmp_path}/shards "
+            f"--out {tmp_path}/$m") in loop
+    assert f"ccat eval --ckpt {tmp_path}/$m/best.pt --probe --json {tmp_path}/$m/eval.json" in loop
+    assert out.splitlines()[-1].endswith(
+        f"ccat summary {tmp_path}/concat {tmp_path}/ccat {tmp_path}/unimodal "
+        f"--out {tmp_path}/summary.md")
