@@ -1,6 +1,6 @@
 # ccat: staged workflow. Every target sets up the environment it needs first.
-#   make demo | make results | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
-#   make train | make eval | make table | make ablation | make sweep | make bench
+#   make demo | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
+#   make train | make eval | make table | make ablation | make sweep | make results | make bench
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -141,7 +141,8 @@ def method_folders(found: Found) -> dict[str, list[Path]]:
     return folders
 
 
-def with_selection(rows: list[MethodNumbers], folders: dict[str, list[Path]]) -> list[MethodNumbers]:
+def with_selection(rows: list[MethodNumbers],
+                   folders: dict[str, list[Path]]) -> list[MethodNumbers]:
     """``rows`` with each method's selected fractions: the mean over its run folders of
     :func:`ccat.run_dir.selected_fractions` (None when its runs record none)."""
     result = []
