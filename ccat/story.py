@@ -91,7 +91,9 @@ def _versus(row: MethodNumbers, base: MethodNumbers, weak: str) -> str:
 def gap_sentence(rows: list[MethodNumbers], base: MethodNumbers,
                  reference: MethodNumbers | None) -> str:
     """How far the weak modality's probe is from its unimodal level under each method (or,
-    without a reference run, from the baseline's)."""
+    without a reference run, from the baseline's). With one method besides the baseline and
+    the reference (the demo), the sentence ends with how it compares with the baseline;
+    with more, their distances from the level already say it."""
     _, weak = dominant_and_weak(base)
     compared = {base.method} | ({reference.method} if reference else set())
     others = [r for r in rows if r.method not in compared]
@@ -105,7 +107,7 @@ def gap_sentence(rows: list[MethodNumbers], base: MethodNumbers,
                       for r in [base, *others])
     text = (f"Trained alone ({reference.method}), {weak}'s probe reaches {_percent(level)}; "
             f"{under}")
-    return text + (f", so {versus}." if others else ".")
+    return text + (f", so {versus}." if len(others) == 1 else ".")
 
 
 def numbers_of(report: Report) -> list[MethodNumbers]:

@@ -53,6 +53,14 @@ def test_equal_numbers_and_a_weak_modality_above_its_own_level():
                                 "reached 50.0 %.")
 
 
+def test_with_several_methods_each_distance_is_given_without_a_list_of_comparisons():
+    story = tell([numbers("concat", 0.9, 0.2), numbers("sum", 0.9, 0.1),
+                  numbers("ccat", 0.9, 0.4), numbers("unimodal", 0.9, 0.5)])
+    assert story.sentences[1] == (
+        "Trained alone (unimodal), video's probe reaches 50.0 %; under concat 30.0 points "
+        "below it, under sum 40.0 points below it, under ccat 10.0 points below it.")
+
+
 def test_without_a_unimodal_run_the_gap_is_relative_to_concat():
     story = tell([numbers("concat", 0.9, 0.2), numbers("ccat", 0.8, 0.3)])
     assert story.sentences[1] == ("Without a unimodal run to give video's own level, compare "
