@@ -29,6 +29,7 @@ FIGURE_NAME = "results_accuracy.png"
 GENERATED_NOTE = ("<!-- Written by `ccat results` (`make results`); rerun it rather than "
                   "editing this file. -->")
 BAR_GROUP_WIDTH = 0.8  # share of each method's slot on the x axis taken by its bars
+LEGEND_ROOM = 118  # top of the y axis (%): the legend sits above bars that reach 100
 
 
 def _git(root: Path, *args: str) -> str:
@@ -70,14 +71,15 @@ def accuracy_figure(report: Report, path: Path) -> Path:
         means = [100 * c.mean if c else np.nan for c in cells]
         stds = [100 * (c.std or 0.0) if c else 0.0 for c in cells]
         label = name if len(datasets) == 1 else f"{dataset} {name}"
-        ax.bar(x + (k - (len(columns) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
-               label=label)
+        ax.bar(x + (k - (len(columns) - 1) / 2) * width, means, width,
+               yerr=stds if report.seeds > 1 else None, capsize=2, label=label)
     ax.set_xticks(x, report.rows, rotation=30, ha="right")
     ax.set_ylabel(f"{report.split} accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"fused accuracy and linear probe per modality, mean ± std over "
-                 f"{report.seeds} seed{'s' * (report.seeds != 1)}")
-    ax.legend(fontsize="small", ncols=len(columns))
+    ax.set_ylim(0, LEGEND_ROOM)
+    over = (f"mean ± std over {report.seeds} seeds" if report.seeds > 1
+            else "one seed (no std)")
+    ax.set_title(f"fused accuracy and linear probe per modality, {over}")
+    ax.legend(fontsize="small", ncols=len(columns), loc="upper center")
     return save(fig, path)
 
 
