@@ -125,13 +125,17 @@ def results(paths: list[Path], out: Path, figures: Path, command: str,
     report = build_report(found, split)
     figure = figures / FIGURE_NAME
     stamp = git_stamp(Path.cwd(), [out, figure])
-    accuracy_figure(report, figure)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = results_markdown(report, stamp, command,
                             Path(os.path.relpath(figure, out.parent)).as_posix(),
                             _story_lines(report, method_folders(found)), date)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    try:
+        accuracy_figure(report, figure)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise CcatError(f"cannot write {err.filename or out}: {err.strerror}; pass --out and "
+                        f"--figures paths in writable folders") from None
     make_console().print(table_rich(report))
     make_console(stderr=True).print(f"wrote {out} and {figure}", highlight=False)
     return out

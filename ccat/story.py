@@ -240,7 +240,11 @@ def summary(paths: list[Path], baseline: str = BASELINE, reference: str = REFERE
     for sentence in story.sentences:
         console.print(sentence, highlight=False, markup=False)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_markdown(story), encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(to_markdown(story), encoding="utf-8")
+        except OSError as err:
+            raise CcatError(f"cannot write {out}: {err.strerror}; pass --out a path in a "
+                            f"writable folder") from None
         make_console(stderr=True).print(f"wrote {out}", highlight=False)
     return story

@@ -90,6 +90,14 @@ def test_outside_a_checkout_the_commit_is_unknown_and_an_empty_command_refused(
     assert write_results(tmp_path).exit_code == 0
     assert "1 run; 1 of them did not record their training time." in (
         tmp_path / "docs/results.md").read_text()
+    (tmp_path / "blocked").write_text("a file where --out needs a folder")
+    monkeypatch.setattr(sys, "argv", ["ccat", "results", "runs", "--command", "make results",
+                                      "--out", "blocked/results.md"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: cannot write ")
+    assert "Traceback" not in err
     monkeypatch.setattr(sys, "argv", ["ccat", "results", "runs", "--command", " "])
     with pytest.raises(SystemExit) as done:
         main()
