@@ -1,7 +1,7 @@
 # ccat: staged workflow. Every target sets up the environment it needs first.
 #   make demo | make test | make download DATASET=cremad | make shards DATASET=cremad RAW=...
 #   [BUILD_ARGS="--seconds 20"]
-#   make train | make eval | make table | make ablation | make sweep | make bench
+#   make train | make eval | make table | make ablation | make sweep | make results | make bench
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -65,15 +65,27 @@ sweep: install
 	$(BIN)/ccat sweep --config $(CONFIG) --data $(SHARDS) --out runs/$(DATASET)/sweep \
 		--rank $(RANKS) --beta $(BETAS) $(ARGS)
 
-# The built-in dataset end to end: synthetic raw CREMA-D -> shards -> both CCAT stages -> eval.
+# The built-in dataset: synthetic raw CREMA-D (audio easy, video hard) and its shards at the
+# demo's reduced size, in folder $(1) (raw/ and shards/).
+synth_data = $(BIN)/ccat-data synth cremad --out $(1)/raw --clips 240 --seed 0 && \
+	$(BIN)/ccat-data build cremad --raw $(1)/raw --out $(1)/shards --frame-size 32 \
+		--seconds 1.0 --shard-size 64 --workers $(WORKERS) && \
+	$(BIN)/ccat-data verify $(1)/shards
+DEMO_CONFIG ?= configs/demo.yaml
+# The demo's methods: the plain fusion, CCAT, and each modality trained alone (its own level).
+DEMO_METHODS = concat ccat unimodal
+demo_run = $(BIN)/ccat train --config $(DEMO_CONFIG) --method $(1) --data $(DEMO_DIR)/shards \
+		--out $(DEMO_DIR)/$(1) && \
+	$(BIN)/ccat eval --ckpt $(DEMO_DIR)/$(1)/best.pt --probe --json $(DEMO_DIR)/$(1)/eval.json
+
+# The built-in dataset end to end: synthetic shards, then Concat, CCAT (both stages) and the
+# unimodal runs on the same shards and budget, each evaluated with the linear probe, then
+# `ccat summary`: the table and two sentences made from its numbers -> runs/demo/summary.md
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(BIN)/ccat-data synth cremad --out $(DEMO_DIR)/raw --clips 240 --seed 0
-	$(BIN)/ccat-data build cremad --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards \
-		--frame-size 32 --seconds 1.0 --shard-size 64 --workers $(WORKERS)
-	$(BIN)/ccat-data verify $(DEMO_DIR)/shards
-	$(BIN)/ccat train --config configs/demo.yaml --data $(DEMO_DIR)/shards --out $(DEMO_DIR)/ccat
-	$(BIN)/ccat eval --ckpt $(DEMO_DIR)/ccat/best.pt --json $(DEMO_DIR)/ccat/eval.json
+	$(call synth_data,$(DEMO_DIR))
+	for m in $(DEMO_METHODS); do { $(call demo_run,$$m); } || exit 1; done
+	$(BIN)/ccat summary $(addprefix $(DEMO_DIR)/,$(DEMO_METHODS)) --out $(DEMO_DIR)/summary.md
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -121,6 +133,32 @@ $(RUNS)/ablation/no_%/eval.json: FORCE | have-shards
 	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.params.$(*D)=false)
 
 $(RUNS)/%/eval.json: FORCE | have-shards
+	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
+
+# docs/results.md and docs/img/results_accuracy.png: `make table` for every method in METHODS
+# and seed in SEEDS on the demo's data and config, in RESULTS_DIR, then `ccat results`, which
+# stamps the page with the git commit and this command. The data is written and built on
+# every call: the generator and the build are deterministic, so the shards are reused and
+# finished runs too (an interrupted call continues); after the generator changed, the runs
+# are refused by their data's fingerprint: rm -rf $(RESULTS_DIR). RESULTS_ARGS: extra
+# `ccat train` arguments, e.g. RESULTS_ARGS="--set optim.epochs=2" for a quick check.
+RESULTS_DIR ?= runs/results
+RESULTS_ARGS ?=
+RESULT_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RESULTS_DIR)/$(m)/s$(s)))
+RESULTS_COMMAND = make results METHODS="$(strip $(METHODS))" SEEDS="$(strip $(SEEDS))" \
+	RESULTS_ARGS="$(strip $(RESULTS_ARGS))"
+.PHONY: results results-data
+results: $(addsuffix /eval.json,$(RESULT_RUNS))
+	$(BIN)/ccat results $(RESULT_RUNS) --out docs/results.md --figures docs/img \
+		--command '$(RESULTS_COMMAND)'
+
+results-data: install
+	$(call synth_data,$(RESULTS_DIR))
+
+$(RESULTS_DIR)/%/eval.json: CONFIG = $(DEMO_CONFIG)
+$(RESULTS_DIR)/%/eval.json: SHARDS = $(RESULTS_DIR)/shards
+$(RESULTS_DIR)/%/eval.json: ARGS = $(RESULTS_ARGS)
+$(RESULTS_DIR)/%/eval.json: FORCE | results-data
 	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
 
 bench: install

@@ -1,6 +1,6 @@
-"""The ``ccat`` command: train, eval, probe, report, analyze, export, sweep, list. Each command
-parses, builds a config, calls one library function; user errors print one sentence and
-exit non-zero."""
+"""The ``ccat`` command: train, eval, probe, report, summary, results, analyze, export,
+sweep, list. Each command parses, builds a config, calls one library function; user errors
+print one sentence and exit non-zero."""
 
 from __future__ import annotations
 
@@ -121,6 +121,34 @@ def report(run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR",
     from ccat.report import report as make_report
 
     make_report(run_dirs, fmt, out, split)
+
+
+@app.command("summary")
+def summary(run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR",
+                                                  help="run folders or folders of runs"),
+            baseline: str = typer.Option("concat", help="method whose imbalance is described"),
+            reference: str = typer.Option("unimodal", help="method giving each modality's "
+                                          "level when trained alone"),
+            out: Optional[Path] = typer.Option(None, help="also write the summary here "
+                                               "(Markdown)"),
+            split: str = typer.Option("test", help="use eval JSON of this split")) -> None:
+    """Which modality dominated and how far the weak one is from its unimodal level."""
+    from ccat.story import summary as make_summary
+
+    make_summary(run_dirs, baseline, reference, out, split)
+
+
+@app.command("results")
+def results(run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR",
+                                                  help="run folders or folders of runs"),
+            out: Path = typer.Option(Path("docs/results.md"), help="Markdown page to write"),
+            figures: Path = typer.Option(Path("docs/img"), help="folder for its figure"),
+            command: str = typer.Option(..., help="the exact command that made the runs"),
+            split: str = typer.Option("test", help="use eval JSON of this split")) -> None:
+    """Write the results page: stamp, table, figure and summary, from evaluated runs."""
+    from ccat.results import results as write_results
+
+    write_results(run_dirs, out, figures, command, split)
 
 
 @app.command("analyze")

@@ -105,6 +105,19 @@ def training_cost(folder: Path) -> dict[str, float]:
     return {"train_s": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
 
 
+SELECTED_PREFIX = "selected/"  # CCAT's stage-2 rows: the fraction picked for secondary updates
+
+
+def selected_fractions(folder: Path) -> dict[str, float]:
+    """Per modality, the mean over the run's epochs that record it (CCAT's stage 2, with
+    secondary updates on) of ``selected/<m>``: the fraction of training samples picked for a
+    secondary update; {} for a run that records none (every other method)."""
+    rows = [row for row in read_metrics(folder) if any(k.startswith(SELECTED_PREFIX) for k in row)]
+    names = dict.fromkeys(k for row in rows for k in row if k.startswith(SELECTED_PREFIX))
+    return {k[len(SELECTED_PREFIX):]: sum(row.get(k, 0.0) for row in rows) / len(rows)
+            for k in names}
+
+
 def cut_metrics(folder: Path, rows: int) -> list[dict[str, Any]]:
     """Keep the first ``rows`` rows of ``metrics.jsonl`` (rewritten atomically); returns them."""
     kept = read_metrics(folder)

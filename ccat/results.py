@@ -1,0 +1,141 @@
+"""``ccat results``: the results page of the docs, generated from evaluated runs.
+
+It writes one Markdown file (``docs/results.md`` in ``make results``) and one figure beside
+it: a stamp (the git commit, whether tracked files had uncommitted changes, the date and the
+exact command that made the runs), the ``ccat report`` table of the runs (mean ± sample std
+over seeds), a bar chart of each method's fused test accuracy and per-modality linear probe
+with the std over seeds as error bars, and, when the runs include the baseline
+(``concat``), the two sentences of ``ccat summary`` on the same numbers. Nothing in it is
+typed by hand, so a rerun replaces all of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from ccat.analysis.plots import new_figure, save
+from ccat.errors import CcatError
+from ccat.report import (PROBE_PREFIX, TRAIN_TIME, Report, build_report, find_runs,
+                         to_markdown as table_markdown, to_rich as table_rich)
+from ccat.story import BASELINE, REFERENCE, method_folders, numbers_of, tell, with_selection
+from ccat.ui import make_console
+
+FIGURE_NAME = "results_accuracy.png"
+GENERATED_NOTE = ("<!-- Written by `ccat results` (`make results`); rerun it rather than "
+                  "editing this file. -->")
+BAR_GROUP_WIDTH = 0.8  # share of each method's slot on the x axis taken by its bars
+LEGEND_ROOM = 118  # top of the y axis (%): the legend sits above bars that reach 100
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def git_stamp(root: Path, written: list[Path]) -> str:
+    """'commit 1a2b… (clean)' or '(uncommitted changes to 3 tracked files)'; the files this
+    command writes are left out of the check, so a rerun does not call its own output a
+    change. Outside a git checkout: 'an unknown commit (not a git checkout)'."""
+    try:
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        top = Path(_git(root, "rev-parse", "--show-toplevel").strip())
+        excluded = [f":(exclude){os.path.relpath(p.resolve(), top.resolve())}" for p in written]
+        changed = _git(top, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                       *excluded).splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (not a git checkout)"
+    state = (f"uncommitted changes to {len(changed)} tracked file{'s' * (len(changed) != 1)}"
+             if changed else "clean")
+    return f"commit `{commit}` ({state})"
+
+
+def bar_columns(report: Report) -> list[tuple[str, str]]:
+    """The report's fused and probe columns, in its order."""
+    return [(d, n) for d, n in report.columns if n == "fused" or n.startswith(PROBE_PREFIX)]
+
+
+def accuracy_figure(report: Report, path: Path) -> Path:
+    """Grouped bars: per method, fused accuracy and each probe in percent, std as error bars."""
+    columns = bar_columns(report)
+    datasets = {d for d, _ in columns}
+    fig, (ax,) = new_figure(size=(max(7.0, 0.9 * len(report.rows) + 2), 4.0))
+    width = BAR_GROUP_WIDTH / len(columns)
+    x = np.arange(len(report.rows))
+    for k, (dataset, name) in enumerate(columns):
+        cells = [report.cells.get((row, (dataset, name))) for row in report.rows]
+        means = [100 * c.mean if c else np.nan for c in cells]
+        stds = [100 * (c.std or 0.0) if c else 0.0 for c in cells]
+        label = name if len(datasets) == 1 else f"{dataset} {name}"
+        ax.bar(x + (k - (len(columns) - 1) / 2) * width, means, width,
+               yerr=stds if report.seeds > 1 else None, capsize=2, label=label)
+    ax.set_xticks(x, report.rows, rotation=30, ha="right")
+    ax.set_ylabel(f"{report.split} accuracy (%)")
+    ax.set_ylim(0, LEGEND_ROOM)
+    over = (f"mean ± std over {report.seeds} seeds" if report.seeds > 1
+            else "one seed (no std)")
+    ax.set_title(f"fused accuracy and linear probe per modality, {over}")
+    ax.legend(fontsize="small", ncols=len(columns), loc="upper center")
+    return save(fig, path)
+
+
+def _cost_sentence(report: Report) -> str:
+    """'33 runs; their training epochs took 1234 s of wall-clock in all (...)'."""
+    times = [v for (_, (_, name)), cell in report.cells.items() if name == TRAIN_TIME
+             for v in cell.values]
+    runs = sum(len(cell.values) for (_, (_, name)), cell in report.cells.items()
+               if name == "fused")
+    counted = f"{runs} run{'s' * (runs != 1)}"
+    if len(times) < runs:
+        return f"{counted}; {runs - len(times)} of them did not record their training time."
+    return (f"{counted}; their training epochs took {sum(times):.0f} s of wall-clock in all "
+            f"(the `{TRAIN_TIME}` column; per-epoch validation and the probes not counted).")
+
+
+def _story_lines(report: Report, found_folders: dict[str, list[Path]]) -> list[str]:
+    """The summary's two sentences when the baseline is among the runs, else nothing."""
+    rows = numbers_of(report)
+    if BASELINE not in {r.method for r in rows}:
+        return []
+    story = tell(with_selection(rows, found_folders), BASELINE, REFERENCE)
+    return ["## What the numbers say", "", *story.sentences, ""]
+
+
+def results_markdown(report: Report, stamp: str, command: str, figure: str,
+                     story: list[str], date: str) -> str:
+    """The page: stamp, table, figure, the sentences."""
+    lines = ["# Results", "", GENERATED_NOTE, "",
+             f"Made by `{command}` at {stamp}, on {date} (UTC). {_cost_sentence(report)}", "",
+             table_markdown(report).rstrip("\n"), "",
+             f"![fused accuracy and probes per method]({figure})", "", *story]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def results(paths: list[Path], out: Path, figures: Path, command: str,
+            split: str = "test") -> Path:
+    """``ccat results``: write ``out`` and ``figures/results_accuracy.png`` from the runs."""
+    if not command.strip():
+        raise CcatError("--command is empty; pass the exact command that made the runs, so "
+                        "that the page says how to reproduce them")
+    found = find_runs(paths, split)
+    report = build_report(found, split)
+    figure = figures / FIGURE_NAME
+    stamp = git_stamp(Path.cwd(), [out, figure])
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    text = results_markdown(report, stamp, command,
+                            Path(os.path.relpath(figure, out.parent)).as_posix(),
+                            _story_lines(report, method_folders(found)), date)
+    try:
+        accuracy_figure(report, figure)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise CcatError(f"cannot write {err.filename or out}: {err.strerror}; pass --out and "
+                        f"--figures paths in writable folders") from None
+    make_console().print(table_rich(report))
+    make_console(stderr=True).print(f"wrote {out} and {figure}", highlight=False)
+    return out

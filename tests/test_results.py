@@ -1,0 +1,127 @@
+"""``ccat results`` and ``make results``: the page is stamped with the commit, whether the
+tree had changes and the exact command; it holds one table row per method with the std over
+seeds, a real figure and the summary's sentences."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ccat.cli import app, main
+from test_story import write_run
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = 'make results METHODS="concat ccat" SEEDS="0 1" RESULTS_ARGS=""'
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t",
+                           *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A git checkout holding one committed file, with two methods x two seeds of runs
+    (ignored, as runs/ is in the project), as the working directory."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("runs/\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "start")
+    for seed in (0, 1):
+        write_run(tmp_path / "runs" / "concat" / f"s{seed}", "concat", seed,
+                  {"audio": 0.9 + 0.05 * seed, "video": 0.2}, 0.9)
+        write_run(tmp_path / "runs" / "ccat" / f"s{seed}", "ccat", seed,
+                  {"audio": 0.85, "video": 0.3 + 0.1 * seed}, 0.8, {"audio": 0.0, "video": 0.1})
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_results(root: Path, command: str = COMMAND):
+    return runner.invoke(app, ["results", str(root / "runs"), "--out", "docs/results.md",
+                               "--figures", "docs/img", "--command", command])
+
+
+def test_page_has_stamp_table_figure_and_sentences(checkout):
+    result = write_results(checkout)
+    assert result.exit_code == 0, result.output
+    page = (checkout / "docs" / "results.md").read_text()
+    commit = git(checkout, "rev-parse", "HEAD")
+    assert f"Made by `{COMMAND}` at commit `{commit}` (clean)" in page
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
+    # one row per method, in the order found (runs/ is searched in sorted order)
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| ccat", "| concat"]
+    concat = rows[2].split(" | ")
+    assert "**92.50 ± 3.54**" in concat  # best probe audio: 0.90 and 0.95 over the two seeds
+    assert "4 runs; their training epochs took 20 s" in page  # 2 s per epoch: 2 x 2 + 2 x 3
+    assert "![fused accuracy and probes per method](img/results_accuracy.png)" in page
+    assert "Under concat, audio dominated: its probe reached 92.5 %" in page
+    with Image.open(checkout / "docs" / "img" / "results_accuracy.png") as figure:
+        assert figure.format == "PNG" and figure.width > 300
+
+
+def test_changes_to_tracked_files_are_stamped_but_its_own_output_is_not(checkout):
+    assert write_results(checkout).exit_code == 0
+    git(checkout, "add", "docs")
+    git(checkout, "commit", "-q", "-m", "results")
+    assert write_results(checkout, "make results SEEDS=0").exit_code == 0  # rewrites docs/
+    assert "(clean)" in (checkout / "docs" / "results.md").read_text()
+    (checkout / "code.py").write_text("x = 2\n")
+    assert write_results(checkout).exit_code == 0
+    assert "(uncommitted changes to 1 tracked file)" in (
+        checkout / "docs" / "results.md").read_text()
+
+
+def test_outside_a_checkout_the_commit_is_unknown_and_an_empty_command_refused(
+        tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "runs" / "concat" / "s0", "concat", 0, {"audio": 0.9, "video": 0.2},
+              0.9)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert write_results(tmp_path).exit_code == 0
+    page = (tmp_path / "docs/results.md").read_text()
+    assert "an unknown commit (not a git checkout)" in page and "1 run; their" in page
+    (tmp_path / "runs" / "concat" / "s0" / "metrics.jsonl").unlink()  # no training time
+    assert write_results(tmp_path).exit_code == 0
+    assert "1 run; 1 of them did not record their training time." in (
+        tmp_path / "docs/results.md").read_text()
+    (tmp_path / "blocked").write_text("a file where --out needs a folder")
+    monkeypatch.setattr(sys, "argv", ["ccat", "results", "runs", "--command", "make results",
+                                      "--out", "blocked/results.md"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: cannot write ")
+    assert "Traceback" not in err
+    monkeypatch.setattr(sys, "argv", ["ccat", "results", "runs", "--command", " "])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: --command is empty")
+
+
+def test_make_results_dry_run(tmp_path):
+    out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed",
+                          "results", "METHODS=concat ccat", "SEEDS=0 1",
+                          f"RESULTS_DIR={tmp_path}", "RESULTS_ARGS=--set optim.epochs=2"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert any(f"synth cremad --out {tmp_path}/raw" in line
+               and f"build cremad --raw {tmp_path}/raw --out {tmp_path}/shards" in line
+               for line in lines)
+    train_lines = [line for line in lines if " train " in line]
+    assert len(train_lines) == 4
+    for method in ("concat", "ccat"):
+        for seed in (0, 1):
+            assert any(f"--method {method} " in line and "--config configs/demo.yaml" in line
+                       and f"--data {tmp_path}/shards" in line
+                       and f"--out {tmp_path}/{method}/s{seed} " in line
+                       and "--set optim.epochs=2" in line for line in train_lines)
+    assert any(" results " in line and "--out docs/results.md" in line for line in lines)
+    assert ("--command 'make results METHODS=\"concat ccat\" SEEDS=\"0 1\" "
+            "RESULTS_ARGS=\"--set optim.epochs=2\"'") in out
