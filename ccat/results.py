@@ -80,7 +80,7 @@ def accuracy_figure(report: Report, path: Path) -> Path:
             else "one seed (no std)")
     ax.set_title(f"fused accuracy and linear probe per modality, {over}")
     ax.legend(fontsize="small", ncols=len(columns), loc="upper center")
-    return save(fig, path)
+    return save(fig, path, f"{', '.join(sorted(datasets))}: {len(report.rows)} methods")
 
 
 def _cost_sentence(report: Report) -> str:
