@@ -1,4 +1,4 @@
-"""Per-sample outputs of a checkpoint on a split, written to HDF5 (layout in the README).
+"""Per-sample outputs of a checkpoint on a split, written to HDF5 (layout in docs/evaluation.md).
 
     keys                  (N,)   UTF-8 strings, the samples' keys in loader order
     labels                (N,)   int64 class indices
