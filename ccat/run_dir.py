@@ -22,6 +22,7 @@ N-th write of that file, to exercise the kill points above on the real code path
 from __future__ import annotations
 
 import collections
+import filecmp
 import json
 import os
 import shutil
@@ -148,6 +149,16 @@ def copy_atomic(source: Path, target: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def copy_if_differs(source: Path, target: Path) -> bool:
+    """:func:`copy_atomic` unless ``target`` already holds ``source``'s bytes (so a finished
+    run's ``best.pt`` keeps its time stamp, and ``make table`` does not re-evaluate it);
+    True when it copied."""
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return False
+    copy_atomic(source, target)
+    return True
 
 
 def written(name: str) -> None:

@@ -305,13 +305,13 @@ def restore_folder(out: Path, stages: list[Stage], state: dict[str, Any] | None,
                    main: bool) -> list[dict[str, Any]]:
     """Undo what a kill left ahead of ``last.pt`` (see :mod:`ccat.run_dir`): cut
     ``metrics.jsonl`` back to its epoch, and copy it to ``best.pt`` when its own epoch is the
-    selected one. Returns the metrics rows up to it."""
+    selected one and ``best.pt`` does not hold it yet. Returns the metrics rows up to it."""
     rows = 0 if state is None else _stage_rows(stages, state)
     if not main:
         return run_dir.read_metrics(out)[:rows]
     history = run_dir.cut_metrics(out, rows)
     if state is not None and state.get("best_epoch") == state["epoch"]:
-        run_dir.copy_atomic(out / run_dir.LAST, out / run_dir.BEST)
+        run_dir.copy_if_differs(out / run_dir.LAST, out / run_dir.BEST)
     return history
 
 

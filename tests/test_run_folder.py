@@ -344,9 +344,12 @@ def test_make_table_refuses_changed_args_on_a_rerun(tiny, config_file, tmp_path,
     train(load_config(config, ["seed=0"], {"method.name": "sum", "data.path": str(tiny),
                                            "out": str(run)}))
     evaluate_checkpoint(run / run_dir.BEST, json_path=run / run_dir.EVAL)
+    stamps = [(run / name).stat().st_mtime_ns for name in (run_dir.BEST, run_dir.EVAL)]
     changed = subprocess.run([*make, "ARGS=--set optim.lr=0.5"], capture_output=True, text=True)
     assert changed.returncode != 0
     assert "optim.lr: 0.01 -> 0.5" in changed.stderr and "ARGS" in changed.stderr
     again = subprocess.run(make, capture_output=True, text=True)
     assert again.returncode == 0 and "finished already" in again.stdout
     assert (tmp_path / "runs" / "table.md").is_file()
+    # the finished run's best.pt is left as it was, so its eval.json is not redone
+    assert [(run / name).stat().st_mtime_ns for name in (run_dir.BEST, run_dir.EVAL)] == stamps
