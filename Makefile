@@ -66,7 +66,7 @@ sweep: install
 # The built-in dataset end to end: synthetic raw CREMA-D -> shards -> both CCAT stages -> eval.
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(BIN)/ccat-data synth cremad --out $(DEMO_DIR)/raw --clips 240 --seed 0
+	$(BIN)/ccat-data synth cremad --out $(DEMO_DIR)/raw --clips 480 --seed 0
 	$(BIN)/ccat-data build cremad --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards \
 		--frame-size 32 --seconds 1.0 --shard-size 64 --workers $(WORKERS)
 	$(BIN)/ccat-data verify $(DEMO_DIR)/shards

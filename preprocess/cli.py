@@ -268,12 +268,18 @@ def _check_easy(easy: str, modalities: tuple[str, ...]) -> None:
         raise typer.BadParameter(f"--easy {easy!r}: choose {' or '.join(modalities)}")
 
 
+HardStrength = Annotated[float, typer.Option(
+    min=0.0, help="Scale of the hard cue: lower makes the hard modality slower to learn "
+                  "(0 removes its cue).")]
+
+
 @synth_app.command("cremad")
 def synth_cremad(
     out: Out,
     clips: Annotated[int, typer.Option(help="Number of clips (balanced over 6 classes).")] = 120,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
+    hard_strength: HardStrength = 1.0,
     width: Annotated[int, typer.Option(help="Video width, px.")] = 96,
     height: Annotated[int, typer.Option(help="Video height, px.")] = 72,
 ) -> None:
@@ -283,8 +289,8 @@ def synth_cremad(
     _check_easy(easy, ("audio", "video"))
     with _progress() as progress:
         task = progress.add_task("writing synthetic CREMA-D", total=clips)
-        ids = synthesize_cremad(out, clips, seed, easy=easy, width=width, height=height,
-                                progress=lambda n: progress.update(task, completed=n))
+        ids = synthesize_cremad(out, clips, seed, easy=easy, hard_strength=hard_strength,
+                                width=width, height=height, progress=lambda n: progress.update(task, completed=n))
     counts = Counter(cremad.CLASSES[cremad.label_of(i)] for i in ids)
     console.print(f"wrote {len(ids)} clips to {out} ({easy} is the easy modality); per class: "
                   + ", ".join(f"{c} {counts[c]}" for c in cremad.CLASSES))
@@ -298,6 +304,7 @@ def synth_ks(
     classes: Annotated[int, typer.Option(help="Number of classes, 2 to 5.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     easy: Annotated[str, typer.Option(help="The easy modality: audio or video.")] = "audio",
+    hard_strength: HardStrength = 1.0,
     seconds: Annotated[float, typer.Option(help="Clip length, s.")] = 2.0,
 ) -> None:
     """A small Kinetics-Sounds tree: <class>/<id>_<start>.mp4, H.264 + AAC."""
@@ -309,7 +316,7 @@ def synth_ks(
     with _progress() as progress:
         task = progress.add_task("writing synthetic Kinetics-Sounds", total=clips)
         ids = synthesize_ks(out, clips, seed, easy=easy, num_classes=classes, duration=seconds,
-                            progress=lambda n: progress.update(task, completed=n))
+                            hard_strength=hard_strength, progress=lambda n: progress.update(task, completed=n))
     console.print(f"wrote {len(ids)} clips in {classes} class folders to {out} "
                   f"({easy} is the easy modality)")
 
