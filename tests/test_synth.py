@@ -261,8 +261,23 @@ def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,named", [(["cremad", "--easy", "text"], "--easy 'text'"),
                                         (["ks", "--easy", "text"], "--easy 'text'"),
                                         (["ks", "--classes", "9"], "--classes 9"),
+                                        (["cremad", "--hard-strength", "-1"], "--hard-strength"),
                                         (["mvsa", "--easy", "audio"], "--easy 'audio'")])
 def test_synth_refuses_bad_options_in_one_sentence(tmp_path, capsys, args, named) -> None:
     code, _, err = run_cli(["synth", *args, "--out", str(tmp_path / "raw")], capsys)
     assert code == 2 and named in err and "Traceback" not in err
     assert not (tmp_path / "raw").exists()
+
+
+def test_synth_cli_passes_the_hard_strength(tmp_path: Path, capsys) -> None:
+    """`--hard-strength 0.5` writes exactly what the library writes at hard_strength 0.5."""
+    code, out, _ = run_cli(["synth", "cremad", "--out", str(tmp_path / "cli"), "--clips", "3",
+                            "--width", str(SIZE[0]), "--height", str(SIZE[1]),
+                            "--hard-strength", "0.5"], capsys)
+    assert code == 0 and "wrote 3 clips" in out
+    ids = synthesize_cremad(tmp_path / "lib", 3, 0, hard_strength=0.5, width=SIZE[0],
+                            height=SIZE[1])
+    default = synthesize_cremad(tmp_path / "default", 3, 0, width=SIZE[0], height=SIZE[1])
+    name = f"VideoFlash/{ids[0]}.flv"
+    assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+    assert (tmp_path / "cli" / name).read_bytes() != (tmp_path / "default" / name).read_bytes()

@@ -55,7 +55,7 @@ AUDIO_NOISE_STD = 0.05  # white noise floor under every clip
 CLASS_TONES_HZ = (440.0, 660.0, 990.0, 1485.0, 2228.0, 3341.0)  # easy cue: x1.5 apart
 TONE_JITTER = 0.01  # relative per-clip detuning of the class tone
 TONE_AMPLITUDE = 0.3  # easy tone amplitude at easy_strength 1
-CLASS_AM_RATES_HZ = (2.0, 3.0, 4.5, 6.75, 10.1, 15.2)  # hard cue: x1.5 apart, periods of 4-31 STFT frames
+CLASS_AM_RATES_HZ = (2.0, 3.0, 4.5, 6.75, 10.1, 15.2)  # hard cue: x1.5 apart, 4-31 STFT frames
 FUNDAMENTAL_RANGE_HZ = (120.0, 300.0)  # hard cue carrier: a buzz of random (log-uniform) pitch
 HARMONIC_CEILING_HZ = 4000.0  # its harmonics stop here
 BUZZ_RMS = 0.1
@@ -112,9 +112,9 @@ def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: s
                       progress: Callable[[int], None] | None = None) -> list[str]:
     """Write a synthetic CREMA-D raw tree under `out` and return the sorted clip ids.
 
-    `easy` names the modality that gets the linear cue; the other gets the phase-random cue.
-    `easy_strength` and `hard_strength` scale the two cues' amplitudes (0 removes a cue; the
-    audio modulation depth saturates at hard_strength 1 / AM_DEPTH). `sample_rate` is the
+    `easy` names the modality that gets the linear cue; the other gets the sign- or
+    phase-random cue. `easy_strength` and `hard_strength` scale the two cues' amplitudes (0
+    removes a cue; the audio gating depth saturates at hard_strength 1 / AM_DEPTH). `sample_rate` is the
     wav's; the FLV carries the same sound resampled to FLV_AUDIO_RATE.
     `duration` in seconds is fixed or a (low, high) range drawn per clip. Same arguments give
     byte-identical files. `progress(n)` is called with the number of clips written so far.
@@ -198,7 +198,7 @@ def _audio_easy(label: int, num_samples: int, sample_rate: int, rng: np.random.G
 
 def _audio_hard(label: int, num_samples: int, sample_rate: int, rng: np.random.Generator,
                 strength: float) -> np.ndarray:
-    """Phase-random cue: a buzz of random pitch, amplitude-modulated at the class rate."""
+    """Phase-random cue: a buzz of random pitch, gated on and off at the class rate."""
     t = np.arange(num_samples) / sample_rate
     fundamental = np.exp(rng.uniform(*np.log(FUNDAMENTAL_RANGE_HZ)))
     harmonics = fundamental * np.arange(1, int(HARMONIC_CEILING_HZ // fundamental) + 1)
@@ -450,7 +450,7 @@ def synthesize_mvsa(out: Path, num_pairs: int = 90, seed: int = 0, *, easy: str 
     `labelResultAll.txt`; every MVSA_DISAGREE_EVERY-th pair has disagreeing labels.
 
     `easy` names the modality with the easy cue (text: a class word; image: a class tint);
-    the other gets the hard one (text: polarity XOR negation; image: a faint grating).
+    the other gets the hard one (text: polarity XOR negation; image: the colour-axis texture).
     Returns the sorted ids.
     """
     if easy not in MVSA_MODALITIES:
