@@ -67,7 +67,7 @@ sweep: install
 
 # The built-in dataset: synthetic raw CREMA-D (audio easy, video hard) and its shards at the
 # demo's reduced size, in folder $(1) (raw/ and shards/).
-synth_data = $(BIN)/ccat-data synth cremad --out $(1)/raw --clips 240 --seed 0 && \
+synth_data = $(BIN)/ccat-data synth cremad --out $(1)/raw --clips 480 --seed 0 && \
 	$(BIN)/ccat-data build cremad --raw $(1)/raw --out $(1)/shards --frame-size 32 \
 		--seconds 1.0 --shard-size 64 --workers $(WORKERS) && \
 	$(BIN)/ccat-data verify $(1)/shards

@@ -1,9 +1,10 @@
 """The synthetic CREMA-D generator: real layout and media, determinism, cues of unequal difficulty.
 
-The cue tests use cheap features of the raw files, not the shard builder: a linear rule
-(leave-one-out nearest class mean) on a binned audio magnitude spectrum or on block-averaged
-pixels, and a nonlinear phase-invariant detector (energy at each class's grating orientation
-or modulation rate) for the hard cue.
+The cue tests use cheap features of the raw files, not the shard builder: per-class means
+and a linear rule (leave-one-out nearest class mean) on a binned audio magnitude spectrum,
+mean log-spectrogram rows or block-averaged pixels, and a nonlinear sign- and
+phase-invariant detector (texture energy along each class's colour axis, envelope energy
+at each class's gating rate) for the hard cue.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import pytest
 import soundfile
 
 from conftest import run_cli
-from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_ORIENTATIONS_DEG, CLASSES,
-                                       GRATING_CYCLES, synthesize_cremad)
+from scipy.stats import f_oneway
+
+from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_COLOUR_AXES, CLASSES,
+                                       synthesize_cremad)
 
 ID_PATTERN = re.compile(r"^(10(?:0[1-9]|[1-8]\d|9[01]))_(IEO|TIE|IOM|IWW|TAI|MTI|IWL|ITH|DFA|ITS"
                         r"|TSI|WSI)_(ANG|DIS|FEA|HAP|NEU|SAD)_(LO|MD|HI|XX)$")
@@ -31,6 +34,11 @@ SPECTRUM_BIN_HZ = 50.0  # binning makes spectra of clips of different lengths co
 ENVELOPE_HOP_S = 0.01  # 100 Hz envelope: the fastest class rate (18 Hz) is well resolved
 ENVELOPE_WINDOW = 512  # Hann-weighted, so a steady tone leaves no ripple (as in the STFT)
 PIXEL_BLOCK = 8  # 64x48 frames -> 8x6 blocks of mean colour
+STFT_WINDOW, STFT_HOP = 512, 256  # log-magnitude rows, as the builder's spectrogram
+LOG_EPS = 1e-7
+# One-way ANOVA over the 6 classes, per feature, Bonferroni-corrected over the features:
+# a cue with a class-mean difference is far below EASY_P, one without stays above HARD_P.
+EASY_P, HARD_P = 1e-6, 1e-3
 
 
 def label(clip_id: str) -> int:
@@ -169,24 +177,35 @@ def modulation_class(path: Path) -> int:
     return int(np.argmax(energy))
 
 
-def orientation_class(path: Path) -> int:
-    """The class orientation whose quadrature grating filter collects most energy (grey level)."""
-    luma = sampled_frames(path).mean(3)
-    luma -= luma.mean((1, 2), keepdims=True)
-    h, w = luma.shape[1:]
-    v, u = (np.arange(h)[:, None] + 0.5) / h, (np.arange(w)[None, :] + 0.5) / w
-    energy = []
-    for angle in np.deg2rad(CLASS_ORIENTATIONS_DEG):
-        phase = 2 * np.pi * GRATING_CYCLES * (u * np.cos(angle) + v * np.sin(angle))
-        quadrature = (luma * np.exp(1j * phase)).sum((1, 2))
-        energy.append((np.abs(quadrature) ** 2).sum())
-    return int(np.argmax(energy))
+def colour_axis_class(path: Path) -> int:
+    """The class colour axis along which the pixels vary most about their mean colour
+    (a quadratic feature: blind to the texture's random signs)."""
+    pixels = sampled_frames(path).reshape(-1, 3)
+    covariance = np.cov(pixels - pixels.mean(0), rowvar=False)
+    return int(np.argmax([axis @ covariance @ axis for axis in CLASS_COLOUR_AXES]))
+
+
+def mean_log_rows(path: Path) -> np.ndarray:
+    """Mean over time of each row of the log-magnitude spectrogram (Hann STFT)."""
+    sound, _ = soundfile.read(path, dtype="float64")
+    frames = np.lib.stride_tricks.sliding_window_view(sound, STFT_WINDOW)[::STFT_HOP]
+    magnitude = np.abs(np.fft.rfft(frames * np.hanning(STFT_WINDOW), axis=1))
+    return np.log(magnitude + LOG_EPS).mean(0)
+
+
+def class_mean_p(features: np.ndarray, labels: np.ndarray) -> float:
+    """Smallest per-feature ANOVA p-value that the class means are equal, Bonferroni-scaled."""
+    groups = [features[labels == c] for c in range(len(CLASSES))]
+    p = np.nan_to_num(f_oneway(*groups).pvalue, nan=1.0)
+    return float(min(1.0, p.min() * features.shape[1]))
 
 
 LINEAR_FEATURE = {"audio": ("AudioWAV", "wav", audio_spectrum),
                   "video": ("VideoFlash", "flv", block_pixels)}
 NONLINEAR_CLASS = {"audio": ("AudioWAV", "wav", modulation_class),
-                   "video": ("VideoFlash", "flv", orientation_class)}
+                   "video": ("VideoFlash", "flv", colour_axis_class)}
+MEAN_FEATURE = {"audio": ("AudioWAV", "wav", mean_log_rows),
+                "video": ("VideoFlash", "flv", block_pixels)}
 
 
 def test_easy_modality_is_linear_hard_one_is_not(cue_tree: tuple[str, Path, list[str]]) -> None:
@@ -201,8 +220,22 @@ def test_easy_modality_is_linear_hard_one_is_not(cue_tree: tuple[str, Path, list
             assert accuracy <= CHANCE + 0.2, f"hard {modality}: linear rule {accuracy:.2f}"
 
 
+def test_only_the_easy_cue_moves_the_class_means(cue_tree: tuple[str, Path, list[str]]) -> None:
+    """Per-class mean spectrogram rows and mean frames: the easy modality's differ by class,
+    the hard modality's are equal within noise (its cue has random sign or phase)."""
+    easy, root, ids = cue_tree
+    labels = np.array([label(i) for i in ids])
+    for modality, (sub, suffix, feature) in MEAN_FEATURE.items():
+        features = np.stack([feature(root / sub / f"{i}.{suffix}") for i in ids])
+        p = class_mean_p(features, labels)
+        if modality == easy:
+            assert p < EASY_P, f"easy {modality}: class means barely differ (p {p:.2g})"
+        else:
+            assert p > HARD_P, f"hard {modality}: a class mean differs (p {p:.2g})"
+
+
 def test_hard_modality_needs_a_nonlinear_feature(cue_tree: tuple[str, Path, list[str]]) -> None:
-    """The class-filter detector finds the hard cue, and finds nothing in the easy modality."""
+    """The energy detector finds the hard cue, and finds nothing in the easy modality."""
     easy, root, ids = cue_tree
     labels = np.array([label(i) for i in ids])
     for modality, (sub, suffix, detector) in NONLINEAR_CLASS.items():
@@ -211,7 +244,7 @@ def test_hard_modality_needs_a_nonlinear_feature(cue_tree: tuple[str, Path, list
         if modality == easy:
             assert accuracy <= CHANCE + 0.2, f"easy {modality} has a hard cue too: {accuracy:.2f}"
         else:
-            assert accuracy >= 0.8, f"hard {modality}: class-filter energy only {accuracy:.2f}"
+            assert accuracy >= 0.8, f"hard {modality}: class energy detector only {accuracy:.2f}"
 
 
 def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
@@ -221,15 +254,30 @@ def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
     labels = np.array([label(i) for i in ids])
     spectra = np.stack([audio_spectrum(tmp_path / "AudioWAV" / f"{i}.wav") for i in ids])
     assert nearest_mean_accuracy(spectra, labels) <= 0.5
-    predicted = [orientation_class(tmp_path / "VideoFlash" / f"{i}.flv") for i in ids]
+    predicted = [colour_axis_class(tmp_path / "VideoFlash" / f"{i}.flv") for i in ids]
     assert np.mean(np.array(predicted) == labels) <= 0.5
 
 
 @pytest.mark.parametrize("args,named", [(["cremad", "--easy", "text"], "--easy 'text'"),
                                         (["ks", "--easy", "text"], "--easy 'text'"),
                                         (["ks", "--classes", "9"], "--classes 9"),
+                                        (["cremad", "--hard-strength", "-1"], "--hard-strength"),
                                         (["mvsa", "--easy", "audio"], "--easy 'audio'")])
 def test_synth_refuses_bad_options_in_one_sentence(tmp_path, capsys, args, named) -> None:
     code, _, err = run_cli(["synth", *args, "--out", str(tmp_path / "raw")], capsys)
     assert code == 2 and named in err and "Traceback" not in err
     assert not (tmp_path / "raw").exists()
+
+
+def test_synth_cli_passes_the_hard_strength(tmp_path: Path, capsys) -> None:
+    """`--hard-strength 0.5` writes exactly what the library writes at hard_strength 0.5."""
+    code, out, _ = run_cli(["synth", "cremad", "--out", str(tmp_path / "cli"), "--clips", "3",
+                            "--width", str(SIZE[0]), "--height", str(SIZE[1]),
+                            "--hard-strength", "0.5"], capsys)
+    assert code == 0 and "wrote 3 clips" in out
+    ids = synthesize_cremad(tmp_path / "lib", 3, 0, hard_strength=0.5, width=SIZE[0],
+                            height=SIZE[1])
+    default = synthesize_cremad(tmp_path / "default", 3, 0, width=SIZE[0], height=SIZE[1])
+    name = f"VideoFlash/{ids[0]}.flv"
+    assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+    assert (tmp_path / "cli" / name).read_bytes() != (tmp_path / "default" / name).read_bytes()

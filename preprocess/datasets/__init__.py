@@ -87,6 +87,12 @@ def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise OptionError(f"{flag} {value!r}: choose {' or '.join(choices)}")
 
 
+def check_non_negative(flag: str, value: float) -> None:
+    """Refuse a negative ``value`` of option ``flag``."""
+    if value < 0:
+        raise OptionError(f"{flag} {value}: must be 0 or more")
+
+
 class Recipe(Protocol):
     """How one dataset's raw media become samples.
 

@@ -13,7 +13,8 @@ from typing import Any, Callable, ClassVar
 
 from ccat.data import kinds, spec
 from preprocess import media
-from preprocess.datasets import LayoutError, Published, check_choice, option, register
+from preprocess.datasets import (LayoutError, Published, check_choice, check_non_negative,
+                                 option, register)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -42,12 +43,15 @@ class CremadSynth:
     clips: int = option(120, "Number of clips (balanced over 6 classes).")
     seed: int = option(0, "Seed: same seed, same files.")
     easy: str = option("audio", "The easy modality: audio or video.")
+    hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
+                                        "slower to learn (0 removes its cue).")
     width: int = option(96, "Video width, px.")
     height: int = option(72, "Video height, px.")
     title: ClassVar[str] = "synthetic CREMA-D"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
+        check_non_negative("--hard-strength", self.hard_strength)
 
     @property
     def total(self) -> int:
@@ -57,7 +61,8 @@ class CremadSynth:
         """Write the tree; a line saying what was written."""
         from preprocess.datasets.synth import synthesize_cremad
 
-        ids = synthesize_cremad(out, self.clips, self.seed, easy=self.easy, width=self.width,
+        ids = synthesize_cremad(out, self.clips, self.seed, easy=self.easy,
+                                hard_strength=self.hard_strength, width=self.width,
                                 height=self.height, progress=progress)
         counts = Counter(CLASSES[label_of(i)] for i in ids)
         return (f"wrote {len(ids)} clips to {out} ({self.easy} is the easy modality); per "

@@ -16,7 +16,8 @@ from typing import Any, Callable, ClassVar, Optional
 
 from ccat.data import kinds, spec
 from preprocess import media
-from preprocess.datasets import LayoutError, OptionError, Published, check_choice, option, register
+from preprocess.datasets import (LayoutError, OptionError, Published, check_choice,
+                                 check_non_negative, option, register)
 from preprocess.splits import (UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines,
                                read_text_lines)
 
@@ -60,11 +61,14 @@ class KineticsSoundsSynth:
     classes: int = option(SYNTH_CLASSES[1], "Number of classes, 2 to 5.")
     seed: int = option(0, "Seed: same seed, same files.")
     easy: str = option("audio", "The easy modality: audio or video.")
+    hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
+                                        "slower to learn (0 removes its cue).")
     seconds: float = option(2.0, "Clip length, s.")
     title: ClassVar[str] = "synthetic Kinetics-Sounds"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
+        check_non_negative("--hard-strength", self.hard_strength)
         if not SYNTH_CLASSES[0] <= self.classes <= SYNTH_CLASSES[1]:
             raise OptionError(f"--classes {self.classes}: choose {SYNTH_CLASSES[0]} to "
                               f"{SYNTH_CLASSES[1]}")
@@ -78,7 +82,8 @@ class KineticsSoundsSynth:
         from preprocess.datasets.synth import synthesize_ks
 
         ids = synthesize_ks(out, self.clips, self.seed, easy=self.easy,
-                            num_classes=self.classes, duration=self.seconds, progress=progress)
+                            hard_strength=self.hard_strength, num_classes=self.classes,
+                            duration=self.seconds, progress=progress)
         return (f"wrote {len(ids)} clips in {self.classes} class folders to {out} "
                 f"({self.easy} is the easy modality)")
 

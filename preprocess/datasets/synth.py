@@ -1,40 +1,34 @@
-"""Synthetic CREMA-D: a small raw tree in the real layout, with a controlled modality imbalance.
+"""Synthetic CREMA-D (and KS, MVSA): small raw trees in the real layouts, with a controlled
+modality imbalance.
 
 `synthesize_cremad` writes `AudioWAV/<id>.wav` (16 kHz mono PCM16) and `VideoFlash/<id>.flv`
 (FLV1 video plus the same sound as MP3) for ids in the CREMA-D pattern
 `<actor>_<sentence>_<EMO>_<level>`, so the real `cremad` recipe builds shards from it.
 
-Each modality carries the class through one of two cues; `easy` picks which modality gets
-which. The easy cue is LINEAR in what the encoder sees: its class mean differs, so a
-nearest-class-mean rule separates it almost at once.
+Each modality carries the class through one of two cues; `easy` picks which gets which.
 
-- audio, easy: a steady tone at a class-specific frequency over noise (one bright row of the
-  log-magnitude spectrogram).
-- video, easy: a class-specific tint of the background colour (the mean colour).
+- Easy cue, LINEAR: its class mean differs, so a joint model fits it within an epoch or two.
+  Audio: a loud steady tone at a class frequency. Video: a class tint of the background.
+- Hard cue, NONLINEAR but strong: its sign or phase is random per clip, so every class has
+  the same mean input (no linear rule on the raw input beats chance), yet one
+  rectification (an energy) finds it, so a small CNN trained on it alone learns it in a few
+  epochs. Video: a high-contrast checkerboard of random signs along a class colour axis
+  (6 equiangular RGB axes); it survives random crops, flips and resizing, unlike a
+  spatial pattern. Audio: a buzz of random pitch gated fully on and off at a class rate
+  with random phase (vertical stripes in the spectrogram; the CNN's pooling is blind to
+  absolute time, so the rate, not the phase, is what it can pick up).
 
-The hard cue is a class-specific PERIODIC pattern whose phase (hence its sign) is random per
-clip, so every class averages to the same input and no linear rule on the raw input beats
-chance; a detector needs a nonlinear, phase-invariant feature (energy of a class filter).
+Why this design: under joint training the easy cue drives the fused loss near zero before
+the hard encoder has learned its cue, so the hard encoder then gets little gradient and
+stays behind; alone, it learns its cue quickly. The measured gap, its dependence on
+`hard_strength` (lower: slower to learn alone and a larger gap, until it is not learned at
+all) and the command that measures it are in docs/datasets.md.
 
-- video, hard: a faint luminance grating at a fixed spatial frequency with a class-specific
-  orientation, random phase and a slow random drift, over a random background colour,
-  a moving blob of random colour and coarse pixel noise that drifts over ~0.3 s.
-- audio, hard: a buzz (harmonics of a random pitch), amplitude-modulated at a class-specific
-  rate with random phase: vertical stripes in the spectrogram, a temporal grating.
-
-Measured with small CNNs (32x32 frames, 480 training clips of 96x72, SGD, 30 epochs): each
-hard cue alone reaches 1.0 test accuracy within 10-20 epochs, while joint Concat training,
-where the easy cue is solved in the first epoch, leaves the hard encoder's linear probe far
-behind (video 0.32 vs 1.0; audio 0.93 vs 1.0, and 0.74 vs 0.98 after 10 epochs). Lower
-`hard_strength` widens the gap, higher narrows it.
-
-Both cues survive the preprocessing rules: all tones stay below 8 kHz (the 16 kHz Nyquist)
-and are steady, so resampling to 22,050 Hz and tiling to 3 s keep them; modulation rates of
-4-18 Hz are periods of 3.5-16 frames of the 62.5 Hz spectrogram. Video patterns are defined
-in image-relative coordinates (cycles per frame, not per pixel), so an anisotropic resize to
-224x224 or 32x32 keeps the orientations distinct; they are constant or slowly varying, so
-any of the three sampled frames carries them. Noise is drawn on a fixed coarse grid for the
-same reason. Everything is drawn from `numpy` generators seeded by (seed, clip index).
+Both cues survive the preprocessing: tones stay below 8 kHz (the 16 kHz Nyquist) and are
+steady, so resampling to 22,050 Hz and tiling keep them; gating rates of 2-15 Hz are
+periods of 4-31 frames of the 62.5 Hz spectrogram. Video cues are constant in time and
+drawn on a coarse grid in frame-relative units, so any sampled frame at any size carries
+them. Everything is drawn from `numpy` generators seeded by (seed, clip index).
 """
 
 from __future__ import annotations
@@ -62,12 +56,12 @@ MODALITIES = ("audio", "video")
 AUDIO_NOISE_STD = 0.05  # white noise floor under every clip
 CLASS_TONES_HZ = (440.0, 660.0, 990.0, 1485.0, 2228.0, 3341.0)  # easy cue: x1.5 apart
 TONE_JITTER = 0.01  # relative per-clip detuning of the class tone
-TONE_AMPLITUDE = 0.1  # easy tone amplitude at easy_strength 1
-CLASS_AM_RATES_HZ = (4.0, 5.5, 7.5, 10.0, 13.5, 18.0)  # hard cue: periods of 3.5-16 STFT frames
+TONE_AMPLITUDE = 0.3  # easy tone amplitude at easy_strength 1
+CLASS_AM_RATES_HZ = (2.0, 3.0, 4.5, 6.75, 10.1, 15.2)  # hard cue: x1.5 apart, 4-31 STFT frames
 FUNDAMENTAL_RANGE_HZ = (120.0, 300.0)  # hard cue carrier: a buzz of random (log-uniform) pitch
 HARMONIC_CEILING_HZ = 4000.0  # its harmonics stop here
 BUZZ_RMS = 0.1
-AM_DEPTH = 0.3  # hard cue: modulation depth at hard_strength 1 (capped at 1)
+AM_DEPTH = 1.0  # hard cue: gating depth at hard_strength 1 (capped at 1: fully on and off)
 DISTRACTOR_TONE_RANGE_HZ = (200.0, 6000.0)  # steady tone at a random frequency, any class
 DISTRACTOR_TONE_AMPLITUDE = 0.05
 PEAK_LIMIT = 0.99  # scale down a clip whose peak would clip PCM16
@@ -79,10 +73,15 @@ MP3_COMPRESSION_LEVEL = 7  # LAME's -q: 0 slowest/best, 9 fastest; 7 halves the 
 BASE_GREY = 0.5
 BACKGROUND_COLOUR_STD = 0.04  # per-clip random colour, the same for every class
 TINT_AMPLITUDE = 0.25  # easy cue: class colour offset at easy_strength 1
-GRATING_CYCLES = 4.0  # hard cue: cycles per frame, resolvable even at 32x32
-CLASS_ORIENTATIONS_DEG = (0.0, 30.0, 60.0, 90.0, 120.0, 150.0)
-GRATING_AMPLITUDE = 0.016  # hard grating amplitude at hard_strength 1
-GRATING_DRIFT_MAX_HZ = 0.3  # slow random phase drift, cycles per second
+_GOLDEN = (1 + 5 ** 0.5) / 2
+# Hard cue: 6 colour axes through opposite vertices of an icosahedron, the 6 RGB directions
+# as far apart as 6 lines can be (|cos| = 1/sqrt(5) between any two): the energy of a
+# texture along its own axis is 5x its energy along any other class's axis.
+CLASS_COLOUR_AXES = np.array([(0, 1, _GOLDEN), (0, 1, -_GOLDEN), (1, _GOLDEN, 0),
+                              (1, -_GOLDEN, 0), (_GOLDEN, 0, 1), (_GOLDEN, 0, -1)]
+                             ) / np.sqrt(1 + _GOLDEN ** 2)
+TEXTURE_GRID = (6, 8)  # rows, cols of the hard cue's random-sign checkerboard cells
+TEXTURE_AMPLITUDE = 0.12  # hard texture contrast along the class axis at hard_strength 1
 BLOB_RADIUS = 0.15  # distractor: Gaussian blob of random colour on a random straight path
 BLOB_AMPLITUDE = 0.25
 NOISE_GRID = (24, 32)  # rows, cols of the coarse pixel-noise grid
@@ -115,9 +114,9 @@ def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: s
                       progress: Callable[[int], None] | None = None) -> list[str]:
     """Write a synthetic CREMA-D raw tree under `out` and return the sorted clip ids.
 
-    `easy` names the modality that gets the linear cue; the other gets the phase-random cue.
-    `easy_strength` and `hard_strength` scale the two cues' amplitudes (0 removes a cue; the
-    audio modulation depth saturates at hard_strength 1 / AM_DEPTH). `sample_rate` is the
+    `easy` names the modality that gets the linear cue; the other gets the sign- or
+    phase-random cue. `easy_strength` and `hard_strength` scale the two cues' amplitudes (0
+    removes a cue; the audio gating depth saturates at hard_strength 1 / AM_DEPTH). `sample_rate` is the
     wav's; the FLV carries the same sound resampled to FLV_AUDIO_RATE.
     `duration` in seconds is fixed or a (low, high) range drawn per clip. Same arguments give
     byte-identical files. `progress(n)` is called with the number of clips written so far.
@@ -201,15 +200,15 @@ def _audio_easy(label: int, num_samples: int, sample_rate: int, rng: np.random.G
 
 def _audio_hard(label: int, num_samples: int, sample_rate: int, rng: np.random.Generator,
                 strength: float) -> np.ndarray:
-    """Phase-random cue: a buzz of random pitch, amplitude-modulated at the class rate."""
+    """Phase-random cue: a buzz of random pitch, gated on and off at the class rate."""
     t = np.arange(num_samples) / sample_rate
     fundamental = np.exp(rng.uniform(*np.log(FUNDAMENTAL_RANGE_HZ)))
     harmonics = fundamental * np.arange(1, int(HARMONIC_CEILING_HZ // fundamental) + 1)
     phases = rng.uniform(0, 2 * np.pi, len(harmonics))
     buzz = np.sin(2 * np.pi * harmonics[:, None] * t + phases[:, None]).sum(0)
     depth = min(1.0, strength * AM_DEPTH)
-    envelope = 1 + depth * np.sin(2 * np.pi * CLASS_AM_RATES_HZ[label] * t
-                                  + rng.uniform(0, 2 * np.pi))
+    envelope = 1 + depth * np.sign(np.sin(2 * np.pi * CLASS_AM_RATES_HZ[label] * t
+                                          + rng.uniform(0, 2 * np.pi)))
     cue = BUZZ_RMS * np.sqrt(2 / len(harmonics)) * envelope * buzz
     return _limit_peak(cue + _audio_background(num_samples, sample_rate, rng))
 
@@ -223,23 +222,24 @@ def _limit_peak(sound: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Scene:
-    """Per-clip video state: colour, optional grating and distractor blob path."""
+    """Per-clip video state: colour, optional texture and distractor blob path."""
 
     colour: np.ndarray  # RGB background, shape [3]
-    grating: tuple[float, float, float, float] | None  # amplitude, angle, phase, drift Hz
+    texture: np.ndarray | None  # RGB offset per noise-grid cell, shape [*NOISE_GRID, 3]
     blob_colour: np.ndarray  # RGB offset, shape [3]
     blob_path: np.ndarray  # (start, end) centre in frame units, shape [2, 2]
 
 
-def _draw_scene(rng: np.random.Generator, tint: np.ndarray,
-                grating: tuple[float, float] | None) -> _Scene:
-    """Random scene; `tint` is added to the colour, `grating` is (amplitude, angle in rad)."""
+def _draw_scene(rng: np.random.Generator, tint: np.ndarray, axis: np.ndarray | None) -> _Scene:
+    """Random scene; `tint` is added to the colour, `axis` (RGB, its length the contrast)
+    colours a checkerboard of random signs."""
     colour = BASE_GREY + BACKGROUND_COLOUR_STD * rng.standard_normal(3) + tint
-    phase = rng.uniform(0, 2 * np.pi)  # also covers the polarity (sign) of the grating
-    drift = rng.uniform(-GRATING_DRIFT_MAX_HZ, GRATING_DRIFT_MAX_HZ)
-    wave = None if grating is None else (grating[0], grating[1], phase, drift)
+    signs = rng.choice([-1.0, 1.0], TEXTURE_GRID)  # mean zero for every class
+    cells = np.kron(signs, np.ones((NOISE_GRID[0] // TEXTURE_GRID[0],
+                                    NOISE_GRID[1] // TEXTURE_GRID[1])))
+    texture = None if axis is None else cells[..., None] * axis
     blob_colour = BLOB_AMPLITUDE * rng.uniform(-1, 1, 3)
-    return _Scene(colour, wave, blob_colour, rng.uniform(0, 1, (2, 2)))
+    return _Scene(colour, texture, blob_colour, rng.uniform(0, 1, (2, 2)))
 
 
 def _class_tint(label: int) -> np.ndarray:
@@ -258,9 +258,9 @@ def _video_easy(label: int, num_frames: int, width: int, height: int, fps: int,
 
 def _video_hard(label: int, num_frames: int, width: int, height: int, fps: int,
                 rng: np.random.Generator, strength: float) -> Iterator[np.ndarray]:
-    """Phase-random cue: a grating oriented by the class, random phase and drift."""
-    angle = np.deg2rad(CLASS_ORIENTATIONS_DEG[label])
-    scene = _draw_scene(rng, np.zeros(3), (strength * GRATING_AMPLITUDE, angle))
+    """Sign-random cue: a checkerboard of random signs along the class colour axis."""
+    axis = strength * TEXTURE_AMPLITUDE * CLASS_COLOUR_AXES[label]
+    scene = _draw_scene(rng, np.zeros(3), axis)
     return _render(scene, num_frames, width, height, fps, rng)
 
 
@@ -289,17 +289,6 @@ class _Plane:
         self.values += np.float32(base)
 
 
-def _grating_parts(scene: _Scene, luma: _Plane) -> tuple[np.ndarray, np.ndarray] | None:
-    """The grating's cosine and sine parts in luma levels, so a drift is a cheap rotation."""
-    if scene.grating is None:
-        return None
-    amplitude, angle, phase, _ = scene.grating
-    position = GRATING_CYCLES * (luma.u[None, :] * np.cos(angle) + luma.v[:, None] * np.sin(angle))
-    level = np.float32(YUV_SCALE[0] * amplitude)
-    return (level * np.cos(2 * np.pi * position + phase).astype(np.float32),
-            level * np.sin(2 * np.pi * position + phase).astype(np.float32))
-
-
 def _render(scene: _Scene, num_frames: int, width: int, height: int, fps: int,
             rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Yield yuv420p frames ([height * 3 // 2, width] uint8), drawn directly in BT.601 levels.
@@ -311,7 +300,7 @@ def _render(scene: _Scene, num_frames: int, width: int, height: int, fps: int,
               _Plane(height // 2, width // 2)]
     to_levels = YUV_SCALE[:, None] * RGB_TO_YUV
     base, blob_levels = YUV_OFFSET + to_levels @ scene.colour, to_levels @ scene.blob_colour
-    grating = _grating_parts(scene, planes[0])
+    texture = 0.0 if scene.texture is None else scene.texture @ to_levels.T
     frame = np.empty(height * width * 3 // 2, np.uint8)
     bounds = np.cumsum([0] + [plane.values.size for plane in planes])
     memory = np.exp(-1 / (fps * NOISE_CORRELATION_S))
@@ -319,15 +308,12 @@ def _render(scene: _Scene, num_frames: int, width: int, height: int, fps: int,
     for index in range(num_frames):
         fresh = PIXEL_NOISE_STD * rng.standard_normal((*NOISE_GRID, 3)) @ to_levels.T
         noise = memory * noise + np.sqrt(1 - memory ** 2) * fresh  # stationary AR(1) in time
+        cells = noise + texture
         progress = index / max(1, num_frames - 1)
         centre = (1 - progress) * scene.blob_path[0] + progress * scene.blob_path[1]
         for channel, plane in enumerate(planes):
-            plane.fill_noise(noise[..., channel].astype(np.float32), base[channel])
+            plane.fill_noise(cells[..., channel].astype(np.float32), base[channel])
             plane.add_blob(centre, blob_levels[channel])
-        if grating is not None:
-            shift = 2 * np.pi * scene.grating[3] * index / fps  # cos(p+s) = cos p cos s - ...
-            planes[0].values += grating[0] * np.float32(np.cos(shift))
-            planes[0].values -= grating[1] * np.float32(np.sin(shift))
         for channel, plane in enumerate(planes):
             np.clip(plane.values, 0, 255, out=plane.values)
             plane.values += np.float32(0.5)  # round, then the cast truncates
@@ -419,16 +405,19 @@ IMAGE_WIDTH_RANGE, IMAGE_HEIGHT_RANGE = (80, 128), (64, 112)  # varying image si
 def synthesize_ks(out: Path, num_clips: int = 60, seed: int = 0, *, easy: str = "audio",
                   num_classes: int = len(KS_CLASSES), width: int = 96, height: int = 72,
                   fps: int = 25, duration: float = 2.0, sample_rate: int = 16000,
+                  hard_strength: float = 1.0,
                   progress: Callable[[int], None] | None = None) -> list[str]:
     """Write `<class>/<11-char id>_<start>.mp4` clips (H.264 + AAC) under `out`.
 
     Classes are the first `num_classes` of KS_CLASSES, round robin; `easy` names the modality
-    with the linear cue. Returns the sorted clip ids.
+    with the linear cue, `hard_strength` scales the other's cue as in `synthesize_cremad`.
+    Returns the sorted clip ids.
     """
     if easy not in KS_MODALITIES or not 1 < num_classes <= len(KS_CLASSES):
         raise ValueError(f"easy must be one of {KS_MODALITIES} and num_classes in "
                          f"2..{len(KS_CLASSES)}, got {easy!r}, {num_classes}.")
     roles = {m: "easy" if m == easy else "hard" for m in KS_MODALITIES}
+    strengths = {m: 1.0 if m == easy else hard_strength for m in KS_MODALITIES}
     rng_ids, ids = np.random.default_rng([seed, num_clips, 1]), []
     for index in range(num_clips):
         label = index % num_classes
@@ -436,8 +425,9 @@ def synthesize_ks(out: Path, num_clips: int = 60, seed: int = 0, *, easy: str = 
         rng = np.random.default_rng([seed, index])
         num_frames = max(1, round(duration * fps))
         sound = AUDIO_CUES[roles["audio"]](label, round(duration * sample_rate), sample_rate,
-                                          rng, 1.0)
-        frames = VIDEO_CUES[roles["video"]](label, num_frames, width, height, fps, rng, 1.0)
+                                          rng, strengths["audio"])
+        frames = VIDEO_CUES[roles["video"]](label, num_frames, width, height, fps, rng,
+                                           strengths["video"])
         path = Path(out) / KS_CLASSES[label] / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         _mux(path, MP4_MUXING, frames, sound, sample_rate, fps, (width, height))
@@ -462,7 +452,7 @@ def synthesize_mvsa(out: Path, num_pairs: int = 90, seed: int = 0, *, easy: str 
     `labelResultAll.txt`; every MVSA_DISAGREE_EVERY-th pair has disagreeing labels.
 
     `easy` names the modality with the easy cue (text: a class word; image: a class tint);
-    the other gets the hard one (text: polarity XOR negation; image: a faint grating).
+    the other gets the hard one (text: polarity XOR negation; image: the colour-axis texture).
     Returns the sorted ids.
     """
     if easy not in MVSA_MODALITIES:
