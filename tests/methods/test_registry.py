@@ -12,7 +12,7 @@ import torch
 from ccat.config import (METHOD_CONFIGS, ConfigError, MethodConfig, RunConfig, read_yaml,
                          save_config)
 from ccat.methods import METHODS
-from ccat.methods.protocol import without_others
+from ccat.methods.zeroing import without_others
 from ccat.models.encoders import EncoderOutput
 from ccat.run_config import load_config
 from ccat.step import NonFiniteLoss, Step
