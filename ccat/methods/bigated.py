@@ -9,7 +9,7 @@ from __future__ import annotations
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Outputs
 from ccat.methods.joint import JointMethod
-from ccat.methods.protocol import feature_fusion_outputs
+from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
 
 

@@ -22,7 +22,7 @@ from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Outputs
 from ccat.methods.joint import JointMethod
-from ccat.methods.protocol import feature_fusion_outputs
+from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
 from ccat.step import Step
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ccat.config import NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
-from ccat.methods.protocol import zeroed_unimodal
+from ccat.methods.zeroing import zeroed_unimodal
 from ccat.models import MultimodalModel
 from ccat.models.fusion import Features
 from ccat.step import Step

@@ -2,6 +2,6 @@
 
 from ccat.models.encoders import ENCODERS, build_encoder
 from ccat.models.fusion import FUSIONS
-from ccat.models.heads import LoRA, MultimodalModel, build_model
+from ccat.models.model import LoRA, MultimodalModel, build_model
 
 __all__ = ["ENCODERS", "FUSIONS", "LoRA", "MultimodalModel", "build_encoder", "build_model"]

@@ -1,5 +1,5 @@
-"""CCAT's open readings (issue 13, items 1-6): each default and each option on hand-built
-tensors or one real step."""
+"""CCAT: what each stage updates, its ablation switches, and its open readings (issue 13,
+items 1-6), each default and each option on hand-built tensors or one real step."""
 
 import copy
 import math
@@ -9,15 +9,63 @@ import pytest
 import torch
 
 from ccat.config import ConfigError, MethodConfig
-from ccat.run_config import load_config
 from ccat.contribution import contributions
 from ccat.methods import METHODS
 from ccat.methods.ccat import CCATParams, stage_epochs
+from ccat.run_config import load_config
 from ccat.step import Step
-from test_methods import TINY, one_step
+from method_helpers import TINY, one_step, owners
 from train_helpers import CLASSES, TINY_MODALITIES, random_batch
 
-# 1. Budget
+
+# What each stage updates
+
+
+def test_ccat_pretrain_updates_encoders_fusion_classifier_not_lora():
+    _, _, _, changes = one_step("ccat", 0)
+    assert owners(changes[0]) == {"encoders.audio", "encoders.video", "fusion", "classifier"}
+
+
+def test_ccat_alternate_updates_one_modality_at_a_time_through_a_fixed_classifier():
+    _, model, out, changes = one_step("ccat", 1, beta=1.0)  # beta 1: every sample selected (c < 1)
+    # Algorithm 1: primary audio, primary video, then secondary audio, secondary video.
+    assert [owners(c) for c in changes] == [{"encoders.audio", "lora.audio"},
+                                           {"encoders.video", "lora.video"}] * 2
+    assert out["selected/audio"] == out["selected/video"] == 1.0
+
+
+def test_ccat_without_selected_samples_skips_the_secondary_update():
+    _, _, out, changes = one_step("ccat", 1, beta=0.0)
+    assert len(changes) == 2 and out["selected/audio"] == 0.0
+
+
+def test_ccat_ablations_change_what_is_updated():
+    _, _, _, changes = one_step("ccat", 1, alternating=False, secondary=False,
+                                fixed_classifier=False)
+    assert owners(changes[0]) == {"encoders.audio", "encoders.video", "lora.audio",
+                                  "lora.video", "classifier"}
+    _, model, _, changes = one_step("ccat", 1, lora=False, secondary=False)
+    assert len(model.lora) == 0 and owners(changes[0]) == {"encoders.audio"}
+
+
+def test_ccat_ablation_switches_each_change_the_update():
+    """Each of Table 2's switches gives a different stage-2 update than full CCAT, and a
+    secondary pass that selects nothing leaves the model (batch-norm statistics included)
+    exactly as if secondary updates were off."""
+
+    def state(**switches):
+        _, model, _, _ = one_step("ccat", 1, **switches)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full = state(beta=1.0)
+    for switch in ("alternating", "secondary", "fixed_classifier", "lora"):
+        changed = state(beta=1.0, **{switch: False})
+        assert any(not torch.equal(full[k], changed[k]) for k in full.keys() & changed.keys())
+    nothing_selected, off = state(beta=0.0), state(secondary=False)
+    assert all(torch.equal(nothing_selected[k], off[k]) for k in off)
+
+
+# Reading 1. Budget (every method's budget: test_registry.py)
 
 
 def test_total_budget_splits_optim_epochs_between_the_stages():
@@ -36,60 +84,14 @@ def test_total_budget_splits_optim_epochs_between_the_stages():
             METHODS.get("ccat")(MethodConfig(params=bad), 10)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_trains_optim_epochs_in_total(name):
-    """What `make table` relies on: the same optim.epochs is every method's whole budget."""
-    cfg = load_config(None, [f"method.name={name}", "optim.epochs=30"])
-    method = METHODS.get(name)(cfg.method, cfg.optim.epochs)
-    assert sum(stage.epochs for stage in method.stages()) == 30
-
-
 def test_demo_and_synth_configs_keep_six_epochs_per_stage():
     for name in ("demo.yaml", "synth.yaml"):
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+        cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
         stages = METHODS.get("ccat")(cfg.method, cfg.optim.epochs).stages()
         assert [(s.name, s.epochs) for s in stages] == [("pretrain", 6), ("alternate", 6)]
 
 
-# 2. Secondary updates and momentum
-
-
-def two_updates(momentum_second: bool) -> float:
-    """A primary SGD step (lr 0.1, momentum 0.9, gradient 1) then a secondary step with a
-    near-zero gradient; returns how far the secondary step moved the parameter."""
-    param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    step = Step(torch.optim.SGD([param], lr=0.1, momentum=0.9))
-    for grad, momentum in ((1.0, True), (1e-6, momentum_second)):
-        before = param.detach().clone()
-        step.zero_grad()
-        step.backward((param * grad).sum())
-        if momentum:
-            step.step()
-        else:
-            step.step(momentum=False)
-    return float(before - param.detach())
-
-
-def test_shared_secondary_step_reapplies_momentum_and_plain_does_not():
-    assert two_updates(True) == pytest.approx(0.1 * (0.9 * 1.0 + 1e-6))  # 0.09: momentum again
-    assert two_updates(False) == pytest.approx(0.1 * 1e-6)  # plain SGD: lr * g only
-
-
-def test_plain_step_is_sgd_without_momentum_and_keeps_the_buffers():
-    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = torch.optim.SGD([param], lr=0.5, momentum=0.9, weight_decay=0.1)
-    step = Step(opt)
-    step.zero_grad()
-    step.backward((param * torch.tensor([1.0, 2.0])).sum())
-    step.step()
-    buffer = opt.state[param]["momentum_buffer"].clone()
-    before = param.detach().clone()
-    step.zero_grad()
-    step.backward((param * torch.tensor([3.0, 0.0])).sum())
-    step.step(momentum=False)
-    expected = before - 0.5 * (torch.tensor([3.0, 0.0]) + 0.1 * before)
-    assert torch.allclose(param.detach(), expected)
-    assert torch.equal(opt.state[param]["momentum_buffer"], buffer)
+# Reading 2. Secondary updates and momentum (the Step itself: test_registry.py)
 
 
 def test_ccat_plain_secondary_updates_leave_the_momentum_buffers_of_the_primaries():
@@ -114,7 +116,7 @@ def test_ccat_plain_secondary_updates_leave_the_momentum_buffers_of_the_primarie
     assert any(not torch.equal(plain_weights[n], shared_weights[n]) for n in plain_weights)
 
 
-# 3. The secondary forward pass
+# Reading 3. The secondary forward pass
 
 
 def picked_loss(forward: str, selected: torch.Tensor):
@@ -157,7 +159,7 @@ def test_subset_forward_skips_a_single_pick_and_says_so():
     assert zero.item() == 0.0 and zero.requires_grad  # same gradients as a real pass, all zero
 
 
-# 4. The estimator
+# Reading 4. The estimator
 
 
 def test_dot_similarity_uses_raw_dot_products():
@@ -197,11 +199,20 @@ def test_an_epoch_without_a_selected_sample_warns_once(capsys):
     assert "warning" not in epoch_warnings(beta=1.0)
 
 
-# 5. Stage-2 initialisation: fresh_encoders (tests/test_methods.py::test_fresh_encoders_...)
-# and `make ablation` (tests/test_report.py) report both readings.
+# Reading 5. Stage-2 initialisation: fresh_encoders (and `make ablation`,
+# tests/test_report.py, reports both readings)
 
 
-# 6. LoRA scale
+def test_fresh_encoders_restart_stage_two():
+    for fresh in (True, False):
+        m = METHODS.get("ccat")(MethodConfig(params={"fresh_encoders": fresh}), epochs=2)
+        model = m.build_model(TINY_MODALITIES, len(CLASSES), TINY)
+        before = model.encoders["audio"].proj.weight.detach().clone()
+        m.begin_stage(m.stages()[1], model)
+        assert torch.equal(model.encoders["audio"].proj.weight, before) is not fresh
+
+
+# Reading 6. LoRA scale
 
 
 def test_lora_scale_is_the_papers_alpha_by_default_and_hu_et_als_as_an_option():
