@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ccat.data import kinds, spec
+from ccat.data import kinds, shardio, spec
 from ccat.errors import UserError
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
@@ -118,7 +118,7 @@ def _process(task: tuple[str, Entry]) -> Result:
                       hashes=hashes)
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
-    members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
+    members[spec.LABEL_MEMBER] = shardio.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
     kinds.check_written(entry.key, members, _WORKER["modalities"])  # a recipe bug stops the build
     return Result(split, entry.key, entry.label, members, hashes=hashes)
@@ -244,7 +244,7 @@ class SplitWriter:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members, _ in self.pending:
-                spec.write_sample(tar, key, members)
+                shardio.write_sample(tar, key, members)
         data = buf.getvalue()
         counts = [0] * self.num_classes
         for _, _, label in self.pending:
