@@ -25,11 +25,14 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import shutil
+import signal
 import tarfile
+import threading
 import time
-from concurrent.futures import (FIRST_EXCEPTION, Future, ProcessPoolExecutor,
-                                ThreadPoolExecutor, wait)
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -652,50 +655,166 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[E
 
 def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,
                 sample_done: Callable[[int], None]) -> Iterator[dict[str, Any]]:
-    """Build ``tasks`` here (one worker) or on a pool of ``workers`` processes, the longest
-    shards first; yields their records. ``sample_done(n)`` hears of every sample done.
-
-    On a worker's error the shards under way are finished (and recorded), the rest are
-    not started, and the error is raised here.
-    """
+    """Build ``tasks`` here and on ``workers - 1`` more processes, the longest shards first;
+    yields their records. ``sample_done(n)`` hears of every sample done, in any process."""
+    queue = deque(sorted(tasks, key=lambda task: -len(task.entries)))
     if workers <= 1:
         _init_worker(*context, sample_done)
-        yield from map(_build_shard, tasks)
+        yield from map(_build_shard, queue)
         return
-    server = worker_context()
-    reports = server.SimpleQueue()
-    longest_first = sorted(tasks, key=lambda task: -len(task.entries))
-    with ProcessPoolExecutor(workers, mp_context=server, initializer=_init_worker,
-                             initargs=(*context, reports)) as pool:
-        pending = {pool.submit(_build_shard, task) for task in longest_first}
-        while pending:
-            done, pending = wait(pending, PROGRESS_POLL_S, return_when=FIRST_EXCEPTION)
-            _drain(reports, sample_done)
-            for future in done:
-                yield _record_of(future, pool)
-
-
-def _record_of(future: Future, pool: ProcessPoolExecutor) -> dict[str, Any]:
-    """A finished shard's record, or its worker's error (the pool told to start no more)."""
+    pool = _ShardPool(context, workers - 1, queue, sample_done)
+    _init_worker(*context, pool.sample_done_here)
     try:
-        return future.result()
-    except BrokenProcessPool:
-        pool.shutdown(cancel_futures=True)
-        raise BuildError("a build worker process died (killed, or out of memory); the shards "
-                         "it finished are kept: run the same command again to resume, with "
-                         "fewer --workers if memory is short") from None
-    except BaseException:
-        pool.shutdown(cancel_futures=True)
-        raise
+        while queue or pool.in_flight:
+            if queue:
+                pool.finished.append(_build_shard(queue.popleft()))
+            else:
+                pool.service(wait_s=PROGRESS_POLL_S)
+            yield from pool.take_finished()
+    finally:
+        pool.stop()
 
 
-def _drain(reports: Any, sample_done: Callable[[int], None]) -> None:
-    """Pass on the per-sample reports the workers have queued so far."""
-    count = 0
-    while not reports.empty():
-        count += reports.get()
-    if count:
-        sample_done(count)
+@dataclass
+class _Worker:
+    """A worker process, this process's end of its pipe, and what it is doing."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    busy: bool = False
+
+
+class _ShardPool:
+    """Worker processes that build the shards this process hands them, one at a time.
+
+    This process builds shards too, so a build never waits for the workers to start (they
+    import torch and PyAV first) and a small build is not slower with more workers. It
+    services the workers (progress, records, errors, new shards) between its own samples.
+    Hand-made rather than a multiprocessing or concurrent.futures pool for those reasons
+    and one more: each worker has its own pipe, so a worker that dies is a BuildError,
+    never a hang. On any error the shards under way are finished and recorded (kept for a
+    resume), no other is started, and the error is raised here.
+    """
+
+    def __init__(self, context: tuple, size: int, queue: deque[ShardTask],
+                 sample_done: Callable[[int], None]) -> None:
+        self.out: Path = context[2]
+        self.queue, self.sample_done = queue, sample_done
+        self.workers: list[_Worker] = []
+        self.finished: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        # Process.start() waits for the fork server's imports: start them off this thread.
+        threading.Thread(target=self._start, args=(context, size), daemon=True).start()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.busy for w in list(self.workers))
+
+    def _start(self, context: tuple, size: int) -> None:
+        """Start ``size`` workers, one after the other; none once the pool is stopping."""
+        server = worker_context()
+        for _ in range(size):
+            here, there = server.Pipe()
+            process = server.Process(target=_pool_worker, args=(context, there), daemon=True)
+            process.start()
+            there.close()  # so that a worker's death reads as the end of its pipe
+            self.workers.append(_Worker(process, here))
+            if self.stopping.is_set():
+                process.terminate()
+                return
+
+    def sample_done_here(self) -> None:
+        """One sample of this process's shard is done: count it and service the workers."""
+        self.sample_done(1)
+        self.service(wait_s=0.0)
+
+    def service(self, wait_s: float) -> None:
+        """Read the workers' messages (waiting up to ``wait_s`` for the first), then hand
+        each idle worker the next shard."""
+        workers = {w.conn: w for w in list(self.workers)}
+        readable = connection_wait(list(workers), wait_s)
+        while readable:
+            for conn in readable:
+                self._receive(workers[conn])
+            readable = connection_wait([c for c in workers if not c.closed], 0)
+        for worker in workers.values():
+            if worker.ready and not worker.busy and self.queue and self.error is None:
+                worker.conn.send(self.queue.popleft())
+                worker.busy = True
+
+    def _receive(self, worker: _Worker) -> None:
+        """One message of a worker: ``sample`` (count), ``ready``, ``record`` or ``error``;
+        the end of its pipe is its death."""
+        try:
+            kind, value = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.conn.close()
+            if worker.busy:
+                self.error = self.error or BuildError(
+                    "a build worker process died (killed, or out of memory); the shards "
+                    "finished are kept: run the same command again to resume, with fewer "
+                    "--workers if memory is short")
+            worker.ready = worker.busy = False
+            return
+        if kind == "sample":
+            self.sample_done(value)
+        elif kind == "ready":
+            worker.ready = True
+        elif kind == "record":
+            worker.busy = False
+            self.finished.append(value)
+        else:
+            worker.busy = worker.ready = False  # the worker has stopped
+            self.error = self.error or value
+
+    def take_finished(self) -> list[dict[str, Any]]:
+        """The records finished since the last call; raises a worker's error instead, once
+        no shard is under way any more."""
+        if self.error is not None:
+            self.queue.clear()
+            while self.in_flight:
+                self.service(wait_s=PROGRESS_POLL_S)
+            raise self.error
+        finished, self.finished = self.finished, []
+        return finished
+
+    def stop(self) -> None:
+        """End every worker (idle ones are told to, the others terminated), then remove
+        the partial files of terminated ones. Workers still starting are ended as they
+        start, without waiting for them."""
+        self.stopping.set()
+        workers = list(self.workers)
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in workers:
+            worker.process.join(timeout=PROGRESS_POLL_S)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join()
+            worker.conn.close()
+        for tmp in [*self.out.glob(f"*{TMP_SUFFIX}"),
+                    *(self.out / STATE_DIR).glob(f"*{TMP_SUFFIX}")]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _pool_worker(context: tuple, conn: Connection) -> None:
+    """A worker process: build the shards it is handed until told to stop (None) or its
+    parent is gone. Ctrl-C is the parent's to handle: it ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*context, lambda: conn.send(("sample", 1)))
+    with contextlib.suppress(EOFError, OSError):
+        conn.send(("ready", None))
+        for task in iter(conn.recv, None):
+            try:
+                record = _build_shard(task)
+            except Exception as err:  # noqa: BLE001 - passed to the parent, which raises it
+                conn.send(("error", err))
+                return
+            conn.send(("record", record))
 
 
 def _ordered(splits: dict[str, list[Entry]]) -> list[str]:
