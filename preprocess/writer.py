@@ -655,13 +655,14 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[E
 
 def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,
                 sample_done: Callable[[int], None]) -> Iterator[dict[str, Any]]:
-    """Build ``tasks`` here and on ``workers - 1`` more processes, the longest shards first;
-    yields their records. ``sample_done(n)`` hears of every sample done, in any process."""
-    queue = deque(sorted(tasks, key=lambda task: -len(task.entries)))
+    """Build ``tasks`` here and on ``workers - 1`` more processes (the longest shards
+    first, so that none is left alone at the end); yields their records.
+    ``sample_done(n)`` hears of every sample done, in any process."""
     if workers <= 1:
         _init_worker(*context, sample_done)
-        yield from map(_build_shard, queue)
+        yield from map(_build_shard, tasks)
         return
+    queue = deque(sorted(tasks, key=lambda task: -len(task.entries)))
     pool = _ShardPool(context, workers - 1, queue, sample_done)
     _init_worker(*context, pool.sample_done_here)
     try:
@@ -693,8 +694,9 @@ class _ShardPool:
     services the workers (progress, records, errors, new shards) between its own samples.
     Hand-made rather than a multiprocessing or concurrent.futures pool for those reasons
     and one more: each worker has its own pipe, so a worker that dies is a BuildError,
-    never a hang. On any error the shards under way are finished and recorded (kept for a
-    resume), no other is started, and the error is raised here.
+    never a hang. On a worker's error the shards under way are finished and recorded (kept
+    for a resume), no other is started, and the error is raised here; on an error of this
+    process (or Ctrl-C) the workers are ended and their partial files removed.
     """
 
     def __init__(self, context: tuple, size: int, queue: deque[ShardTask],
