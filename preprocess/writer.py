@@ -735,7 +735,10 @@ class _ShardPool:
     def service(self, wait_s: float) -> None:
         """Read the workers' messages (waiting up to ``wait_s`` for the first), then hand
         each idle worker the next shard."""
-        workers = {w.conn: w for w in list(self.workers)}
+        workers = {w.conn: w for w in list(self.workers) if not w.conn.closed}
+        if not workers:  # none started yet (or every one has stopped)
+            time.sleep(wait_s)
+            return
         readable = connection_wait(list(workers), wait_s)
         while readable:
             for conn in readable:
