@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -51,6 +50,12 @@ TMP_SUFFIX = ".tmp"
 # How planned samples map to shards; a plan record of another layout is not resumed.
 SHARD_LAYOUT = "shard i holds planned samples [i*shard_size, (i+1)*shard_size) less bad ones"
 PROGRESS_POLL_S = 0.05  # how often the parent reads the workers' per-sample reports
+# Workers are started only when the work left, estimated from this process's first
+# PROBE_SAMPLES, would take longer than WORKER_START_MIN_S here alone: the fork server
+# first spends about a second of CPU importing torch and PyAV, which a shorter build
+# (the 240-clip demo) would only lose to.
+PROBE_SAMPLES = 8
+WORKER_START_MIN_S = 2.0
 RECORD_KEYS = ("name", "num_samples", "bytes", "sha256", "class_counts", "skipped", "members",
                "hashes")
 
@@ -80,7 +85,7 @@ class BuildReport:
     seconds: float = 0.0
     unlisted: int = 0
     out: Path = Path(".")
-    workers: int = 1  # processes that built shards (1: this one)
+    workers: int = 1  # processes that built shards: this one and the workers it started
     first_sample_s: float | None = None  # from the call of build() to the first sample done
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -255,14 +260,6 @@ def worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["preprocess.writer"])
     return context
-
-
-def start_worker_server(workers: int) -> None:
-    """Start the fork server now, when ``workers`` > 1: it imports torch and the decoders
-    (about a second) while this process plans the build, instead of after."""
-    if workers > 1 and "forkserver" in multiprocessing.get_all_start_methods():
-        worker_context()
-        multiprocessing.forkserver.ensure_running()
 
 
 # ---------------------------------------------------------------- shard side
@@ -605,7 +602,6 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     ``on_progress(done, total)`` is called as samples finish, in whichever worker.
     """
     start = time.perf_counter()
-    start_worker_server(options.workers)
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
@@ -644,9 +640,9 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[E
         if on_progress:
             on_progress(done, total)
 
-    report.workers = max(1, min(options.workers, len(todo)))
     context = (recipe, raw, out, len(recipe.classes), options.strict)
-    for record in _run_shards(todo, context, report.workers, sample_done):
+    for record in _run_shards(todo, context, min(options.workers, len(todo)), sample_done,
+                              report):
         records[record["name"]] = record
     report.records = {name: [records[t.name] for t in tasks if t.split == name]
                       for name in _ordered(splits)}
@@ -654,10 +650,12 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[E
 
 
 def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,
-                sample_done: Callable[[int], None]) -> Iterator[dict[str, Any]]:
-    """Build ``tasks`` here and on ``workers - 1`` more processes (the longest shards
-    first, so that none is left alone at the end); yields their records.
-    ``sample_done(n)`` hears of every sample done, in any process."""
+                sample_done: Callable[[int], None], report: BuildReport,
+                ) -> Iterator[dict[str, Any]]:
+    """Build ``tasks`` here and, once the work left is worth it, on ``workers - 1`` more
+    processes (the longest shards first, so that none is left alone at the end); yields
+    their records and sets ``report.workers``. ``sample_done(n)`` hears of every sample
+    done, in any process."""
     if workers <= 1:
         _init_worker(*context, sample_done)
         yield from map(_build_shard, tasks)
@@ -673,7 +671,7 @@ def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,
                 pool.service(wait_s=PROGRESS_POLL_S)
             yield from pool.take_finished()
     finally:
-        pool.stop()
+        report.workers = 1 + pool.stop()
 
 
 @dataclass
@@ -690,7 +688,8 @@ class _ShardPool:
     """Worker processes that build the shards this process hands them, one at a time.
 
     This process builds shards too, so a build never waits for the workers to start (they
-    import torch and PyAV first) and a small build is not slower with more workers. It
+    import torch and PyAV first), and it starts them only when the work left is worth it,
+    so a small build is not slower with more workers. It
     services the workers (progress, records, errors, new shards) between its own samples.
     Hand-made rather than a multiprocessing or concurrent.futures pool for those reasons
     and one more: each worker has its own pipe, so a worker that dies is a BuildError,
@@ -702,13 +701,30 @@ class _ShardPool:
     def __init__(self, context: tuple, size: int, queue: deque[ShardTask],
                  sample_done: Callable[[int], None]) -> None:
         self.out: Path = context[2]
+        self.context, self.size = context, size
         self.queue, self.sample_done = queue, sample_done
+        self.left = sum(len(task.entries) for task in queue)  # samples not yet done
+        self.done_here, self.first_here = 0, time.perf_counter()
         self.workers: list[_Worker] = []
         self.finished: list[dict[str, Any]] = []
         self.error: BaseException | None = None
+        self.started = False
         self.stopping = threading.Event()
-        # Process.start() waits for the fork server's imports: start them off this thread.
-        threading.Thread(target=self._start, args=(context, size), daemon=True).start()
+
+    def _start_if_worth_it(self) -> None:
+        """Start the workers when the work left would take this process alone longer than
+        WORKER_START_MIN_S (estimated from its first PROBE_SAMPLES)."""
+        if self.started or self.done_here < PROBE_SAMPLES:
+            return
+        per_sample = (time.perf_counter() - self.first_here) / self.done_here
+        if per_sample * self.left > WORKER_START_MIN_S:
+            self.start()
+
+    def start(self) -> None:
+        """Start the workers, off this thread: Process.start() waits for the fork
+        server's imports."""
+        self.started = True
+        threading.Thread(target=self._start, args=(self.context, self.size), daemon=True).start()
 
     @property
     def in_flight(self) -> int:
@@ -730,6 +746,8 @@ class _ShardPool:
     def sample_done_here(self) -> None:
         """One sample of this process's shard is done: count it and service the workers."""
         self.sample_done(1)
+        self.done_here, self.left = self.done_here + 1, self.left - 1
+        self._start_if_worth_it()
         self.service(wait_s=0.0)
 
     def service(self, wait_s: float) -> None:
@@ -765,6 +783,7 @@ class _ShardPool:
             return
         if kind == "sample":
             self.sample_done(value)
+            self.left -= value
         elif kind == "ready":
             worker.ready = True
         elif kind == "record":
@@ -785,10 +804,10 @@ class _ShardPool:
         finished, self.finished = self.finished, []
         return finished
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         """End every worker (idle ones are told to, the others terminated), then remove
-        the partial files of terminated ones. Workers still starting are ended as they
-        start, without waiting for them."""
+        the partial files of terminated ones; returns how many had started. Workers still
+        starting are ended as they start, without waiting for them."""
         self.stopping.set()
         workers = list(self.workers)
         for worker in workers:
@@ -804,6 +823,7 @@ class _ShardPool:
                     *(self.out / STATE_DIR).glob(f"*{TMP_SUFFIX}")]:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        return len(workers)
 
 
 def _pool_worker(context: tuple, conn: Connection) -> None:

@@ -55,7 +55,8 @@ def damaged(raw_copy: Path) -> tuple[Path, list[str]]:
 
 
 def test_same_shards_and_manifest_for_one_two_and_three_workers_with_bad_clips(
-        damaged: tuple[Path, list[str]], tmp_path: Path, capsys) -> None:
+        damaged: tuple[Path, list[str]], tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 0.0)  # start the workers at once
     raw, bad = damaged
     outs = [tmp_path / f"w{n}" for n in (1, 2, 3)]
     for n, out in zip((1, 2, 3), outs):
@@ -74,14 +75,15 @@ def test_same_shards_and_manifest_for_one_two_and_three_workers_with_bad_clips(
     assert manifests[0]["splits"]["train"]["num_samples"] == 24 - len(bad)
 
 
-def test_progress_reaches_every_sample_once_across_workers(synth_raw: Path,
-                                                           tmp_path: Path) -> None:
+def test_progress_reaches_every_sample_once_across_workers(synth_raw: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 0.0)  # start the workers at once
     seen: list[tuple[int, int]] = []
     recipe = Cremad(audio=media.AudioParams(seconds=1.0), video=media.VideoParams(size=32))
     options = writer.BuildOptions(workers=2, shard_size=4)
     report = writer.build(recipe, synth_raw, tmp_path / "out", {}, options,
                           on_progress=lambda done, total: seen.append((done, total)))
-    assert report.workers == 2 and report.processed == 24
+    assert report.workers in (1, 2) and report.processed == 24  # 1: done before one started
     assert report.first_sample_s is not None and report.first_sample_s <= report.seconds
     assert {total for _, total in seen} == {24} and seen[-1] == (24, 24)
     assert [done for done, _ in seen] == sorted({done for done, _ in seen})  # rises, no repeat
@@ -157,6 +159,7 @@ def test_worker_processes_build_the_same_shard_records_as_this_process(
     context, tasks = pool_tasks(synth_raw, tmp_path)
     queue, samples = deque(tasks[:3]), []
     pool = writer._ShardPool(context, 2, queue, samples.append)
+    pool.start()
     records = []
     try:
         while queue or pool.in_flight or len(records) < 3:
@@ -178,6 +181,7 @@ def test_a_worker_that_dies_is_one_build_error_not_a_hang(synth_raw: Path,
     context, tasks = pool_tasks(synth_raw, tmp_path)
     queue = deque(tasks)
     pool = writer._ShardPool(context, 1, queue, lambda n: None)
+    pool.start()
     deadline = time.monotonic() + WAIT_S
     try:
         while not pool.in_flight and time.monotonic() < deadline:
@@ -190,3 +194,11 @@ def test_a_worker_that_dies_is_one_build_error_not_a_hang(synth_raw: Path,
     finally:
         pool.stop()
     assert not list(context[2].glob("*.tmp"))
+
+
+def test_a_build_too_short_for_workers_starts_none_and_says_so(
+        synth_raw: Path, built: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 1e9)  # no build is long enough
+    code, stdout, _ = build(synth_raw, tmp_path / "out", capsys, 2)
+    assert code == 0 and "on 1 process;" in stdout
+    assert shard_hashes(tmp_path / "out") == shard_hashes(built)
