@@ -689,8 +689,8 @@ class _ShardPool:
 
     This process builds shards too, so a build never waits for the workers to start (they
     import torch and PyAV first), and it starts them only when the work left is worth it,
-    so a small build is not slower with more workers. It
-    services the workers (progress, records, errors, new shards) between its own samples.
+    so a small build is not slower with more workers. It services the workers (progress,
+    records, errors, new shards) between its own samples.
     Hand-made rather than a multiprocessing or concurrent.futures pool for those reasons
     and one more: each worker has its own pipe, so a worker that dies is a BuildError,
     never a hang. On a worker's error the shards under way are finished and recorded (kept
