@@ -189,8 +189,11 @@ def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     console.print(table)
     _print_skipped(manifest)
     console.print(f"processed {report.processed} {unit} in {report.seconds:.1f} s "
-                  f"({report.clips_per_second:.1f} {unit}/s); reused {report.resumed_shards} "
-                  f"finished shards")
+                  f"({report.clips_per_second:.1f} {unit}/s) on {report.workers} "
+                  f"{'process' if report.workers == 1 else 'processes'}; reused "
+                  f"{report.resumed_shards} finished shards")
+    if report.first_sample_s is not None:
+        console.print(f"first sample done {report.first_sample_s:.2f} s after the start")
     if report.unlisted:
         console.print(f"{report.unlisted} {unit} found on disk are in no split file (not built)")
     console.print(f"fingerprint {manifest['fingerprint']}")
