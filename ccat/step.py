@@ -7,6 +7,8 @@ alternating per-modality updates read as Algorithm 1 reads.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.distributed as dist
 from torch.nn.utils import clip_grad_norm_
@@ -32,14 +34,15 @@ class Step:
         self.grad_clip = grad_clip
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.updates = 0
-        self._finite = True
+        self._finite: torch.Tensor | None = None  # on the device: no host sync per backward
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._finite = True
+        self._finite = None
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._finite = self._finite and bool(torch.isfinite(loss.detach()))
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
         loss.backward()
 
     def step(self, momentum: bool = True) -> None:
@@ -51,8 +54,9 @@ class Step:
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
-        bad = torch.tensor([0.0 if self._finite else 1.0],
-                           device=params[0].device if params else "cpu")
+        device = params[0].device if params else "cpu"
+        bad = torch.zeros(1, device=device) if self._finite is None else \
+            (~self._finite).to(device, torch.float32).reshape(1)
         if self.world > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params] + [bad])
             dist.all_reduce(flat)
@@ -61,7 +65,7 @@ class Step:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad) / self.world)
                 offset += p.numel()
             bad = flat[-1:]
-        if bad.item() > 0:
+        if bad.item() > 0:  # the step's one host sync: the check of every loss since zero_grad
             raise NonFiniteLoss("the loss is not finite")
         if self.grad_clip > 0:
             clip_grad_norm_(params, self.grad_clip)
@@ -89,3 +93,15 @@ class Step:
 
     def _device(self) -> torch.device:
         return self.optimizer.param_groups[0]["params"][0].device
+
+
+def host_floats(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """``values`` as Python floats, every tensor among them fetched in one device-to-host
+    copy (one sync, not one per ``.item()``). The floats equal ``.item()``'s: each scalar
+    is widened to float32 on the device, which is exact for float16, bfloat16, float32 and
+    counts below 2**24."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    fetched = dict(zip(tensors, torch.stack([t.detach().reshape(()).float()
+                                             for t in tensors.values()]).tolist())) \
+        if tensors else {}
+    return {k: fetched[k] if k in fetched else float(v) for k, v in values.items()}

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ccat.data import remote, spec
 from ccat.errors import UserError
-from preprocess import check, datasets, download as downloads, writer
+from preprocess import datasets, download as downloads, verify as verifying, writer
 from preprocess.splits import parse_split_arguments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -189,15 +189,18 @@ def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     console.print(table)
     _print_skipped(manifest)
     console.print(f"processed {report.processed} {unit} in {report.seconds:.1f} s "
-                  f"({report.clips_per_second:.1f} {unit}/s); reused {report.resumed_shards} "
-                  f"finished shards")
+                  f"({report.clips_per_second:.1f} {unit}/s) on {report.workers} "
+                  f"{'process' if report.workers == 1 else 'processes'}; reused "
+                  f"{report.resumed_shards} finished shards")
+    if report.first_sample_s is not None:
+        console.print(f"first sample done {report.first_sample_s:.2f} s after the start")
     if report.unlisted:
         console.print(f"{report.unlisted} {unit} found on disk are in no split file (not built)")
     console.print(f"fingerprint {manifest['fingerprint']}")
 
 
 def _print_skipped(manifest: dict[str, Any]) -> None:
-    reasons = check.skipped_by_reason(manifest)
+    reasons = verifying.skipped_by_reason(manifest)
     if not reasons:
         console.print("skipped: none")
         return
@@ -230,13 +233,13 @@ def verify(location: Location, cache_dir: Annotated[Optional[Path], typer.Option
     if cache_dir and not remote.is_remote(location):
         raise typer.BadParameter(f"--cache-dir keeps the shards of a URL; {location} is a "
                                  "local folder already")
-    source = check.open_source(location, cache_dir)
+    source = verifying.open_source(location, cache_dir)
     total = sum(len(e["shards"]) for e in source.manifest["splits"].values())
     with _progress() as progress:
         task = progress.add_task(f"verifying {location}", total=total)
         try:
-            report = check.verify(source, on_shard=lambda _: progress.advance(task))
-        except check.VerifyError as err:
+            report = verifying.verify(source, on_shard=lambda _: progress.advance(task))
+        except verifying.VerifyError as err:
             progress.stop()
             err_console.print(f"[red]verify failed:[/red] {escape(str(err))}")
             raise typer.Exit(1) from None

@@ -1,14 +1,17 @@
 """Parallel, resumable, deterministic shard writing, and the manifest.
 
-Samples are processed in a fixed order (split, then key) by a process pool whose results
-come back in that order, so shard contents never depend on timing or worker count. Each
-finished shard is renamed into place and recorded in ``<out>/.build/``, with the keys it holds
-and the sha256 of every raw file read for it. A build started again continues with the
-first unprocessed sample only when its plan (parameters, the samples of every split, the
-raw files and the content of those already read) is the interrupted one's; otherwise it
-refuses and says what changed. ``manifest.json`` is written last, atomically, with the
-membership and raw-content hashes the fingerprint covers; then the records are removed.
-A lock file in ``.build/`` keeps a second build out of the same folder.
+The plan fixes every shard: shard ``i`` of a split is built from the split's planned
+samples ``i * shard_size`` to ``(i + 1) * shard_size - 1`` (split, then key order), less the
+bad ones, which are skipped and recorded. A worker process builds whole shards: it decodes
+their samples in order, streams the tar to a ``.tmp`` file while hashing it, renames it into
+place and writes the shard's record into ``<out>/.build/`` (keys, labels, skipped samples
+with reasons, the sha256 of every raw file read). Shard bytes therefore depend on the plan
+alone, never on timing or worker count, and the parent only collects records. A build
+started again builds the shards that have no record only when its plan (parameters, the
+samples of every split, the raw files and the content of those already read) is the
+interrupted one's; otherwise it refuses and says what changed. ``manifest.json`` is written
+last, atomically, with the membership and raw-content hashes the fingerprint covers; then
+the records are removed. A lock file in ``.build/`` keeps a second build out of the folder.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tarfile
+import threading
 import time
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ccat.data import kinds, spec
+from ccat.data import kinds, shardio, spec
 from ccat.errors import UserError
 from preprocess import __version__ as TOOL_VERSION
 from preprocess.datasets import Recipe
@@ -41,7 +48,17 @@ PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
 LOCK_NAME = "lock"  # flock-ed by the build writing into the folder, in STATE_DIR
 LOCK_ATTEMPTS = 5  # a finishing build may remove the lock file between open and flock
 TMP_SUFFIX = ".tmp"
-CHUNKSIZE = 4  # samples per pool task: amortizes IPC without hurting load balance
+# How planned samples map to shards; a plan record of another layout is not resumed.
+SHARD_LAYOUT = "shard i holds planned samples [i*shard_size, (i+1)*shard_size) less bad ones"
+PROGRESS_POLL_S = 0.05  # how often the parent reads the workers' per-sample reports
+# Workers are started only when the work left, estimated from this process's first
+# PROBE_SAMPLES, would take longer than WORKER_START_MIN_S here alone: the fork server
+# first spends about a second of CPU importing torch and PyAV, which a shorter build
+# (the 240-clip demo) would only lose to.
+PROBE_SAMPLES = 8
+WORKER_START_MIN_S = 2.0
+RECORD_KEYS = ("name", "num_samples", "bytes", "sha256", "class_counts", "skipped", "members",
+               "hashes")
 
 
 class BuildError(UserError, RuntimeError):
@@ -69,18 +86,32 @@ class BuildReport:
     seconds: float = 0.0
     unlisted: int = 0
     out: Path = Path(".")
-    writers: dict[str, "SplitWriter"] = field(default_factory=dict)
+    workers: int = 1  # processes that built shards: this one and the workers it started
+    first_sample_s: float | None = None  # from the call of build() to the first sample done
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def clips_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class Result:
-    """The outcome of processing one sample in a worker."""
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to build: its split, its index and its planned samples, in order."""
 
     split: str
+    index: int
+    entries: tuple[Entry, ...]
+
+    @property
+    def name(self) -> str:
+        return spec.shard_name(self.split, self.index)
+
+
+@dataclass
+class Result:
+    """The outcome of processing one sample."""
+
     key: str
     label: int
     members: dict[str, bytes] | None = None
@@ -95,33 +126,37 @@ class Result:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(recipe: Recipe, raw: Path) -> None:
+def _init_worker(recipe: Recipe, raw: Path, out: Path, num_classes: int, strict: bool,
+                 report: Callable[[], None] | Any) -> None:
+    """Set up a shard builder. ``report`` is called (in this process) or, a queue, is put
+    to (from a worker) once per sample done."""
     import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
-    _WORKER.update(recipe=recipe, raw=raw, modalities=recipe.modalities())
+    _WORKER.update(recipe=recipe, raw=raw, modalities=recipe.modalities(), out=out,
+                   num_classes=num_classes, strict=strict,
+                   report=report if callable(report) else lambda: report.put(1))
 
 
-def _process(task: tuple[str, Entry]) -> Result:
-    split, entry = task
+def _process(entry: Entry) -> Result:
     recipe: Recipe = _WORKER["recipe"]
     hashes: dict[str, str] = {}
     try:
         hashes.update(source_hashes(_WORKER["raw"], entry.sources.values()))
         members, meta = recipe.process(_WORKER["raw"], entry)
     except MediaError as err:
-        return Result(split, entry.key, entry.label, reason=err.reason,
-                      detail=_relative(err.detail), sources=entry.sources, hashes=hashes)
+        return Result(entry.key, entry.label, reason=err.reason, detail=_relative(err.detail),
+                      sources=entry.sources, hashes=hashes)
     except Exception as err:  # noqa: BLE001 - one bad file must never stop a build
-        return Result(split, entry.key, entry.label, reason="unexpected error while decoding",
+        return Result(entry.key, entry.label, reason="unexpected error while decoding",
                       detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources,
                       hashes=hashes)
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
-    members[spec.LABEL_MEMBER] = spec.encode_label(entry.label)
+    members[spec.LABEL_MEMBER] = shardio.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
     kinds.check_written(entry.key, members, _WORKER["modalities"])  # a recipe bug stops the build
-    return Result(split, entry.key, entry.label, members, hashes=hashes)
+    return Result(entry.key, entry.label, members, hashes=hashes)
 
 
 def source_hashes(raw: Path, relatives: Iterable[str]) -> dict[str, str]:
@@ -147,23 +182,81 @@ def _relative(detail: str) -> str:
     return detail.replace(f"{_WORKER['raw']}{os.sep}", "")
 
 
-def _results(tasks: list[tuple[str, Entry]], recipe: Recipe, raw: Path,
-             workers: int) -> Iterator[Result]:
-    """Results in task order, from a pool of ``workers`` processes (or this one)."""
-    if workers <= 1 or len(tasks) <= 1:
-        _init_worker(recipe, raw)
-        yield from map(_process, tasks)
-        return
-    with worker_context().Pool(workers, initializer=_init_worker,
-                               initargs=(recipe, raw)) as pool:
-        yield from pool.imap(_process, tasks, chunksize=CHUNKSIZE)
+class _HashingFile:
+    """A write-only file that hashes and counts what goes through it (for tarfile)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _build_shard(task: ShardTask) -> dict[str, Any]:
+    """Build one shard from its planned samples and record it; returns the record.
+
+    A shard whose samples are all bad writes no tar (a record of 0 samples and its skips).
+    """
+    out: Path = _WORKER["out"]
+    path = out / task.name
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    counts, members, skipped, hashes = [0] * _WORKER["num_classes"], [], [], {}
+    try:
+        with open(tmp, "wb") as file:
+            sink = _HashingFile(file)
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for entry in task.entries:
+                    result = _process(entry)
+                    hashes.update(result.hashes)
+                    if result.members is None:
+                        skipped.append(_skip_record(task.split, result))
+                    else:
+                        shardio.write_sample(tar, result.key, result.members)
+                        members.append([result.key, result.label])
+                        counts[result.label] += 1
+                    _WORKER["report"]()
+            file.flush()
+            os.fsync(file.fileno())
+        if members:
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(err, path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    record = {"name": task.name, "num_samples": len(members),
+              "bytes": sink.size if members else 0,
+              "sha256": sink.digest.hexdigest() if members else "", "class_counts": counts,
+              "skipped": skipped, "members": members, "hashes": hashes}
+    _atomic_write(_state_path(out, task.name), spec.encode_json(record))
+    return record
+
+
+def _skip_record(split: str, result: Result) -> dict[str, Any]:
+    """The manifest's record of a bad sample; under --strict, the build stops instead."""
+    if _WORKER["strict"]:
+        raise BuildError(_strict_message({"id": result.key, "reason": result.reason,
+                                          "detail": result.detail}, result.sources))
+    record = {"id": result.key, "split": split, "reason": result.reason}
+    return {**record, "detail": result.detail} if result.detail else record
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
     """Workers fork from a clean, single-threaded server that has imported the decoders.
 
-    Plain fork deadlocked: by then the parent may hold threads (codecs, BLAS, OpenMP) whose
-    locks a forked child inherits taken; spawn would re-import torch and PyAV per worker.
+    Plain fork deadlocked: by then the parent may hold threads (codecs, BLAS, OpenMP, the
+    progress bar) whose locks a forked child inherits taken; spawn would re-import torch
+    and PyAV per worker.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -173,6 +266,29 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 # ---------------------------------------------------------------- shard side
+
+
+def shard_tasks(splits: dict[str, list[Entry]], shard_size: int) -> list[ShardTask]:
+    """Every shard of the plan, split by split, in index order."""
+    return [ShardTask(name, i // shard_size, tuple(splits[name][i:i + shard_size]))
+            for name in _ordered(splits) for i in range(0, len(splits[name]), shard_size)]
+
+
+def _state_path(out: Path, name: str) -> Path:
+    return out / STATE_DIR / f"{name}.json"
+
+
+def _finished_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
+    """The record of ``task`` when an earlier run of this plan built it (its tar, if it has
+    samples, in place with the recorded size); None when it is still to build."""
+    record = _read_json(_state_path(out, task.name))
+    if record is None or set(record) != set(RECORD_KEYS):
+        return None
+    shard = out / task.name
+    if record["num_samples"] and not (shard.is_file() and
+                                      shard.stat().st_size == record["bytes"]):
+        return None
+    return record
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -203,104 +319,14 @@ def write_error(err: OSError, path: Path) -> BuildError:
     return BuildError(f"cannot write {path} ({err.strerror}); check the --out folder")
 
 
-@dataclass
-class SplitWriter:
-    """Fills the shards of one split in order and records each finished one, with its
-    keys and labels and the hashes of the raw files read for it."""
-
-    split: str
-    out: Path
-    shard_size: int
-    num_classes: int
-    records: list[dict[str, Any]] = field(default_factory=list)
-    pending: list[tuple[str, dict[str, bytes], int]] = field(default_factory=list)
-    pending_skipped: list[dict[str, Any]] = field(default_factory=list)
-    pending_hashes: dict[str, str] = field(default_factory=dict)
-    consumed: int = 0
-    finished: bool = False
-
-    def add(self, result: Result) -> None:
-        self.consumed += 1
-        self.pending_hashes.update(result.hashes)
-        if result.members is None:
-            record = {"id": result.key, "split": self.split, "reason": result.reason}
-            self.pending_skipped.append({**record, "detail": result.detail} if result.detail
-                                        else record)
-        else:
-            self.pending.append((result.key, result.members, result.label))
-        if len(self.pending) == self.shard_size:
-            self._write_shard()
-
-    def close(self) -> None:
-        if self.pending:
-            self._write_shard()
-        end = {"consumed": self.consumed, "skipped": self.pending_skipped,
-               "hashes": self.pending_hashes}
-        _atomic_write(self._state_path(f"{self.split}.end"), spec.encode_json(end))
-        self.finished = True
-
-    def _write_shard(self) -> None:
-        name = spec.shard_name(self.split, len(self.records))
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members, _ in self.pending:
-                spec.write_sample(tar, key, members)
-        data = buf.getvalue()
-        counts = [0] * self.num_classes
-        for _, _, label in self.pending:
-            counts[label] += 1
-        record = {"name": name, "num_samples": len(self.pending), "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest(), "class_counts": counts,
-                  "consumed": self.consumed, "skipped": self.pending_skipped,
-                  "members": [[key, label] for key, _, label in self.pending],
-                  "hashes": self.pending_hashes}
-        _atomic_write(self.out / name, data)
-        _atomic_write(self._state_path(name), spec.encode_json(record))
-        self.records.append(record)
-        self.pending, self.pending_skipped, self.pending_hashes = [], [], {}
-
-    def _state_path(self, name: str) -> Path:
-        return self.out / STATE_DIR / f"{name}.json"
-
-    @classmethod
-    def resume(cls, split: str, out: Path, shard_size: int, num_classes: int) -> "SplitWriter":
-        """A writer that continues after the shards already recorded in ``out``."""
-        writer = cls(split, out, shard_size, num_classes)
-        while True:
-            name = spec.shard_name(split, len(writer.records))
-            state, shard = writer._state_path(name), out / name
-            if not (state.is_file() and shard.is_file()):
-                break
-            record = json.loads(state.read_text())
-            if shard.stat().st_size != record["bytes"]:
-                break
-            writer.records.append(record)
-            writer.consumed = record["consumed"]
-        end = writer._state_path(f"{split}.end")
-        if end.is_file():
-            tail = json.loads(end.read_text())
-            if tail["consumed"] >= writer.consumed:
-                writer.consumed, writer.pending_skipped = tail["consumed"], tail["skipped"]
-                writer.pending_hashes, writer.finished = tail["hashes"], True
-        return writer
-
-    def manifest_entry(self) -> dict[str, Any]:
-        shards = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")}
-                  for r in self.records]
-        counts = [sum(r["class_counts"][c] for r in self.records) for c in range(self.num_classes)]
-        members = [row for r in self.records for row in r["members"]]
-        return {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
-                "class_counts": counts, "membership_sha256": spec.membership_sha256(members)}
-
-    def hashes(self) -> dict[str, str]:
-        """sha256 of every raw file read for this split's samples so far."""
-        every: dict[str, str] = {}
-        for record in self.records:
-            every.update(record["hashes"])
-        return {**every, **self.pending_hashes}
-
-    def skipped(self) -> list[dict[str, Any]]:
-        return [s for r in self.records for s in r["skipped"]] + self.pending_skipped
+def split_entry(records: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    """A split's manifest entry from its shard records (shards without samples left out)."""
+    kept = [r for r in records if r["num_samples"]]
+    shards = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in kept]
+    counts = [sum(r["class_counts"][c] for r in kept) for c in range(num_classes)]
+    members = [row for r in kept for row in r["members"]]
+    return {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+            "class_counts": counts, "membership_sha256": spec.membership_sha256(members)}
 
 
 # ---------------------------------------------------------------- the plan
@@ -362,7 +388,7 @@ def plan_record(head: dict[str, Any], splits: dict[str, list[Entry]], raw: Path)
                for name, entries in splits.items()}
     files = sorted({rel for entries in splits.values() for e in entries
                     for rel in e.sources.values() if (raw / rel).is_file()})
-    return {"params": params, "splits": members, "files": files}
+    return {"params": params, "splits": members, "files": files, "layout": SHARD_LAYOUT}
 
 
 def _param_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -534,7 +560,7 @@ def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], r
     if (state / PLAN_NAME).is_file():
         old = _read_json(state / PLAN_NAME)
         changes = _interrupted_changes(old, new_plan, _recorded_hashes(state), raw, workers) \
-            if old and set(old) == set(new_plan) else ["its plan record is unreadable"]
+            if old and set(old) == set(new_plan) else [_unusable_plan(old)]
         return None, (f"holds an interrupted build of other data ({'; '.join(changes)})"
                       if changes else "")
     if any(_is_build_file(n) for n in os.listdir(out)) or \
@@ -542,6 +568,13 @@ def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], r
         return None, "holds parts of an unfinished build whose plan is unknown"
     _atomic_write(state / PLAN_NAME, spec.encode_json(new_plan))
     return None, ""
+
+
+def _unusable_plan(old: dict[str, Any] | None) -> str:
+    """Why an interrupted build's plan record cannot be compared with this plan."""
+    if old is None:
+        return "its plan record is unreadable"
+    return "it was started by an older ccat-data, which cut shards differently"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -569,7 +602,7 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
           ) -> BuildReport:
     """Build (or resume building) the shards of ``recipe`` from ``raw`` into ``out``.
 
-    ``on_progress(done, total)`` is called as samples finish.
+    ``on_progress(done, total)`` is called as samples finish, in whichever worker.
     """
     start = time.perf_counter()
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
@@ -583,38 +616,233 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
                                resumed_shards=sum(len(e["shards"])
                                                   for e in finished["splits"].values()),
                                seconds=time.perf_counter() - start)
-        report = _write_shards(recipe, raw, out, splits, options, on_progress)
+        report = _write_shards(recipe, raw, out, splits, options, on_progress, start)
         report.unlisted = unlisted
-        report.manifest = _finish(out, head, report.writers, skipped)
+        report.manifest = _finish(out, head, report.records, skipped, len(recipe.classes))
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[Entry]],
                   options: BuildOptions, on_progress: Callable[[int, int], None] | None,
-                  ) -> BuildReport:
-    """Process every sample not yet in a recorded shard and close every split."""
-    writers = {name: SplitWriter.resume(name, out, options.shard_size, len(recipe.classes))
-               for name in _ordered(splits)}
-    tasks = [(name, entry) for name, w in writers.items() if not w.finished
-             for entry in splits[name][w.consumed:]]
-    total = sum(len(v) for v in splits.values())
-    done = total - len(tasks)
-    report = BuildReport(manifest={}, out=out, writers=writers,
-                         resumed_shards=sum(len(w.records) for w in writers.values()))
-    for result in _results(tasks, recipe, raw, options.workers):
-        if options.strict and result.members is None:
-            raise BuildError(_strict_message({"id": result.key, "reason": result.reason,
-                                              "detail": result.detail}, result.sources))
-        writers[result.split].add(result)
-        report.processed += 1
-        done += 1
+                  start: float) -> BuildReport:
+    """Build every shard of the plan that no earlier run of it has recorded."""
+    tasks = shard_tasks(splits, options.shard_size)
+    records = {task.name: _finished_record(out, task) for task in tasks}
+    todo = [task for task in tasks if records[task.name] is None]
+    total = sum(len(task.entries) for task in tasks)
+    report = BuildReport(manifest={}, out=out, resumed_shards=len(tasks) - len(todo),
+                         processed=sum(len(task.entries) for task in todo))
+    done = total - report.processed
+
+    def sample_done(count: int = 1) -> None:
+        nonlocal done
+        if report.first_sample_s is None:
+            report.first_sample_s = time.perf_counter() - start
+        done += count
         if on_progress:
             on_progress(done, total)
-    for writer in writers.values():
-        if not writer.finished:
-            writer.close()
+
+    context = (recipe, raw, out, len(recipe.classes), options.strict)
+    for record in _run_shards(todo, context, min(options.workers, len(todo)), sample_done,
+                              report):
+        records[record["name"]] = record
+    report.records = {name: [records[t.name] for t in tasks if t.split == name]
+                      for name in _ordered(splits)}
     return report
+
+
+def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,
+                sample_done: Callable[[int], None], report: BuildReport,
+                ) -> Iterator[dict[str, Any]]:
+    """Build ``tasks`` here and, once the work left is worth it, on ``workers - 1`` more
+    processes (the longest shards first, so that none is left alone at the end); yields
+    their records and sets ``report.workers``. ``sample_done(n)`` hears of every sample
+    done, in any process."""
+    if workers <= 1:
+        _init_worker(*context, sample_done)
+        yield from map(_build_shard, tasks)
+        return
+    queue = deque(sorted(tasks, key=lambda task: -len(task.entries)))
+    pool = _ShardPool(context, workers - 1, queue, sample_done)
+    _init_worker(*context, pool.sample_done_here)
+    try:
+        while queue or pool.in_flight:
+            if queue:
+                pool.finished.append(_build_shard(queue.popleft()))
+            else:
+                pool.service(wait_s=PROGRESS_POLL_S)
+            yield from pool.take_finished()
+    finally:
+        report.workers = 1 + pool.stop()
+
+
+@dataclass
+class _Worker:
+    """A worker process, this process's end of its pipe, and what it is doing."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    busy: bool = False
+
+
+class _ShardPool:
+    """Worker processes that build the shards this process hands them, one at a time.
+
+    This process builds shards too, so a build never waits for the workers to start (they
+    import torch and PyAV first), and it starts them only when the work left is worth it,
+    so a small build is not slower with more workers. It services the workers (progress,
+    records, errors, new shards) between its own samples.
+    Hand-made rather than a multiprocessing or concurrent.futures pool for those reasons
+    and one more: each worker has its own pipe, so a worker that dies is a BuildError,
+    never a hang. On a worker's error the shards under way are finished and recorded (kept
+    for a resume), no other is started, and the error is raised here; on an error of this
+    process (or Ctrl-C) the workers are ended and their partial files removed.
+    """
+
+    def __init__(self, context: tuple, size: int, queue: deque[ShardTask],
+                 sample_done: Callable[[int], None]) -> None:
+        self.out: Path = context[2]
+        self.context, self.size = context, size
+        self.queue, self.sample_done = queue, sample_done
+        self.left = sum(len(task.entries) for task in queue)  # samples not yet done
+        self.done_here, self.first_here = 0, time.perf_counter()
+        self.workers: list[_Worker] = []
+        self.finished: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.started = False
+        self.stopping = threading.Event()
+
+    def _start_if_worth_it(self) -> None:
+        """Start the workers when the work left would take this process alone longer than
+        WORKER_START_MIN_S (estimated from its first PROBE_SAMPLES)."""
+        if self.started or self.done_here < PROBE_SAMPLES:
+            return
+        per_sample = (time.perf_counter() - self.first_here) / self.done_here
+        if per_sample * self.left > WORKER_START_MIN_S:
+            self.start()
+
+    def start(self) -> None:
+        """Start the workers, off this thread: Process.start() waits for the fork
+        server's imports."""
+        self.started = True
+        threading.Thread(target=self._start, args=(self.context, self.size), daemon=True).start()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.busy for w in list(self.workers))
+
+    def _start(self, context: tuple, size: int) -> None:
+        """Start ``size`` workers, one after the other; none once the pool is stopping."""
+        server = worker_context()
+        for _ in range(size):
+            here, there = server.Pipe()
+            process = server.Process(target=_pool_worker, args=(context, there), daemon=True)
+            process.start()
+            there.close()  # so that a worker's death reads as the end of its pipe
+            self.workers.append(_Worker(process, here))
+            if self.stopping.is_set():
+                process.terminate()
+                return
+
+    def sample_done_here(self) -> None:
+        """One sample of this process's shard is done: count it and service the workers."""
+        self.sample_done(1)
+        self.done_here, self.left = self.done_here + 1, self.left - 1
+        self._start_if_worth_it()
+        self.service(wait_s=0.0)
+
+    def service(self, wait_s: float) -> None:
+        """Read the workers' messages (waiting up to ``wait_s`` for the first), then hand
+        each idle worker the next shard."""
+        workers = {w.conn: w for w in list(self.workers) if not w.conn.closed}
+        if not workers:  # none started yet (or every one has stopped)
+            time.sleep(wait_s)
+            return
+        readable = connection_wait(list(workers), wait_s)
+        while readable:
+            for conn in readable:
+                self._receive(workers[conn])
+            readable = connection_wait([c for c in workers if not c.closed], 0)
+        for worker in workers.values():
+            if worker.ready and not worker.busy and self.queue and self.error is None:
+                worker.conn.send(self.queue.popleft())
+                worker.busy = True
+
+    def _receive(self, worker: _Worker) -> None:
+        """One message of a worker: ``sample`` (count), ``ready``, ``record`` or ``error``;
+        the end of its pipe is its death."""
+        try:
+            kind, value = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.conn.close()
+            if worker.busy:
+                self.error = self.error or BuildError(
+                    "a build worker process died (killed, or out of memory); the shards "
+                    "finished are kept: run the same command again to resume, with fewer "
+                    "--workers if memory is short")
+            worker.ready = worker.busy = False
+            return
+        if kind == "sample":
+            self.sample_done(value)
+            self.left -= value
+        elif kind == "ready":
+            worker.ready = True
+        elif kind == "record":
+            worker.busy = False
+            self.finished.append(value)
+        else:
+            worker.busy = worker.ready = False  # the worker has stopped
+            self.error = self.error or value
+
+    def take_finished(self) -> list[dict[str, Any]]:
+        """The records finished since the last call; raises a worker's error instead, once
+        no shard is under way any more."""
+        if self.error is not None:
+            self.queue.clear()
+            while self.in_flight:
+                self.service(wait_s=PROGRESS_POLL_S)
+            raise self.error
+        finished, self.finished = self.finished, []
+        return finished
+
+    def stop(self) -> int:
+        """End every worker (idle ones are told to, the others terminated), then remove
+        the partial files of terminated ones; returns how many had started. Workers still
+        starting are ended as they start, without waiting for them."""
+        self.stopping.set()
+        workers = list(self.workers)
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in workers:
+            worker.process.join(timeout=PROGRESS_POLL_S)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join()
+            worker.conn.close()
+        for tmp in [*self.out.glob(f"*{TMP_SUFFIX}"),
+                    *(self.out / STATE_DIR).glob(f"*{TMP_SUFFIX}")]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return len(workers)
+
+
+def _pool_worker(context: tuple, conn: Connection) -> None:
+    """A worker process: build the shards it is handed until told to stop (None) or its
+    parent is gone. Ctrl-C is the parent's to handle: it ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*context, lambda: conn.send(("sample", 1)))
+    with contextlib.suppress(EOFError, OSError):
+        conn.send(("ready", None))
+        for task in iter(conn.recv, None):
+            try:
+                record = _build_shard(task)
+            except Exception as err:  # noqa: BLE001 - passed to the parent, which raises it
+                conn.send(("error", err))
+                return
+            conn.send(("record", record))
 
 
 def _ordered(splits: dict[str, list[Entry]]) -> list[str]:
@@ -628,14 +856,15 @@ def _strict_message(record: dict[str, Any], sources: dict[str, str] | None = Non
             "files, or build without --strict to skip it and record why")
 
 
-def _finish(out: Path, head: dict[str, Any], writers: dict[str, SplitWriter],
-            skipped: list[dict[str, Any]]) -> dict[str, Any]:
+def _finish(out: Path, head: dict[str, Any], records: dict[str, list[dict[str, Any]]],
+            skipped: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     """Write manifest.json atomically, with its identity fields, then drop the records."""
-    every_skip = skipped + [s for w in writers.values() for s in w.skipped()]
-    hashes = {rel: digest for w in writers.values() for rel, digest in w.hashes().items()}
+    every = [record for split in records.values() for record in split]
+    every_skip = skipped + [s for record in every for s in record["skipped"]]
+    hashes = {rel: digest for record in every for rel, digest in record["hashes"].items()}
     manifest = {
         **{k: head[k] for k in ("spec_version", "dataset", "classes", "modalities")},
-        "splits": {name: w.manifest_entry() for name, w in writers.items()},
+        "splits": {name: split_entry(split, num_classes) for name, split in records.items()},
         "skipped": sorted(every_skip, key=lambda s: (s["split"] or "", s["id"])),
         "sources": {**head["sources"], "raw": raw_content(hashes)},
         "fingerprint": "",

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from ccat.data import spec
+from ccat.data import shardio, spec
 from preprocess import cli, writer
 from preprocess.datasets.synth import synthesize_cremad
 
@@ -80,7 +80,7 @@ def assert_keys_unique(out: Path) -> None:
         rows = []
         for shard in entry["shards"]:
             with open(out / shard["name"], "rb") as f:
-                for key, members in spec.iter_tar_samples(f):
+                for key, members in shardio.iter_tar_samples(f):
                     assert key not in where, f"{key} is in {where[key]} and in {split}"
                     where[key] = split
                     rows.append((key, int(members[spec.LABEL_MEMBER])))

@@ -18,10 +18,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ccat.cli import app as ccat_app, main as ccat_main
-from ccat.data import kinds, open_dataset, spec
+from ccat.data import kinds, open_dataset, shardio, spec
 from ccat.data.integrity import ShardError
 from conftest import run_cli, serve
-from preprocess import check
+from preprocess import verify as verifying
 from train_helpers import write_tiny_dataset
 
 HUGE = 65000
@@ -53,13 +53,13 @@ def replace_member(root: Path, suffix: str, data: bytes, split: str = "train") -
     entry = manifest["splits"][split]["shards"][0]
     path = root / entry["name"]
     with open(path, "rb") as f:
-        samples = list(spec.iter_tar_samples(f))
+        samples = list(shardio.iter_tar_samples(f))
     key = samples[0][0]
     samples[0][1][suffix] = data
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, members in samples:
-            spec.write_sample(tar, name, members)
+            shardio.write_sample(tar, name, members)
     path.write_bytes(buf.getvalue())
     entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
     manifest["fingerprint"] = spec.compute_fingerprint(manifest)
@@ -76,7 +76,7 @@ def bombed(built: Path, tmp_path: Path) -> tuple[Path, str, str]:
 
 def test_the_bomb_is_a_small_valid_jpeg_header() -> None:
     data = bomb_jpeg()
-    assert len(data) < 1000 and spec.jpeg_size(data) == (HUGE, HUGE)
+    assert len(data) < 1000 and shardio.jpeg_size(data) == (HUGE, HUGE)
 
 
 def test_verify_refuses_the_bomb_from_its_header(bombed, capsys) -> None:
@@ -134,9 +134,9 @@ def test_array_and_frame_headers_are_checked_before_reading(
         built: Path, tmp_path: Path, suffix: str, payload: bytes, says: str) -> None:
     root = Path(shutil.copytree(built, tmp_path / "copy"))
     shard, key = replace_member(root, suffix, payload)
-    with pytest.raises(check.VerifyError, match="^" + f"{shard}: sample '{key}', member "
+    with pytest.raises(verifying.VerifyError, match="^" + f"{shard}: sample '{key}', member "
                        f"{suffix}: {says}".replace("[", r"\[").replace("]", r"\]")):
-        check.verify(root)
+        verifying.verify(root)
 
 
 IMAGE_TEXT = {"image": {"kind": "image", "shorter_side": 40},
@@ -144,8 +144,8 @@ IMAGE_TEXT = {"image": {"kind": "image", "shorter_side": 40},
 
 
 def image_text_members(image: bytes, ids: np.ndarray) -> dict[str, bytes]:
-    return {"image.jpg": image, "text.ids.npy": spec.encode_npy(ids), "text.txt": b"hi",
-            spec.LABEL_MEMBER: spec.encode_label(0), spec.META_MEMBER: spec.encode_json({})}
+    return {"image.jpg": image, "text.ids.npy": shardio.encode_npy(ids), "text.txt": b"hi",
+            spec.LABEL_MEMBER: shardio.encode_label(0), spec.META_MEMBER: spec.encode_json({})}
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -156,9 +156,9 @@ def jpeg(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize("image, ids, says", [
     (jpeg(40, 90), np.arange(8, dtype=np.int32), None),
-    (jpeg(40, 40 * spec.MAX_ASPECT + 2), np.arange(8, dtype=np.int32),
-     f"declares a 40x{40 * spec.MAX_ASPECT + 2} image, the manifest allows a shorter side of "
-     f"40 and a longer side of at most {40 * spec.MAX_ASPECT + 1}"),
+    (jpeg(40, 40 * shardio.MAX_ASPECT + 2), np.arange(8, dtype=np.int32),
+     f"declares a 40x{40 * shardio.MAX_ASPECT + 2} image, the manifest allows a shorter side of "
+     f"40 and a longer side of at most {40 * shardio.MAX_ASPECT + 1}"),
     (jpeg(39, 90), np.arange(8, dtype=np.int32), "declares a 39x90 image"),
     (jpeg(40, 90), np.arange(9, dtype=np.int32), "declares shape [9], the manifest allows "
                                                  "[at most 8]"),
@@ -177,23 +177,23 @@ def test_mvsa_images_and_token_ids_are_bounded_by_the_manifest(image, ids, says)
 
 def test_decoding_without_a_manifest_still_refuses_huge_headers() -> None:
     with pytest.raises(spec.SpecError, match="at most 16384 px a side"):
-        spec.decode_member("x.jpg", bomb_jpeg())
+        shardio.decode_member("x.jpg", bomb_jpeg())
     with pytest.raises(spec.SpecError, match="declares 2199023255552 bytes of data but holds 64"):
-        spec.decode_member("x.npy", huge_npy((1 << 20, 1 << 20)))
+        shardio.decode_member("x.npy", huge_npy((1 << 20, 1 << 20)))
 
 
 def test_a_tar_header_claiming_8_gib_allocates_only_what_is_there(tmp_path: Path) -> None:
     """A member header may claim up to 8 GiB; reading it must not reserve that first."""
     import tracemalloc
 
-    info = spec.tar_member_info("k_1.audio.npy", (8 << 30) - 1)
+    info = shardio.tar_member_info("k_1.audio.npy", (8 << 30) - 1)
     path = tmp_path / "train-000000.tar"
     path.write_bytes(info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 100_000)
     tracemalloc.start()
     try:
         with open(path, "rb") as f, pytest.raises(spec.SpecError, match="ends inside a "
                                                   f"{(8 << 30) - 1}-byte member"):
-            list(spec.iter_tar_members(f))
+            list(shardio.iter_tar_members(f))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

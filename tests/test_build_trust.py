@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from ccat.data import spec
+from ccat.data import shardio, spec
 from conftest import TINY_BUILD, assert_keys_unique, run_cli, synth_tree
 from preprocess import writer
 
@@ -137,7 +137,7 @@ def test_killed_build_of_a_grown_raw_tree_is_refused_then_overwritten(
     assert build(raw, fresh, capsys)[0] == 0
     assert shard_hashes(out) == shard_hashes(fresh)
     assert manifest_of(out)["fingerprint"] == manifest_of(fresh)["fingerprint"]
-    keys = {key for shard in out.glob("*.tar") for key, _ in spec.iter_tar_samples(
+    keys = {key for shard in out.glob("*.tar") for key, _ in shardio.iter_tar_samples(
         io.BytesIO(shard.read_bytes()))}
     assert set(added) <= keys and len(keys) == 54
 

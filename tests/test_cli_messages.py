@@ -167,7 +167,7 @@ USER_CAUSED = ["ccat.config:ConfigError", "ccat.data.reader:DatasetError",
                "ccat.data.spec:SpecError", "ccat.registry:RegistryError", "ccat.errors:CcatError",
                "ccat.data.integrity:ShardError", "ccat.data.remote:RemoteError",
                "preprocess.datasets:LayoutError", "preprocess.splits:SplitError",
-               "preprocess.writer:BuildError", "preprocess.check:VerifyError",
+               "preprocess.writer:BuildError", "preprocess.verify:VerifyError",
                "preprocess.download:DownloadError", "preprocess.media:MediaError",
                "preprocess.text:TokenizerError"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccat.data import kinds, manifest_schema, spec
+from ccat.data import kinds, manifest_schema, shardio, spec
 from preprocess import writer
 from preprocess.datasets.cremad import Cremad
 
@@ -34,11 +34,11 @@ def fixed_values() -> dict[str, Any]:
 
 
 def tar_sha256(members: dict[str, bytes]) -> str:
-    members = {**members, spec.LABEL_MEMBER: spec.encode_label(2),
+    members = {**members, spec.LABEL_MEMBER: shardio.encode_label(2),
                spec.META_MEMBER: spec.encode_json({"id": "k_1"})}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        spec.write_sample(tar, "k_1", members)
+        shardio.write_sample(tar, "k_1", members)
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
@@ -72,7 +72,7 @@ EXAMPLES = {
 @pytest.mark.parametrize("kind", sorted(kinds.KINDS))
 def test_every_kind_round_trips_through_encode_decode_and_verify(kind: str) -> None:
     params, value = EXAMPLES[kind]
-    members = {**kinds.encode("m", kind, value), spec.LABEL_MEMBER: spec.encode_label(0),
+    members = {**kinds.encode("m", kind, value), spec.LABEL_MEMBER: shardio.encode_label(0),
                spec.META_MEMBER: spec.encode_json({})}
     sample = kinds.decode_sample("k", members, {"m": params})
     assert kinds.check_array("m", sample.data["m"], params) == ""

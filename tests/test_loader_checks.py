@@ -14,11 +14,11 @@ import pytest
 
 from ccat.cli import main
 from ccat.config import ConfigError, DataConfig
-from ccat.run_config import load_config
-from ccat.data import open_dataset, pipeline, spec
+from ccat.data import open_dataset, pipeline, shardio, spec
 from ccat.data.integrity import ShardError
 from ccat.data.reader import DatasetError
 from ccat.data.pipeline import ShardStream, Transform, WorkerLoader, make_loader
+from ccat.run_config import load_config
 from ccat.train import train as run_training
 from train_helpers import tiny_config, write_tiny_dataset
 
@@ -141,10 +141,10 @@ def rewrite_sample(root, name, key, change):
     manifest follows the new bytes, as a rebuild with a bug would write it."""
     path = root / name
     with open(path, "rb") as f:
-        samples = list(spec.iter_tar_samples(f))
+        samples = list(shardio.iter_tar_samples(f))
     with tarfile.open(path, "w") as tar:
         for k, members in samples:
-            spec.write_sample(tar, k, change(members) if k == key else members)
+            shardio.write_sample(tar, k, change(members) if k == key else members)
     edit_manifest(root, lambda m: None)
 
 
@@ -158,7 +158,7 @@ def test_a_member_that_fails_to_decode_is_named(data):
 
 def test_a_label_outside_the_classes_is_refused_by_every_reader(data):
     rewrite_sample(data, "test-000001.tar", "test_0009",
-                   lambda m: {**m, spec.LABEL_MEMBER: spec.encode_label(5)})
+                   lambda m: {**m, spec.LABEL_MEMBER: shardio.encode_label(5)})
     says = r"test-000001.tar .* labels sample 'test_0009' 5, outside the 3 classes \(0..2\)"
     with pytest.raises(ShardError, match=says):
         epoch(data, "test", train=False, workers=2)
@@ -179,7 +179,7 @@ def test_eval_refuses_a_test_split_with_a_bad_label_in_one_line(data, tmp_path, 
     cfg.data.val_split = "test"
     run_training(cfg)
     rewrite_sample(data, "test-000000.tar", "test_0002",
-                   lambda m: {**m, spec.LABEL_MEMBER: spec.encode_label(3)})
+                   lambda m: {**m, spec.LABEL_MEMBER: shardio.encode_label(3)})
     code, err = run_main(["eval", "--ckpt", str(tmp_path / "run" / "last.pt")], monkeypatch,
                          capsys)
     assert code == 2 and err.startswith("error:") and "Traceback" not in err
@@ -232,12 +232,12 @@ def test_a_worker_that_dies_ends_the_epoch_with_a_sentence(data):
 def test_skipping_samples_seeks_past_them_and_still_finds_a_cut(data):
     path = data / "train-000000.tar"
     with open(path, "rb") as f:
-        read = list(spec.iter_tar_samples(f))
+        read = list(shardio.iter_tar_samples(f))
     with open(path, "rb") as f:
-        skipped = list(spec.iter_tar_samples(f, keep=lambda i: i % 3 == 0))
+        skipped = list(shardio.iter_tar_samples(f, keep=lambda i: i % 3 == 0))
     assert [k for k, _ in skipped] == [k for k, _ in read]
     assert [m for k, m in skipped] == [m if i % 3 == 0 else None for i, (k, m) in
                                        enumerate(read)]
     path.write_bytes(path.read_bytes()[:member_offsets(path)[-1][0] + 700])  # in a member
     with open(path, "rb") as f, pytest.raises(spec.SpecError, match="ends inside a"):
-        list(spec.iter_tar_samples(f, keep=lambda i: False))
+        list(shardio.iter_tar_samples(f, keep=lambda i: False))

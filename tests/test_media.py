@@ -41,7 +41,7 @@ def test_a_clip_shorter_than_the_frames_asked_repeats_its_last_frame(tmp_path: P
 def test_keyframe_seeking_gives_the_frames_a_full_decode_gives(tmp_path: Path) -> None:
     write_flv(tmp_path / "long.flv", 40)
     jpegs, meta = media.sample_frames(tmp_path / "long.flv", media.VideoParams(size=16))
-    from ccat.data.spec import decode_member
+    from ccat.data.shardio import decode_member
 
     means = [decode_member("x.jpg", j).mean() for j in jpegs]
     assert meta["frame_indices"] == [6, 20, 33]

@@ -2,7 +2,6 @@
 tree had changes and the exact command; it holds one table row per method with the std over
 seeds, a real figure and the summary's sentences."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from ccat import run_dir
-from ccat.cli import app, main
+from ccat.cli import main
 from ccat.config import ConfigError
 from ccat.run_config import load_config
 from ccat.errors import CcatError

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from ccat.data import kinds, spec
+from ccat.data import kinds, shardio, spec
 
 MODALITIES = {"audio": {"kind": "spectrogram", "shape": [257, 4], "dtype": "float16"},
               "video": {"kind": "frames", "num_frames": 3, "size": 8}}
@@ -41,18 +41,18 @@ def test_tar_round_trip_is_deterministic_and_decodes() -> None:
 
     jpeg = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(jpeg, format="JPEG", quality=95)
-    members = {"audio.npy": spec.encode_npy(np.ones((257, 4), np.float16)),
-               "label.cls": spec.encode_label(1), "meta.json": spec.encode_json({"id": "k_1"}),
+    members = {"audio.npy": shardio.encode_npy(np.ones((257, 4), np.float16)),
+               "label.cls": shardio.encode_label(1), "meta.json": spec.encode_json({"id": "k_1"}),
                **{f"video.{i}.jpg": jpeg.getvalue() for i in range(3)}}
 
     def tar_bytes() -> bytes:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            spec.write_sample(tar, "k_1", members)
+            shardio.write_sample(tar, "k_1", members)
         return buf.getvalue()
 
     assert tar_bytes() == tar_bytes()
-    [(key, read)] = list(spec.iter_tar_samples(io.BytesIO(tar_bytes())))
+    [(key, read)] = list(shardio.iter_tar_samples(io.BytesIO(tar_bytes())))
     sample = kinds.decode_sample(key, read, MODALITIES)
     assert sample.label == 1 and sample.meta == {"id": "k_1"}
     assert sample.data["audio"].dtype == np.float16
@@ -63,7 +63,7 @@ def test_tar_round_trip_is_deterministic_and_decodes() -> None:
 
 def test_keys_with_dots_are_refused() -> None:
     with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar, pytest.raises(spec.SpecError):
-        spec.write_sample(tar, "a.b", {"label.cls": b"0"})
+        shardio.write_sample(tar, "a.b", {"label.cls": b"0"})
 
 
 @pytest.mark.parametrize("name", ["pipe:curl x", "../x.tar", "/etc/x.tar", "train-0.tar"])
@@ -128,17 +128,17 @@ def test_tar_members_read_as_tarfile_reads_them(fmt) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         tar.addfile(_folder("a-folder"))
         for i, name in enumerate(names):
-            tar.addfile(spec.tar_member_info(name, i * 700), io.BytesIO(bytes([i]) * (i * 700)))
+            tar.addfile(shardio.tar_member_info(name, i * 700), io.BytesIO(bytes([i]) * (i * 700)))
     data = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-    assert list(spec.iter_tar_members(io.BytesIO(data))) == expected
+    assert list(shardio.iter_tar_members(io.BytesIO(data))) == expected
     with pytest.raises(spec.SpecError, match="truncated"):
-        list(spec.iter_tar_members(io.BytesIO(data[:2000])))
+        list(shardio.iter_tar_members(io.BytesIO(data[:2000])))
     corrupt = bytearray(data)
     corrupt[512 + 10] ^= 0xFF  # a name byte of the first file's header
     with pytest.raises(spec.SpecError, match="checksum"):
-        list(spec.iter_tar_members(io.BytesIO(bytes(corrupt))))
+        list(shardio.iter_tar_members(io.BytesIO(bytes(corrupt))))
 
 
 def _folder(name: str) -> tarfile.TarInfo:

@@ -277,7 +277,7 @@ def test_synth_cli_passes_the_hard_strength(tmp_path: Path, capsys) -> None:
     assert code == 0 and "wrote 3 clips" in out
     ids = synthesize_cremad(tmp_path / "lib", 3, 0, hard_strength=0.5, width=SIZE[0],
                             height=SIZE[1])
-    default = synthesize_cremad(tmp_path / "default", 3, 0, width=SIZE[0], height=SIZE[1])
+    synthesize_cremad(tmp_path / "default", 3, 0, width=SIZE[0], height=SIZE[1])
     name = f"VideoFlash/{ids[0]}.flv"
     assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
     assert (tmp_path / "cli" / name).read_bytes() != (tmp_path / "default" / name).read_bytes()

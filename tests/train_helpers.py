@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ccat.config import RunConfig
-from ccat.data import spec
+from ccat.data import shardio, spec
 
 CLASSES = ["A", "B", "C"]
 
@@ -28,8 +28,8 @@ def tiny_members(label: int, rng: np.random.Generator, frames: int, size: int,
     """A sample whose audio shows its class clearly and whose video only faintly."""
     spec_arr = rng.normal(0, 1, (257, steps)).astype(np.float32)
     spec_arr[label * 40:label * 40 + 40] += 2.0
-    members = {"audio.npy": spec.encode_npy(spec_arr.astype(np.float16)),
-               spec.LABEL_MEMBER: spec.encode_label(label),
+    members = {"audio.npy": shardio.encode_npy(spec_arr.astype(np.float16)),
+               spec.LABEL_MEMBER: shardio.encode_label(label),
                spec.META_MEMBER: spec.encode_json({"source": "tiny"})}
     for i in range(frames):
         pixels = rng.integers(0, 255, (size, size, 3)).astype(np.uint8)
@@ -55,7 +55,7 @@ def write_tiny_dataset(root: Path, counts: dict[str, int] | None = None, shard_s
             with tarfile.open(root / name, "w") as tar:
                 for i in range(start, min(n, start + shard_size)):
                     members = tiny_members(i % len(CLASSES), rng, 3, size, steps)
-                    spec.write_sample(tar, f"{split}_{i:04d}", members)
+                    shardio.write_sample(tar, f"{split}_{i:04d}", members)
             data = (root / name).read_bytes()
             shards.append({"name": name, "num_samples": min(n, start + shard_size) - start,
                            "bytes": len(data), "sha256": "0" * 64})

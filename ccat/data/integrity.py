@@ -13,9 +13,10 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ccat.data import spec
+from ccat.data import shardio, spec
 from ccat.data.kinds import decode_sample
-from ccat.data.spec import Sample, ShardInfo
+from ccat.data.shardio import Sample
+from ccat.data.spec import ShardInfo
 from ccat.errors import CcatError
 
 VERIFY_MODES = ("size", "sha", "none")
@@ -60,11 +61,11 @@ def read_shard(root: Path, shard: ShardInfo, keep: Callable[[int], bool] | None 
                ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
     """``(index, key, members)`` of each sample of ``shard`` in file order, its count
     checked against the manifest's: one sample too many fails when it is reached, one too
-    few at the end of the file. ``keep`` as in :func:`ccat.data.spec.iter_tar_samples`."""
+    few at the end of the file. ``keep`` as in :func:`ccat.data.shardio.iter_tar_samples`."""
     count, key = 0, None
     try:
         with open(root / shard.name, "rb") as f:
-            for key, members in spec.iter_tar_samples(f, keep):
+            for key, members in shardio.iter_tar_samples(f, keep):
                 if count == shard.num_samples:
                     raise damaged(root, shard.name, f"holds more than the {shard.num_samples} "
                                                     f"samples the manifest lists ({key!r} is "

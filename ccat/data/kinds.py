@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ccat.data import spec
+from ccat.data import shardio, spec
 
 IMAGE_SIZE = 224  # crop side of image modalities when data.frame_size is 0 (the paper's)
 EVAL_CROP_FRACTION = 224 / 256  # eval: resize the shorter side to size / this, center crop
@@ -42,7 +42,7 @@ class Kind:
     name: str
     suffixes: Callable[[Params], list[str]]  # member suffixes after "<modality>."
     encode: Callable[[Any], dict[str, bytes]]  # a recipe's value -> bytes by member suffix
-    bounds: Callable[[Params], list[Optional[spec.Bound]]]  # per suffix: largest header
+    bounds: Callable[[Params], list[Optional[shardio.Bound]]]  # per suffix: largest header
     assemble: Callable[[list[Any]], tuple[np.ndarray, Optional[str]]]  # decoded -> array, text
     check: Callable[[np.ndarray, Params], str]  # verify: what is wrong with the array, or ''
     view: View  # per-sample tensor for training (augmented) or evaluation
@@ -69,8 +69,8 @@ def _shape_problem(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -
 SPECTROGRAM = Kind(
     name="spectrogram",
     suffixes=lambda params: ["npy"],
-    encode=lambda spectrogram: {"npy": spec.encode_npy(spectrogram)},
-    bounds=lambda params: [spec.ArrayBound(params["dtype"], tuple(params["shape"]))],
+    encode=lambda spectrogram: {"npy": shardio.encode_npy(spectrogram)},
+    bounds=lambda params: [shardio.ArrayBound(params["dtype"], tuple(params["shape"]))],
     assemble=lambda decoded: (decoded[0], None),
     check=_spectrogram_check,
     view=lambda t, array, params, rng: t.tensor(array, np.float16),
@@ -97,7 +97,7 @@ FRAMES = Kind(
     name="frames",
     suffixes=lambda params: [f"{i}.jpg" for i in range(params["num_frames"])],
     encode=lambda jpegs: {f"{i}.jpg": jpeg for i, jpeg in enumerate(jpegs)},  # in frame order
-    bounds=lambda params: [spec.ImageBound(params["size"], params["size"])] * params["num_frames"],
+    bounds=lambda params: [shardio.ImageBound(params["size"], params["size"])] * params["num_frames"],
     assemble=lambda decoded: (np.stack(decoded), None),
     check=_frames_check,
     view=lambda t, array, params, rng: t.frames(array, t.cfg.frame_size or params["size"], rng),
@@ -110,10 +110,10 @@ FRAMES = Kind(
 # ---------------------------------------------------------------- image
 
 
-def _image_bound(params: Params) -> spec.ImageBound:
+def _image_bound(params: Params) -> shardio.ImageBound:
     # the builder's aspect cap, plus a pixel for rounding the longer side when resizing
-    longer = math.ceil(params["shorter_side"] * params.get("max_aspect", spec.MAX_ASPECT)) + 1
-    return spec.ImageBound(params["shorter_side"], longer)
+    longer = math.ceil(params["shorter_side"] * params.get("max_aspect", shardio.MAX_ASPECT)) + 1
+    return shardio.ImageBound(params["shorter_side"], longer)
 
 
 def _image_check(array: np.ndarray, params: Params) -> str:
@@ -152,9 +152,9 @@ def _tokens_check(array: np.ndarray, params: Params) -> str:
 TOKENS = Kind(
     name="tokens",
     suffixes=lambda params: ["ids.npy", "txt"],
-    encode=lambda ids_and_text: {"ids.npy": spec.encode_npy(ids_and_text[0]),
+    encode=lambda ids_and_text: {"ids.npy": shardio.encode_npy(ids_and_text[0]),
                                  "txt": ids_and_text[1].encode("utf-8")},
-    bounds=lambda params: [spec.ArrayBound("int32", None, params["max_length"]), None],
+    bounds=lambda params: [shardio.ArrayBound("int32", None, params["max_length"]), None],
     assemble=lambda decoded: (decoded[0], decoded[1]),
     check=_tokens_check,
     view=lambda t, array, params, rng: t.tensor(array, np.int64),
@@ -213,7 +213,7 @@ def check_written(key: str, members: dict[str, bytes], modalities: dict[str, Par
 
 
 def decode_sample(key: str, members: dict[str, bytes],
-                  modalities: dict[str, Params]) -> spec.Sample:
+                  modalities: dict[str, Params]) -> shardio.Sample:
     """Turn a sample's raw members into arrays, one per modality.
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
@@ -234,14 +234,14 @@ def decode_sample(key: str, members: dict[str, bytes],
         if text is not None:
             texts[name] = text
     label = _decode_checked(key, spec.LABEL_MEMBER, members, None)
-    return spec.Sample(key=key, label=label, data=data, meta=meta, text=texts)
+    return shardio.Sample(key=key, label=label, data=data, meta=meta, text=texts)
 
 
 def _decode_checked(key: str, suffix: str, members: dict[str, bytes],
-                    bound: spec.Bound | None) -> Any:
-    """:func:`spec.decode_member`, a failure named by sample key and member."""
+                    bound: shardio.Bound | None) -> Any:
+    """:func:`shardio.decode_member`, a failure named by sample key and member."""
     try:
-        return spec.decode_member(suffix, members[suffix], bound)
+        return shardio.decode_member(suffix, members[suffix], bound)
     except spec.SpecError as err:
         raise spec.SpecError(f"sample {key!r}, member {suffix}: {err}") from None
     except (ValueError, UnicodeDecodeError, RuntimeError) as err:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from ccat.data import integrity, remote, spec
 from ccat.data.kinds import decode_sample
-from ccat.data.spec import Sample
+from ccat.data.shardio import Sample
 from ccat.errors import UserError
 
 __all__ = ["BuiltDataset", "DatasetError", "Sample", "decode_sample", "open_dataset"]

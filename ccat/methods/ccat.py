@@ -30,7 +30,7 @@ from ccat.contribution import Estimator, contributions
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs
 from ccat.models import MultimodalModel, build_model
-from ccat.step import Step
+from ccat.step import Step, host_floats
 from ccat.ui import make_console
 
 MIN_SUBSET = 2  # batch norm needs two samples for batch statistics
@@ -170,9 +170,8 @@ class CCAT(Method):
         step.zero_grad()
         step.backward(loss)
         step.step()
-        out = {"loss": loss.item(), "ce": ce.item(), "reg": reg.item()}
-        out.update({f"contrib/{m}": c.mean().item() for m, c in shares.items()})
-        return out
+        return host_floats({"loss": loss, "ce": ce, "reg": reg,
+                            **{f"contrib/{m}": c.mean() for m, c in shares.items()}})
 
     def _unimodal(self, model: MultimodalModel, batch: Batch, modality: str) -> torch.Tensor:
         """Cls(z^m) + LoRA_m(z^m) (LoRA off in the ablation)."""
@@ -180,14 +179,14 @@ class CCAT(Method):
         return model.unimodal_logits(modality, z, lora=self.params.lora)
 
     def _alternate_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor | float] = {}  # fetched to the host once, at the end
         if self.params.alternating:
             for m in model.modalities:  # Algorithm 1: each modality in turn through the fixed Cls
                 step.zero_grad()
                 loss = F.cross_entropy(self._unimodal(model, batch, m), batch.label)
                 step.backward(loss)
                 step.step()
-                out[f"loss/{m}"] = loss.item()
+                out[f"loss/{m}"] = loss.detach()
         else:  # Table 2 ablation: all modalities updated jointly on the fused prediction.
             # (A sum of per-modality losses would be the same update as alternating: each
             # loss reaches only its own encoder and LoRA through the fixed classifier.)
@@ -196,10 +195,10 @@ class CCAT(Method):
             loss = F.cross_entropy(fuse_decisions(logits, self.params.fusion_rule), batch.label)
             step.backward(loss)
             step.step()
-            out["loss"] = loss.item()
+            out["loss"] = loss.detach()
         if self.params.secondary:
             out.update(self._secondary_updates(model, batch, step))
-        return out
+        return host_floats(out)
 
     def _secondary_updates(self, model: MultimodalModel, batch: Batch,
                            step: Step) -> dict[str, float]:
@@ -209,10 +208,12 @@ class CCAT(Method):
             shares = contributions(logits, fuse_decisions(logits, self.params.fusion_rule),
                                    self.params.temperature, self.params.similarity)  # Eq. 5-6
         total = step.all_sum(len(batch.label))
-        out = {f"contrib/{m}": c.mean().item() for m, c in shares.items()}
+        picks = {m: shares[m] < self.params.beta for m in model.modalities}
+        fetched = host_floats({**{f"contrib/{m}": c.mean() for m, c in shares.items()},
+                               **{m: selected.sum() for m, selected in picks.items()}})
+        out = {f"contrib/{m}": fetched[f"contrib/{m}"] for m in shares}
         for m in model.modalities:
-            selected = shares[m] < self.params.beta
-            picked = int(selected.sum())
+            selected, picked = picks[m], int(fetched[m])
             out[f"selected/{m}"] = step.all_sum(picked) / total
             self.selected_in_epoch[m] = self.selected_in_epoch.get(m, 0.0) + out[f"selected/{m}"]
             usable = (picked if self.params.secondary_forward == "batch" or picked >= MIN_SUBSET

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions, predict_outputs
 from ccat.models import MultimodalModel
-from ccat.step import Step
+from ccat.step import Step, host_floats
 
 
 class JointMethod(Method):
@@ -62,7 +62,7 @@ class UnimodalEnsemble(Method):
                                      batch.label) for m in model.modalities}
         step.backward(torch.stack(list(losses.values())).sum())
         step.step()
-        return {f"loss/{m}": v.item() for m, v in losses.items()}
+        return host_floats({f"loss/{m}": v for m, v in losses.items()})
 
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ccat.data import kinds, remote, spec
+from ccat.data import kinds, remote, shardio, spec
 from ccat.errors import UserError
 
 
@@ -131,7 +131,7 @@ def _verify_shard(source: Source, shard: spec.ShardInfo) -> Counter[int]:
     with source.stream(shard) as (stream, sink):
         hashed = _Hashing(stream, sink)
         try:
-            for key, members in spec.iter_tar_samples(hashed):
+            for key, members in shardio.iter_tar_samples(hashed):
                 labels[_verify_sample(key, members, source.manifest, where)] += 1
         except spec.SpecError as err:
             problem = VerifyError(f"{where}: {err}")
