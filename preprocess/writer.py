@@ -758,7 +758,8 @@ class _ShardPool:
         each idle worker the next shard."""
         workers = {w.conn: w for w in list(self.workers) if not w.conn.closed}
         if not workers:  # none started yet (or every one has stopped)
-            time.sleep(wait_s)
+            if wait_s > 0:  # sleep(0) is a system call: 0.1 ms a sample on a small build
+                time.sleep(wait_s)
             return
         readable = connection_wait(list(workers), wait_s)
         while readable:
