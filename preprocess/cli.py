@@ -159,11 +159,19 @@ def _options(seed: int, val_fraction: float, test_fraction: float, shard_size: i
 
 def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
                options: writer.BuildOptions) -> None:
-    with _progress() as progress:
-        task = progress.add_task(f"building {recipe.name}", total=None)
-        report = writer.build(recipe, raw, out, split_files, options,
-                              on_progress=lambda done, total: progress.update(
-                                  task, completed=done, total=total))
+    progress, tasks = _progress(), []
+
+    def on_progress(done: int, total: int) -> None:
+        if not tasks:  # the bar appears once the build starts work, not for a refusal
+            progress.start()
+            tasks.append(progress.add_task(f"building {recipe.name}", total=total))
+        progress.update(tasks[0], completed=done, total=total)
+
+    try:
+        report = writer.build(recipe, raw, out, split_files, options, on_progress=on_progress)
+    finally:
+        if tasks:
+            progress.stop()
     _print_build_summary(report, recipe.unit)
 
 

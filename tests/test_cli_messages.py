@@ -190,3 +190,10 @@ def test_ccat_train_on_missing_data_is_one_sentence(tmp_path: Path, monkeypatch,
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nothing'} has no "
                                                "manifest.json: build it with `ccat-data build` "
                                                "first")
+
+
+def test_a_refused_build_prints_its_error_and_no_progress_bar(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["build", "cremad", "--raw", tmp_path / "missing",
+                              "--out", tmp_path / "shards"], capsys)
+    assert code == 1 and "does not exist" in err
+    assert "building cremad" not in out + err  # the bar starts with the work, not before
