@@ -1,14 +1,14 @@
 """The paper's sequential search for CCAT's LoRA rank r and threshold beta (Table 3,
 Figure 4): every rank at the config's beta, then every beta at the best rank, each run
-scored by its best fused validation accuracy.
+scored by the fused validation accuracy of the epoch its best.pt holds.
 
 Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this process. A
 folder whose run finished (last.pt at the last epoch of the last stage) with the same
 config is reused, an unfinished one is resumed, one holding a run with another config
-(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the best fused validation
-accuracy over the epochs of the last stage (the stage best.pt follows; its epoch is chosen
-by best.pt's rule, a tie going to the later epoch); ties between trials go to the earlier
-grid value.
+(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the fused validation
+accuracy of best.pt's epoch in the last stage (the stage best.pt follows), chosen by the
+config's ``select``: the best epoch, a tie going to the later one, or the last epoch;
+ties between trials go to the earlier grid value.
 """
 
 from __future__ import annotations
@@ -126,12 +126,13 @@ def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
     return train(cfg, resume=resume)
 
 
-def score(trial: Trial, rows: list[dict[str, Any]], val: str) -> None:
-    """Best fused ``val`` accuracy over the last stage's epochs, its epoch picked as
-    best.pt's is (:func:`ccat.train.is_selected`: a tie goes to the later epoch)."""
+def score(trial: Trial, rows: list[dict[str, Any]], val: str, select: str = "best") -> None:
+    """The fused ``val`` accuracy of the epoch best.pt holds, in the last stage: with
+    ``select: best`` the best one (:func:`ccat.train.is_selected`: a tie goes to the later
+    epoch), with ``select: last`` the last one."""
     last = [r for r in rows if r["stage"] == rows[-1]["stage"]]
-    best = last[0]
-    for row in last[1:]:
+    best = last[-1] if select == "last" else last[0]
+    for row in last[1:] if select != "last" else ():
         if is_selected(row[f"{val}/acc/fused"], best[f"{val}/acc/fused"]):
             best = row
     trial.val_acc, trial.best_epoch = best[f"{val}/acc/fused"], best["epoch"]
@@ -163,7 +164,7 @@ def _run_phase(phase: str, points: list[tuple[int, float]], base: RunConfig,
     for rank, beta in points:
         trial = Trial(phase, rank, beta, out / run_name(rank, beta))
         rows = run_trial(trial, _trial_config(base, rank, beta, trial.folder))
-        score(trial, rows, base.data.val_split)
+        score(trial, rows, base.data.val_split, base.select)
         trials.append(trial)
     return trials
 

@@ -252,6 +252,8 @@ def test_sweep_score_takes_the_later_of_tied_epochs_as_best_pt_does():
     trial = Trial(phase="rank", rank=1, beta=0.1, folder=Path("unused"))
     score(trial, rows, "val")
     assert (trial.val_acc, trial.best_epoch, trial.unimodal) == (0.7, 4, {"audio": 0.4})
+    score(trial, rows[:-1], "val", select="last")  # best.pt is the last epoch: so is the score
+    assert (trial.val_acc, trial.best_epoch, trial.unimodal) == (0.6, 3, {"audio": 0.3})
 
 
 def test_grid_syntax():
