@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from ccat.analysis.probe import linear_probe
-from ccat.config import load_config
 from ccat.evaluate import evaluate_checkpoint
+from ccat.run_config import load_config
 from ccat.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
