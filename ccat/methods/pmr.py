@@ -56,7 +56,7 @@ from ccat.methods.joint import JointMethod
 from ccat.methods.ogm_ge import discrepancy_ratios
 from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
-from ccat.step import Step
+from ccat.step import Step, host_floats
 
 PROTOTYPE_SHARE = 10  # calculate_prototype stops after len(dataloader) // 10 batches
 
@@ -213,7 +213,7 @@ class PMR(JointMethod):
             else {m: 0.0 for m in logits}
         pce = {m: F.cross_entropy(v, label) for m, v in logits.items()}
         loss = ce + sum(coefs[m] * pce[m] for m in pce)
-        extra = {f"pce/{m}": v.item() for m, v in pce.items()}
+        extra = host_floats({f"pce/{m}": v.detach() for m, v in pce.items()})
         extra.update({f"ratio/{m}": r for m, r in ratios.items()})
         extra.update({f"coef/{m}": c for m, c in coefs.items()})
         return loss, extra

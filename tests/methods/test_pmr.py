@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ccat.methods.pmr import class_means, pce_coefficients, prototypical_logits
+from ccat.step import Step
 from method_helpers import build_pair, build_released
 from train_helpers import CLASSES, random_batch
 
@@ -128,3 +129,43 @@ def test_unimodal_prediction_zeroes_the_other_modality():
     assert torch.equal(before.unimodal["audio"], after.unimodal["audio"])
     assert not torch.allclose(before.unimodal["video"], after.unimodal["video"])
     assert set(after.embeddings) == {"audio", "video"} and after.representation is not None
+
+
+def _two_rank_prototypes(rank, port, results):
+    """One gloo rank: build the first prototypes from this rank's own batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        method, model, _ = build_released("pmr")
+        step = Step(torch.optim.SGD(model.parameters(), lr=0.0))
+        batch = random_batch(6, seed=rank)
+        method.begin_epoch(0)
+        method.train_step(model, batch, step)
+        with torch.no_grad():
+            z = model.encode_all(batch.inputs)["audio"].pooled
+        zs, labels = [torch.zeros_like(z) for _ in range(2)], [torch.zeros_like(batch.label)
+                                                               for _ in range(2)]
+        dist.all_gather(zs, z)
+        dist.all_gather(labels, batch.label)
+        z, label = torch.cat(zs), torch.cat(labels)
+        expected = torch.stack([z[label == k].mean(0) for k in range(len(CLASSES))])
+        results[rank] = (method.prototypes["audio"], expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_prototypes_of_both_ranks_batches():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_prototypes, args=(port, results), nprocs=2)
+    (p0, e0), (p1, e1) = results[0], results[1]
+    assert torch.equal(p0, p1)
+    assert torch.allclose(p0, e0, atol=1e-6) and torch.equal(e0, e1)
