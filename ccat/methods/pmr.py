@@ -2,16 +2,19 @@
 
 Concat fusion trained on the fused CE plus a prototypical cross-entropy (PCE) on the
 slow-learning modality. Each modality m keeps one prototype per class, c^m_k, the mean
-pooled feature z^m of class k (Eq. 4); its non-parametric classifier scores a sample by
-softmax_k(-||z^m - c^m_k||_2) (Eq. 5), and PCE is that classifier's CE (Eq. 6). The
-modalities' summed correct-class prototypical scores give the ratio rho (Eq. 7); the
-modality with the lower score gets alpha * PCE added to the loss, inside an epoch window.
+pooled feature z^m of class k; its non-parametric classifier scores a sample by
+softmax_k(-||z^m - c^m_k||_2), and PCE is that classifier's CE. The modalities' summed
+correct-class prototypical scores give the ratio rho; the modality with the lower score
+gets alpha * PCE added to the loss, inside an epoch window. The formulas are cited by the
+released code's lines below: no copy of the paper was at hand to check its equation
+numbers against.
 
 Matched to the released code, fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py:
 ``EU_dist`` (L69-75) and ``audio_sim = -EU_dist(a, audio_proto)`` (L152-153); the scores,
-ratio, hard 0 / alpha switch and loss (L156-178); ``calculate_prototype`` (L383-437): the
-class means of the encoders' features over the first ``len(loader) // 10`` training batches,
-mixed with the previous prototypes by ``momentum_coef`` after every epoch but the first.
+ratio, hard 0 / alpha switch and loss (L156-178); ``calculate_prototype`` (L383-441, called
+at L539 and L557): the class means of the encoders' features over the first
+``len(loader) // 10`` training batches, mixed with the previous prototypes by
+``momentum_coef`` after every epoch but the first.
 
 Departures from that code:
 
@@ -20,14 +23,13 @@ Departures from that code:
   the prototypes for epoch e are the class means of the detached train-mode features of the
   last ``max(1, batches // 10)`` training batches of epoch e - 1, taken from the training
   forward pass itself (the model a few steps before the epoch's end, not after it, with
-  dropout / batch-norm in train mode). Epoch 0 has no previous epoch: its first
+  batch norm in train mode). Epoch 0 has no previous epoch: its first
   ``max(1, batches // 10)`` batches train on the fused CE alone while they build the first
   prototypes (the released code builds them from the untrained model instead). Cost: one
   ``index_add`` per modality per step, no extra forward pass.
-- The paper's prototype-based entropy regularizer (PER) and its continuous coefficient are
-  not in the released code (main_Prototype_grad.py, nor GeWu-Lab/BalanceBenchmark's
-  PMR_trainer.py, which re-implements the same hard switch); we follow the released rule and
-  add no PER term.
+- The paper's prototype-based entropy regularizer (PER) is not in the released code
+  (main_Prototype_grad.py, nor GeWu-Lab/BalanceBenchmark's PMR_trainer.py, which
+  re-implements the same hard switch); we follow the released rule and add no PER term.
 - A class absent from the prototype window keeps its previous prototype (the zero vector
   before it has one); the released code divides by a zero count there (NaN prototypes).
 - Under torchrun the per-class sums and counts are summed over ranks before the means, and
@@ -62,24 +64,24 @@ PROTOTYPE_SHARE = 10  # calculate_prototype stops after len(dataloader) // 10 ba
 
 
 def prototypical_logits(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: -||z_i - c_k||_2 for every sample i and class k (the released -EU_dist)."""
+    """-||z_i - c_k||_2 for every sample i and class k (L152-153: -EU_dist(a, audio_proto))."""
     return -torch.cdist(z.float(), prototypes.float())
 
 
 def prototypical_score(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Eq. 7's s^m = sum_i softmax(-d(z_i^m, c^m))_{y_i}: the batch's summed score."""
+    """s^m = sum_i softmax(-d(z_i^m, c^m))_{y_i}, the batch's summed score (L158-159)."""
     return logits.softmax(1).gather(1, label[:, None]).sum()
 
 
 def pce_coefficients(ratios: dict[str, float], alpha: float) -> dict[str, float]:
-    """The released switch: alpha for a modality whose rho is below 1, else 0 (a tie: 0
-    for both, as ``beta = lam = 0`` when ratio_a_p == 1)."""
+    """The released switch (L169-177): alpha for a modality whose rho is below 1, else 0
+    (a tie: 0 for both, as ``beta = lam = 0`` when ratio_a_p == 1)."""
     return {m: alpha if rho < 1 else 0.0 for m, rho in ratios.items()}
 
 
 def class_means(sums: torch.Tensor, counts: torch.Tensor,
                 previous: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 4's c_k = sum of class k's features / their count; a class with no feature
+    """c_k = sum of class k's features / their count (L417-433); a class with no feature
     keeps ``previous``'s row (zeros without one)."""
     fallback = previous if previous is not None else torch.zeros_like(sums)
     seen = counts > 0
@@ -95,8 +97,8 @@ class PMR(JointMethod):
         RANGES: ClassVar[dict[str, Range]] = {
             "alpha": NON_NEGATIVE, "momentum_coef": FRACTION,
             "modulation_starts": NON_NEGATIVE, "modulation_ends": NON_NEGATIVE}
-        # Released bash.sh, CREMA-D with concat fusion: --modulation Proto --alpha 2.0
-        # --momentum_coef 0.0 --modulation_starts 0 --modulation_ends 70 (130 epochs).
+        # Released bash.sh L217/L222, CREMA-D with concat fusion: --modulation Proto
+        # --alpha 2.0 --momentum_coef 0.0 --modulation_starts 0 --modulation_ends 70.
         alpha: float = 2.0
         momentum_coef: float = 0.0  # c <- (1 - m) c_new + m c_old, from epoch 2 on
         modulation_starts: int = 0  # first epoch with PCE (0-based)
@@ -134,7 +136,7 @@ class PMR(JointMethod):
 
     def refresh(self) -> None:
         """c^m from the window's sums (summed over ranks); from epoch 2 on mixed with the
-        old c^m by the momentum (calculate_prototype's ``epoch <= 0`` case: the released
+        old c^m by the momentum (L435-440, the ``epoch <= 0`` case: the released
         prototypes built before training and after epoch 0 are not mixed)."""
         counts = self.counts.clone()
         if dist.is_initialized():
