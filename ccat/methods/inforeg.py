@@ -11,7 +11,20 @@ with a coefficient that grows with the confidence gap.
 
 Matched to the released code, GeWu-Lab/InfoReg_CVPR2025 main.py at ea7b9d5 ("Ours", the
 default --modulation); line numbers below are that file's. The paper's own text was not
-available to us, so the equations cited are the released code's lines.
+available to us, so the equations cited are the released code's lines. The first upload
+(41d887f, March 2025) differs: separate unimodal heads, threshold 0.04, and an elif that
+repeats the first test, so only audio is ever regulated; we follow the current main.py.
+
+Departures from the released code, each for a reason: the trace reads the gradient after
+Step's averaging over ranks (and its clipping, when optim.grad_clip is set), so under
+torchrun every rank measures the whole batch's gradient, as DataParallel does there, and the
+confidences are summed over ranks, so every rank regulates alike; it also counts the
+encoder's linear projection to the shared width, which the released ResNet-18 lacks; a
+zero trace gives k = 0 where the released code divides by zero; more than two modalities
+compare the top score with the mean of the others. The released code's three extra
+backward passes that only log gradients (main.py 406-453) are left out: they are zeroed
+before the update. The optimizer (released: SGD lr 0.002, momentum 0.9, weight decay 1e-4,
+batch 64, lr / 10 after 30 of 50 epochs) is the run config's, shared by every method.
 
 Cost over Concat: the unimodal logits (a slice of the head, no extra pass) and their CE,
 in the same one backward; per step a mean of the squared gradient of every convolution
