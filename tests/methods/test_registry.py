@@ -142,7 +142,7 @@ def test_without_others_zeroes_tokens_and_pooled_but_keeps_the_mask():
     assert not kept["b"].tokens.any() and not kept["b"].pooled.any()
 
 
-@pytest.mark.parametrize("name", ["film", "bigated", "ogm_ge", "qmf"])
+@pytest.mark.parametrize("name", ["film", "bigated", "ogm_ge", "qmf", "pmr"])
 def test_unimodal_prediction_ignores_the_other_modality(name):
     method, model = build(name)
     model.eval()
@@ -155,6 +155,7 @@ def test_unimodal_prediction_ignores_the_other_modality(name):
     assert not torch.allclose(before.unimodal["video"], after.unimodal["video"])
     assert not torch.allclose(before.fused, after.fused)
     assert set(before.embeddings) == set(model.modalities)
+    assert before.representation is not None and after.representation is not None  # probe, t-SNE
     if name in ("film", "bigated"):  # the fusion scores one modality by the same protocol
         for m in model.modalities:
             assert torch.allclose(model.unimodal_logits(m, after.embeddings[m]),
