@@ -132,9 +132,10 @@ def score(trial: Trial, rows: list[dict[str, Any]], val: str, select: str = "bes
     epoch), with ``select: last`` the last one."""
     last = [r for r in rows if r["stage"] == rows[-1]["stage"]]
     best = last[-1] if select == "last" else last[0]
-    for row in last[1:] if select != "last" else ():
-        if is_selected(row[f"{val}/acc/fused"], best[f"{val}/acc/fused"]):
-            best = row
+    if select != "last":
+        for row in last[1:]:
+            if is_selected(row[f"{val}/acc/fused"], best[f"{val}/acc/fused"]):
+                best = row
     trial.val_acc, trial.best_epoch = best[f"{val}/acc/fused"], best["epoch"]
     prefix = f"{val}/acc/"
     trial.unimodal = {k[len(prefix):]: v for k, v in best.items()
