@@ -35,7 +35,7 @@ from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.errors import CcatError
 from ccat.run_config import load_config, resolve_params
 from ccat.evaluate import evaluate
-from ccat.methods import METHODS, Method, Stage
+from ccat.methods import METHODS, Method, RunData, Stage
 from ccat.models import MultimodalModel
 from ccat.step import NonFiniteLoss, Step
 
@@ -139,6 +139,8 @@ class Run:
                 encoder.compile(backend=cfg.compile)
         self.cache = DeviceCache(self.dataset, cfg.data, ctx.device) if cfg.data.device_cache \
             else None
+        self.data = RunData(self.dataset, cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world,
+                            self.cache)
         distributed.broadcast_model(self.model)
         self.last_good: Path | None = None
         self.saved_at = ""  # "stage 'x', epoch n" of last.pt
@@ -413,11 +415,14 @@ def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -
 def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, Any]:
     """One epoch of ``method.train_step``; returns the averaged step metrics."""
     cfg, ctx = run.cfg, run.ctx
+    started = time.perf_counter()
+    run.method.before_epoch(run.model, run.data)
+    run.model.train()
     loader = make_loader(run.dataset, "train", cfg.data, train=True, seed=cfg.seed, epoch=epoch,
                          rank=ctx.rank, world=ctx.world, cache=run.cache)
     total = num_train_batches(run.dataset, cfg.data.batch_size, ctx.world)
     sums: dict[str, float] = defaultdict(float)
-    seen, steps, started = 0, 0, time.perf_counter()
+    seen, steps = 0, 0
     progress = Progress(TextColumn(f"{stage.name} {epoch + 1}/{stage.epochs}"), BarColumn(),
                         MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[loss]}"), console=console, transient=True,

@@ -258,3 +258,35 @@ def test_relations_between_fields_are_checked():
     with pytest.raises(ConfigError, match="alpha_min 0.9 must not exceed method.params.alpha_max"):
         METHODS.get("lfm")(MethodConfig(name="lfm", params={"alpha_min": 0.9, "alpha_max": 0.5}),
                            1)
+
+
+def test_before_epoch_gets_the_runs_data_once_per_epoch_and_again_on_resume(tiny, tmp_path,
+                                                                           monkeypatch):
+    from ccat.methods.joint import JointMethod
+
+    calls = []
+
+    def record(self, model, data):
+        model.eval()  # the loop must put it back in train mode
+        every = [k for b in data.batches("train", train=False) for k in b.keys]
+        streamed = [k for b in data.batches("train", train=True, epoch=self.epoch) for k in b.keys]
+        calls.append((self.epoch, sorted(every), len(streamed), len(set(streamed))))
+
+    monkeypatch.setattr(JointMethod, "before_epoch", record)
+    seen_modes = []
+    real_step = JointMethod.train_step
+
+    def step(self, model, batch, step):
+        seen_modes.append(model.training)
+        return real_step(self, model, batch, step)
+
+    monkeypatch.setattr(JointMethod, "train_step", step)
+    cfg = tiny_config(tiny, tmp_path / "run", method="concat", epochs=2)
+    train(cfg)
+    train_keys = sorted(f"train_{i:04d}" for i in range(24))
+    assert calls == [(0, train_keys, 24, 24), (1, train_keys, 24, 24)]  # 24 = 3 full batches
+    assert all(seen_modes)
+    calls.clear()
+    cfg.out = str(tmp_path / "cut")
+    interrupt_then_resume(cfg, monkeypatch, at_epoch=2)  # epoch 0 ran, then a Ctrl-C
+    assert [c[0] for c in calls] == [0, 1]  # the resumed run starts again at epoch 1

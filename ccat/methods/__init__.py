@@ -2,6 +2,6 @@
 
 from ccat.methods import (bigated, ccat, film, inforeg, joint, lfm, mla, mmcosine,  # noqa: F401
                           mmpareto, ogm_ge, pmr, qmf)  # (importing registers the methods)
-from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions
+from ccat.methods.base import METHODS, Method, Outputs, RunData, Stage, fuse_decisions
 
-__all__ = ["METHODS", "Method", "Outputs", "Stage", "fuse_decisions"]
+__all__ = ["METHODS", "Method", "Outputs", "RunData", "Stage", "fuse_decisions"]

@@ -7,13 +7,14 @@ owns its stages and what happens inside one step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ccat.config import MethodConfig, ModelConfig, parse_params
+from ccat.config import DataConfig, MethodConfig, ModelConfig, parse_params
 from ccat.contribution import Estimator
-from ccat.data.pipeline import Batch
+from ccat.data.pipeline import Batch, make_loader
+from ccat.data.reader import BuiltDataset
 from ccat.models import MultimodalModel, build_model
 from ccat.models.fusion import Features
 from ccat.registry import Registry
@@ -70,6 +71,33 @@ def predict_outputs(model: MultimodalModel, feats: Features,
                    representation=fused)
 
 
+@dataclass
+class RunData:
+    """The run's data, for a method that needs passes of its own beyond the loop's
+    training steps (a held-out estimate, a clustering of features, a valuation pass).
+
+    ``batches`` is this rank's share: under torchrun a method that needs the whole split
+    gathers or all-reduces what it computes (and says so)."""
+
+    dataset: BuiltDataset
+    cfg: DataConfig
+    seed: int  # the run's seed: a training pass with it and an epoch streams what the loop does
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    cache: Any = None  # the run's DeviceCache, when it keeps the data on the GPU
+
+    def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator[Batch]:
+        """``split``'s batches on the device: ``train=True`` as the loop's training epoch
+        ``epoch`` streams them (shuffled by seed and epoch, augmented, full batches only),
+        ``train=False`` as evaluation does (in order, no augmentation, every sample once
+        over the ranks)."""
+        loader = make_loader(self.dataset, split, self.cfg, train=train, seed=self.seed,
+                             epoch=epoch, rank=self.rank, world=self.world, cache=self.cache)
+        for batch in loader:
+            yield batch.to(self.device)
+
+
 class Method:
     """Base class: one stage, no model changes between stages.
 
@@ -110,6 +138,13 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """Called before each training epoch (0-based within the stage)."""
         self.epoch = epoch
+
+    def before_epoch(self, model: MultimodalModel, data: RunData) -> None:
+        """Called at the start of each training epoch, after :meth:`begin_epoch` (and so
+        after a resume's restore), with the run's data, for passes of the method's own;
+        its time counts in the epoch's ``train_s``. The loop puts ``model`` back in train
+        mode afterwards. What it computes from the model and the data it may recompute on
+        resume, since the model, the RNG state and the data are those of the checkpoint."""
 
     def state_dict(self) -> dict[str, Any]:
         """State a method keeps across steps (e.g. loss histories), saved in checkpoints;
