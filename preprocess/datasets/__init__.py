@@ -126,21 +126,13 @@ RECIPES: Registry[Callable[..., Recipe]] = Registry("dataset recipe", "ccat.reci
 register = RECIPES.register  # class decorator adding a recipe under a name, once
 
 
-def _load_builtin() -> None:
-    """Import every module of this package, so their ``@register`` lines have run."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
 def recipe_names() -> list[str]:
     """The registered recipe names, sorted."""
-    _load_builtin()
     return RECIPES.names()
 
 
 def get_recipe(name: str) -> Callable[..., Recipe]:
     """The recipe registered as ``name``; an unknown name is an error naming the known ones."""
-    _load_builtin()
     try:
         return RECIPES.get(name)
     except RegistryError as err:
@@ -172,4 +164,11 @@ def iter_published() -> Iterator[tuple[str, Published]]:
             yield name, published
 
 
-from preprocess.datasets import cremad, ks, mvsa  # noqa: E402,F401 (importing registers them)
+def _load_builtin() -> None:
+    """Import every module of this package (the built-in recipes and any file dropped in),
+    so their ``@register`` lines have run; done once, when the package is imported."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_builtin()
