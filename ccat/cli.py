@@ -5,6 +5,7 @@ print one sentence and exit non-zero."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -216,5 +217,12 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error{_rank_tag()}:[/red] {escape(str(err))}", highlight=False,
+                      soft_wrap=True)
         raise SystemExit(2) from None
+
+
+def _rank_tag() -> str:
+    """' (rank 1 of 2)' under torchrun, where every rank that hits an error prints it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

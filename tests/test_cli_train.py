@@ -87,6 +87,13 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsy
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
 
 
+def test_under_torchrun_each_ranks_error_line_names_the_rank(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, err = run_main(["eval", "--ckpt", str(tmp_path / "missing.pt")], monkeypatch, capsys)
+    assert code != 0 and err.startswith("error (rank 1 of 2):") and "missing.pt" in err
+
+
 def test_eval_refuses_other_data_naming_the_parameter(tmp_path, monkeypatch, capsys):
     data = write_tiny_dataset(tmp_path / "a")
     out = tmp_path / "run"
