@@ -92,3 +92,42 @@ def test_a_changed_object_is_an_error_naming_its_url(store, built: Path, tmp_pat
     with pytest.raises(DatasetError, match=f"^{url}/{shard.name} is truncated or corrupted "
                        r"\(its sha256 differs"):
         open_dataset(url, tmp_path / "cache")
+
+
+def test_a_silent_endpoint_is_given_up_on_after_the_timeouts(tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    """An S3 endpoint that accepts the connection and never answers: the stall timeout
+    (CCAT_HTTP_STALL_TIMEOUT) holds botocore's reads too, so the error comes instead of a
+    hang of minutes."""
+    import threading
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def accept() -> None:  # take every connection and say nothing
+            silent.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    held.append(silent.accept()[0])
+                except OSError:
+                    pass
+
+        threading.Thread(target=accept, daemon=True).start()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        monkeypatch.setenv("CCAT_HTTP_STALL_TIMEOUT", "0.5")
+        try:
+            code, _, err = run_cli(["info", f"s3://{BUCKET}/silent"], capsys)
+        finally:
+            stop.set()
+            for conn in held:
+                conn.close()
+    assert code == 1 and err.startswith(f"error: s3://{BUCKET}/silent/manifest.json did not "
+                                        "answer within the timeouts"), err
+    assert "0.5 s without a byte, CCAT_HTTP_STALL_TIMEOUT; ReadTimeoutError" in err

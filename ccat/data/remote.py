@@ -255,17 +255,33 @@ def _fsspec_blocks(url: str, max_bytes: int, limits: HttpLimits) -> Iterator[Ite
     try:
         import fsspec
 
-        handle = fsspec.open(url, "rb").open()
+        handle = fsspec.open(url, "rb", **_backend_limits(url, limits)).open()
     except ImportError:
         raise RemoteError(missing_backend(url)) from None
     except FileNotFoundError:
         raise RemoteError(f"{url} does not exist; check the URL and that the whole build "
                           "was uploaded") from None
     except Exception as err:  # noqa: BLE001 - each backend raises its own errors
+        if "Timeout" in type(err).__name__:  # botocore's ReadTimeoutError, ConnectTimeoutError
+            raise RemoteError(f"{url} did not answer within the timeouts "
+                              f"({limits.connect_s:g} s to connect, CCAT_HTTP_CONNECT_TIMEOUT; "
+                              f"{limits.stall_s:g} s without a byte, CCAT_HTTP_STALL_TIMEOUT; "
+                              f"{type(err).__name__}); check the endpoint and the network"
+                              ) from None
         raise RemoteError(f"cannot read {url} ({type(err).__name__}: {err}); check the URL, "
                           "the endpoint and the credentials") from None
     with handle:
         yield _fsspec_reads(url, handle)
+
+
+def _backend_limits(url: str, limits: HttpLimits) -> dict[str, Any]:
+    """The fsspec storage options that hold a backend to ``limits``: botocore's connect and
+    read timeouts for s3 (per attempt; botocore and s3fs retry a few times on their own).
+    Other backends keep their own timeouts; the minimum rate holds for all of them."""
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": limits.connect_s,
+                                  "read_timeout": limits.stall_s}}
+    return {}
 
 
 def _fsspec_reads(url: str, handle: Any) -> Iterator[bytes]:
