@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ccat import checkpoint, distributed
+from ccat import checkpoint, distributed, provenance
 from ccat.config import RunConfig, from_dict
 from ccat.data.device_cache import DeviceCache
 from ccat.data.reader import BuiltDataset, open_dataset
@@ -131,6 +131,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
         metrics = evaluate(method, model, dataset, split, ctx, cfg)
         metrics["run"] = run_block(cfg, dataset.name)  # who this is, for `ccat report`
         metrics["selection"] = checkpoint_selection(ckpt)
+        metrics["code"] = ckpt.get("code", [provenance.UNRECORDED])  # what trained it
     finally:
         distributed.cleanup()
     if probe is not None:

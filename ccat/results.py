@@ -12,15 +12,17 @@ typed by hand, so a rerun replaces all of it.
 from __future__ import annotations
 
 import datetime
+import json
 import os
-import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ccat.analysis.plots import new_figure, save
+from ccat.provenance import UNRECORDED, git_stamp
 from ccat.errors import CcatError
-from ccat.report import (PROBE_PREFIX, TRAIN_TIME, Report, build_report, find_runs,
+from ccat.report import (PROBE_PREFIX, TRAIN_TIME, Found, Report, build_report, find_runs,
                          to_markdown as table_markdown, to_rich as table_rich)
 from ccat.story import BASELINE, REFERENCE, method_folders, numbers_of, tell, with_selection
 from ccat.ui import make_console
@@ -30,28 +32,6 @@ GENERATED_NOTE = ("<!-- Written by `ccat results` (`make results`); rerun it rat
                   "editing this file. -->")
 BAR_GROUP_WIDTH = 0.8  # share of each method's slot on the x axis taken by its bars
 LEGEND_ROOM = 118  # top of the y axis (%): the legend sits above bars that reach 100
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def git_stamp(root: Path, written: list[Path]) -> str:
-    """'commit 1a2b… (clean)' or '(uncommitted changes to 3 tracked files)'; the files this
-    command writes are left out of the check, so a rerun does not call its own output a
-    change. Outside a git checkout: 'an unknown commit (not a git checkout)'."""
-    try:
-        commit = _git(root, "rev-parse", "HEAD").strip()
-        top = Path(_git(root, "rev-parse", "--show-toplevel").strip())
-        excluded = [f":(exclude){os.path.relpath(p.resolve(), top.resolve())}" for p in written]
-        changed = _git(top, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                       *excluded).splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown commit (not a git checkout)"
-    state = (f"uncommitted changes to {len(changed)} tracked file{'s' * (len(changed) != 1)}"
-             if changed else "clean")
-    return f"commit `{commit}` ({state})"
 
 
 def bar_columns(report: Report) -> list[tuple[str, str]]:
@@ -105,11 +85,26 @@ def _story_lines(report: Report, found_folders: dict[str, list[Path]]) -> list[s
     return ["## What the numbers say", "", *story.sentences, ""]
 
 
+def code_sentence(found: Found) -> str:
+    """'They were trained at commit `a1…` (clean) (30 runs) and ... (12 runs).': the code
+    versions the runs' eval JSONs record (a resumed run may count under two)."""
+    counts: Counter[str] = Counter()
+    for result in found.results:
+        try:
+            code = json.loads(result.path.read_text(encoding="utf-8")).get("code", [UNRECORDED])
+        except (OSError, ValueError):
+            code = [UNRECORDED]
+        counts.update(dict.fromkeys(code, 1))
+    parts = [f"{version} ({n} run{'s' * (n != 1)})" for version, n in counts.most_common()]
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"The runs were trained at {joined}."
+
+
 def results_markdown(report: Report, stamp: str, command: str, figure: str,
-                     story: list[str], date: str) -> str:
-    """The page: stamp, table, figure, the sentences."""
-    lines = ["# Results", "", GENERATED_NOTE, "",
-             f"Made by `{command}` at {stamp}, on {date} (UTC). {_cost_sentence(report)}", "",
+                     story: list[str], date: str, code: str = "") -> str:
+    """The page: stamp, the code that trained the runs, table, figure, the sentences."""
+    made = [f"Made by `{command}` at {stamp}, on {date} (UTC).", code, _cost_sentence(report)]
+    lines = ["# Results", "", GENERATED_NOTE, "", " ".join(part for part in made if part), "",
              table_markdown(report).rstrip("\n"), "",
              f"![fused accuracy and probes per method]({figure})", "", *story]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -124,11 +119,12 @@ def results(paths: list[Path], out: Path, figures: Path, command: str,
     found = find_runs(paths, split)
     report = build_report(found, split)
     figure = figures / FIGURE_NAME
-    stamp = git_stamp(Path.cwd(), [out, figure])
+    stamp = git_stamp(Path.cwd(), (out, figure))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = results_markdown(report, stamp, command,
                             Path(os.path.relpath(figure, out.parent)).as_posix(),
-                            _story_lines(report, method_folders(found)), date)
+                            _story_lines(report, method_folders(found)), date,
+                            code_sentence(found))
     try:
         accuracy_figure(report, figure)
         out.parent.mkdir(parents=True, exist_ok=True)

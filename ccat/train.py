@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ccat import checkpoint, distributed, run_dir, tblog
+from ccat import checkpoint, distributed, provenance, run_dir, tblog
 from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
                          save_config, to_dict)
 from ccat.data import spec
@@ -148,6 +148,7 @@ class Run:
         self.steps = 0  # training batches so far, over all stages
         self.tb: Any = None  # the TensorBoard writer while train() runs (rank 0)
         self.history: list[dict[str, Any]] = []
+        self.code = [provenance.training_code()]  # every code version that trained the run
 
     def selection(self) -> dict[str, Any]:
         """How best.pt is chosen, as the checkpoint and the eval JSON record it."""
@@ -168,7 +169,8 @@ class Run:
                 "selection": self.selection(), "metrics": metrics or {},
                 "config": to_dict(self.cfg), "data": data_location(self.cfg.data.path),
                 "fingerprint": self.dataset.fingerprint,
-                "fingerprint_params": spec.fingerprint_params(self.dataset.manifest)}
+                "fingerprint_params": spec.fingerprint_params(self.dataset.manifest),
+                "code": self.code}
 
     def where(self) -> str:
         """Where training is now and what is saved, for the interruption message."""
@@ -337,6 +339,7 @@ def _resume(run: Run, state: dict[str, Any] | None) -> None:
     run.history = restore_folder(run.out, stages, state, run.ctx.main)
     if state is not None:
         run.last_good, run.steps = last, state.get("step", 0)
+        run.code = list(dict.fromkeys([*state.get("code", [provenance.UNRECORDED]), *run.code]))
         run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
     if run.ctx.main:
         console.print(f"resuming {run.out}: {_resume_point(stages, state, run.saved_at, last)}")

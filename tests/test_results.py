@@ -124,3 +124,15 @@ def test_make_results_dry_run(tmp_path):
     assert any(" results " in line and "--out docs/results.md" in line for line in lines)
     assert ("--command 'make results METHODS=\"concat ccat\" SEEDS=\"0 1\" "
             "RESULTS_ARGS=\"--set optim.epochs=2\"'") in out
+
+
+def test_page_says_which_code_trained_the_runs(checkout):
+    import json
+
+    for seed, code in ((0, ["commit `a1` (clean)"]), (1, ["commit `a1` (clean)", "commit `b2` (clean)"])):
+        path = checkout / "runs" / "ccat" / f"s{seed}" / "eval.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "code": code}))
+    assert write_results(checkout).exit_code == 0
+    page = (checkout / "docs" / "results.md").read_text()
+    assert ("The runs were trained at commit `a1` (clean) (2 runs), unrecorded (trained before "
+            "checkpoints recorded their code) (2 runs) and commit `b2` (clean) (1 run).") in page

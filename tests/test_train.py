@@ -290,3 +290,34 @@ def test_before_epoch_gets_the_runs_data_once_per_epoch_and_again_on_resume(tiny
     cfg.out = str(tmp_path / "cut")
     interrupt_then_resume(cfg, monkeypatch, at_epoch=2)  # epoch 0 ran, then a Ctrl-C
     assert [c[0] for c in calls] == [0, 1]  # the resumed run starts again at epoch 1
+
+
+def test_checkpoints_and_eval_record_every_code_version_that_trained_the_run(tiny, tmp_path,
+                                                                            monkeypatch):
+    from ccat import provenance
+
+    cfg = tiny_config(tiny, tmp_path / "run", method="sum", epochs=2)
+    monkeypatch.setattr(provenance, "training_code", lambda: "commit `a1` (clean)")
+    from train_helpers import interrupt
+    interrupt(cfg, monkeypatch, at_epoch=2)
+    monkeypatch.setattr(provenance, "training_code", lambda: "commit `b2` (clean)")
+    train(cfg, resume=True)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["code"] == ["commit `a1` (clean)", "commit `b2` (clean)"]
+    metrics = evaluate_checkpoint(tmp_path / "run" / "last.pt")
+    assert metrics["code"] == ckpt["code"]
+
+
+def test_the_running_code_is_stamped_with_its_commit():
+    import subprocess
+    from pathlib import Path
+
+    import ccat
+    from ccat import provenance
+
+    package = Path(ccat.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        pytest.skip("ccat is installed outside a git checkout here")
+    assert provenance.training_code().startswith(f"commit `{head.stdout.strip()}` (")
