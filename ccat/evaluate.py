@@ -71,12 +71,14 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
 
 def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,
                   device: torch.device) -> tuple[Method, MultimodalModel]:
-    """Rebuild the checkpoint's method and model, in the stage it was saved in."""
+    """Rebuild the checkpoint's method and model, in the stage it was saved in, with the
+    method's state (what its predict may read: ensemble weights, prototypes)."""
     cfg = from_dict(ckpt["config"])
     method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
     model = method.build_model(dataset.modalities, len(dataset.classes), cfg.model)
     method.begin_stage(method.stages()[ckpt["stage_index"]], model)
     model.load_state_dict(ckpt["model"])
+    method.load_state_dict(ckpt.get("method_state", {}))
     return method, model.to(device)
 
 

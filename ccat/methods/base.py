@@ -152,7 +152,8 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` on ``--resume``."""
+        """Restore :meth:`state_dict` on ``--resume``, and when a checkpoint is evaluated
+        (``ccat eval``, probe, export), before any :meth:`predict`."""
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         raise NotImplementedError
