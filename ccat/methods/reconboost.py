@@ -37,7 +37,9 @@ boost_epochs and its rectification phase after. optim.epochs need not be a multi
 (the last round may stop early). The round, phase and the updates made in the phase are
 method state, saved with every checkpoint, so ``--resume`` continues the phase as the
 uninterrupted run does; which modalities are members is a buffer of the model
-(``ensemble.members``), so evaluation reads the ensemble the checkpoint holds.
+(``ensemble.members``), so evaluation reads the ensemble the checkpoint holds. Under
+torchrun every rank trains the same number of batches per epoch, so every rank is at the
+same place in the schedule; Step averages the gradients, and nothing else needs syncing.
 
 Departures from the released code, each for a reason:
 
