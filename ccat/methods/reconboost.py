@@ -125,10 +125,10 @@ class Ensemble(nn.Module):
         self.rate = nn.Parameter(torch.tensor(float(rate)))
         self.register_buffer("members", torch.zeros(modalities, dtype=torch.uint8))
 
-    def forward(self, logits: list[torch.Tensor], members: torch.Tensor) -> torch.Tensor:
-        """rho * sum of the logits whose ``members`` entry is 1 (zeros for none)."""
+    def forward(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """rho * the sum of the members' logits (one per modality, in order; zeros for none)."""
         stacked = torch.stack(logits)
-        return self.rate * (members.to(stacked.dtype)[:, None, None] * stacked).sum(0)
+        return self.rate * (self.members.to(stacked.dtype)[:, None, None] * stacked).sum(0)
 
 
 def shared_head(width: int, hidden: int, num_classes: int) -> nn.Module:
@@ -254,4 +254,4 @@ class ReconBoost(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Each modality's learner; fused: rho * the members' sum (train.py L131, test())."""
         return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits,
-                               lambda u: model.ensemble(list(u.values()), model.ensemble.members))
+                               lambda unimodal: model.ensemble(list(unimodal.values())))

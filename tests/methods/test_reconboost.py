@@ -237,6 +237,17 @@ def test_resume_in_the_middle_of_a_phase_equals_the_uninterrupted_run(tmp_path, 
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
 
 
+def test_the_shared_head_is_the_released_mlp_or_one_linear_layer():
+    _, model, _ = build_released("reconboost")
+    assert [type(layer) for layer in model.classifier] == [torch.nn.Linear, torch.nn.ReLU,
+                                                           torch.nn.Linear]
+    assert model.classifier[0].out_features == 256
+    method, model, step = build_released("reconboost", head_hidden=0)
+    assert isinstance(model.classifier, torch.nn.Linear)
+    method.train_step(model, random_batch(6), step)
+    assert owners(step.grads[0]) == {"encoders.audio", "classifier"}
+
+
 def test_one_modality_is_refused_in_one_sentence():
     method = METHODS.get("reconboost")(MethodConfig(name="reconboost"), epochs=2)
     with pytest.raises(ConfigError, match="needs at least two; the data has audio$"):
