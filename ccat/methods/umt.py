@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import (NON_NEGATIVE, ConfigError, MethodConfig, ModelConfig, Range)
+from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, Stage
 from ccat.methods.ccat import frozen_norm_stats
@@ -192,7 +192,7 @@ class UMT(Method):
             return self.ensemble.train_step(model.teachers, batch, step)
         step.zero_grad()
         feats = model.encode_all(batch.inputs)
-        ce = F.cross_entropy(model.fused_logits(feats), batch.label)  # line 137
+        ce = F.cross_entropy(model.fused_logits(feats), batch.label)  # lines 137-138
         out: dict[str, torch.Tensor] = {"ce": ce.detach()}
         loss = ce
         if self.distilling():  # lines 139-144

@@ -12,8 +12,7 @@ from ccat.methods.umt import UMTParams, distillation_loss, stage_epochs
 from ccat.methods.zeroing import without_others
 from ccat.train import param_groups, train
 from method_helpers import build_released, one_step, owners
-from train_helpers import CLASSES, interrupt_then_resume, random_batch, tiny_config, \
-    write_tiny_dataset
+from train_helpers import interrupt_then_resume, random_batch, tiny_config, write_tiny_dataset
 
 
 def released_mse(teacher, student):
@@ -164,5 +163,5 @@ def test_a_run_trains_the_unimodal_teachers_then_distills_and_resumes_mid_stage(
     cfg.out = str(tmp_path / "cut")
     interrupt_then_resume(cfg, monkeypatch, at_epoch=3)
     cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
-    assert full.keys() == cut.keys() and len(CLASSES) == full["classifier.bias"].numel()
+    assert full.keys() == cut.keys()
     assert all(torch.equal(full[k], cut[k]) for k in full)
