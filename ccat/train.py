@@ -49,10 +49,10 @@ def param_groups(model: MultimodalModel, encoder_lr: dict[str, float]) -> list[d
     if unknown:
         raise ConfigError(f"optim.encoder_lr names {unknown}, not modalities of the data "
                           f"({model.modalities})")
-    own = {id(p) for m in encoder_lr for p in model.encoders[m].parameters()}
+    own = {id(p) for m in encoder_lr for p in model.encoder_parameters(m)}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
     for m, lr in encoder_lr.items():
-        groups.append({"params": [p for p in model.encoders[m].parameters() if p.requires_grad],
+        groups.append({"params": [p for p in model.encoder_parameters(m) if p.requires_grad],
                        "lr": lr})
     return groups
 

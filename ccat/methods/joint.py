@@ -52,6 +52,9 @@ class UnimodalEnsemble(Method):
 
     The reference every balancing method has to beat: the untied Sum's heads, so the
     modalities share no parameter and no encoder or head sees another modality's loss.
+    This is Du et al.'s Uni-Modal Ensemble (UME, ICML 2023), and UMT's teachers stage: the
+    summed losses under one SGD update each modality as its own run would (SGD is per
+    parameter), except that ``optim.grad_clip`` > 0 clips their joint gradient norm.
     """
 
     fusion = "sum"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -69,6 +69,10 @@ class MultimodalModel(nn.Module):
 
     def encode_all(self, inputs: dict[str, torch.Tensor]) -> Features:
         return {m: self.encode(inputs, m) for m in self.modalities}
+
+    def encoder_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """Every parameter that encodes ``modality`` (the group optim.encoder_lr sets)."""
+        return self.encoders[modality].parameters()
 
     def fused_logits(self, feats: Features) -> torch.Tensor:
         """Cls(fusion(z^1, ..., z^M)): the feature-level fused prediction."""
