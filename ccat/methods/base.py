@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ccat.config import DataConfig, MethodConfig, ModelConfig, parse_params
+from ccat.config import ConfigError, DataConfig, MethodConfig, ModelConfig, parse_params
 from ccat.contribution import Estimator
 from ccat.data.pipeline import Batch, make_loader
 from ccat.data.reader import BuiltDataset
@@ -96,6 +96,25 @@ class RunData:
                              epoch=epoch, rank=self.rank, world=self.world, cache=self.cache)
         for batch in loader:
             yield batch.to(self.device)
+
+
+def split_budget(epochs: int, budget: str, first: int, fraction: float, method: str,
+                 first_key: str) -> tuple[int, int]:
+    """Epochs of a two-stage method's stages for ``optim.epochs`` = ``epochs``.
+
+    Budget "total" (the default of CCAT and UMT): the stages share ``epochs``, the first
+    taking ``first`` (its ``method.params.<first_key>``) or ``round(fraction * epochs)``.
+    Budget "per_stage": each stage gets ``epochs`` (the first ``first`` if set)."""
+    if budget == "per_stage":
+        return first or epochs, epochs
+    first = first or round(fraction * epochs)
+    if not 1 <= first < epochs:
+        raise ConfigError(
+            f"optim.epochs={epochs} is {method}'s total budget for both stages "
+            f"(method.params.budget=total) and stage 1 would get {first} of them; give "
+            f"optim.epochs >= 2 with method.params.{first_key} below it, or set "
+            f"method.params.budget=per_stage")
+    return first, epochs - first
 
 
 class Method:

@@ -24,11 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError,
+from ccat.config import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE,
                          MethodConfig, ModelConfig, Range)
 from ccat.contribution import Estimator, contributions
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs
+from ccat.methods.base import (METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs,
+                              split_budget)
 from ccat.models import MultimodalModel, build_model
 from ccat.step import Step, host_floats
 from ccat.ui import make_console
@@ -95,22 +96,10 @@ class CCATParams:
 
 
 def stage_epochs(cfg: CCATParams, epochs: int) -> tuple[int, int]:
-    """Epochs of stage 1 and stage 2 for ``optim.epochs`` = ``epochs``.
-
-    Budget "total" (the paper's "150 total epochs", the default): the two stages share
-    ``epochs``, stage 1 taking ``pretrain_epochs`` or ``round(pretrain_fraction * epochs)``.
-    Budget "per_stage": each stage gets ``epochs`` (stage 1 ``pretrain_epochs`` if set).
-    """
-    if cfg.budget == "per_stage":
-        return cfg.pretrain_epochs or epochs, epochs
-    first = cfg.pretrain_epochs or round(cfg.pretrain_fraction * epochs)
-    if not 1 <= first < epochs:
-        raise ConfigError(
-            f"optim.epochs={epochs} is CCAT's total budget for both stages "
-            f"(method.params.budget=total) and stage 1 would get {first} of them; give "
-            f"optim.epochs >= 2 with method.params.pretrain_epochs below it, or set "
-            f"method.params.budget=per_stage")
-    return first, epochs - first
+    """Epochs of stage 1 and stage 2 for ``optim.epochs`` = ``epochs`` (the paper's "150
+    total epochs" shared by default; :func:`split_budget`)."""
+    return split_budget(epochs, cfg.budget, cfg.pretrain_epochs, cfg.pretrain_fraction,
+                        "CCAT", "pretrain_epochs")
 
 
 @METHODS.register("ccat")

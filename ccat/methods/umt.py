@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, ModelConfig, Range
+from ccat.config import NON_NEGATIVE, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, Stage
+from ccat.methods.base import METHODS, Method, Outputs, Stage, split_budget
 from ccat.methods.ccat import frozen_norm_stats
 from ccat.methods.joint import UnimodalEnsemble
 from ccat.methods.zeroing import feature_fusion_outputs
@@ -106,17 +106,10 @@ class UMTParams:
 
 
 def stage_epochs(params: UMTParams, epochs: int) -> tuple[int, int]:
-    """Epochs of the teachers stage and the distillation stage for ``optim.epochs``."""
-    if params.budget == "per_stage":
-        return params.teacher_epochs or epochs, epochs
-    first = params.teacher_epochs or round(params.teacher_fraction * epochs)
-    if not 1 <= first < epochs:
-        raise ConfigError(
-            f"optim.epochs={epochs} is UMT's total budget for its teachers and its "
-            f"distillation (method.params.budget=total) and the teachers would get {first} "
-            f"of them; give optim.epochs >= 2 with method.params.teacher_epochs below it, or "
-            f"set method.params.budget=per_stage")
-    return first, epochs - first
+    """Epochs of the teachers stage and the distillation stage for ``optim.epochs``
+    (:func:`ccat.methods.base.split_budget`)."""
+    return split_budget(epochs, params.budget, params.teacher_epochs, params.teacher_fraction,
+                        "UMT", "teacher_epochs")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
