@@ -247,4 +247,5 @@ def check_data(data: RunData) -> None:
         if dataset.num_samples(split) < classes:
             raise CcatError(f"method 'relearning' clusters the {split!r} split of "
                             f"{dataset.root} ({dataset.num_samples(split)} samples) into its "
-                            f"{classes} classes and needs at least {classes} samples there")
+                            f"{classes} classes and needs at least {classes} samples there; "
+                            f"build the data with more, or set method.params.reinit_num=0")
