@@ -11,15 +11,21 @@ typed by hand, so a rerun replaces all of it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
+from ccat import run_dir
 from ccat.analysis.plots import new_figure, save
+from ccat.config import ConfigError, from_dict
+from ccat.methods import METHODS
 from ccat.provenance import UNRECORDED, git_stamp
 from ccat.errors import CcatError
 from ccat.report import (PROBE_PREFIX, TRAIN_TIME, Found, Report, build_report, find_runs,
@@ -100,6 +106,32 @@ def code_sentence(found: Found) -> str:
     return f"The runs were trained at {joined}."
 
 
+def settings_lines(folders: dict[str, list[Path]]) -> list[str]:
+    """A section naming, per method, the params its runs trained with that are not its
+    Params defaults (its paper's), read from each run's config.yaml; nothing when every
+    run trained with the defaults."""
+    lines = []
+    for method, paths in folders.items():
+        changed: dict[str, Any] = {}
+        for path in paths:
+            try:
+                params = from_dict(yaml.safe_load((path / run_dir.CONFIG).read_text())).method.params
+            except (OSError, ValueError, TypeError, ConfigError, yaml.YAMLError):
+                continue
+            defaults = METHODS.get(method).Params if method in METHODS.names() else None
+            base = dataclasses.asdict(defaults()) if defaults is not None else {}
+            changed.update({k: v for k, v in params.items() if base.get(k, v) != v})
+        if changed:
+            lines.append(f"- {method}: " + ", ".join(f"`method.params.{k}={v}`"
+                                                     for k, v in sorted(changed.items())))
+    if not lines:
+        return []
+    return ["## Settings that differ from the methods' defaults", "",
+            "The defaults are each paper's; these runs changed them (the Makefile's "
+            "`DEMO_SCHEDULE_<method>` scales epoch-counted schedules to the demo's epochs):",
+            "", *lines, ""]
+
+
 def results_markdown(report: Report, stamp: str, command: str, figure: str,
                      story: list[str], date: str, code: str = "") -> str:
     """The page: stamp, the code that trained the runs, table, figure, the sentences."""
@@ -123,7 +155,8 @@ def results(paths: list[Path], out: Path, figures: Path, command: str,
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = results_markdown(report, stamp, command,
                             Path(os.path.relpath(figure, out.parent)).as_posix(),
-                            _story_lines(report, method_folders(found)), date,
+                            _story_lines(report, method_folders(found))
+                            + settings_lines(method_folders(found)), date,
                             code_sentence(found))
     try:
         accuracy_figure(report, figure)

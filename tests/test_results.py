@@ -136,3 +136,23 @@ def test_page_says_which_code_trained_the_runs(checkout):
     page = (checkout / "docs" / "results.md").read_text()
     assert ("The runs were trained at commit `a1` (clean) (2 runs), unrecorded (trained before "
             "checkpoints recorded their code) (2 runs) and commit `b2` (clean) (1 run).") in page
+
+
+def test_page_names_the_params_that_differ_from_each_methods_defaults(checkout):
+    from ccat.config import RunConfig, save_config
+
+    for seed in (0, 1):
+        cfg = RunConfig()
+        cfg.method.name, cfg.method.params = "ccat", {"beta": 0.3, "rank": 2}  # rank 2: the default
+        save_config(cfg, checkout / "runs" / "ccat" / f"s{seed}" / "config.yaml")
+        cfg.method.name, cfg.method.params = "concat", {}
+        save_config(cfg, checkout / "runs" / "concat" / f"s{seed}" / "config.yaml")
+    assert write_results(checkout).exit_code == 0
+    page = (checkout / "docs" / "results.md").read_text()
+    assert "## Settings that differ from the methods' defaults" in page
+    assert "- ccat: `method.params.beta=0.3`\n" in page and "- concat" not in page
+
+
+def test_page_has_no_settings_section_when_every_run_used_the_defaults(checkout):
+    assert write_results(checkout).exit_code == 0
+    assert "Settings that differ" not in (checkout / "docs" / "results.md").read_text()
