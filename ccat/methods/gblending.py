@@ -12,7 +12,7 @@ after it, dG_k = V_last - V_first and dO_k = (V_last - T_last) - (V_first - T_fi
 weights are normalized to sum to 1. The paper's text was not at hand to check its equation
 numbers, so the code below cites the released lines.
 
-Matched to GeWu-Lab/BalanceBenchmark, balancemm/trainer/GBlending_trainer.py:
+Matched to GeWu-Lab/BalanceBenchmark at 4c1482f, balancemm/trainer/GBlending_trainer.py:
 ``fit`` L92-95 (an estimate when current_epoch % super_epoch == 0; ``offline`` sets
 super_epoch to max_epochs, L30-31), ``super_epoch_origin`` L306-376 (per output a temp model
 loaded with the model's state and the optimizer reset to its initial state; super_epoch

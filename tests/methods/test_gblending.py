@@ -182,7 +182,7 @@ def test_train_step_descends_the_released_weighted_sum_of_the_heads_losses():
     assert {out[f"weight/{k}"] for k in weights} == set(weights.values())
     z = {m: f.pooled for m, f in before.encode_all(batch.inputs).items()}
     w, b, width = before.classifier.weight, before.classifier.bias, TINY.width
-    # avclassify_model.py L289-292: each modality's block of fc_out plus bias / 2
+    # avclassify_model.py L289-293: each modality's block of fc_out plus bias / 2
     unimodal = {m: z[m] @ w[:, i * width:(i + 1) * width].t() + b / 2
                 for i, m in enumerate(before.modalities)}
     fused = torch.cat([z[m] for m in before.modalities], 1) @ w.t() + b
