@@ -5,6 +5,7 @@ and the refusals."""
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from ccat.methods.gblending import FUSED, Measured, blend
 from ccat.methods.zeroing import without_others
 from ccat.run_config import load_config
 from ccat.step import Step
-from ccat.train import train
+from ccat.train import fresh_step, train
 from method_helpers import TINY, build_with_step
 from train_helpers import interrupt_then_resume, random_batch, tiny_config, write_tiny_dataset
 
@@ -143,6 +144,20 @@ def test_the_estimate_trains_copies_as_the_released_super_epoch_and_leaves_the_r
     assert method.weights == pytest.approx(released_weights(expected), rel=1e-4)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)  # the run's own random stream is untouched
+
+
+def test_the_copies_step_is_the_runs_optimizer_as_it_starts():
+    """balancemm/train.py L86-87 and L314: the run's optimizer type and settings, reset to
+    its initial state (the base lr, whatever the schedule has reached; no momentum yet)."""
+    cfg = tiny_config(Path("unused"), Path("unused"))
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.02, 0.8, 0.003
+    cfg.optim.grad_clip = 1.5
+    _, model, _ = build_with_step("gblending")
+    step = fresh_step(model, cfg)
+    group = step.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.02, 0.8, 0.003)
+    assert step.grad_clip == 1.5 and not step.optimizer.state
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
 
 
 def test_mean_losses_are_the_per_sample_means_of_the_same_passes(tiny):
