@@ -111,9 +111,8 @@ def tiny(tmp_path_factory):
                               counts={"train": 16, "val": 6, "test": 2}, size=16, steps=16)
 
 
-def run_data(root, batch_size=8):
-    cfg = tiny_config(root, root / "unused")
-    cfg.data.batch_size = batch_size
+def run_data(root):
+    cfg = tiny_config(root, root / "unused")  # batches of 8
 
     def new_step(model):
         return Step(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
