@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ def make_optimizer(model: MultimodalModel, cfg: RunConfig) -> tuple[Optimizer, L
     opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
     return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.optim.step_size, cfg.optim.gamma)
+
+
+def fresh_step(model: MultimodalModel, cfg: RunConfig) -> Step:
+    """A Step over ``model`` as the run's optimizer starts: SGD at ``cfg``'s base lr with
+    empty momentum, and the run's clipping (a method's copy of the model trains with it)."""
+    return Step(make_optimizer(model, cfg)[0], cfg.optim.grad_clip)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -140,7 +147,8 @@ class Run:
         self.cache = DeviceCache(self.dataset, cfg.data, ctx.device) if cfg.data.device_cache \
             else None
         self.data = RunData(self.dataset, cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world,
-                            self.cache)
+                            self.cache, new_step=partial(fresh_step, cfg=cfg),
+                            autocast=partial(distributed.autocast, ctx.device))
         distributed.broadcast_model(self.model)
         self.last_good: Path | None = None
         self.saved_at = ""  # "stage 'x', epoch n" of last.pt

@@ -1,7 +1,8 @@
 """Training methods, all behind :class:`ccat.methods.base.Method`, chosen by name."""
 
-from ccat.methods import (agm, bigated, ccat, film, greedy, inforeg, joint, lfm, mla,  # noqa: F401
-                          mmcosine, mmpareto, ogm_ge, pmr, qmf, reconboost, relearning, umt)  # (importing registers the methods)
+from ccat.methods import (agm, bigated, ccat, film, gblending, greedy, inforeg, joint, lfm,  # noqa: F401
+                          mla, mmcosine, mmpareto, ogm_ge, pmr, qmf, reconboost, relearning,
+                          umt)  # (importing registers the methods)
 from ccat.methods.base import METHODS, Method, Outputs, RunData, Stage, fuse_decisions
 
 __all__ = ["METHODS", "Method", "Outputs", "RunData", "Stage", "fuse_decisions"]

@@ -6,6 +6,7 @@ owns its stages and what happens inside one step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -86,6 +87,11 @@ class RunData:
     rank: int = 0
     world: int = 1
     cache: Any = None  # the run's DeviceCache, when it keeps the data on the GPU
+    # For a method that trains a copy of the model (G-Blending): a fresh Step over a model's
+    # parameters at the run's optimizer settings (its base lr, empty momentum, its clipping),
+    # and the precision the loop trains in.
+    new_step: Callable[[MultimodalModel], Step] | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator[Batch]:
         """``split``'s batches on the device: ``train=True`` as the loop's training epoch
