@@ -15,13 +15,14 @@ dropped, so that m is trained alone on it: one copy for 0.4 < phi < 1, two for
 and tokens) before fusion, for that entry only. The formulas are cited by the released
 code's lines below: no copy of the paper was at hand to check its equation numbers.
 
-Matched to the released code, GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation:
-code/sample_level.py ``execute_modulation`` (L69-143: the values L109-118, the
-contributions L120-121, the re-sampled loader from ``epoch >= args.warmup - 1`` on,
-L129-140), ``main`` (L317-336: ``warmup_epoch`` for ``epoch < args.warmup``, then
-``train_epoch`` on the re-sampled loader, L146-170); code/datasets/dataloader.py
-``AV_KS_Dataset_sample_level`` (L152-186: the bands, and drop = 2, the visual, for a low
-audio value, drop = 1, the audio, for a low visual one); code/models/models.py
+Matched to the released code, GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation at
+7ed12b0: code/sample_level.py ``execute_modulation`` (L75-153: the values L107-115, the
+contributions L117-118, the re-sampled loader from ``epoch >= args.warmup - 1`` on,
+L141-151), ``main`` (L321-336: ``warmup_epoch`` for ``epoch < args.warmup``, else
+``train_epoch``, L156-181, on the loader the previous epoch's valuation built; ``--warmup``
+5, L44); code/datasets/dataloader.py ``AV_KS_Dataset_sample_level`` (L152-186: the bands,
+and drop = 2, the visual, for a low audio value, drop = 1, the audio, for a low visual
+one); code/models/models.py
 ``forward(drop)`` (L62-67: the dropped modality's pooled feature set to zero before the
 concat head) and ``exec_drop`` (L74-86: the same zeroing for the valuation's unimodal
 predictions).
@@ -53,9 +54,11 @@ the released ``exec_drop`` predicts it (and as for OGM-GE).
 Cost: before every re-sampled epoch, one forward pass of the encoders over the training
 split in eval mode (no backward) and three heads per sample (fused, each modality
 dropped): about a third of a training epoch's compute. The re-sampled epoch trains, besides
-the split, one Concat step's cost per copy: up to 6 copies per sample (3 per modality),
-so up to 7x a Concat epoch when the model is wrong on every sample alone and fused, and
-none when it is right on every sample both ways.
+the split, one Concat step's cost per copy: 4 copies of a sample the fused prediction gets
+wrong, 1 of one it gets right with only one modality right alone, none otherwise; so from
+1x (all right) to 5x (all wrong) a Concat epoch. With ``data.device_cache`` the pass keeps
+the training split's evaluation view in the cache besides its training view (twice the
+split's memory there).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ from ccat.models import MultimodalModel
 from ccat.models.fusion import Features
 from ccat.step import Step
 
-FULL_WORTH = 2.0  # sample_level.py L113-114: value_all = 2.0 for a right fused prediction
-ALONE_WORTH = 1.0  # L115-118: value_v / value_a = 1.0 for a right unimodal prediction
+FULL_WORTH = 2.0  # sample_level.py L110-111: value_all = 2.0 for a right fused prediction
+ALONE_WORTH = 1.0  # L112-115: value_v / value_a = 1.0 for a right unimodal prediction
 # dataloader.py L156-186: (low, high, copies), strict bounds, first band that holds wins.
 BANDS = ((0.4, 1.0, 1), (-0.1, 0.4, 2), (-float("inf"), -0.1, 3))
 
@@ -85,7 +88,7 @@ BANDS = ((0.4, 1.0, 1), (-0.1, 0.4, 2), (-float("inf"), -0.1, 3))
 def shapley_values(fused_right: torch.Tensor,
                    alone_right: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """phi^m = (v({m}) + v({m, o}) - v({o})) / 2 per sample, for two modalities m, o
-    (L120-121), from whether the fused prediction and each modality's alone are right."""
+    (L117-118), from whether the fused prediction and each modality's alone are right."""
     first, second = alone_right
     worth = {m: ALONE_WORTH * right.double() for m, right in alone_right.items()}
     full = FULL_WORTH * fused_right.double()
@@ -105,8 +108,8 @@ def copies_for(values: torch.Tensor) -> torch.Tensor:
 
 def resampled(values: dict[str, torch.Tensor]) -> list[Extra]:
     """The epoch's extra entries: for each sample and modality m, ``copies_for(phi^m)``
-    copies with the other modality dropped (L160/L165/L170: drop = 2, the visual, for a
-    low audio value; L176/L181/L186: drop = 1, the audio, for a low visual one)."""
+    copies with the other modality dropped (L156-170: drop = 2, the visual, for a low
+    audio value; L172-186: drop = 1, the audio, for a low visual one)."""
     first, second = values
     extras = []
     for kept, dropped in ((first, second), (second, first)):
@@ -135,7 +138,7 @@ class Valuation(JointMethod):
     @dataclass
     class Params:
         RANGES: ClassVar[dict[str, Range]] = {"warmup": AT_LEAST_ONE}
-        # Released sample_level.py: --warmup 5 (the default; its README runs no other
+        # Released sample_level.py L44: --warmup 5 (the default; its README runs no other
         # setting and the repository has no CREMA-D script). The released loop cannot
         # start re-sampled (warmup 0 unpacks a plain batch as a re-sampled one).
         warmup: int = 5  # epochs 0..warmup-1 train on the split once
@@ -187,7 +190,7 @@ class Valuation(JointMethod):
         return self.extras
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
-        """The fused CE, each copy with its dropped modality zeroed (train_epoch L146-170)."""
+        """The fused CE, each copy with its dropped modality zeroed (train_epoch L171-173)."""
         step.zero_grad()
         feats = drop_modalities(model.encode_all(batch.inputs), batch.drop)
         loss = F.cross_entropy(model.fused_logits(feats), batch.label)

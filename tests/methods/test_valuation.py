@@ -86,6 +86,10 @@ def test_shapley_values_are_the_released_contributions_for_every_outcome():
     # all right: 1 each (no copy); only the fused and audio right: audio 1.5, video 0.5
     assert ours["audio"][-1].item() == ours["video"][-1].item() == 1.0
     assert (ours["audio"][6].item(), ours["video"][6].item()) == (1.5, 0.5)
+    copies = copies_for(ours["audio"]) + copies_for(ours["video"])
+    # the docstring's cost: 4 copies when the fused prediction is wrong, 1 when it is right
+    # and exactly one modality alone is, none otherwise
+    assert copies.tolist() == [4 if not f else int(a != v) for f, a, v in outcomes]
 
 
 def test_bands_are_the_released_strict_ones_at_and_around_their_bounds():
