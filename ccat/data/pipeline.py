@@ -203,8 +203,8 @@ WORKER_EXCEPTION = "Caught "  # how DataLoader words an exception re-raised from
 
 @dataclass(frozen=True)
 class Segment:
-    """Entries ``start..stop - 1`` of a shard (its samples, without extra entries), at
-    ``first..`` of a rank's sequence."""
+    """Entries ``start..stop - 1`` of a shard (its samples, in an epoch without extra
+    entries), at ``first..`` of a rank's sequence."""
 
     shard: spec.ShardInfo
     start: int
