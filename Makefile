@@ -101,7 +101,7 @@ test: install
 # ARGS changed since it was trained (ARGS+=--overwrite retrains such runs); eval.json is
 # written when missing or older than best.pt. A run that fails stops make before the
 # table (`make -k` trains the rest).
-METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending unimodal ccat
+METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending valuation unimodal ccat
 SEEDS ?= 0 1 2
 ABLATIONS ?= fixed_classifier alternating secondary lora fresh_encoders
 RUNS ?= runs/$(DATASET)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from
                          save_config, to_dict)
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
-from ccat.data.pipeline import make_loader, num_train_batches
+from ccat.data.pipeline import Batch, Extra, make_loader, num_train_batches
 from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.errors import CcatError
 from ccat.run_config import load_config, resolve_params
@@ -425,13 +425,12 @@ def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -
 
 def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, Any]:
     """One epoch of ``method.train_step``; returns the averaged step metrics."""
-    cfg, ctx = run.cfg, run.ctx
+    ctx = run.ctx
     started = time.perf_counter()
     run.method.before_epoch(run.model, run.data)
     run.model.train()
-    loader = make_loader(run.dataset, "train", cfg.data, train=True, seed=cfg.seed, epoch=epoch,
-                         rank=ctx.rank, world=ctx.world, cache=run.cache)
-    total = num_train_batches(run.dataset, cfg.data.batch_size, ctx.world)
+    extras = run.method.epoch_extras()
+    loader, total = _epoch_loader(run, epoch, extras or [])
     sums: dict[str, float] = defaultdict(float)
     seen, steps = 0, 0
     progress = Progress(TextColumn(f"{stage.name} {epoch + 1}/{stage.epochs}"), BarColumn(),
@@ -458,10 +457,27 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
     elapsed = time.perf_counter() - started
     row: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1,
                            "lr": step.optimizer.param_groups[0]["lr"]}
+    if extras is not None:
+        row.update(extra_counts(extras, run.model.modalities))
     row.update({k: v / max(1, steps) for k, v in sums.items()})
     row["samples_per_s"] = seen * ctx.world / elapsed
     row["train_s"] = elapsed  # the epoch's training steps, loader included; not its evaluation
     return row
+
+
+def _epoch_loader(run: Run, epoch: int, extras: list[Extra]) -> tuple[Iterable[Batch], int]:
+    """Epoch ``epoch``'s training batches for this rank (the split once plus the method's
+    ``extras``) and how many there are."""
+    cfg, ctx = run.cfg, run.ctx
+    loader = make_loader(run.dataset, "train", cfg.data, train=True, seed=cfg.seed, epoch=epoch,
+                         rank=ctx.rank, world=ctx.world, cache=run.cache, extras=extras)
+    return loader, num_train_batches(run.dataset, cfg.data.batch_size, ctx.world, len(extras))
+
+
+def extra_counts(extras: list[Extra], modalities: list[str]) -> dict[str, int]:
+    """The epoch's extra entries per dropped modality, as its metrics row logs them."""
+    dropped = Counter(e.drop for e in extras)
+    return {f"extra/drop_{m}": dropped[m] for m in modalities}
 
 
 def _fmt(value: Any) -> str:

@@ -16,7 +16,7 @@ training crops are drawn, since images of different sizes cannot share one tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ccat.config import DataConfig
 from ccat.data import kinds, spec
 from ccat.data.integrity import verify_shards
-from ccat.data.pipeline import (EVAL_CROP_FRACTION, PAD_ID, Batch, ShardStream, Transform,
-                                WorkerLoader, center_square, crop_box, num_train_batches)
+from ccat.data.pipeline import (EVAL_CROP_FRACTION, NO_DROP, PAD_ID, Batch, Extra, ShardStream,
+                                Transform, WorkerLoader, center_square, crop_box, extra_codes,
+                                num_train_batches)
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
 from ccat.ui import make_console
@@ -69,7 +70,8 @@ class SplitTensors:
             if m in self.lengths:
                 picked = picked[:, :int(self.lengths[m][index].max())]
             inputs[m] = picked
-        return Batch([self.keys[i] for i in index.tolist()], self.label[on_device], inputs)
+        return Batch([self.keys[i] for i in index.tolist()], self.label[on_device], inputs,
+                     index)
 
 
 def cache_bytes(dataset: BuiltDataset, split: str, frame_size: int) -> int:
@@ -139,10 +141,11 @@ class DeviceCache:
                             f"data.device_cache=false to stream it from the shards")
 
     def batches(self, split: str, *, train: bool, seed: int, epoch: int = 0, rank: int = 0,
-                world: int = 1) -> Iterator[Batch]:
-        """Training: a seeded permutation dealt to ranks, ``num_train_batches`` augmented
-        batches per rank, each sample at most once (the remainder dropped, as streaming).
-        Evaluation: every sample once over all ranks, in cache order."""
+                world: int = 1, extras: Sequence[Extra] = ()) -> Iterator[Batch]:
+        """Training: a seeded permutation of the split's samples and the ``extras`` dealt to
+        ranks, ``num_train_batches`` augmented batches per rank, each entry at most once
+        (the remainder dropped, as streaming). Evaluation: every sample once over all ranks,
+        in cache order."""
         data = self.split(split, train)
         size = len(data.keys)
         if not train:
@@ -150,14 +153,22 @@ class DeviceCache:
             for start in range(0, len(mine), self.cfg.batch_size):
                 yield data.gather(mine[start:start + self.cfg.batch_size])
             return
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(
+        index, drop = torch.arange(size), None
+        if extras:
+            extra_index, extra_drop = (torch.from_numpy(a) for a in
+                                       extra_codes(self.dataset, split, extras))
+            index = torch.cat([index, extra_index])
+            drop = torch.cat([torch.full((size,), NO_DROP), extra_drop])
+        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(
             int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])))
         batch_size = self.cfg.batch_size
-        count = num_train_batches(self.dataset, batch_size, world)
+        count = num_train_batches(self.dataset, batch_size, world, len(extras))
         mine = order[rank::world][:count * batch_size]  # the rest, < world x batch, dropped
         rng = np.random.default_rng([seed, epoch, rank])
         for b in range(count):
-            batch = data.gather(mine[b * batch_size:(b + 1) * batch_size])
+            entries = mine[b * batch_size:(b + 1) * batch_size]
+            batch = data.gather(index[entries])
+            batch.drop = None if drop is None else drop[entries]
             yield self._augment(batch, rng)
 
     def _augment(self, batch: Batch, rng: np.random.Generator) -> Batch:
@@ -167,7 +178,7 @@ class DeviceCache:
             augment = kinds.of(m, params).cache_augment
             if augment is not None:
                 inputs[m] = augment(self, inputs[m], params, rng)
-        return Batch(batch.keys, batch.label, inputs)
+        return Batch(batch.keys, batch.label, inputs, batch.index, batch.drop)
 
     def crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [B, N, 3, H, W] -> uint8 [B, N, 3, size, size] by one batched grid_sample."""

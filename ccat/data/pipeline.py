@@ -16,6 +16,13 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
   j % workers, which reads the rank's sequence and seeks past the samples of other
   workers' batches. With DataLoader's in-order round robin the batches, their order and
   their augmentation (seeded per batch) are the same for any ``data.workers``.
+- Extra entries (``extras``, named by a method for one epoch: :class:`Extra`): the epoch
+  is the split once plus those entries, each a sample read again with one modality left
+  out (``Batch.drop``). In the sequence each sample's extra entries follow it (read once,
+  decoded per entry), and the counts, the cut between ranks and the dropped remainder
+  are those of the N + E entries: every rank runs floor((N + E) / (world x batch))
+  batches, and every entry but the remainder is drawn exactly once. Without extras the
+  epoch is exactly the one described above.
 - Evaluation: rank r reads the r-th of ``world`` near-equal runs of the split in manifest
   order, so every sample is seen exactly once over all ranks; only the last batch of a
   rank may be short.
@@ -28,9 +35,10 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -50,21 +58,42 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 PAD_ID = 0  # token id of padding: [PAD] in BERT WordPiece vocabularies, never real text
 
 
+NO_DROP = -1  # Batch.drop of an entry that keeps every modality
+
+
 @dataclass
 class Batch:
-    """A batch: sample keys, labels (B,) and one input tensor per modality."""
+    """A batch: sample keys, labels (B,) and one input tensor per modality; each sample's
+    position in its split (manifest order) where the loader knows it; and, in an epoch with
+    extra entries, which modality each entry leaves out (its position in the manifest's
+    modality order, ``NO_DROP`` for none)."""
 
     keys: list[str]
     label: torch.Tensor
     inputs: dict[str, torch.Tensor]
+    index: torch.Tensor | None = None  # (B,) int64
+    drop: torch.Tensor | None = None  # (B,) int64; None: an epoch without extra entries
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.keys, self.label.to(device, non_blocking=True),
-                     {m: x.to(device, non_blocking=True) for m, x in self.inputs.items()})
+        return self._map(lambda x: x.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:
-        return Batch(self.keys, self.label.pin_memory(),
-                     {m: x.pin_memory() for m, x in self.inputs.items()})
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, move: Any) -> Batch:
+        return Batch(self.keys, move(self.label), {m: move(x) for m, x in self.inputs.items()},
+                     None if self.index is None else move(self.index),
+                     None if self.drop is None else move(self.drop))
+
+
+@dataclass(frozen=True, order=True)
+class Extra:
+    """An entry a method adds to one training epoch (``Method.epoch_extras``): sample
+    ``index`` of the training split (its position in manifest order, as ``Batch.index``)
+    once more, with modality ``drop`` left out."""
+
+    index: int
+    drop: str
 
 
 def crop_box(height: int, width: int, scale_min: float,
@@ -148,7 +177,8 @@ def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])[0]
 
 
-def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Tensor]]) -> Batch:
+def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Tensor]],
+            index: list[int] | None = None, drop: list[int] | None = None) -> Batch:
     """Stack each modality; token sequences (1-D, int64) are padded with PAD_ID to the
     batch's longest, and the encoder reads the attention mask back as ``ids != PAD_ID``."""
     stacked = {}
@@ -159,8 +189,9 @@ def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Ten
                                                          padding_value=PAD_ID)
         else:
             stacked[m] = torch.stack(items)
-    return Batch(list(keys), torch.tensor(labels, dtype=torch.long), stacked)
-
+    return Batch(list(keys), torch.tensor(labels, dtype=torch.long), stacked,
+                 None if index is None else torch.tensor(index, dtype=torch.long),
+                 None if drop is None else torch.tensor(drop, dtype=torch.long))
 
 
 # First words of the seeds, so the draws of the shard order, the shuffle buffer and the
@@ -172,12 +203,16 @@ WORKER_EXCEPTION = "Caught "  # how DataLoader words an exception re-raised from
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples ``start..stop - 1`` of a shard, at ``first..`` of a rank's sequence."""
+    """Entries ``start..stop - 1`` of a shard (its samples, in an epoch without extra
+    entries), at ``first..`` of a rank's sequence."""
 
     shard: spec.ShardInfo
     start: int
     stop: int
     first: int
+
+
+Entries = dict[str, list[tuple[int, int]]]  # shard -> its entries: (sample in shard, drop)
 
 
 @dataclass(frozen=True)
@@ -187,6 +222,7 @@ class RankPlan:
     segments: list[Segment]
     order: list[int]  # positions in the rank's sequence, in the order batches take them
     batch_size: int
+    entries: Entries | None = None  # None: a shard's entries are its samples, once each
 
     @property
     def num_batches(self) -> int:
@@ -195,20 +231,27 @@ class RankPlan:
     def batch(self, index: int) -> list[int]:
         return self.order[index * self.batch_size:(index + 1) * self.batch_size]
 
+    def entry(self, seg: Segment, at: int) -> tuple[int, int]:
+        """(sample in the shard, dropped modality) of entry ``at`` of ``seg``'s shard."""
+        return self.entries[seg.shard.name][at] if self.entries else (at, NO_DROP)
 
-def cut(shards: list[spec.ShardInfo], begin: int, length: int) -> list[Segment]:
-    """``length`` samples of the shards read one after another, from sample ``begin`` of
-    that sequence on, wrapping from the last shard to the first."""
-    total = sum(s.num_samples for s in shards)
+
+def cut(shards: list[spec.ShardInfo], begin: int, length: int,
+        sizes: dict[str, int] | None = None) -> list[Segment]:
+    """``length`` entries of the shards read one after another, from entry ``begin`` of
+    that sequence on, wrapping from the last shard to the first; a shard has ``sizes``
+    entries (default: its samples)."""
+    size = [sizes[s.name] if sizes else s.num_samples for s in shards]
+    total = sum(size)
     if length == 0:
         return []
     index, start = 0, begin % total
-    while start >= shards[index].num_samples:
-        start -= shards[index].num_samples
+    while start >= size[index]:
+        start -= size[index]
         index += 1
     segments, first = [], 0
     while first < length:
-        take = min(shards[index].num_samples - start, length - first)
+        take = min(size[index] - start, length - first)
         if take > 0:
             segments.append(Segment(shards[index], start, start + take, first))
         first, start, index = first + take, 0, (index + 1) % len(shards)
@@ -228,8 +271,9 @@ def buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
     return out + buffer
 
 
-def _full_batches(dataset: BuiltDataset, split: str, batch_size: int, world: int) -> int:
-    count = dataset.num_samples(split) // (batch_size * world)
+def _full_batches(dataset: BuiltDataset, split: str, batch_size: int, world: int,
+                  extras: int = 0) -> int:
+    count = (dataset.num_samples(split) + extras) // (batch_size * world)
     if count < 1:
         raise CcatError(f"split {split!r} of {dataset.root} has {dataset.num_samples(split)} "
                         f"samples, fewer than one batch for each of {world} process(es) "
@@ -237,27 +281,65 @@ def _full_batches(dataset: BuiltDataset, split: str, batch_size: int, world: int
     return count
 
 
-def num_train_batches(dataset: BuiltDataset, batch_size: int, world: int) -> int:
-    """Full batches every rank runs per epoch; the remainder, fewer than world x batch
-    samples, is dropped (see the module docstring)."""
-    return _full_batches(dataset, "train", batch_size, world)
+def num_train_batches(dataset: BuiltDataset, batch_size: int, world: int,
+                      extras: int = 0) -> int:
+    """Full batches every rank runs per epoch of the training split plus ``extras`` extra
+    entries; the remainder, fewer than world x batch entries, is dropped (see the module
+    docstring)."""
+    return _full_batches(dataset, "train", batch_size, world, extras)
+
+
+def extra_codes(dataset: BuiltDataset, split: str,
+                extras: Sequence[Extra]) -> tuple[np.ndarray, np.ndarray]:
+    """``extras`` as (sample index, dropped modality's position) arrays, sorted, so that the
+    epoch does not depend on the order a method lists them in."""
+    names, total = list(dataset.modalities), dataset.num_samples(split)
+    for extra in extras:
+        if not 0 <= extra.index < total or extra.drop not in names:
+            raise ValueError(f"extra entry {extra} names no sample of split {split!r} "
+                             f"(0..{total - 1}) or no modality of the data ({names})")
+    pairs = sorted((e.index, names.index(e.drop)) for e in extras)
+    codes = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return codes[:, 0], codes[:, 1]
+
+
+def shard_entries(dataset: BuiltDataset, split: str, extras: Sequence[Extra]) -> Entries | None:
+    """Each shard's entries in order: every sample (its index in the shard, NO_DROP), each
+    followed by its extra entries (the same index, the dropped modality's position, in
+    modality order); None without extras."""
+    if not extras:
+        return None
+    copies: dict[int, list[int]] = {}
+    for index, drop in zip(*extra_codes(dataset, split, extras)):
+        copies.setdefault(int(index), []).append(int(drop))
+    entries, offset = {}, 0
+    for shard in spec.shards_of(dataset.manifest, split):
+        rows = []
+        for i in range(shard.num_samples):
+            rows.append((i, NO_DROP))
+            rows.extend((i, drop) for drop in copies.get(offset + i, ()))
+        entries[shard.name], offset = rows, offset + shard.num_samples
+    return entries
 
 
 def train_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, seed: int, epoch: int,
-               rank: int, world: int) -> RankPlan:
-    """Rank ``rank``'s run of the epoch's seeded sequence, shuffled by the buffer. The last
-    rank also reads (without using) the dropped remainder, so that every shard's count is
-    checked every epoch."""
+               rank: int, world: int, extras: Sequence[Extra] = ()) -> RankPlan:
+    """Rank ``rank``'s run of the epoch's seeded sequence of entries (the split's samples,
+    each followed by its ``extras``), shuffled by the buffer. The last rank also reads
+    (without using) the dropped remainder, so that every shard's count is checked every
+    epoch."""
     shards = spec.shards_of(dataset.manifest, split)
-    total = dataset.num_samples(split)
-    per_rank = _full_batches(dataset, split, cfg.batch_size, world) * cfg.batch_size
+    entries = shard_entries(dataset, split, extras)
+    sizes = {name: len(rows) for name, rows in entries.items()} if entries else None
+    total = dataset.num_samples(split) + len(extras)
+    per_rank = _full_batches(dataset, split, cfg.batch_size, world, len(extras)) * cfg.batch_size
     rng = np.random.default_rng([ORDER_SEED, seed, epoch])
     shards = [shards[i] for i in rng.permutation(len(shards))]
     begin = int(rng.integers(total)) + rank * per_rank
     length = per_rank if rank < world - 1 else total - rank * per_rank
     order = buffer_order(per_rank, cfg.shuffle_buffer,
                          np.random.default_rng([BUFFER_SEED, seed, epoch, rank]))
-    return RankPlan(cut(shards, begin, length), order, cfg.batch_size)
+    return RankPlan(cut(shards, begin, length, sizes), order, cfg.batch_size, entries)
 
 
 def eval_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, rank: int,
@@ -268,6 +350,17 @@ def eval_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, rank: int,
     begin, end = rank * total // world, (rank + 1) * total // world
     return RankPlan(cut(spec.shards_of(dataset.manifest, split), begin, end - begin),
                     list(range(end - begin)), cfg.batch_size)
+
+
+class Read(NamedTuple):
+    """One entry of a rank's sequence, read: the sample's bytes, its position in the
+    split and the modality the entry drops."""
+
+    shard: str
+    key: str
+    members: dict[str, bytes]
+    index: int
+    drop: int
 
 
 @dataclass(frozen=True)
@@ -282,13 +375,16 @@ class ShardStream(IterableDataset):
 
     def __init__(self, dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool,
                  seed: int, epoch: int, rank: int, world: int,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, extras: Sequence[Extra] = ()):
         self.dataset, self.split, self.cfg = dataset, split, cfg
         self.train, self.seed, self.epoch = train, seed, epoch
         self.rank, self.world = rank, world
         self.transform = transform or Transform(dataset.modalities, cfg, train)
-        self.plan = (train_plan(dataset, split, cfg, seed, epoch, rank, world) if train
+        self.plan = (train_plan(dataset, split, cfg, seed, epoch, rank, world, extras) if train
                      else eval_plan(dataset, split, cfg, rank, world))
+        shards = spec.shards_of(dataset.manifest, split)
+        starts = itertools.accumulate((s.num_samples for s in shards), initial=0)
+        self.offsets = dict(zip((s.name for s in shards), starts))  # first sample's position
 
     def __iter__(self) -> Iterator[Batch | LoaderFailure]:
         info = get_worker_info()
@@ -299,64 +395,71 @@ class ShardStream(IterableDataset):
             yield LoaderFailure(str(err))
 
     def _batches(self, mine: range) -> Iterator[Batch]:
-        """Batches ``mine`` of the plan, each made once its samples have been read (they
+        """Batches ``mine`` of the plan, each made once its entries have been read (they
         come in position order); then the rest of the rank's shards, to check their counts."""
         if not mine:
             return
         plan = self.plan
-        samples = self._read(plan.segments, {p for j in mine for p in plan.batch(j)})
-        held: dict[int, tuple[str, str, dict[str, bytes]]] = {}
+        reads = self._read(plan.segments, {p for j in mine for p in plan.batch(j)})
+        held: dict[int, Read] = {}
         last = -1
         for j in mine:
             positions = plan.batch(j)
             while last < max(positions):
-                last, shard, key, members = next(samples)
-                held[last] = shard, key, members
+                last, read = next(reads)
+                held[last] = read
             rng = np.random.default_rng([AUGMENT_SEED, self.seed, self.epoch, self.rank, j])
             yield self._collate([held.pop(p) for p in positions], rng)
-        for _ in samples:
+        for _ in reads:
             pass
 
-    def _read(self, segments: list[Segment], wanted: set[int]
-              ) -> Iterator[tuple[int, str, str, dict[str, bytes]]]:
-        """``(position, shard, key, members)`` of the wanted samples, in file order; the
-        others are seeked past."""
+    def _read(self, segments: list[Segment], wanted: set[int]) -> Iterator[tuple[int, Read]]:
+        """``(position, read)`` of the wanted entries, in file order (a sample with several
+        wanted entries is read once); the other samples are seeked past."""
         root = self.dataset.root
         for seg in segments:
-            def keep(index: int, seg: Segment = seg) -> bool:
-                return seg.start <= index < seg.stop and seg.first + index - seg.start in wanted
-
-            with contextlib.closing(read_shard(root, seg.shard, keep)) as reading:
+            here: dict[int, list[tuple[int, int]]] = {}  # sample -> its (position, drop)s
+            for at in range(seg.start, seg.stop):
+                if seg.first + at - seg.start in wanted:
+                    sample, drop = self.plan.entry(seg, at)
+                    here.setdefault(sample, []).append((seg.first + at - seg.start, drop))
+            last = self.plan.entry(seg, seg.stop - 1)[0]
+            offset = self.offsets[seg.shard.name]
+            with contextlib.closing(read_shard(root, seg.shard, here.__contains__)) as reading:
                 for index, key, members in reading:
-                    if index == seg.stop:  # the shard goes on, in another rank's run
+                    if index > last:  # the shard goes on, in another rank's run
                         break
                     if members is not None:
-                        yield seg.first + index - seg.start, seg.shard.name, key, members
+                        for position, drop in here[index]:
+                            yield position, Read(seg.shard.name, key, members, offset + index,
+                                                 drop)
 
-    def _collate(self, samples: list[tuple[str, str, dict[str, bytes]]],
-                 rng: np.random.Generator) -> Batch:
+    def _collate(self, reads: list[Read], rng: np.random.Generator) -> Batch:
         """Decode (checked), transform and stack one batch."""
         keys, labels, inputs = [], [], []
-        for shard, key, members in samples:
-            sample = decode_checked(self.dataset.root, shard, key, members,
+        for read in reads:
+            sample = decode_checked(self.dataset.root, read.shard, read.key, read.members,
                                     self.dataset.modalities, len(self.dataset.classes))
-            keys.append(key)
+            keys.append(read.key)
             labels.append(sample.label)
             inputs.append(self.transform(sample, rng))
-        return collate(keys, labels, inputs)
+        return collate(keys, labels, inputs, [r.index for r in reads],
+                       [r.drop for r in reads] if self.plan.entries else None)
 
 
 def make_loader(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,
-                epoch: int = 0, rank: int = 0, world: int = 1,
-                cache: Any = None) -> Iterable[Batch]:
+                epoch: int = 0, rank: int = 0, world: int = 1, cache: Any = None,
+                extras: Sequence[Extra] = ()) -> Iterable[Batch]:
     """Batches of ``split`` for this rank: from ``cache`` (a :class:`DeviceCache`) when
     given, else, once the shards' sizes are checked (``cfg.verify``), from workers that
-    read, decode and augment the shards."""
+    read, decode and augment the shards. A training epoch holds ``extras`` besides the
+    split (the same on every rank)."""
     if cache is not None:
-        return cache.batches(split, train=train, seed=seed, epoch=epoch, rank=rank, world=world)
+        return cache.batches(split, train=train, seed=seed, epoch=epoch, rank=rank, world=world,
+                             extras=extras)
     verify_shards(dataset.root, spec.shards_of(dataset.manifest, split), cfg.verify)
     stream = ShardStream(dataset, split, cfg, train=train, seed=seed, epoch=epoch, rank=rank,
-                         world=world)
+                         world=world, extras=extras)
     return WorkerLoader(stream, cfg)
 
 

@@ -2,7 +2,7 @@
 
 from ccat.methods import (agm, bigated, ccat, film, gblending, greedy, inforeg, joint, lfm,  # noqa: F401
                           mla, mmcosine, mmpareto, ogm_ge, pmr, qmf, reconboost, relearning,
-                          umt)  # (importing registers the methods)
+                          umt, valuation)  # (importing registers the methods)
 from ccat.methods.base import METHODS, Method, Outputs, RunData, Stage, fuse_decisions
 
 __all__ = ["METHODS", "Method", "Outputs", "RunData", "Stage", "fuse_decisions"]

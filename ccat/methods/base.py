@@ -14,7 +14,7 @@ import torch
 
 from ccat.config import ConfigError, DataConfig, MethodConfig, ModelConfig, parse_params
 from ccat.contribution import Estimator
-from ccat.data.pipeline import Batch, make_loader
+from ccat.data.pipeline import Batch, Extra, make_loader
 from ccat.data.reader import BuiltDataset
 from ccat.models import MultimodalModel, build_model
 from ccat.models.fusion import Features
@@ -145,8 +145,8 @@ class Method:
 
     def bind_data(self, train_samples: int, batches_per_epoch: int) -> None:
         """Told by the loop before training: the training split's size and the batches
-        each rank trains per epoch (QMF's history, MLA's released annealing, CCAT's
-        end-of-epoch check)."""
+        each rank trains per epoch without extra entries (QMF's history, MLA's released
+        annealing, CCAT's end-of-epoch check)."""
         self.train_samples, self.batches_per_epoch = train_samples, batches_per_epoch
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
@@ -170,6 +170,14 @@ class Method:
         its time counts in the epoch's ``train_s``. The loop puts ``model`` back in train
         mode afterwards. What it computes from the model and the data it may recompute on
         resume, since the model, the RNG state and the data are those of the checkpoint."""
+
+    def epoch_extras(self) -> list[Extra] | None:
+        """Read by the loop after :meth:`before_epoch`: entries to add to this epoch's pass
+        over the training split, each a sample once more with one modality left out (its
+        batches carry ``Batch.drop``; see :mod:`ccat.data.pipeline`). The list must be the
+        same on every rank. None (the default): the epoch is the split once, and its
+        metrics row logs no ``extra/`` counts; a list, even empty: it logs them."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """State a method keeps across steps (e.g. loss histories), saved in checkpoints;

@@ -142,7 +142,8 @@ def test_without_others_zeroes_tokens_and_pooled_but_keeps_the_mask():
     assert not kept["b"].tokens.any() and not kept["b"].pooled.any()
 
 
-@pytest.mark.parametrize("name", ["film", "bigated", "ogm_ge", "qmf", "pmr", "greedy"])
+@pytest.mark.parametrize("name", ["film", "bigated", "ogm_ge", "qmf", "pmr", "greedy",
+                                  "valuation"])
 def test_unimodal_prediction_ignores_the_other_modality(name):
     method, model = build(name)
     model.eval()
