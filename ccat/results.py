@@ -92,8 +92,8 @@ def _story_lines(report: Report, found_folders: dict[str, list[Path]]) -> list[s
 
 
 def code_sentence(found: Found) -> str:
-    """'They were trained at commit `a1…` (clean) (30 runs) and ... (12 runs).': the code
-    versions the runs' eval JSONs record (a resumed run may count under two)."""
+    """'Trained: 24 runs at commit `a1…` (clean) and 39 before checkpoints recorded their
+    code.': the code versions the runs' eval JSONs record (a resumed run may count twice)."""
     counts: Counter[str] = Counter()
     for result in found.results:
         try:
@@ -101,9 +101,13 @@ def code_sentence(found: Found) -> str:
         except (OSError, ValueError):
             code = [UNRECORDED]
         counts.update(dict.fromkeys(code, 1))
-    parts = [f"{version} ({n} run{'s' * (n != 1)})" for version, n in counts.most_common()]
+    parts = [f"{n} run{'s' * (n != 1)} at {version}" for version, n in counts.most_common()
+             if version != UNRECORDED]
+    if counts[UNRECORDED]:
+        parts.append(f"{counts[UNRECORDED]} run{'s' * (counts[UNRECORDED] != 1)} before "
+                     f"checkpoints recorded their code")
     joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"The runs were trained at {joined}."
+    return f"Trained: {joined}."
 
 
 def settings_lines(folders: dict[str, list[Path]]) -> list[str]:
@@ -127,7 +131,7 @@ def settings_lines(folders: dict[str, list[Path]]) -> list[str]:
     if not lines:
         return []
     return ["## Settings that differ from the methods' defaults", "",
-            "The defaults are each paper's; these runs changed them (the Makefile's "
+            "The defaults are each paper's; these runs changed them (in `make results`, the Makefile's "
             "`DEMO_SCHEDULE_<method>` scales epoch-counted schedules to the demo's epochs):",
             "", *lines, ""]
 

@@ -134,8 +134,8 @@ def test_page_says_which_code_trained_the_runs(checkout):
         path.write_text(json.dumps({**json.loads(path.read_text()), "code": code}))
     assert write_results(checkout).exit_code == 0
     page = (checkout / "docs" / "results.md").read_text()
-    assert ("The runs were trained at commit `a1` (clean) (2 runs), unrecorded (trained before "
-            "checkpoints recorded their code) (2 runs) and commit `b2` (clean) (1 run).") in page
+    assert ("Trained: 2 runs at commit `a1` (clean), 1 run at commit `b2` (clean) and 2 runs "
+            "before checkpoints recorded their code.") in page
 
 
 def test_page_names_the_params_that_differ_from_each_methods_defaults(checkout):
