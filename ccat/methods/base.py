@@ -104,6 +104,14 @@ class RunData:
             yield batch.to(self.device)
 
 
+def require_two_modalities(method: str, modalities: dict[str, Any] | list[str],
+                           why: str) -> None:
+    """Refuse data without exactly two modalities, in one sentence saying ``why``."""
+    if len(modalities) != 2:
+        raise ConfigError(f"method {method!r} needs exactly two modalities ({why}); the data "
+                          f"has {len(modalities)}: {', '.join(modalities)}")
+
+
 def split_budget(epochs: int, budget: str, first: int, fraction: float, method: str,
                  first_key: str) -> tuple[int, int]:
     """Epochs of a two-stage method's stages for ``optim.epochs`` = ``epochs``.

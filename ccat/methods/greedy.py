@@ -87,7 +87,7 @@ from torch import nn
 from ccat.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig,
                          ModelConfig, Range)
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions
+from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions, require_two_modalities
 from ccat.models import MultimodalModel
 from ccat.step import Step, host_floats
 
@@ -240,10 +240,8 @@ class Greedy(Method):
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:
         """The ``sum`` model (a head per modality) plus the MMTM, for exactly two modalities."""
-        if len(modalities) != 2:
-            raise ConfigError(f"method 'greedy' needs exactly two modalities (its MMTM and "
-                              f"its speed difference are defined for two); the data has "
-                              f"{len(modalities)}: {', '.join(modalities)}")
+        require_two_modalities("greedy", modalities,
+                               "its MMTM and its speed difference are defined for two")
         model = super().build_model(modalities, num_classes, cfg)
         model.add_module(EXCHANGE, SqueezeExchange(list(modalities), cfg.width, self.params.ratio))
         self.modalities = list(modalities)

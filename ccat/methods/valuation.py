@@ -70,9 +70,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ccat.config import AT_LEAST_ONE, ConfigError, MethodConfig, ModelConfig, Range
+from ccat.config import AT_LEAST_ONE, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch, Extra
-from ccat.methods.base import METHODS, Outputs, RunData
+from ccat.methods.base import METHODS, Outputs, RunData, require_two_modalities
 from ccat.methods.joint import JointMethod
 from ccat.methods.zeroing import feature_fusion_outputs, without_others
 from ccat.models import MultimodalModel
@@ -150,10 +150,8 @@ class Valuation(JointMethod):
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:
-        if len(modalities) != 2:
-            raise ConfigError(f"method 'valuation' values exactly two modalities (the "
-                              f"released value function and bands); the data has "
-                              f"{len(modalities)} ({', '.join(modalities)})")
+        require_two_modalities("valuation", modalities,
+                               "the released value function and bands are defined for two")
         return super().build_model(modalities, num_classes, cfg)
 
     def before_epoch(self, model: MultimodalModel, data: RunData) -> None:
