@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import ModelConfig
+from ccat.config import ConfigError, ModelConfig
 from ccat.models.encoders import EncoderOutput, masked_mean
 from ccat.registry import Registry
 
@@ -56,7 +56,8 @@ class BiCross(nn.Module):
     def __init__(self, modalities: list[str], cfg: ModelConfig):
         super().__init__()
         if len(modalities) != 2:
-            raise ValueError(f"BiCross fuses exactly two modalities, the data has {modalities}")
+            raise ConfigError(f"BiCross fuses exactly two modalities, the data has {modalities}; "
+                              f"train a method whose fusion takes any number (sum, concat)")
         self.modalities = list(modalities)
         self.blocks = nn.ModuleList(CrossBlock(cfg.width, cfg.heads, cfg.ffn_mult)
                                     for _ in range(2))
@@ -146,7 +147,8 @@ class ConcatFusion(nn.Module):
 def _pair(name: str, modalities: list[str]) -> list[str]:
     """The two modalities a pairwise fusion combines, or an error naming the data's."""
     if len(modalities) != 2:
-        raise ValueError(f"{name} fuses exactly two modalities, the data has {modalities}")
+        raise ConfigError(f"{name} fuses exactly two modalities, the data has {modalities}; "
+                          f"train a method whose fusion takes any number (sum, concat)")
     return list(modalities)
 
 

@@ -4,6 +4,7 @@ its own; the unimodal protocol of both is in test_registry.py)."""
 import pytest
 import torch
 
+from ccat.config import ConfigError
 from ccat.models import FUSIONS
 from ccat.models.encoders import EncoderOutput
 from method_helpers import TINY
@@ -23,6 +24,6 @@ def test_film_and_bigated_fusion_formulas():
     fused = gated(feats)
     assert fused.shape == (3, 16) and gated.out_dim == 16
     assert torch.allclose(fused, torch.sigmoid(hx) * hy + torch.sigmoid(hy) * hx)
-    for name in ("film", "bigated"):
-        with pytest.raises(ValueError, match="exactly two modalities"):
+    for name in ("film", "bigated", "bicross"):  # a user error: one line from the CLI
+        with pytest.raises(ConfigError, match="exactly two modalities.*any number"):
             FUSIONS.get(name)(["a", "b", "c"], TINY)
