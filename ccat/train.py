@@ -461,7 +461,9 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
         row.update(extra_counts(extras, run.model.modalities))
     row.update({k: v / max(1, steps) for k, v in sums.items()})
     row["samples_per_s"] = seen * ctx.world / elapsed
-    row["train_s"] = elapsed  # the epoch's training steps, loader included; not its evaluation
+    # the epoch's training steps, loader and the method's own passes (before_epoch) included;
+    # not its evaluation
+    row["train_s"] = elapsed
     return row
 
 
