@@ -122,6 +122,15 @@ def test_a_silent_endpoint_is_given_up_on_after_the_timeouts(tmp_path: Path, mon
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
         monkeypatch.setenv("CCAT_HTTP_STALL_TIMEOUT", "0.5")
+        import fsspec
+
+        opened, real_open = [], fsspec.open
+
+        def recording_open(url, *args, **kwargs):  # what reaches the backend
+            opened.append(kwargs)
+            return real_open(url, *args, **kwargs)
+
+        monkeypatch.setattr(fsspec, "open", recording_open)
         try:
             code, _, err = run_cli(["info", f"s3://{BUCKET}/silent"], capsys)
         finally:
@@ -131,3 +140,4 @@ def test_a_silent_endpoint_is_given_up_on_after_the_timeouts(tmp_path: Path, mon
     assert code == 1 and err.startswith(f"error: s3://{BUCKET}/silent/manifest.json did not "
                                         "answer within the timeouts"), err
     assert "0.5 s without a byte, CCAT_HTTP_STALL_TIMEOUT; ReadTimeoutError" in err
+    assert opened and all(o["config_kwargs"]["read_timeout"] == 0.5 for o in opened)
