@@ -110,30 +110,41 @@ def code_sentence(found: Found) -> str:
     return f"Trained: {joined}."
 
 
+def changed_params(method: str, folder: Path) -> dict[str, Any] | None:
+    """The ``method.params`` of the run in ``folder`` (its config.yaml) that differ from
+    ``method``'s Params defaults; every param when the method is not registered here (its
+    defaults are unknown); None when the config cannot be read."""
+    try:
+        text = (folder / run_dir.CONFIG).read_text(encoding="utf-8")
+        params = from_dict(yaml.safe_load(text) or {}).method.params
+    except (OSError, ValueError, TypeError, ConfigError, yaml.YAMLError):
+        return None
+    defaults = METHODS.get(method).Params if method in METHODS.names() else None
+    base = dataclasses.asdict(defaults()) if defaults is not None else {}
+    return {k: v for k, v in params.items() if k not in base or base[k] != v}
+
+
 def settings_lines(folders: dict[str, list[Path]]) -> list[str]:
     """A section naming, per method, the params its runs trained with that are not its
-    Params defaults (its paper's), read from each run's config.yaml; nothing when every
-    run trained with the defaults."""
+    Params defaults (its paper's), and the runs whose config.yaml could not be read;
+    nothing when every run is known to have trained with the defaults."""
     lines = []
     for method, paths in folders.items():
-        changed: dict[str, Any] = {}
-        for path in paths:
-            try:
-                params = from_dict(yaml.safe_load((path / run_dir.CONFIG).read_text())).method.params
-            except (OSError, ValueError, TypeError, ConfigError, yaml.YAMLError):
-                continue
-            defaults = METHODS.get(method).Params if method in METHODS.names() else None
-            base = dataclasses.asdict(defaults()) if defaults is not None else {}
-            changed.update({k: v for k, v in params.items() if base.get(k, v) != v})
-        if changed:
-            lines.append(f"- {method}: " + ", ".join(f"`method.params.{k}={v}`"
-                                                     for k, v in sorted(changed.items())))
+        found = [changed_params(method, path) for path in paths]
+        changed = {k: v for params in found if params for k, v in params.items()}
+        unread = sum(params is None for params in found)
+        parts = [f"`method.params.{k}={v}`" for k, v in sorted(changed.items())]
+        if unread:
+            parts.append(f"{unread} run{'s' * (unread != 1)} without a readable config.yaml, "
+                         f"settings unknown")
+        if parts:
+            lines.append(f"- {method}: " + ", ".join(parts))
     if not lines:
         return []
     return ["## Settings that differ from the methods' defaults", "",
-            "The defaults are each paper's; these runs changed them (in `make results`, the Makefile's "
-            "`DEMO_SCHEDULE_<method>` scales epoch-counted schedules to the demo's epochs):",
-            "", *lines, ""]
+            "The defaults are each paper's; these runs changed them (in `make results`, the "
+            "Makefile's `DEMO_SCHEDULE_<method>` scales epoch-counted schedules to the demo's "
+            "epochs):", "", *lines, ""]
 
 
 def results_markdown(report: Report, stamp: str, command: str, figure: str,

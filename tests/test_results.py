@@ -154,5 +154,19 @@ def test_page_names_the_params_that_differ_from_each_methods_defaults(checkout):
 
 
 def test_page_has_no_settings_section_when_every_run_used_the_defaults(checkout):
+    from ccat.config import RunConfig, save_config
+
+    for method in ("ccat", "concat"):
+        for seed in (0, 1):
+            cfg = RunConfig()
+            cfg.method.name = method
+            save_config(cfg, checkout / "runs" / method / f"s{seed}" / "config.yaml")
     assert write_results(checkout).exit_code == 0
     assert "Settings that differ" not in (checkout / "docs" / "results.md").read_text()
+
+
+def test_page_says_whose_settings_it_could_not_read(checkout):
+    """The fixture's runs have no config.yaml: their settings are unknown, not defaults."""
+    assert write_results(checkout).exit_code == 0
+    page = (checkout / "docs" / "results.md").read_text()
+    assert "- concat: 2 runs without a readable config.yaml, settings unknown" in page
