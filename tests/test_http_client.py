@@ -1,11 +1,17 @@
-"""The HTTP client against a misbehaving server on 127.0.0.1 (issue 11, items 4 and 5):
-verify reads the server, and stalls, drips, endless bodies, huge manifests, redirects to
-other hosts and errors each end in one sentence naming the URL."""
+"""The HTTP client against a misbehaving server on 127.0.0.1 (issue 11, items 4 and 5;
+issue 22, hangs): verify reads the server, and stalls, drips, endless bodies, huge
+manifests, redirects to other hosts, errors, and requests that outlast the total deadline
+(headers dripped a byte at a time, endless 100 Continue, a slow body) each end in one
+sentence naming the URL."""
 
 from __future__ import annotations
 
 import http.server
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,13 +28,23 @@ MIN_RATE = 1000.0  # bytes/s
 BOUND_S = 5.0  # no misbehaving answer lasts longer than this, whatever the client does
 DRIP_EVERY_S = 0.05
 ENDLESS_CAP = 256 << 20  # even an "endless" body stops here
+DEADLINE_S = 1.0  # the test client's total deadline (CCAT_HTTP_DEADLINE)
+# answers that only the total deadline ends last this long; the tests' hang check is that
+# the client gave up long before
+HOSTILE_BOUND_S = 12 * DEADLINE_S
+SLOW_BODY = (200, 0.1)  # bytes per write and seconds between: 2000 B/s, above MIN_RATE
+# head, drip, continue: the response head a byte every DRIP_EVERY_S, or 100 Continue
+# every DRIP_EVERY_S without end; slow: a whole head, then the body at SLOW_BODY's rate.
+# Each applies to shards; with "-all" to the manifest as well.
+HOSTILE = ("head", "continue", "slow")
 
 
 class Misbehaving(http.server.SimpleHTTPRequestHandler):
     """Serves ``root``; the first path part picks how shards (and, for ``endless-all``,
     the manifest too) are answered: ok, stall, drip, endless, endless-all, error, announce
     (a length of 1 TiB and no body), same
-    (a redirect to ok on this host), elsewhere (a redirect to ok on ``localhost``)."""
+    (a redirect to ok on this host), elsewhere (a redirect to ok on ``localhost``), and
+    the HOSTILE modes, alone (shards) or with ``-all`` (the manifest too)."""
 
     stop: threading.Event
     port: int
@@ -52,8 +68,34 @@ class Misbehaving(http.server.SimpleHTTPRequestHandler):
             return None
         if (mode in ("stall", "drip", "endless") and shard) or mode == "endless-all":
             return self._misbehave(mode)
+        if mode.removesuffix("-all") in HOSTILE and (shard or mode.endswith("-all")):
+            return self._outlast(mode.removesuffix("-all"), Path(self.directory) / rest)
         self.path = "/" + rest
         return super().do_GET()
+
+    def _outlast(self, mode: str, path: Path) -> None:
+        """Answer in a way no per-read timeout ends, for at most HOSTILE_BOUND_S."""
+        size = path.stat().st_size
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nX-Pad: {'p' * 200}\r\n\r\n"
+        if mode == "continue":
+            pieces = iter(lambda: b"HTTP/1.1 100 Continue\r\n\r\n", None)
+            every = DRIP_EVERY_S
+        elif mode == "head":
+            pieces, every = (bytes([b]) for b in head.encode()), DRIP_EVERY_S
+        else:
+            self.wfile.write(head.encode())
+            body = path.read_bytes()
+            pieces = (body[i:i + SLOW_BODY[0]] for i in range(0, size, SLOW_BODY[0]))
+            every = SLOW_BODY[1]
+        deadline = time.monotonic() + HOSTILE_BOUND_S
+        try:
+            for piece in pieces:
+                if time.monotonic() > deadline or self.stop.wait(every):
+                    break
+                self.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up, as it should
+        self.close_connection = True
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -203,3 +245,58 @@ def test_a_limit_that_is_not_a_number_is_one_sentence(server, tmp_path: Path,
     monkeypatch.setenv("CCAT_HTTP_STALL_TIMEOUT", "soon")
     with pytest.raises(DatasetError, match=r"^\$CCAT_HTTP_STALL_TIMEOUT is 'soon', not a number$"):
         open_dataset(f"{base}/ok/ds", tmp_path / "cache")
+
+
+def hostile_cases() -> list[tuple[str, str]]:
+    """(mode, where the deadline hits): each hostile answer, for the manifest and a shard."""
+    return [(f"{mode}-all", "manifest.json") for mode in HOSTILE] + [
+        (mode, "train-") for mode in HOSTILE]
+
+
+@pytest.mark.parametrize("mode, hit", hostile_cases())
+def test_the_deadline_is_a_total_for_every_place_that_opens_a_url(
+        server, tmp_path: Path, capsys, monkeypatch, mode: str, hit: str) -> None:
+    """No per-read timeout ends these answers; the total deadline does, with one sentence
+    naming the URL, the total and the setting, for verify, info and the training reader."""
+    base, _ = server
+    monkeypatch.setenv("CCAT_HTTP_DEADLINE", str(DEADLINE_S))
+    url = f"{base}/{mode}/ds"
+    sentence = (rf"^{url}/{hit}\S* did not finish within {DEADLINE_S:g} s in total "
+                r"\(connecting, response headers and body, retries included; "
+                r"CCAT_HTTP_DEADLINE\); check the server, or raise CCAT_HTTP_DEADLINE for a "
+                r"slow link$")
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match=sentence):
+        open_dataset(url, tmp_path / "cache")
+    commands = [["verify", url]] + ([["info", url]] if hit == "manifest.json" else [])
+    for args in commands:
+        code, out, err = run_cli(args, capsys)
+        assert code == 1 and re.match(sentence, err.strip().removeprefix("error: ")), err
+    assert time.monotonic() - started < HOSTILE_BOUND_S, "a hang: the server gave up first"
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_training_from_a_server_that_drips_headers_ends_by_the_deadline(
+        server, tmp_path: Path, pytestconfig) -> None:
+    """``ccat train --data URL`` in its own process: one sentence, not a hang."""
+    base, _ = server
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccat", "train", "--config",
+         str(pytestconfig.rootpath / "configs" / "demo.yaml"), "--data", f"{base}/head/ds",
+         "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "CCAT_HTTP_DEADLINE": str(DEADLINE_S)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{base}/head/ds/train-" in proc.stderr
+    assert f"did not finish within {DEADLINE_S:g} s in total" in proc.stderr
+
+
+@pytest.mark.parametrize("env", sorted(set(remote.ENV_NAMES.values()) -
+                                       {"CCAT_HTTP_REDIRECT_HOSTS"}))
+@pytest.mark.parametrize("value, why", [("soon", "not a number"), ("-1", "0 or more"),
+                                        ("inf", "finite")])
+def test_every_limit_refuses_a_value_that_is_not_one(tmp_path: Path, monkeypatch, env: str,
+                                                     value: str, why: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(DatasetError, match=rf"^\${env} is '{value}'.*{why}"):
+        open_dataset("http://127.0.0.1:9/ds", tmp_path / "cache")

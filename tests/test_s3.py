@@ -4,8 +4,13 @@ $AWS_ENDPOINT_URL as a user of an S3-compatible store gives it (issue 11, object
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import re
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -94,50 +99,88 @@ def test_a_changed_object_is_an_error_naming_its_url(store, built: Path, tmp_pat
         open_dataset(url, tmp_path / "cache")
 
 
-def test_a_silent_endpoint_is_given_up_on_after_the_timeouts(tmp_path: Path, monkeypatch,
-                                                             capsys) -> None:
-    """An S3 endpoint that accepts the connection and never answers: the stall timeout
-    (CCAT_HTTP_STALL_TIMEOUT) holds botocore's reads too, so the error comes instead of a
-    hang of minutes."""
-    import threading
+DEADLINE_S = 1.5  # the test client's total deadline (CCAT_HTTP_DEADLINE)
+HOSTILE_BOUND_S = 12 * DEADLINE_S  # no hostile endpoint answers longer than this
+DRIP_EVERY_S = 0.1  # below the stall timeout the tests set, so no per-read timeout trips
 
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        held: list[socket.socket] = []
-        stop = threading.Event()
 
-        def accept() -> None:  # take every connection and say nothing
-            silent.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    held.append(silent.accept()[0])
-                except OSError:
-                    pass
+@contextlib.contextmanager
+def hostile_endpoint(mode: str) -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1 that takes every connection and says nothing (silent) or
+    drips a response head a byte at a time (drip); each connection for HOSTILE_BOUND_S at
+    most, the whole server until the block ends. Yields its URL."""
+    stop = threading.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + b"X-Pad: " + b"p" * 400 + b"\r\n\r\n"
 
-        threading.Thread(target=accept, daemon=True).start()
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        monkeypatch.setenv("CCAT_HTTP_STALL_TIMEOUT", "0.5")
-        import fsspec
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            until = time.monotonic() + HOSTILE_BOUND_S
+            with contextlib.suppress(OSError):
+                for byte in head if mode == "drip" else itertools.repeat(0):  # silent: no end
+                    if stop.wait(DRIP_EVERY_S) or time.monotonic() > until:
+                        return
+                    if mode == "drip":
+                        conn.sendall(bytes([byte]))
 
-        opened, real_open = [], fsspec.open
+    def accept(listener: socket.socket) -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                threading.Thread(target=answer, args=(listener.accept()[0],),
+                                 daemon=True).start()
 
-        def recording_open(url, *args, **kwargs):  # what reaches the backend
-            opened.append(kwargs)
-            return real_open(url, *args, **kwargs)
-
-        monkeypatch.setattr(fsspec, "open", recording_open)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        threading.Thread(target=accept, args=(listener,), daemon=True).start()
         try:
-            code, _, err = run_cli(["info", f"s3://{BUCKET}/silent"], capsys)
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
         finally:
             stop.set()
-            for conn in held:
-                conn.close()
+
+
+@pytest.fixture()
+def aws_env(monkeypatch) -> pytest.MonkeyPatch:
+    """Credentials for a local endpoint and a small stall timeout."""
+    for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("CCAT_HTTP_STALL_TIMEOUT", "0.5")]:
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("mode", ["silent", "drip"])
+def test_a_silent_or_dripping_endpoint_ends_by_the_total_deadline(
+        aws_env, tmp_path: Path, capsys, mode: str) -> None:
+    """botocore's timeouts hold each read and are retried; the stated limit is the total:
+    the error comes by CCAT_HTTP_DEADLINE, retries included, and says so."""
+    aws_env.setenv("CCAT_HTTP_DEADLINE", str(DEADLINE_S))
+    url = f"s3://{BUCKET}/{mode}"
+    sentence = (f"{url}/manifest.json did not finish within {DEADLINE_S:g} s in total "
+                "(connecting, response headers and body, retries included; "
+                "CCAT_HTTP_DEADLINE); check the server, or raise CCAT_HTTP_DEADLINE for a "
+                "slow link")
+    started = time.monotonic()
+    with hostile_endpoint(mode) as endpoint:
+        aws_env.setenv("AWS_ENDPOINT_URL", endpoint)
+        for args in (["info", url], ["verify", url]):
+            code, _, err = run_cli(args, capsys)
+            assert code == 1 and err.strip() == f"error: {sentence}", err
+        with pytest.raises(DatasetError, match=f"^{re.escape(sentence)}$"):
+            open_dataset(url, tmp_path / "cache")
+    assert time.monotonic() - started < HOSTILE_BOUND_S, "a hang: the endpoint gave up first"
+
+
+def test_timeouts_on_every_attempt_state_the_time_taken_in_all(aws_env, capsys) -> None:
+    """When botocore and s3fs give up before the deadline, the sentence says how long all
+    the attempts took, not the one attempt's timeout."""
+    aws_env.setenv("AWS_MAX_ATTEMPTS", "1")
+    with hostile_endpoint("silent") as endpoint:
+        aws_env.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        code, _, err = run_cli(["info", f"s3://{BUCKET}/silent"], capsys)
+        took = time.monotonic() - started
     assert code == 1 and err.startswith(f"error: s3://{BUCKET}/silent/manifest.json did not "
-                                        "answer within the timeouts"), err
-    assert "0.5 s without a byte, CCAT_HTTP_STALL_TIMEOUT; ReadTimeoutError" in err
-    assert opened and all(o["config_kwargs"]["read_timeout"] == 0.5 for o in opened)
+                                        "answer within the timeouts on any attempt"), err
+    assert "0.5 s without a byte, CCAT_HTTP_STALL_TIMEOUT; ReadTimeoutError; " in err
+    stated = float(re.search(r"; ([0-9.]+) s in all, retries included\)", err).group(1))
+    assert 0.5 < stated <= took  # s3fs retried: more than one attempt's timeout
