@@ -29,10 +29,42 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 class RecipeGroup(typer.core.TyperGroup):
-    """A group with one command per registered recipe: an unknown name is a user error
-    naming the known ones (one sentence), not click's usage screen."""
+    """A group with one command per registered recipe, added when the group is first used:
+    a command that needs no recipe (``ccat-data verify``, ``info``) imports no recipe
+    plugin. An unknown name is a user error naming the known ones (one sentence), not
+    click's usage screen."""
+
+    recipes_added = False
+
+    def recipe_command(self, name: str) -> click.Command | None:
+        """The command of recipe ``name`` in this group, or None when it has none."""
+        raise NotImplementedError
+
+    def _add_recipes(self) -> None:
+        if self.recipes_added:
+            return
+        self.recipes_added = True
+        sources = datasets.RECIPES.sources()
+        for name in datasets.recipe_names():
+            try:
+                command = self.recipe_command(name)
+            except datasets.RecipeError as err:  # a plugin's options clash with the common ones
+                err_console.print(f"warning: recipe {name!r} ({sources[name]}) skipped: "
+                                  f"{err}", markup=False, highlight=False)
+                continue
+            if command is not None:
+                self.add_command(command, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_recipes()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_recipes()
+        return super().get_command(ctx, cmd_name)
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, Any, list[str]]:
+        self._add_recipes()
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             raise datasets.RecipeError(f"unknown dataset recipe {args[0]!r} for "
                                        f"`{ctx.command_path}`; known: "
@@ -40,9 +72,24 @@ class RecipeGroup(typer.core.TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-build_app = typer.Typer(cls=RecipeGroup, no_args_is_help=True,
+class BuildGroup(RecipeGroup):
+    """``ccat-data build NAME``, one command per recipe."""
+
+    def recipe_command(self, name: str) -> click.Command | None:
+        return _as_click(name, _build_command(name))
+
+
+class SynthGroup(RecipeGroup):
+    """``ccat-data synth NAME``, one command per recipe that has a ``synth`` class."""
+
+    def recipe_command(self, name: str) -> click.Command | None:
+        synth = datasets.get_recipe(name).synth
+        return None if synth is None else _as_click(name, _synth_command(synth))
+
+
+build_app = typer.Typer(cls=BuildGroup, no_args_is_help=True,
                         help="Build the shards of one dataset: one command per registered recipe.")
-synth_app = typer.Typer(cls=RecipeGroup, no_args_is_help=True,
+synth_app = typer.Typer(cls=SynthGroup, no_args_is_help=True,
                         help="Write a small synthetic raw dataset in a recipe's real layout.")
 app.add_typer(build_app, name="build")
 app.add_typer(synth_app, name="synth")
@@ -117,7 +164,15 @@ def _command(callback: Callable[..., None], parameters: list[inspect.Parameter],
     return command
 
 
-def _add_build_command(name: str) -> None:
+def _as_click(name: str, command: Callable[..., None]) -> click.Command:
+    """The click command typer makes of ``command``, named ``name``."""
+    single = typer.Typer(add_completion=False)
+    single.command(name)(command)
+    return typer.main.get_command(single)
+
+
+def _build_command(name: str) -> Callable[..., None]:
+    """``ccat-data build NAME``: the common build options and the recipe's own."""
     factory = datasets.get_recipe(name)
     common = list(inspect.signature(_build_options, eval_str=True).parameters.values())
     common = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common]
@@ -128,7 +183,7 @@ def _add_build_command(name: str) -> None:
         _run_build(recipe, raw, out, _split_files(recipe, raw, split), _options(**values))
 
     parameters = common[:3] + _typer_parameters(factory) + common[3:]
-    build_app.command(name)(_command(run, parameters, factory.__doc__))
+    return _command(run, parameters, factory.__doc__)
 
 
 def _split_files(recipe: Any, raw: Path, split: Optional[list[str]]) -> dict[str, Path]:
@@ -297,8 +352,8 @@ def _print_identity(manifest: dict[str, Any]) -> None:
         console.print(f"  list file {name}: {digest}")
 
 
-def _add_synth_command(name: str) -> None:
-    synth = datasets.get_recipe(name).synth
+def _synth_command(synth: type) -> Callable[..., None]:
+    """``ccat-data synth NAME``: --out and the options of the recipe's ``synth`` class."""
     out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=RawOut)
 
     def run(out: Path, **values: Any) -> None:
@@ -308,13 +363,7 @@ def _add_synth_command(name: str) -> None:
             summary = writer_.write(out, lambda n: progress.update(task, completed=n))
         console.print(summary)
 
-    synth_app.command(name)(_command(run, [out, *_typer_parameters(synth)], synth.__doc__))
-
-
-for _name in datasets.recipe_names():
-    _add_build_command(_name)
-    if datasets.get_recipe(_name).synth is not None:
-        _add_synth_command(_name)
+    return _command(run, [out, *_typer_parameters(synth)], synth.__doc__)
 
 
 def _download_help() -> str:
@@ -330,10 +379,23 @@ def _download_help() -> str:
     return "\n\n".join(lines)
 
 
-@app.command(help=_download_help())
+class DownloadCommand(typer.core.TyperCommand):
+    """The download command, whose help lists the recipes when it is shown, not at import
+    (which would import every recipe plugin for any command)."""
+
+    @property  # type: ignore[override]
+    def help(self) -> str:
+        return _download_help()
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        """typer sets the docstring; the list replaces it."""
+
+
+@app.command(cls=DownloadCommand)
 def download(
-    dataset: Annotated[str, typer.Argument(help="A recipe with published split files: " + ", ".join(
-        name for name, _ in datasets.iter_published()) + ".")],
+    dataset: Annotated[str, typer.Argument(help="A recipe with published split files (listed "
+                                                "above).")],
     out: Annotated[Path, typer.Option(help="Where the raw data goes.")] = Path("data/raw"),
 ) -> None:
     """Fetch what can be fetched; otherwise say what to install or where to get it."""

@@ -18,7 +18,7 @@ from ccat.data.pipeline import Batch, Extra, make_loader
 from ccat.data.reader import BuiltDataset
 from ccat.models import MultimodalModel, build_model
 from ccat.models.fusion import Features
-from ccat.registry import Registry
+from ccat.registry import Registry, subclasses_of
 from ccat.step import Step
 
 
@@ -203,4 +203,4 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: Registry[type[Method]] = Registry("method", "ccat.methods")
+METHODS: Registry[type[Method]] = Registry("method", "ccat.methods", subclasses_of(Method))

@@ -20,7 +20,7 @@ from ccat.config import ConfigError, ModelConfig
 from ccat.data import kinds
 from ccat.data.pipeline import PAD_ID, normalize_pixels
 from ccat.hub import load_local_first
-from ccat.registry import Registry
+from ccat.registry import Registry, subclasses_of
 
 
 class EncoderOutput(NamedTuple):
@@ -32,7 +32,7 @@ class EncoderOutput(NamedTuple):
 
 
 ENCODERS: Registry[Callable[[dict[str, Any], ModelConfig], nn.Module]] = Registry(
-    "encoder", "ccat.encoders")
+    "encoder", "ccat.encoders", subclasses_of(nn.Module))
 BERT_POOLER_PREFIX = "pooler."  # checkpoint weights of the pooler, which TextEncoder drops
 
 

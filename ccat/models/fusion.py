@@ -16,11 +16,11 @@ from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
 from ccat.models.encoders import EncoderOutput, masked_mean
-from ccat.registry import Registry
+from ccat.registry import Registry, subclasses_of
 
 Features = dict[str, EncoderOutput]  # modality -> its encoder's tokens, pooled z^m and mask
-FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry("fusion",
-                                                                           "ccat.fusions")
+FUSIONS: Registry[Callable[[list[str], ModelConfig], nn.Module]] = Registry(
+    "fusion", "ccat.fusions", subclasses_of(nn.Module))
 
 
 class CrossBlock(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 from ccat.errors import UserError
-from ccat.registry import Registry, RegistryError
+from ccat.registry import Entries, Registry, RegistryError
 from preprocess.splits import Entry, SplitError, SplitRow
 
 SPLITS_DIR = "splits"  # where `ccat-data download` puts the published split files, under RAW
@@ -122,7 +122,26 @@ class Recipe(Protocol):
         """Encoded modality members of one sample and its provenance for meta.json."""
 
 
-RECIPES: Registry[Callable[..., Recipe]] = Registry("dataset recipe", "ccat.recipes")
+# what a recipe class has besides its init fields (a field, as ``classes`` is, is on instances)
+RECIPE_PARTS = ("name", "unit", "published", "synth", "modalities", "find", "list_files",
+                "read_split_file", "process")
+
+
+def is_recipe_class(cls: type) -> bool:
+    """Whether ``cls`` can be a recipe: a dataclass with :class:`Recipe`'s parts whose init
+    fields are options (:func:`option`), which the recipe's ``ccat-data build`` reads."""
+    if not dataclasses.is_dataclass(cls) or not all(hasattr(cls, p) for p in RECIPE_PARTS):
+        return False
+    try:
+        options_of(cls)
+    except RecipeError:
+        return False
+    return True
+
+
+RECIPES: Registry[Callable[..., Recipe]] = Registry("dataset recipe", "ccat.recipes", Entries(
+    "a recipe class (a dataclass with the parts of preprocess.datasets.Recipe, its init "
+    "fields declared with preprocess.datasets.option)", is_recipe_class))
 register = RECIPES.register  # class decorator adding a recipe under a name, once
 
 
