@@ -6,7 +6,6 @@ Each command parses its options, calls one library function and prints the resul
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -103,15 +102,6 @@ RawOut = Annotated[Path, typer.Option(
                   "`ccat-data build DATASET --raw`.")]
 Splits = Annotated[Optional[list[str]], typer.Option(
     "--split", help="NAME=FILE published split list (train, val, test); repeatable.")]
-Workers = Annotated[int, typer.Option(help="Processes; 0 = all cores.")]
-ShardSize = Annotated[int, typer.Option(help="Samples per shard.")]
-Seed = Annotated[int, typer.Option(help="Seed of the stratified splits.")]
-ValFraction = Annotated[float, typer.Option(help="Share of train carved out as validation.")]
-TestFraction = Annotated[float, typer.Option(
-    help="Share held out as test when no split files are given.")]
-Strict = Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")]
-Overwrite = Annotated[bool, typer.Option(
-    help="Remove the build (finished or interrupted) that --out holds and start afresh.")]
 
 
 def _print_version(wanted: bool) -> None:
@@ -129,22 +119,21 @@ def _app_options(version: Annotated[bool, typer.Option(
     """Turn raw benchmark media into verified WebDataset shards."""
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _build_options(raw: Raw, out: Out, split: Splits = None, workers: Workers = 0,
-                   shard_size: ShardSize = 256, seed: Seed = 0, val_fraction: ValFraction = 0.1,
-                   test_fraction: TestFraction = 0.1, strict: Strict = False,
-                   overwrite: Overwrite = False) -> None:
-    """The options of every ``build NAME`` (a signature only: its parameters are copied)."""
+def _build_options(raw: Raw, out: Out, split: Splits = None) -> None:
+    """The options of every ``build NAME`` before the recipe's and writer.BuildOptions'
+    (a signature only: its parameters are copied)."""
 
 
 def _typer_parameters(cls: type) -> list[inspect.Parameter]:
     """Keyword-only parameters whose typer options are the dataclass's fields."""
     return [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
-                              annotation=Annotated[o.type, typer.Option(o.flag, help=o.help)])
+                              annotation=Annotated[o.type, typer.Option(o.flag, help=_help(o))])
             for o in datasets.options_of(cls)]
+
+
+def _help(option: datasets.Option) -> str:
+    """An option's help text, with its range when it has one."""
+    return f"{option.help} [range: {option.range}]" if option.range else option.help
 
 
 def _command(callback: Callable[..., None], parameters: list[inspect.Parameter],
@@ -180,9 +169,10 @@ def _build_command(name: str) -> Callable[..., None]:
 
     def run(raw: Path, out: Path, split: Optional[list[str]], **values: Any) -> None:
         recipe = _make(factory, {k: values.pop(k) for k in recipe_fields})
-        _run_build(recipe, raw, out, _split_files(recipe, raw, split), _options(**values))
+        options = _make(writer.BuildOptions, values)
+        _run_build(recipe, raw, out, _split_files(recipe, raw, split), options)
 
-    parameters = common[:3] + _typer_parameters(factory) + common[3:]
+    parameters = common + _typer_parameters(factory) + _typer_parameters(writer.BuildOptions)
     return _command(run, parameters, factory.__doc__)
 
 
@@ -198,18 +188,11 @@ def _split_files(recipe: Any, raw: Path, split: Optional[list[str]]) -> dict[str
 
 
 def _make(cls: type, values: dict[str, Any]) -> Any:
-    """``cls(**values)``; an option out of range is a usage error naming it."""
-    try:
-        return cls(**values)
-    except datasets.OptionError as err:
-        raise typer.BadParameter(str(err)) from None
-
-
-def _options(seed: int, val_fraction: float, test_fraction: float, shard_size: int,
-             workers: int, strict: bool, overwrite: bool) -> writer.BuildOptions:
-    return writer.BuildOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                               shard_size=shard_size, workers=workers or _cores(), strict=strict,
-                               overwrite=overwrite)
+    """``cls(**values)`` with every option in its range (an OptionError sentence names the
+    first that is not), checked before anything is read or written."""
+    made = cls(**values)
+    datasets.check_options(made)
+    return made
 
 
 def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
@@ -255,6 +238,10 @@ def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
                   f"({report.clips_per_second:.1f} {unit}/s) on {report.workers} "
                   f"{'process' if report.workers == 1 else 'processes'}; reused "
                   f"{report.resumed_shards} finished shards")
+    if report.rebuilt:
+        console.print(f"rebuilt {len(report.rebuilt)} shards whose bytes did not match their "
+                      "record: " + ", ".join(f"{name} ({why})" for name, why in
+                                             sorted(report.rebuilt.items())))
     if report.first_sample_s is not None:
         console.print(f"first sample done {report.first_sample_s:.2f} s after the start")
     if report.unlisted:
@@ -404,9 +391,13 @@ def download(
 
 
 def main() -> None:
-    """Console-script entry: user errors become one red sentence and exit code 1."""
+    """Console-script entry: user errors become one red sentence and exit code 1 (2 for an
+    option out of its range: a usage error, as click's own)."""
     try:
         app()
+    except datasets.OptionError as err:
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise SystemExit(2) from None
     except UserError as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise SystemExit(1) from None

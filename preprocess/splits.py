@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from ccat.errors import UserError
 
 VAL_SALT = 1  # separate random streams for the test and the validation carve
 TEST_SALT = 2
+SPLIT_ORDER = ("train", "val", "test")  # as spec.SPLIT_NAMES, for messages
 UNKNOWN_LABEL = -1  # an entry whose class only a split file can tell (e.g. a flat clip folder)
 
 
@@ -141,6 +142,62 @@ def assign_splits(found: dict[str, Entry], listed: dict[str, list[SplitRow]] | N
         splits["train"], splits["val"] = stratified_carve(splits["train"], val_fraction, seed,
                                                           VAL_SALT)
     return splits, skipped
+
+
+def required_splits(listed: Iterable[str], val_fraction: float,
+                    test_fraction: float) -> set[str]:
+    """The splits a plan must fill: train, every split a file lists, and each split that a
+    fraction above 0 carves (val from train; test from everything, when no file is given).
+    A fraction of 0 asks for no such split, which is then allowed to be empty."""
+    listed = set(listed)
+    required = {"train", *listed}
+    if val_fraction > 0:
+        required.add("val")
+    if not listed and test_fraction > 0:
+        required.add("test")
+    return required
+
+
+def class_counts(entries: Iterable[Entry], num_classes: int) -> list[int]:
+    """How many of ``entries`` each class has."""
+    counts = [0] * num_classes
+    for entry in entries:
+        counts[entry.label] += 1
+    return counts
+
+
+def empty_splits(counts: dict[str, list[int]], required: set[str]) -> str:
+    """The required splits that ``counts`` (per split, per class) leave without samples, in
+    words ("split val and test would hold no samples"), or "" when none is empty."""
+    empty = [name for name in sorted(required, key=_split_order) if not sum(counts.get(name, []))]
+    return f"split {_and(empty)} would hold no samples" if empty else ""
+
+
+def split_gap(counts: dict[str, list[int]], required: set[str], classes: list[str]) -> str:
+    """Why a plan with these per-class ``counts`` cannot be trained and scored on, in
+    words, or "" when it can: a required split without samples (:func:`empty_splits`), or
+    a class that val or test holds and train does not (a model never shown the class
+    would be scored on it)."""
+    empty = empty_splits(counts, required)
+    if empty:
+        return empty
+    train = counts["train"]
+    elsewhere = sorted({c for name, row in counts.items() if name != "train"
+                        for c, n in enumerate(row) if n})
+    missing = [classes[c] for c in elsewhere if not train[c]]
+    if missing:
+        return (f"train would hold no sample of class {_and(missing)}, which the other "
+                "splits hold")
+    return ""
+
+
+def _split_order(name: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
+
+def _and(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def parse_split_arguments(values: list[str]) -> dict[str, Path]:

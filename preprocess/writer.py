@@ -3,22 +3,23 @@
 The plan fixes every shard: shard ``i`` of a split is built from the split's planned
 samples ``i * shard_size`` to ``(i + 1) * shard_size - 1`` (split, then key order), less the
 bad ones, which are skipped and recorded. A worker process builds whole shards: it decodes
-their samples in order, streams the tar to a ``.tmp`` file while hashing it, renames it into
-place and writes the shard's record into ``<out>/.build/`` (keys, labels, skipped samples
-with reasons, the sha256 of every raw file read). Shard bytes therefore depend on the plan
-alone, never on timing or worker count, and the parent only collects records. A build
-started again builds the shards that have no record only when its plan (parameters, the
+their samples in order, streams the tar through :func:`ccat.fileio.atomic_writer` while
+hashing it and writes the shard's record into ``<out>/.build/`` (keys, labels, skipped
+samples with reasons, the sha256 of every raw file read, the tar's size and sha256). Shard
+bytes therefore depend on the plan alone, never on timing or worker count, and the parent
+only collects records. A build started again goes on only when its plan (parameters, the
 samples of every split, the raw files and the content of those already read) is the
-interrupted one's; otherwise it refuses and says what changed. ``manifest.json`` is written
-last, atomically, with the membership and raw-content hashes the fingerprint covers; then
-the records are removed. A lock file in ``.build/`` keeps a second build out of the folder.
+interrupted one's, and keeps only the shards whose bytes match their record; otherwise it
+refuses and says what changed. ``manifest.json`` is written last, atomically, with the
+membership and raw-content hashes the fingerprint covers; then the records are removed.
+The ``--out`` folder itself (its lock, and the build an ``--overwrite`` replaces) is
+:mod:`preprocess.outdir`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -28,7 +29,7 @@ import signal
 import tarfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as connection_wait
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ccat import fileio
 from ccat.data import kinds, shardio, spec
-from ccat.errors import UserError
-from preprocess import __version__ as TOOL_VERSION
-from preprocess.datasets import Recipe
+from preprocess import __version__ as TOOL_VERSION, outdir
+from preprocess.datasets import SEED, OptionError, Range, Recipe, check_options, option
 from preprocess.media import MediaError
-from preprocess.splits import Entry, assign_splits, check_unique
+from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
+from preprocess.splits import (Entry, SplitError, assign_splits, check_unique, class_counts,
+                               empty_splits, required_splits, split_gap)
 
-STATE_DIR = ".build"
 PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
-LOCK_NAME = "lock"  # flock-ed by the build writing into the folder, in STATE_DIR
-LOCK_ATTEMPTS = 5  # a finishing build may remove the lock file between open and flock
-TMP_SUFFIX = ".tmp"
 # How planned samples map to shards; a plan record of another layout is not resumed.
 SHARD_LAYOUT = "shard i holds planned samples [i*shard_size, (i+1)*shard_size) less bad ones"
 PROGRESS_POLL_S = 0.05  # how often the parent reads the workers' per-sample reports
@@ -57,23 +56,37 @@ PROGRESS_POLL_S = 0.05  # how often the parent reads the workers' per-sample rep
 # (the 240-clip demo) would only lose to.
 PROBE_SAMPLES = 8
 WORKER_START_MIN_S = 2.0
+MAX_WORKERS = 256  # each worker holds its own torch and PyAV (a few hundred MB)
+MAX_SHARD_SIZE = 65536  # samples per shard; shards are streamed, records list their keys
+FRACTION = Range(0.0, 0.9)  # --val-fraction, --test-fraction; their sum must stay below 1
 RECORD_KEYS = ("name", "num_samples", "bytes", "sha256", "class_counts", "skipped", "members",
                "hashes")
 
 
-class BuildError(UserError, RuntimeError):
-    """A build cannot go on; the message names the thing and the fix."""
-
-
 @dataclass(frozen=True)
 class BuildOptions:
-    seed: int = 0
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    shard_size: int = 256
-    workers: int = 1
-    strict: bool = False
-    overwrite: bool = False
+    """The options of every ``ccat-data build NAME`` (its flags are made from these fields).
+
+    Each number is checked against its field's range when the options are made, so a bad
+    value stops a build before it reads or removes anything."""
+
+    workers: int = option(0, "Processes; 0 = all cores.", within=Range(0, MAX_WORKERS))
+    shard_size: int = option(256, "Samples per shard.", within=Range(1, MAX_SHARD_SIZE))
+    seed: int = option(0, "Seed of the stratified splits.", within=SEED)
+    val_fraction: float = option(0.1, "Share of train carved out as validation.",
+                                 within=FRACTION)
+    test_fraction: float = option(0.1, "Share held out as test when no split files are given.",
+                                  within=FRACTION)
+    strict: bool = option(False, "Stop at the first bad sample instead of skipping it.")
+    overwrite: bool = option(False, "Replace the build (finished or interrupted) that --out "
+                                    "holds; it is kept until the new build has shards.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise OptionError(f"--val-fraction {self.val_fraction} and --test-fraction "
+                              f"{self.test_fraction} add up to 1 or more, leaving train no "
+                              "samples: give fractions whose sum is below 1")
 
 
 @dataclass
@@ -88,7 +101,7 @@ class BuildReport:
     out: Path = Path(".")
     workers: int = 1  # processes that built shards: this one and the workers it started
     first_sample_s: float | None = None  # from the call of build() to the first sample done
-    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    rebuilt: dict[str, str] = field(default_factory=dict)  # shard -> why its bytes were not kept
 
     @property
     def clips_per_second(self) -> float:
@@ -197,6 +210,10 @@ class _HashingFile:
         return self.size
 
 
+class _NoSamples(Exception):
+    """Raised inside a shard's atomic write when none of its samples was good: no tar."""
+
+
 def _build_shard(task: ShardTask) -> dict[str, Any]:
     """Build one shard from its planned samples and record it; returns the record.
 
@@ -204,10 +221,9 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
     """
     out: Path = _WORKER["out"]
     path = out / task.name
-    tmp = path.with_name(path.name + TMP_SUFFIX)
     counts, members, skipped, hashes = [0] * _WORKER["num_classes"], [], [], {}
     try:
-        with open(tmp, "wb") as file:
+        with fileio.atomic_writer(path) as file:
             sink = _HashingFile(file)
             with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for entry in task.entries:
@@ -220,20 +236,12 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
                         members.append([result.key, result.label])
                         counts[result.label] += 1
                     _WORKER["report"]()
-            file.flush()
-            os.fsync(file.fileno())
-        if members:
-            os.replace(tmp, path)
-        else:
-            tmp.unlink()
+            if not members:
+                raise _NoSamples
+    except _NoSamples:
+        pass
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise write_error(err, path) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
     record = {"name": task.name, "num_samples": len(members),
               "bytes": sink.size if members else 0,
               "sha256": sink.digest.hexdigest() if members else "", "class_counts": counts,
@@ -278,45 +286,78 @@ def _state_path(out: Path, name: str) -> Path:
     return out / STATE_DIR / f"{name}.json"
 
 
-def _finished_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
-    """The record of ``task`` when an earlier run of this plan built it (its tar, if it has
-    samples, in place with the recorded size); None when it is still to build."""
-    record = _read_json(_state_path(out, task.name))
-    if record is None or set(record) != set(RECORD_KEYS):
-        return None
-    shard = out / task.name
-    if record["num_samples"] and not (shard.is_file() and
-                                      shard.stat().st_size == record["bytes"]):
-        return None
-    return record
+def _reusable_records(out: Path, tasks: list[ShardTask], num_classes: int, workers: int,
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The records an interrupted run of this plan left whose shards can be kept: the
+    record is whole and its tar's size and sha256 are the recorded ones. Returns them by
+    shard name, and the shards that have a record but cannot be kept, with why (they are
+    built again)."""
+    def look(task: ShardTask) -> tuple[dict[str, Any] | None, str]:
+        path = _state_path(out, task.name)
+        if not path.is_file():
+            return None, ""
+        record = _read_json(path)
+        if record is None or not _record_fits(record, task, num_classes):
+            return None, "its record is unreadable"
+        if not record["num_samples"]:
+            return record, ""
+        why = shard_mismatch(out / task.name, record["bytes"], record["sha256"])
+        return (None, why) if why else (record, "")
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing releases the GIL
+        found = dict(zip((t.name for t in tasks), pool.map(look, tasks)))
+    return ({name: record for name, (record, _) in found.items() if record is not None},
+            {name: why for name, (_, why) in found.items() if why})
+
+
+def _record_fits(record: dict[str, Any], task: ShardTask, num_classes: int) -> bool:
+    """Whether ``record`` is a whole record of ``task``: every key with its type, counts
+    that add up, and exactly the task's samples, each kept (with its planned label) or
+    skipped. A record edited or cut short is not, and its shard is built again."""
+    def count(value: Any) -> bool:
+        return type(value) is int and value >= 0
+
+    if set(record) != set(RECORD_KEYS) or record["name"] != task.name:
+        return False
+    members, skipped, counts = record["members"], record["skipped"], record["class_counts"]
+    n, digest = record["num_samples"], record["sha256"]
+    if not (count(n) and count(record["bytes"]) and isinstance(digest, str)
+            and (spec.SHA256_PATTERN.match(digest) if n else digest == "")
+            and isinstance(counts, list) and len(counts) == num_classes
+            and all(map(count, counts)) and sum(counts) == n
+            and isinstance(members, list) and len(members) == n
+            and isinstance(skipped, list) and all(isinstance(s, dict) for s in skipped)
+            and isinstance(record["hashes"], dict)
+            and all(isinstance(v, str) for v in record["hashes"].values())):
+        return False
+    planned = {e.key: e.label for e in task.entries}
+    kept = [(m[0], m[1]) for m in members if isinstance(m, list) and len(m) == 2
+            and isinstance(m[0], str) and type(m[1]) is int]
+    dropped = [s.get("id") for s in skipped]
+    return (len(kept) == n and all(isinstance(key, str) for key in dropped)
+            and all(planned.get(key) == label for key, label in kept)
+            and sorted([key for key, _ in kept] + dropped) == sorted(planned))
+
+
+def shard_mismatch(path: Path, size: int, sha256: str) -> str:
+    """Why the file ``path`` is not the shard recorded with ``size`` and ``sha256``, in
+    words ("missing", ...), or "" when its bytes are the recorded ones."""
+    try:
+        if path.stat().st_size != size:
+            return "size differs"
+        return "" if spec.file_sha256(path) == sha256 else "sha256 differs"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` through a ``.tmp`` file renamed into place; on failure the partial
-    file is removed and the fault is one BuildError sentence."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    """Write ``path`` atomically (:mod:`ccat.fileio`); a failure is one BuildError sentence."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fileio.write_bytes(path, data)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise write_error(err, path) from None
-
-
-def write_error(err: OSError, path: Path) -> BuildError:
-    """The sentence for an OSError met while writing ``path``."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return BuildError(f"the disk of {path.parent} is full (writing {path.name} failed, the "
-                          "partial file is removed); free some space and run the same command "
-                          "again to resume")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BuildError(f"cannot write into {path.parent} ({err.strerror}); give --out a "
-                          "folder you can write to")
-    return BuildError(f"cannot write {path} ({err.strerror}); check the --out folder")
 
 
 def split_entry(records: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
@@ -364,7 +405,27 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
+    _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
+
+
+def _check_planned_splits(recipe: Recipe, splits: dict[str, list[Entry]],
+                          listed: dict[str, Any], options: BuildOptions) -> None:
+    """Refuse, before anything is decoded or removed, splits that could not be trained and
+    scored on (:func:`preprocess.splits.split_gap`)."""
+    counts = {name: class_counts(entries, len(recipe.classes)) for name, entries in splits.items()}
+    gap = split_gap(counts, required_splits(listed, options.val_fraction, options.test_fraction),
+                    recipe.classes)
+    if not gap:
+        return
+    if listed:
+        raise SplitError(f"{gap} with the split files given ({', '.join(sorted(listed))}) and "
+                         f"--val-fraction {options.val_fraction}; check that the files list "
+                         "samples whose media are under --raw, or change --val-fraction")
+    found = sum(map(len, splits.values()))
+    raise SplitError(f"{gap} with --test-fraction {options.test_fraction} and --val-fraction "
+                     f"{options.val_fraction} of the {found} samples found; lower the "
+                     "fractions (0 asks for no such split) or add samples")
 
 
 def _explain_missing(unusable: list[dict], missing: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -408,9 +469,21 @@ def _hash_files(raw: Path, relatives: Iterable[str], workers: int) -> dict[str, 
     return {rel: digest for found in digests for rel, digest in found.items()}
 
 
-def _interrupted_changes(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, str],
-                         raw: Path, workers: int) -> list[str]:
-    """What differs between an interrupted build's plan and this one, in words."""
+def _interrupted_changes(old: dict[str, Any] | None, new: dict[str, Any],
+                         recorded: dict[str, str], raw: Path, workers: int) -> list[str]:
+    """What differs between an interrupted build's plan and this one, in words; a plan
+    record that cannot be compared is itself the difference."""
+    if not old or set(old) != set(new):
+        return [_unusable_plan(old)]
+    try:
+        return _plan_changes(old, new, recorded, raw, workers)
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError):
+        return [_unusable_plan(None)]
+
+
+def _plan_changes(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, str],
+                  raw: Path, workers: int) -> list[str]:
+    """:func:`_interrupted_changes` of a plan record of this layout."""
     changes = _param_changes(old["params"], new["params"])
     old_files, new_files = set(old["files"]), set(new["files"])
     now = _hash_files(raw, set(recorded) & new_files, workers)
@@ -427,21 +500,14 @@ def _interrupted_changes(old: dict[str, Any], new: dict[str, Any], recorded: dic
 
 def _finished_changes(previous: dict[str, Any], head: dict[str, Any], new: dict[str, Any],
                       raw: Path, workers: int) -> list[str]:
-    """What differs between a finished build's manifest and this plan, in words."""
-    sources = previous.get("sources")
-    old_raw = sources.get("raw") if isinstance(sources, dict) else None
-    if not isinstance(old_raw, dict) or previous.get("spec_version") != spec.SPEC_VERSION:
-        return [f"it is a spec v{previous.get('spec_version', '?')} build, which records no "
-                "raw-content hash"]
-    try:
-        changes = _param_changes(previous, head)
-    except (KeyError, TypeError, AttributeError):
-        return ["its manifest.json is not a complete spec manifest"]
+    """What differs between a finished build's (checked) manifest and this plan, in words."""
+    changes = _param_changes(previous, head)
     if changes:
         return changes
+    old_raw = previous["sources"]["raw"]
     now = raw_content(_hash_files(raw, new["files"], workers))
     if now != old_raw:
-        changes.append(f"raw files: {old_raw.get('num_files')} then, {now['num_files']} now, "
+        changes.append(f"raw files: {old_raw['num_files']} then, {now['num_files']} now, "
                        "their content differs")
     return changes
 
@@ -449,88 +515,15 @@ def _finished_changes(previous: dict[str, Any], head: dict[str, Any], new: dict[
 # ---------------------------------------------------------------- the --out folder
 
 
-@contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold ``out/.build/lock`` (flock) for the block: a second build into ``out`` fails at
-    once; the lock of a killed build dies with its process."""
-    _make_folder(out)
-    lock = out / STATE_DIR / LOCK_NAME
-    fd = _acquire(lock, out)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if os.listdir(lock.parent) == [LOCK_NAME]:  # nothing to resume: leave no trace
-                shutil.rmtree(lock.parent)
-        os.close(fd)
-
-
-def _acquire(lock: Path, out: Path) -> int:
-    """The open, flock-ed descriptor of ``lock``, holding this process's id."""
-    for _ in range(LOCK_ATTEMPTS):
-        _make_folder(lock.parent)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            continue  # a finishing build removed .build between mkdir and open
-        except OSError as err:
-            raise write_error(err, lock) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise BuildError(f"another ccat-data build (process {holder}) is writing into "
-                             f"{out}; wait for it to finish or choose another --out") from None
-        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the message of a build refused
-            except OSError as err:
-                os.close(fd)
-                raise write_error(err, lock) from None
-            return fd
-        os.close(fd)  # locked a file that a finishing build has just removed
-    raise BuildError(f"could not lock {lock}; run the build again")
-
-
-def _make_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise BuildError(f"--out {folder} is a file, not a folder; give a folder (new, empty "
-                         "or holding a build)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(err, folder) from None
-
-
-def _is_build_file(name: str) -> bool:
-    base = name.removesuffix(TMP_SUFFIX)
-    return base == spec.MANIFEST_NAME or bool(spec.SHARD_PATTERN.match(base))
-
-
-def _clear(out: Path) -> None:
-    """Remove a previous build's files (manifest first) and resume records; keep the lock."""
-    names = sorted(os.listdir(out), key=lambda n: n != spec.MANIFEST_NAME)
-    try:
-        for name in names:
-            if _is_build_file(name):
-                (out / name).unlink()
-        for path in (out / STATE_DIR).iterdir():
-            if path.name != LOCK_NAME:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    except OSError as err:
-        raise write_error(err, out / STATE_DIR) from None
-
-
 def _prepare_out(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw: Path,
                  options: BuildOptions) -> dict[str, Any] | None:
     """Check that ``out`` may take this build, starting it afresh or resuming it.
 
     Returns the manifest when ``out`` already holds this build, finished. Refuses (one
-    sentence) a folder holding other files, another finished build or another plan.
+    sentence) a folder holding other files, another finished build or another plan. With
+    ``--overwrite`` the build there is moved aside (:mod:`preprocess.outdir`), not removed.
     """
-    foreign = sorted(n for n in os.listdir(out) if n != STATE_DIR and not _is_build_file(n))
+    foreign = outdir.foreign_files(out)
     if foreign:
         raise BuildError(f"{out} holds files that are not a build of this toolkit "
                          f"({', '.join(foreign[:3])}); choose an empty --out folder")
@@ -540,7 +533,7 @@ def _prepare_out(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw:
             raise BuildError(f"{out} {refusal}; run with --overwrite to replace it, or choose "
                              "another --out")
         return finished
-    _clear(out)
+    outdir.move_aside(out)
     _atomic_write(out / STATE_DIR / PLAN_NAME, spec.encode_json(new_plan))
     return None
 
@@ -551,23 +544,40 @@ def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], r
     ``(None, "")`` to go on: resuming the same plan, or starting in an empty folder."""
     state = out / STATE_DIR
     if (out / spec.MANIFEST_NAME).is_file():
-        previous = _read_json(out / spec.MANIFEST_NAME)
-        changes = _finished_changes(previous, head, new_plan, raw, workers) if previous \
-            else ["its manifest.json is unreadable"]
+        try:
+            previous = spec.load_manifest(out)
+        except spec.SpecError as err:
+            return None, f"holds a build whose manifest.json cannot be reused ({err})"
+        inexact = _inexact_count(previous)
+        if inexact:
+            return None, f"holds a build whose manifest.json cannot be reused ({inexact})"
+        changes = _finished_changes(previous, head, new_plan, raw, workers)
         if changes:
             return None, f"already holds a finished build of other data ({'; '.join(changes)})"
         return previous, ""
     if (state / PLAN_NAME).is_file():
-        old = _read_json(state / PLAN_NAME)
-        changes = _interrupted_changes(old, new_plan, _recorded_hashes(state), raw, workers) \
-            if old and set(old) == set(new_plan) else [_unusable_plan(old)]
+        changes = _interrupted_changes(_read_json(state / PLAN_NAME), new_plan,
+                                       _recorded_hashes(state), raw, workers)
         return None, (f"holds an interrupted build of other data ({'; '.join(changes)})"
                       if changes else "")
-    if any(_is_build_file(n) for n in os.listdir(out)) or \
-            any(p.name != LOCK_NAME for p in state.iterdir()):
+    if any(outdir.is_build_file(n) for n in os.listdir(out)) or outdir.state_entries(out):
         return None, "holds parts of an unfinished build whose plan is unknown"
     _atomic_write(state / PLAN_NAME, spec.encode_json(new_plan))
     return None, ""
+
+
+def _inexact_count(manifest: dict[str, Any]) -> str:
+    """The first sample or byte count of a (checked) manifest that is not a JSON integer,
+    in words: JSON Schema takes 16.0 for an integer, and the builder never writes one."""
+    for split, entry in manifest["splits"].items():
+        counts = {f"splits.{split}.num_samples": entry["num_samples"]}
+        counts.update((f"splits.{split}.shards[{i}].{key}", shard[key])
+                      for i, shard in enumerate(entry["shards"])
+                      for key in ("num_samples", "bytes"))
+        for where, value in counts.items():
+            if type(value) is not int:
+                return f"{where} is {value!r}, not a whole number"
+    return ""
 
 
 def _unusable_plan(old: dict[str, Any] | None) -> str:
@@ -578,19 +588,22 @@ def _unusable_plan(old: dict[str, Any] | None) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or no object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
 
 def _recorded_hashes(state: Path) -> dict[str, str]:
-    """sha256 of the raw files an interrupted build has read, from its shard records."""
+    """sha256 of the raw files an interrupted build has read, from its shard records (a
+    record too damaged to say is left out: its shard is built again)."""
     recorded: dict[str, str] = {}
     for path in sorted(state.glob("*.json")):
-        record = _read_json(path) if path.name != PLAN_NAME else None
-        recorded.update((record or {}).get("hashes", {}))
+        hashes = (_read_json(path) or {}).get("hashes") if path.name != PLAN_NAME else None
+        if isinstance(hashes, dict):
+            recorded.update((k, v) for k, v in hashes.items() if isinstance(v, str))
     return recorded
 
 
@@ -600,36 +613,103 @@ def _recorded_hashes(state: Path) -> dict[str, str]:
 def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
           options: BuildOptions, on_progress: Callable[[int, int], None] | None = None,
           ) -> BuildReport:
-    """Build (or resume building) the shards of ``recipe`` from ``raw`` into ``out``.
+    """Build (or resume, or repair) the shards of ``recipe`` from ``raw`` into ``out``.
 
-    ``on_progress(done, total)`` is called as samples finish, in whichever worker.
+    The options, the raw folder, the split files and the plan are all checked before
+    ``out`` is touched. ``on_progress(done, total)`` is called as samples finish, in
+    whichever worker.
     """
     start = time.perf_counter()
+    check_options(recipe)
+    options = dataclasses.replace(options, workers=options.workers or cores())
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
     with locked(out):
-        finished = _prepare_out(out, head, plan_record(head, splits, raw), raw, options)
-        if finished is not None:
-            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-            return BuildReport(manifest=finished, out=out, unlisted=unlisted,
-                               resumed_shards=sum(len(e["shards"])
-                                                  for e in finished["splits"].values()),
-                               seconds=time.perf_counter() - start)
-        report = _write_shards(recipe, raw, out, splits, options, on_progress, start)
-        report.unlisted = unlisted
-        report.manifest = _finish(out, head, report.records, skipped, len(recipe.classes))
+        outdir.restore_aside(out)  # an --overwrite killed before its build had shards
+        outdir.remove_temporaries(out)
+        try:
+            finished = _prepare_out(out, head, plan_record(head, splits, raw), raw, options)
+            if finished is not None:
+                report = _repair(recipe, raw, out, finished, splits, options, on_progress, start)
+            else:
+                required = required_splits(split_files, options.val_fraction,
+                                           options.test_fraction)
+                report = _write_build(recipe, raw, out, head, splits, skipped, required,
+                                      options, on_progress, start)
+        except BaseException:
+            outdir.restore_aside(out)  # a replaced build comes back until the new one has shards
+            raise
+    report.unlisted = unlisted
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[Entry]],
-                  options: BuildOptions, on_progress: Callable[[int, int], None] | None,
-                  start: float) -> BuildReport:
-    """Build every shard of the plan that no earlier run of it has recorded."""
+def cores() -> int:
+    """The CPU cores this process may run on (``--workers 0``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_build(recipe: Recipe, raw: Path, out: Path, head: dict[str, Any],
+                 splits: dict[str, list[Entry]], skipped: list[dict[str, Any]],
+                 required: set[str], options: BuildOptions,
+                 on_progress: Callable[[int, int], None] | None, start: float) -> BuildReport:
+    """Build every shard that no earlier run of this plan left whole, then the manifest.
+
+    A build that ``--overwrite`` moved aside is dropped once every required split has a
+    finished shard with samples (:func:`build` puts it back when this stops before).
+    """
+    num_classes = len(recipe.classes)
     tasks = shard_tasks(splits, options.shard_size)
-    records = {task.name: _finished_record(out, task) for task in tasks}
-    todo = [task for task in tasks if records[task.name] is None]
+    kept, rebuilt = _reusable_records(out, tasks, num_classes, options.workers)
+    pending = set(required) if (out / STATE_DIR / outdir.ASIDE).is_dir() else set()
+    report, by_name = _write_shards(recipe, raw, out, tasks, kept, options, on_progress, start,
+                                    pending)
+    report.rebuilt = rebuilt
+    records = {name: [by_name[t.name] for t in tasks if t.split == name]
+               for name in _ordered(splits)}
+    _check_built_splits(records, skipped, required)
+    report.manifest = _finish(out, head, records, skipped, num_classes)
+    return report
+
+
+def _repair(recipe: Recipe, raw: Path, out: Path, finished: dict[str, Any],
+            splits: dict[str, list[Entry]], options: BuildOptions,
+            on_progress: Callable[[int, int], None] | None, start: float) -> BuildReport:
+    """Reuse the finished build of this very plan in ``out``, first building again each
+    shard whose bytes are not those its manifest records (missing, cut or changed)."""
+    listed = {s["name"]: s for entry in finished["splits"].values() for s in entry["shards"]}
+    with ThreadPoolExecutor(options.workers) as pool:  # hashing releases the GIL
+        whys = pool.map(lambda s: shard_mismatch(out / s["name"], s["bytes"], s["sha256"]),
+                        listed.values())
+        damaged = {name: why for name, why in zip(listed, whys) if why}
+    tasks = {task.name: task for task in shard_tasks(splits, options.shard_size)}
+    if set(damaged) - set(tasks):
+        raise BuildError(f"{out / spec.MANIFEST_NAME} lists shards that this plan does not "
+                         f"make ({', '.join(sorted(set(damaged) - set(tasks))[:3])}); run with "
+                         "--overwrite to build it again")
+    report, records = _write_shards(recipe, raw, out, [tasks[n] for n in damaged], {},
+                                    options, on_progress, start, set())
+    for name in damaged:
+        if any(records[name][k] != listed[name][k] for k in ("num_samples", "bytes",
+                                                                    "sha256")):
+            raise BuildError(f"shard {name}, built again, differs from its record in "
+                             f"{spec.MANIFEST_NAME} (the decoders here give other bytes than "
+                             "the build's); run with --overwrite to build the dataset again")
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    report.manifest, report.rebuilt = finished, damaged
+    report.resumed_shards = len(listed) - len(damaged)
+    return report
+
+
+def _write_shards(recipe: Recipe, raw: Path, out: Path, tasks: list[ShardTask],
+                  kept: dict[str, dict[str, Any]], options: BuildOptions,
+                  on_progress: Callable[[int, int], None] | None, start: float,
+                  pending: set[str]) -> tuple[BuildReport, dict[str, dict[str, Any]]]:
+    """Build each of ``tasks`` whose record is not in ``kept``; returns the report and
+    every task's record, by shard name. Once each split in ``pending`` has a finished shard with
+    samples, the build that --overwrite moved aside is dropped."""
+    todo = [task for task in _build_order(tasks) if task.name not in kept]
     total = sum(len(task.entries) for task in tasks)
     report = BuildReport(manifest={}, out=out, resumed_shards=len(tasks) - len(todo),
                          processed=sum(len(task.entries) for task in todo))
@@ -643,13 +723,36 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, splits: dict[str, list[E
         if on_progress:
             on_progress(done, total)
 
+    records, split_of = dict(kept), {task.name: task.split for task in tasks}
     context = (recipe, raw, out, len(recipe.classes), options.strict)
     for record in _run_shards(todo, context, min(options.workers, len(todo)), sample_done,
                               report):
         records[record["name"]] = record
-    report.records = {name: [records[t.name] for t in tasks if t.split == name]
-                      for name in _ordered(splits)}
-    return report
+        if pending and record["num_samples"]:
+            pending.discard(split_of[record["name"]])
+            if not pending:
+                outdir.drop_aside(out)
+    return report, records
+
+
+def _build_order(tasks: list[ShardTask]) -> list[ShardTask]:
+    """The first shard of every split, then the others: a build that replaces another
+    learns early whether every split gets samples, and drops the old build sooner."""
+    return [t for t in tasks if t.index == 0] + [t for t in tasks if t.index != 0]
+
+
+def _check_built_splits(records: dict[str, list[dict[str, Any]]], skipped: list[dict[str, Any]],
+                        required: set[str]) -> None:
+    """Refuse to finish a build whose skipped samples leave a split it must fill empty (a
+    class losing its samples to bad media is recorded in ``skipped``, not refused)."""
+    counts = {name: [sum(r["num_samples"] for r in split)] for name, split in records.items()}
+    gap = empty_splits(counts, required)
+    if gap:
+        every = skipped + [s for split in records.values() for r in split for s in r["skipped"]]
+        reason, count = Counter(s["reason"] for s in every).most_common(1)[0]
+        raise BuildError(f"{gap} once the bad samples are skipped ({len(every)} skipped, "
+                         f"{count} for '{reason}'); fix or replace those raw files (--strict "
+                         "stops at the first and names it), then build again with --overwrite")
 
 
 def _run_shards(tasks: list[ShardTask], context: tuple, workers: int,

@@ -22,7 +22,7 @@ import soundfile
 
 from ccat.data import shardio, spec
 from conftest import TINY_BUILD, assert_keys_unique, run_cli, synth_tree
-from preprocess import writer
+from preprocess import outdir, writer
 
 WAIT_S = 120  # the most a subprocess build is given to reach the point a test waits for
 
@@ -295,6 +295,6 @@ def test_a_second_build_into_a_busy_out_fails_at_once_and_a_dead_lock_does_not_b
     finally:
         holder.kill()  # SIGKILL: the lock file stays behind, its lock dies with the process
         holder.wait()
-    assert (out / writer.STATE_DIR / writer.LOCK_NAME).exists()
+    assert (out / outdir.STATE_DIR / outdir.LOCK_NAME).exists()
     assert build(synth_raw, out, capsys)[0] == 0
     assert shard_hashes(out) == shard_hashes(built)

@@ -33,8 +33,36 @@ class RecipeError(UserError, ValueError):
     """An unknown recipe name, or a recipe declared wrongly; the message names it."""
 
 
-class OptionError(ValueError):
-    """An option value out of its range; the message names the option and the choices."""
+class OptionError(UserError, ValueError):
+    """An option value out of its range; the message names the option, the value and the
+    range or choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The closed interval an option's value must lie in. Every bounded option declares
+    its range on its field (:func:`option`), so that :func:`check_options` checks them all
+    in one place, before a build reads or removes anything."""
+
+    low: float
+    high: float
+
+    def __contains__(self, value: object) -> bool:
+        """Whether ``value`` is a number (not a bool) in the interval; NaN never is."""
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and self.low <= value <= self.high)
+
+    def __str__(self) -> str:
+        return f"{_number(self.low)} to {_number(self.high)}"
+
+
+# Ranges of the options several recipes share; docs/building.md says why each bound.
+SECONDS = Range(0.1, 600.0)  # fixed audio duration: a 600 s float64 STFT is about 0.3 GB
+FRAME_SIZE = Range(16, 1024)  # side of a stored frame or image, px
+NUM_FRAMES = Range(1, 64)  # 64 frames of 1024 px RGB are 200 MB per clip in memory
+SEED = Range(0, 2**32 - 1)
+SYNTH_COUNT = Range(1, 5000)  # clips or pairs a synthetic tree holds: tests and demos
+SYNTH_STRENGTH = Range(0.0, 10.0)  # a synthetic cue's scale; 1 is the calibrated one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +85,14 @@ class Option:
     type: Any
     default: Any
     help: str
+    range: Range | None = None  # the values allowed, for a numeric option
 
 
-def option(default: Any, help: str, *, flag: str = "") -> Any:
-    """A dataclass field that is a command-line option: its default and help text, and the
-    flag when it is not ``--<name with dashes>``."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+def option(default: Any, help: str, *, flag: str = "", within: Range | None = None) -> Any:
+    """A dataclass field that is a command-line option: its default and help text, the
+    flag when it is not ``--<name with dashes>``, and for a number the range it must lie in."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "flag": flag, "range": within})
 
 
 def options_of(cls: type) -> list[Option]:
@@ -77,20 +107,32 @@ def options_of(cls: type) -> list[Option]:
                               "text; declare it with preprocess.datasets.option(default, help)")
         options.append(Option(field.name, field.metadata["flag"] or
                               "--" + field.name.replace("_", "-"), hints[field.name],
-                              field.default, field.metadata["help"]))
+                              field.default, field.metadata["help"],
+                              field.metadata.get("range")))
     return options
+
+
+def check_options(values: Any) -> None:
+    """Refuse, in one sentence naming the option, its value and its range, the first
+    option of the dataclass instance ``values`` outside the range its field declares."""
+    for opt in options_of(type(values)):
+        value = getattr(values, opt.name)
+        if opt.range is not None and value not in opt.range:
+            shown = _number(value) if isinstance(value, (int, float)) else repr(value)
+            raise OptionError(f"{opt.flag} {shown} is out of range: give a value from "
+                              f"{opt.range}")
+
+
+def _number(value: float) -> str:
+    """``3``, ``0.5``, ``nan``, ``1e+30``: a number as a user would type it."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() and \
+        abs(value) < 1e15 else str(value)
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     """Refuse ``value`` of option ``flag`` unless it is one of ``choices``."""
     if value not in choices:
         raise OptionError(f"{flag} {value!r}: choose {' or '.join(choices)}")
-
-
-def check_non_negative(flag: str, value: float) -> None:
-    """Refuse a negative ``value`` of option ``flag``."""
-    if value < 0:
-        raise OptionError(f"{flag} {value}: must be 0 or more")
 
 
 class Recipe(Protocol):

