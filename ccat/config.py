@@ -29,34 +29,41 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """The valid values of a numeric field: finite, above ``low`` (or at it, unless
-    ``low_open``) and below ``high`` (or at it, unless ``high_open``)."""
+    """The valid values of a numeric field: finite, from ``low`` (excluded if ``low_open``)
+    to ``high`` (excluded if ``high_open``). Both ends are required: a knob without an upper
+    end lets a typo (``threads=100000``, ``frame_size=100000``) crash or exhaust memory."""
 
-    low: float | None = None
-    high: float | None = None
+    low: float
+    high: float
     low_open: bool = False
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or
-                                         (self.high_open and value == self.high))
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # (an int may be too large for math.isfinite)
+        above = value > self.low or (value == self.low and not self.low_open)
+        return above and (value < self.high or (value == self.high and not self.high_open))
 
     def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{')' if self.high_open else ']'}")
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}")
 
 
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-AT_LEAST_ONE = Range(1)
+def _number(value: float) -> str:
+    """``1000000`` and ``0.5``, not ``1e+06``: a range's ends as a user would type them."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# The upper end of a count, weight or scale that has no tighter one: far above any sensible
+# value (epochs, windows, loss weights), so only a typo (an extra zero run, 1e60) meets it.
+LARGE = 1_000_000
+POSITIVE = Range(0, LARGE, low_open=True)
+NON_NEGATIVE = Range(0, LARGE)
+AT_LEAST_ONE = Range(1, LARGE)
 FRACTION = Range(0, 1)  # [0, 1]
 SEED_RANGE = Range(0, 2**32 - 1)  # what numpy's seed accepts
+LEARNING_RATE = Range(0, 10, low_open=True)
+WIDTH = Range(1, 16384)  # channels or features of one layer: 16384 x 16384 floats = 1 GiB
 
 
 @dataclass
@@ -64,9 +71,11 @@ class DataConfig:
     """Where the shards are and how batches are made from them."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "batch_size": AT_LEAST_ONE, "workers": NON_NEGATIVE, "shuffle_buffer": AT_LEAST_ONE,
-        "frame_size": NON_NEGATIVE, "crop_scale_min": Range(0, 1, low_open=True),
-        "prefetch": AT_LEAST_ONE}
+        "batch_size": Range(1, 65536), "workers": Range(0, 256),
+        "shuffle_buffer": Range(1, 100_000),  # raw samples held in memory
+        "frame_size": Range(0, 1024),  # px; the paper's 224, and 1024 costs 21x its memory
+        "crop_scale_min": Range(0, 1, low_open=True),
+        "prefetch": Range(1, 64)}  # batches per worker held in memory
     path: str = ""  # a folder, an http(s):// URL or any fsspec URL
     cache_dir: str = ""  # where remote shards are kept; "" = $CCAT_CACHE_DIR or ~/.cache/ccat
     batch_size: int = 32  # paper
@@ -90,8 +99,8 @@ class ModelConfig:
     """Encoders, fusion width and the LoRA rank; widths default to the paper's."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "width": AT_LEAST_ONE, "encoder_width": AT_LEAST_ONE, "encoder_blocks": AT_LEAST_ONE,
-        "text_layers": NON_NEGATIVE, "heads": AT_LEAST_ONE, "ffn_mult": AT_LEAST_ONE}
+        "width": WIDTH, "encoder_width": Range(1, 1024), "encoder_blocks": Range(1, 64),
+        "text_layers": Range(0, 48), "heads": Range(1, 256), "ffn_mult": Range(1, 64)}
 
     def relation_errors(self, prefix: str) -> list[str]:
         """Attention splits the width evenly over the heads."""
@@ -116,9 +125,10 @@ class OptimConfig:
     """SGD with a step schedule, the paper's settings; every stage restarts it."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": AT_LEAST_ONE, "lr": POSITIVE, "momentum": Range(0, 1, high_open=True),
+        "epochs": AT_LEAST_ONE, "lr": LEARNING_RATE, "momentum": Range(0, 1, high_open=True),
         "weight_decay": NON_NEGATIVE, "step_size": AT_LEAST_ONE,
-        "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE, "encoder_lr": POSITIVE}
+        "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE,
+        "encoder_lr": LEARNING_RATE}
     epochs: int = 150
     lr: float = 1e-3
     momentum: float = 0.9
@@ -153,7 +163,8 @@ class MethodConfig:
 class RunConfig:
     """One training run."""
 
-    RANGES: ClassVar[dict[str, Range]] = {"seed": SEED_RANGE, "threads": NON_NEGATIVE}
+    # threads: torch.set_num_threads(100000) segfaults; 1024 covers the largest CPUs.
+    RANGES: ClassVar[dict[str, Range]] = {"seed": SEED_RANGE, "threads": Range(0, 1024)}
 
     seed: int = 0
     out: str = "runs/run"
