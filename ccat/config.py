@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from ccat.errors import UserError
+from ccat.fileio import write_text
 
 
 class ConfigError(UserError, ValueError):
@@ -29,34 +31,41 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """The valid values of a numeric field: finite, above ``low`` (or at it, unless
-    ``low_open``) and below ``high`` (or at it, unless ``high_open``)."""
+    """The valid values of a numeric field: finite, from ``low`` (excluded if ``low_open``)
+    to ``high`` (excluded if ``high_open``). Both ends are required: a knob without an upper
+    end lets a typo (``threads=100000``, ``frame_size=100000``) crash or exhaust memory."""
 
-    low: float | None = None
-    high: float | None = None
+    low: float
+    high: float
     low_open: bool = False
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or
-                                         (self.high_open and value == self.high))
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # (an int may be too large for math.isfinite)
+        above = value > self.low or (value == self.low and not self.low_open)
+        return above and (value < self.high or (value == self.high and not self.high_open))
 
     def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{')' if self.high_open else ']'}")
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}")
 
 
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-AT_LEAST_ONE = Range(1)
+def _number(value: float) -> str:
+    """``1000000`` and ``0.5``, not ``1e+06``: a range's ends as a user would type them."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# The upper end of a count, weight or scale that has no tighter one: far above any sensible
+# value (epochs, windows, loss weights), so only a typo (an extra zero run, 1e60) meets it.
+LARGE = 1_000_000
+POSITIVE = Range(0, LARGE, low_open=True)
+NON_NEGATIVE = Range(0, LARGE)
+AT_LEAST_ONE = Range(1, LARGE)
 FRACTION = Range(0, 1)  # [0, 1]
 SEED_RANGE = Range(0, 2**32 - 1)  # what numpy's seed accepts
+LEARNING_RATE = Range(0, 10, low_open=True)
+WIDTH = Range(1, 16384)  # channels or features of one layer: 16384 x 16384 floats = 1 GiB
 
 
 @dataclass
@@ -64,9 +73,11 @@ class DataConfig:
     """Where the shards are and how batches are made from them."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "batch_size": AT_LEAST_ONE, "workers": NON_NEGATIVE, "shuffle_buffer": AT_LEAST_ONE,
-        "frame_size": NON_NEGATIVE, "crop_scale_min": Range(0, 1, low_open=True),
-        "prefetch": AT_LEAST_ONE}
+        "batch_size": Range(1, 65536), "workers": Range(0, 256),
+        "shuffle_buffer": Range(1, 100_000),  # raw samples held in memory
+        "frame_size": Range(0, 1024),  # px; the paper's 224, and 1024 costs 21x its memory
+        "crop_scale_min": Range(0, 1, low_open=True),
+        "prefetch": Range(1, 64)}  # batches per worker held in memory
     path: str = ""  # a folder, an http(s):// URL or any fsspec URL
     cache_dir: str = ""  # where remote shards are kept; "" = $CCAT_CACHE_DIR or ~/.cache/ccat
     batch_size: int = 32  # paper
@@ -90,8 +101,8 @@ class ModelConfig:
     """Encoders, fusion width and the LoRA rank; widths default to the paper's."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "width": AT_LEAST_ONE, "encoder_width": AT_LEAST_ONE, "encoder_blocks": AT_LEAST_ONE,
-        "text_layers": NON_NEGATIVE, "heads": AT_LEAST_ONE, "ffn_mult": AT_LEAST_ONE}
+        "width": WIDTH, "encoder_width": Range(1, 1024), "encoder_blocks": Range(1, 64),
+        "text_layers": Range(0, 48), "heads": Range(1, 256), "ffn_mult": Range(1, 64)}
 
     def relation_errors(self, prefix: str) -> list[str]:
         """Attention splits the width evenly over the heads."""
@@ -116,9 +127,10 @@ class OptimConfig:
     """SGD with a step schedule, the paper's settings; every stage restarts it."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": AT_LEAST_ONE, "lr": POSITIVE, "momentum": Range(0, 1, high_open=True),
+        "epochs": AT_LEAST_ONE, "lr": LEARNING_RATE, "momentum": Range(0, 1, high_open=True),
         "weight_decay": NON_NEGATIVE, "step_size": AT_LEAST_ONE,
-        "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE, "encoder_lr": POSITIVE}
+        "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE,
+        "encoder_lr": LEARNING_RATE}
     epochs: int = 150
     lr: float = 1e-3
     momentum: float = 0.9
@@ -153,7 +165,8 @@ class MethodConfig:
 class RunConfig:
     """One training run."""
 
-    RANGES: ClassVar[dict[str, Range]] = {"seed": SEED_RANGE, "threads": NON_NEGATIVE}
+    # threads: torch.set_num_threads(100000) segfaults; 1024 covers the largest CPUs.
+    RANGES: ClassVar[dict[str, Range]] = {"seed": SEED_RANGE, "threads": Range(0, 1024)}
 
     seed: int = 0
     out: str = "runs/run"
@@ -186,14 +199,15 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
         return value
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(f"config key {key!r} must be one of "
-                              f"{', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+            raise ConfigError(f"config key {shown(key)} must be one of "
+                              f"{', '.join(map(str, typing.get_args(hint)))}, got {shown(value)}")
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin in (list, dict):
         if not isinstance(value, origin):
-            raise ConfigError(f"config key {key!r} must be a {origin.__name__}, got {value!r}")
+            raise ConfigError(f"config key {shown(key)} must be a {origin.__name__}, got "
+                              f"{shown(value)}")
         args = typing.get_args(hint)
         if origin is list:
             return [_check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
@@ -205,10 +219,10 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
                 return _check_value(key, arg, value)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key {key!r} has the wrong type: {value!r}")
+        raise ConfigError(f"config key {shown(key)} has the wrong type: {shown(value)}")
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {value!r} "
+        raise ConfigError(f"config key {shown(key)} must be {hint.__name__}, got {shown(value)} "
                           f"({type(value).__name__})")
     return value
 
@@ -216,7 +230,8 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
 def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set ``values`` (nested dicts) onto dataclass ``obj`` in place, strictly."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping")
+        raise ConfigError(f"config section {shown(prefix.rstrip('.') or '<top>')} must be a "
+                          f"mapping, got {shown(values)}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     check_moved(type(obj), values, prefix)
@@ -226,7 +241,7 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean {prefix + close[0]!r}?" if close else \
                 f"known keys here: {sorted(names)}"
-            raise ConfigError(f"unknown config key {dotted!r}; {hint}")
+            raise ConfigError(f"unknown config key {shown(dotted)}; {hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             merge(current, value, f"{dotted}.")
@@ -247,42 +262,272 @@ def check_moved(cls: type, values: dict[str, Any], prefix: str) -> None:
                           f"old keys cannot be resumed or read; train it again)")
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1e-3`` and ``5E4`` are floats (YAML 1.2): YAML
-    1.1 reads a float only with a dot and a signed exponent, so they would be strings."""
+# YAML, read strictly and within bounds: every limit below is checked while PyYAML composes
+# the nodes, before a Python value is built, so no file or --set value can make a large one.
+# A config holds a few hundred bytes; a MiB is room for any, as a file and as the text it
+# would be with every alias written out (a 400-byte billion-laughs file would be gigabytes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 20  # nesting levels; the schema nests four (method.params.NAME.KEY)
+MAX_NUMBER_CHARS = 40  # a number longer than this is a paste or a typo, not a setting
+SHOWN_CHARS = 80  # of a value echoed in a message
+_REPR = reprlib.Repr()  # a repr that stops early: a huge nested value is never walked whole
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 8, 8
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN_CHARS
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+def clipped(text: str) -> str:
+    """``text`` cut to SHOWN_CHARS characters, an ellipsis marking the cut."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
 
 
-def load_yaml(text: str) -> Any:
-    """YAML text as Python values, with scientific notation read as floats."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only, no objects
+def shown(value: Any) -> str:
+    """``value`` as every config error echoes it: a repr of at most SHOWN_CHARS
+    characters, so a huge value can make neither a huge message nor a long wait."""
+    return clipped(_REPR.repr(value))
+
+
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_TAG = "tag:yaml.org,2002:"
+NUMBERS = {_TAG + "bool", _TAG + "int", _TAG + "float"}
+
+
+class _Resolver(yaml.resolver.BaseResolver):
+    """YAML 1.2's core schema (what JSON reads as numbers, plus ``.inf``, ``.nan``, ``0o``
+    and ``0x``): unlike PyYAML's YAML 1.1 rules, ``012`` is not octal, ``1:30`` not base
+    60, ``1_0`` not ten, ``yes`` and ``on`` not booleans, and ``1e-3`` is a float."""
+
+
+for _name, _pattern, _first in (
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("int", _INT.pattern, "-+0123456789"),
+        ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                  r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789.")):
+    _Resolver.add_implicit_resolver(_TAG + _name, re.compile(_pattern), list(_first))
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    """PyYAML's safe constructor (plain values only, no objects) with YAML 1.2's integers."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)  # matches _INT: tags are refused while composing
+        base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+        return int(text[2:] if base != 10 else text, base)
+
+
+_Constructor.add_constructor(_TAG + "int", _Constructor.construct_yaml_int)
+_YAML11 = yaml.resolver.Resolver()  # PyYAML's YAML 1.1 reading, to find where they differ
+_BUILD11, _BUILD12, _RESOLVE12 = yaml.constructor.SafeConstructor(), _Constructor(), _Resolver()
+_HINTS = (("_", "write numbers without '_'"), (":", "write the number in decimal, not base 60"),
+          ("0b", "write integers in decimal"))
+
+
+def _scalar(builder: yaml.constructor.SafeConstructor, tag: str, text: str) -> Any:
+    """The value ``builder`` makes of a scalar ``text`` tagged ``tag`` (``text`` for a tag
+    it has no constructor for)."""
+    construct = builder.yaml_constructors.get(tag)
+    return text if construct is None else construct(builder, yaml.ScalarNode(tag, text))
+
+
+def plain_problem(text: str) -> str | None:
+    """Why plain scalar ``text`` is refused: a number too long to be a setting, or a number
+    or boolean that YAML 1.1 reads otherwise than YAML 1.2 (None: it is read as 1.2 reads it)."""
+    old_tag = _YAML11.resolve(yaml.ScalarNode, text, (True, False))
+    new_tag = _RESOLVE12.resolve(yaml.ScalarNode, text, (True, False))
+    if {old_tag, new_tag} & NUMBERS and len(text) > MAX_NUMBER_CHARS:
+        return f"is a number of {len(text)} characters; write at most {MAX_NUMBER_CHARS}"
+    leading_zero = new_tag == _TAG + "int" and re.match(r"^[-+]?0[0-9]", text)
+    if old_tag not in NUMBERS:
+        return ("has a leading zero (YAML 1.1 reads such integers as octal); write integers "
+                "in decimal without leading zeros") if leading_zero else None
+    old, new = _scalar(_BUILD11, old_tag, text), _scalar(_BUILD12, new_tag, text)
+    if type(old) is type(new) and (old == new or (old != old and new != new)):  # nan
+        return None
+    hint = next((fix for mark, fix in _HINTS if mark in text),
+                "write integers in decimal without leading zeros" if leading_zero else
+                "write true or false, or quote text")
+    return f"is ambiguous: YAML 1.1 reads {shown(old)}, YAML 1.2 reads {shown(new)}; {hint}"
+
+
+class _Refused(Exception):
+    """A YAML text refused while composing: ``problem`` (a sentence without its place) at
+    ``mark``."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+_KEY, _ROOT = object(), object()  # path entries: composing a mapping key; the document
+
+
+class _Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser,
+              yaml.composer.Composer, _Constructor, _Resolver):
+    """One YAML document read as YAML 1.2's core schema with PyYAML's safe constructor,
+    refusing while composing, before any Python value exists: nesting past MAX_YAML_DEPTH,
+    a tag, a key given twice in one mapping, a plain scalar YAML 1.1 reads otherwise, an
+    alias inside its own anchor, and a value larger than MAX_CONFIG_BYTES with its aliases
+    written out."""
+
+    def __init__(self, text: str, prefix: str) -> None:
+        yaml.reader.Reader.__init__(self, text)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _Constructor.__init__(self)
+        _Resolver.__init__(self)
+        self._path: list[Any] = [prefix] if prefix else []
+        self._sizes: dict[int, int] = {}  # id of a composed collection -> its expanded size
+
+    def _dotted(self, last: str | None = None) -> str:
+        """The dotted name of the node being composed (of its key ``last``, if given)."""
+        parts = [p for p in self._path if p is not _KEY and p is not _ROOT]
+        name = "".join(p if p.startswith("[") else f".{p}" for p in parts + [last] * bool(last))
+        return clipped(name.lstrip("."))
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._path.append(_ROOT if parent is None else _KEY if index is None else
+                          f"[{index}]" if isinstance(index, int) else
+                          index.value if isinstance(index, yaml.ScalarNode) else "?")
+        try:
+            event = self.peek_event()
+            self._refuse_event(event)
+            node = super().compose_node(parent, index)
+            if not isinstance(node, yaml.ScalarNode):
+                self._measure(node, isinstance(event, yaml.AliasEvent), event.start_mark)
+            return node
+        finally:
+            self._path.pop()
+
+    def _refuse_event(self, event: yaml.Event) -> None:
+        """Refuse the node ``event`` starts if it nests too deep, has a tag (``!!float``,
+        ``!!set``, ``!name``: a config holds plain values) or is a plain scalar that YAML 1.1
+        reads otherwise (:func:`plain_problem`)."""
+        name = self._dotted()
+        if len(self._path) > MAX_YAML_DEPTH:
+            raise _Refused(f"{name} nests deeper than {MAX_YAML_DEPTH} levels; a config "
+                           f"nests at most five", event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise _Refused(f"{name or 'the document'} has the tag "
+                           f"{clipped(event.tag.replace(_TAG, '!!'))}; a config holds plain "
+                           f"values (quote a string instead)", event.start_mark)
+        problem = (plain_problem(event.value) if isinstance(event, yaml.ScalarEvent)
+                   and event.implicit[0] else None)
+        if problem:
+            text = clipped(event.value)
+            subject = (f"the key {text}{' in ' + name if name else ''}"
+                       if self._path[-1] is _KEY else f"{name}={text}" if name else text)
+            raise _Refused(f"{subject} {problem}", event.start_mark)
+
+    def _measure(self, node: yaml.CollectionNode, alias: bool, mark: yaml.Mark) -> None:
+        """Record the characters ``node`` would take with its aliases written out, refusing
+        more than MAX_CONFIG_BYTES; an alias counts its anchor's recorded size, so nothing
+        is expanded to measure it."""
+        if alias:
+            if id(node) not in self._sizes:
+                raise _Refused(f"{self._dotted() or 'the document'} holds an alias inside "
+                               f"its own anchor, an endless value; write it out", mark)
+            return
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [child for pair in node.value for child in pair])
+        size = 2 + sum(len(child.value) + 2 if isinstance(child, yaml.ScalarNode) else
+                       self._sizes[id(child)] for child in children)
+        if size > MAX_CONFIG_BYTES:
+            raise _Refused(f"{self._dotted() or 'the document'} would be larger than "
+                           f"{MAX_CONFIG_BYTES >> 20} MiB with its aliases written out; a "
+                           f"config is far smaller, so write it without the aliases", mark)
+        self._sizes[id(node)] = size
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_repeats(node)
+
+    def _refuse_repeats(self, node: yaml.MappingNode) -> None:
+        """Refuse a key given twice (YAML would keep the last silently)."""
+        seen: dict[Any, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it
+            value = _scalar(_BUILD12, key.tag, key.value)  # a plain key or a quoted string
+            line = key.start_mark.line + 1
+            if value in seen:
+                raise _Refused(f"{self._dotted(clipped(key.value))} is given twice (first on "
+                               f"line {seen[value]}); keep one", key.start_mark)
+            seen[value] = line
+
+
+def load_yaml(text: str, where: str = "YAML text", prefix: str = "",
+              lines: bool = True) -> Any:
+    """YAML text as Python values, read as YAML 1.2 within the bounds of :class:`_Loader`;
+    a refusal or a syntax error is a ConfigError naming ``where`` (and the line, if
+    ``lines``). ``prefix``: the dotted key the text is the value of, for messages."""
+    loader = None
+    try:
+        loader = _Loader(text, prefix)
+        return loader.get_single_data()
+    except _Refused as err:
+        at = f", line {err.mark.line + 1}" if lines else ""
+        raise ConfigError(f"{err.problem} ({where}{at}).") from None
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        raise ConfigError(f"{where}{f' line {line}' * lines} holds the control character "
+                          f"#x{err.character:04x}, so it is not YAML text") from None
+    except yaml.MarkedYAMLError as err:
+        problem = clipped(", ".join(part for part in (err.context, err.problem) if part))
+        at = err.problem_mark if lines else None
+        raise ConfigError(f"{where} is not valid YAML: {problem}" + (
+            f" (line {at.line + 1}, column {at.column + 1})" if at else "")) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_override(text: str) -> dict[str, Any]:
     """``'optim.lr=0.1'`` -> ``{'optim': {'lr': 0.1}}``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.epochs=10")
-    return nest(key.strip(), load_yaml(raw) if raw else "")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {shown(text)} must look like key=value, e.g. "
+                          f"optim.epochs=10")
+    key = key.strip()
+    return nest(key, load_yaml(raw, f"--set {clipped(key)}", key, lines=False) if raw else "")
 
 
 METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML config file's mapping; a missing or malformed file is a ConfigError."""
+    """A YAML config file's mapping of settings; anything else is a ConfigError."""
     path = Path(path)
+    where = f"config file {path}"
+    values = load_yaml(_config_text(path), where)
+    if values is None:  # empty or only comments: no settings, every default (as before)
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} holds a {type(values).__name__} at its top; a config is "
+                          f"a mapping of settings (key: value lines), e.g. configs/demo.yaml")
+    return values
+
+
+def _config_text(path: Path) -> str:
+    """The text of config file ``path``: an existing regular file of UTF-8 text of at most
+    MAX_CONFIG_BYTES (read no further, so /dev/zero or a dataset cannot be loaded)."""
+    where = f"config file {path}"
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{where} is {kind}; pass a YAML file such as configs/demo.yaml")
     try:
-        return load_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB, so it is not "
+                          f"a config (those hold a few settings)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); a config is YAML saved as UTF-8") from None
 
 
 def parse_params(cls: type | None, values: Any, method: str) -> Any:
@@ -291,13 +536,13 @@ def parse_params(cls: type | None, values: Any, method: str) -> Any:
     ConfigError; the first names the method's params."""
     prefix = "method.params."
     if not isinstance(values, dict):
-        raise ConfigError(f"config key 'method.params' must be a mapping, got {values!r}")
+        raise ConfigError(f"config key 'method.params' must be a mapping, got {shown(values)}")
     known = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
     unknown = [key for key in values if key not in known]
     if unknown:
         has = f"its params are {', '.join(known)}" if known else "it takes no params"
-        raise ConfigError(f"method {method!r} has no param {', '.join(map(repr, unknown))} "
-                          f"({', '.join(prefix + k for k in unknown)}); {has}")
+        raise ConfigError(f"method {shown(method)} has no param {', '.join(map(shown, unknown))} "
+                          f"({', '.join(clipped(prefix + str(k)) for k in unknown)}); {has}")
     if cls is None:
         return None
     params = cls()
@@ -325,8 +570,10 @@ def range_errors(obj: Any, prefix: str = "") -> list[str]:
         for suffix, item in items:
             name = f"{dotted}.{suffix}" if isinstance(value, dict) else f"{dotted}{suffix}"
             if item not in ranges[f.name]:
-                finite = "" if math.isfinite(item) else "a finite number "
-                errors.append(f"{name} is {item!r} but must be {finite}{ranges[f.name]}")
+                finite = "a finite number " if isinstance(item, float) and \
+                    not math.isfinite(item) else ""
+                errors.append(f"{clipped(name)} is {shown(item)} but must be "
+                              f"{finite}{ranges[f.name]}")
     if not errors and hasattr(obj, "relation_errors"):  # checks between fields
         errors += obj.relation_errors(prefix)
     return errors
@@ -385,6 +632,18 @@ def differences(saved: RunConfig, new: RunConfig,
             if k not in free and old.get(k, UNSET) != now.get(k, UNSET)]
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that YAML 1.1 or 1.2 would read as
+    something else (``'0o17'`` and ``'1e3'`` as well as ``'012'`` and ``'yes'``), so that
+    :func:`load_yaml` reads each saved value back as it was."""
+
+
+for _tag, _regexps in _Resolver.yaml_implicit_resolvers.items():
+    for _resolved, _regexp in _regexps:
+        _Dumper.add_implicit_resolver(_resolved, _regexp, [_tag])
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML, atomically (loadable again with
+    :func:`ccat.run_config.load_config`)."""
+    write_text(path, yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE,
-                         MethodConfig, ModelConfig, Range)
+from ccat.config import (FRACTION, NON_NEGATIVE, POSITIVE, WIDTH, MethodConfig, ModelConfig,
+                         Range)
 from ccat.contribution import Estimator, contributions
 from ccat.data.pipeline import Batch
 from ccat.methods.base import (METHODS, Method, Outputs, Stage, fuse_decisions, predict_outputs,
@@ -61,7 +61,7 @@ class CCATParams:
     """CCAT's hyperparameters (Table 1's for CREMA-D) and its named readings."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "lambda_reg": NON_NEGATIVE, "rank": AT_LEAST_ONE, "beta": FRACTION,
+        "lambda_reg": NON_NEGATIVE, "rank": WIDTH, "beta": FRACTION,
         "temperature": POSITIVE, "pretrain_epochs": NON_NEGATIVE,
         "pretrain_fraction": Range(0, 1, low_open=True, high_open=True),
         "lora_alpha": POSITIVE}

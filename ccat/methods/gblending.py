@@ -74,7 +74,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from ccat.config import ConfigError, MethodConfig, ModelConfig, Range
+from ccat.config import LARGE, ConfigError, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
 from ccat.errors import CcatError
 from ccat.methods.base import METHODS, RunData
@@ -148,7 +148,7 @@ class GBlending(JointMethod):
 
     @dataclass
     class Params:
-        RANGES: ClassVar[dict[str, Range]] = {"super_epoch": Range(2)}
+        RANGES: ClassVar[dict[str, Range]] = {"super_epoch": Range(2, LARGE)}
         # trainer_config.yaml L34-39: method online, super_epoch 10. At least 2: the
         # released first and last epoch must differ (with 1 both are epoch 0).
         super_epoch: int = 10

@@ -78,8 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig,
-                         ModelConfig, Range)
+from ccat.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, WIDTH, ConfigError,
+                         MethodConfig, ModelConfig, Range)
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
 from ccat.models import MultimodalModel, build_model
@@ -148,7 +148,7 @@ class ReconBoost(Method):
         RANGES: ClassVar[dict[str, Range]] = {
             "boost_epochs": AT_LEAST_ONE, "rectify_epochs": NON_NEGATIVE,
             "weight1": NON_NEGATIVE, "weight2": NON_NEGATIVE, "boost_rate": POSITIVE,
-            "head_hidden": NON_NEGATIVE}
+            "head_hidden": Range(0, WIDTH.high)}
         # The README's CREMA-D command (train.py's defaults alike, L59-60, L75-76, L57).
         boost_epochs: int = 4  # --epochs_per_stage: epochs of one modality's boosting
         rectify_epochs: int = 4  # --correct_epoch: epochs of global rectification after it
