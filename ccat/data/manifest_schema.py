@@ -13,9 +13,12 @@ from typing import Any
 
 import jsonschema
 
+# Counts and sizes stay below this (a 1 TiB shard, a trillion samples: past any build), so
+# no number read from a manifest can size an allocation or overflow an int64.
+MAX_COUNT = 1 << 40
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-COUNT = {"type": "integer", "minimum": 0}
-POSITIVE = {"type": "integer", "minimum": 1}
+COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
+POSITIVE = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
 NAME = {"type": "string", "minLength": 1}
 SPLIT_NAME = "^[a-z]+$"  # the split part of a shard name, spec.SHARD_PATTERN
 MAX_DEPTH = 32  # a real manifest nests 6 levels; refuse far deeper input before walking it
@@ -119,7 +122,17 @@ MANIFEST = {
     }},
 }
 
-_VALIDATOR = jsonschema.Draft202012Validator(MANIFEST)
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """JSON's integers as a writer of this format writes them: ``16.0`` is a float, not a
+    count (JSON Schema alone would accept it, and ``range(16.0)`` fails far from here)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_VALIDATOR = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)(MANIFEST)
 JSON_TYPES = {"boolean": bool, "integer": int, "number": float, "string": str, "array": list,
               "object": dict, "null": type(None)}
 ARTICLES = {"integer": "an integer", "array": "an array", "object": "an object", "null": "null"}
