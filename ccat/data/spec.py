@@ -103,6 +103,7 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> None:
         raise SpecError(f"{where}: {problem}; rebuild the dataset or restore its manifest.json")
     for split, entry in manifest["splits"].items():
         _check_split(split, entry, len(manifest["classes"]), where)
+    _check_listed_once(manifest, where)
     if compute_fingerprint(manifest) != manifest["fingerprint"]:
         raise SpecError(f"{where}: manifest edited after build: its fingerprint does not match "
                         "its contents; rebuild or restore it")
@@ -125,9 +126,22 @@ def _check_split(split: str, entry: dict[str, Any], num_classes: int, where: str
                         f"{counted} samples over {num_classes} classes")
 
 
+def _check_listed_once(manifest: dict[str, Any], where: str) -> None:
+    """Every shard is listed once: a shard listed twice would be read twice per epoch."""
+    first: dict[str, str] = {}
+    for split, entry in manifest["splits"].items():
+        for i, shard in enumerate(entry["shards"]):
+            place = f"splits.{split}.shards[{i}]"
+            if shard["name"] in first:
+                raise SpecError(f"{where}: {place} lists {shard['name']}, which "
+                                f"{first[shard['name']]} lists too; a shard is listed once, "
+                                "restore manifest.json or rebuild the dataset")
+            first[shard["name"]] = place
+
+
 def check_shard_name(name: str, where: str = "manifest.json") -> None:
     """Shard names are plain file names; refuse anything that could leave the dataset."""
-    if not SHARD_PATTERN.match(name):
+    if not SHARD_PATTERN.fullmatch(name):  # match() would let a trailing newline through
         raise SpecError(f"{where} names shard {name!r}; shard names must look like "
                         "'train-000000.tar' (no scheme, no folders, no '..')")
 
