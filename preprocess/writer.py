@@ -10,8 +10,8 @@ alone, never on timing or worker count, and the parent only collects records. A 
 started again builds the shards that have no record only when its plan (parameters, the
 samples of every split, the raw files and the content of those already read) is the
 interrupted one's; otherwise it refuses and says what changed. ``manifest.json`` is written
-last, atomically, with the membership and raw-content hashes the fingerprint covers; then
-the records are removed. A lock file in ``.build/`` keeps a second build out of the folder.
+last, atomically, with each shard's membership (its keys and labels, in order) and the
+membership and raw-content hashes the fingerprint covers; then the records are removed. A lock file in ``.build/`` keeps a second build out of the folder.
 """
 
 from __future__ import annotations
@@ -322,7 +322,8 @@ def write_error(err: OSError, path: Path) -> BuildError:
 def split_entry(records: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     """A split's manifest entry from its shard records (shards without samples left out)."""
     kept = [r for r in records if r["num_samples"]]
-    shards = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in kept]
+    shards = [{**{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")},
+               "membership": spec.format_membership(r["members"])} for r in kept]
     counts = [sum(r["class_counts"][c] for r in kept) for c in range(num_classes)]
     members = [row for r in kept for row in r["members"]]
     return {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,

@@ -24,6 +24,7 @@ SPLIT_NAME = "^[a-z]+$"  # the split part of a shard name, spec.SHARD_PATTERN
 MAX_DEPTH = 32  # a real manifest nests 6 levels; refuse far deeper input before walking it
 IDENTITY_SINCE = 2  # the spec version whose manifests record membership and raw hashes
 ERROR_CHARS = 240  # longest reason quoted from the validator (it may repr a huge value)
+SHOWN_CHARS = 60  # characters of a string value quoted in a reason
 
 SPECTROGRAM = {
     "required": ["shape", "dtype"],
@@ -63,11 +64,17 @@ MODALITY = {
     "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": rules}
               for kind, rules in KINDS.items()],
 }
+# spec.KEY_PATTERN, '=', the class index (at most 9 digits: int() of a longer one may fail)
+LABELLED_KEY = "[A-Za-z0-9_-]+=(0|[1-9][0-9]{0,8})"
 SHARD = {
     "type": "object",
     "required": ["name", "num_samples", "bytes", "sha256"],
     "additionalProperties": False,
-    "properties": {"name": NAME, "num_samples": POSITIVE, "bytes": POSITIVE, "sha256": SHA256},
+    "properties": {"name": NAME, "num_samples": POSITIVE, "bytes": POSITIVE, "sha256": SHA256,
+                   # its samples in file order (spec.format_membership); absent in manifests
+                   # written before builds recorded it
+                   "membership": {"type": "string",
+                                  "pattern": f"^{LABELLED_KEY}( {LABELLED_KEY})*$"}},
 }
 SPLIT = {
     "type": "object",
@@ -191,6 +198,10 @@ def first_error(manifest: Any) -> str | None:
         return None
     if error.validator == "type":
         reason = _type_reason(error)
+    elif error.validator == "pattern":  # quote the start of a long string, then the rule
+        value = error.instance
+        shown = repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}..."
+        reason = f"{shown} does not match {error.validator_value!r}"
     else:
         reason = error.message
         if len(reason) > ERROR_CHARS:
