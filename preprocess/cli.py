@@ -276,7 +276,8 @@ Location = Annotated[str, typer.Argument(
 def verify(location: Location, cache_dir: Annotated[Optional[Path], typer.Option(
         help="Also keep the shards of a URL here as they are verified, for training to "
              "reuse (default: keep nothing).")] = None) -> None:
-    """Recompute every sha256 and count, decode every sample, check shapes and dtypes.
+    """Recompute every sha256 and count, decode every sample, check shapes and dtypes, and
+    that the shards' keys and labels are the membership the fingerprint covers.
 
     A URL is verified from the bytes its server sends, not from a local cache.
     """
@@ -293,8 +294,12 @@ def verify(location: Location, cache_dir: Annotated[Optional[Path], typer.Option
             progress.stop()
             err_console.print(f"[red]verify failed:[/red] {escape(str(err))}")
             raise typer.Exit(1) from None
+    fingerprint = source.manifest["fingerprint"][:spec.SHORT_HASH]
     console.print(f"[green]ok[/green]: {report.shards} shards, {report.samples} samples, "
-                  f"{_size(report.bytes)} match the manifest of {location}")
+                  f"{_size(report.bytes)} match the manifest of {location}: every shard's "
+                  "size and sha256, every sample decoded to its shapes, and their keys and "
+                  f"labels are exactly the membership fingerprint {fingerprint} covers, each "
+                  "key once (docs/format.md, \"What verify proves\")")
 
 
 @app.command()

@@ -75,8 +75,9 @@ def open_source(location: str | Path, cache_dir: Path | None = None) -> Source:
 
 def verify(source: Source | Path | str,
            on_shard: Callable[[str], None] | None = None) -> VerifyReport:
-    """Hash every shard as it is read (from the server, for a URL), decode every sample,
-    check shapes, dtypes and counts.
+    """Prove what docs/format.md ("What verify proves") lists: hash every shard as it is
+    read (from the server, for a URL), decode every sample, check shapes, dtypes, counts,
+    and that the keys and labels read are exactly the membership the fingerprint covers.
 
     Raises VerifyError naming the first shard (and sample) that does not hold.
     """
@@ -84,23 +85,47 @@ def verify(source: Source | Path | str,
         source = open_source(source)
     manifest = source.manifest
     report = VerifyReport(manifest)
+    seen: dict[str, str] = {}  # key -> where it was read, over every split
     for split, entry in manifest["splits"].items():
-        labels: Counter[int] = Counter()
+        rows: list[tuple[str, int]] = []
         for shard in spec.shards_of(manifest, split):
-            labels.update(_verify_shard(source, shard))
+            here = _verify_shard(source, shard)
+            _check_unseen(here, source.where(shard), seen)
+            rows += here
             report.shards += 1
             report.samples += shard.num_samples
             report.bytes += shard.bytes
             if on_shard:
                 on_shard(shard.name)
-        expected = entry.get("class_counts")
-        counted = [labels[c] for c in range(len(manifest["classes"]))]
-        if expected is not None and counted != expected:
-            raise VerifyError(f"split {split}: class counts {counted} differ from the "
-                              f"manifest's {expected}")
+        _check_split(split, entry, rows, len(manifest["classes"]))
     if source.cache:
         remote.write_cached_manifest(source.cache, manifest)
     return report
+
+
+def _check_unseen(rows: list[tuple[str, int]], where: str, seen: dict[str, str]) -> None:
+    """No key of ``rows`` was read before, in this shard or another (of any split)."""
+    for key, _ in rows:
+        if key in seen:
+            raise VerifyError(f"{where}: sample {key!r} is also in {seen[key]}; a key is in one "
+                              "split, once: rebuild the dataset or fetch it again")
+        seen[key] = where
+
+
+def _check_split(split: str, entry: dict[str, Any], rows: list[tuple[str, int]],
+                 num_classes: int) -> None:
+    """The keys and labels read from ``split`` are the membership its fingerprint covers
+    and count its class_counts."""
+    if spec.membership_sha256(rows) != entry["membership_sha256"]:
+        raise VerifyError(f"split {split}: its shards hold other samples or labels than the "
+                          f"membership its fingerprint covers (splits.{split}."
+                          "membership_sha256); rebuild the dataset or fetch it again")
+    counted = Counter(label for _, label in rows)
+    counted_list = [counted[c] for c in range(num_classes)]
+    expected = entry.get("class_counts")
+    if expected is not None and counted_list != expected:
+        raise VerifyError(f"split {split}: class counts {counted_list} differ from the "
+                          f"manifest's {expected}")
 
 
 class _Hashing:
@@ -123,16 +148,17 @@ class _Hashing:
             pass
 
 
-def _verify_shard(source: Source, shard: spec.ShardInfo) -> Counter[int]:
-    """Labels of the shard's samples; its size and sha256 decide first, then its samples."""
+def _verify_shard(source: Source, shard: spec.ShardInfo) -> list[tuple[str, int]]:
+    """``(key, label)`` of the shard's samples in file order; its size and sha256 decide
+    first, then its samples, their count and its recorded membership."""
     where = source.where(shard)
-    labels: Counter[int] = Counter()
+    rows: list[tuple[str, int]] = []
     problem = None
     with source.stream(shard) as (stream, sink):
         hashed = _Hashing(stream, sink)
         try:
             for key, members in shardio.iter_tar_samples(hashed):
-                labels[_verify_sample(key, members, source.manifest, where)] += 1
+                rows.append((key, _verify_sample(key, members, source.manifest, where)))
         except spec.SpecError as err:
             problem = VerifyError(f"{where}: {err}")
         except VerifyError as err:
@@ -145,10 +171,25 @@ def _verify_shard(source: Source, shard: spec.ShardInfo) -> Counter[int]:
                               "after the build); rebuild or fetch it again")
         if problem:
             raise problem
-        count = sum(labels.values())
-        if count != shard.num_samples:
-            raise VerifyError(f"{where}: {count} samples, the manifest says {shard.num_samples}")
-    return labels
+        if len(rows) != shard.num_samples:  # inside: a cached copy is kept only if it holds
+            raise VerifyError(f"{where}: {len(rows)} samples, the manifest says "
+                              f"{shard.num_samples}")
+        _check_recorded(rows, shard, where)
+    return rows
+
+
+def _check_recorded(rows: list[tuple[str, int]], shard: spec.ShardInfo, where: str) -> None:
+    """The samples read are the shard's recorded membership, in order (where recorded)."""
+    if shard.membership is None:
+        return  # a manifest from before builds recorded it: the split's hash decides
+    fix = "rebuild the dataset or fetch it again"
+    for (key, label), (want, want_label) in zip(rows, spec.parse_membership(shard.membership)):
+        if key != want:
+            raise VerifyError(f"{where}: holds sample {key!r} where the membership its "
+                              f"fingerprint covers lists {want!r}; {fix}")
+        if label != want_label:
+            raise VerifyError(f"{where}: labels sample {key!r} {label}, where the membership "
+                              f"its fingerprint covers says {want_label}; {fix}")
 
 
 def _verify_sample(key: str, members: dict[str, bytes], manifest: dict[str, Any],

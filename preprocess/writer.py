@@ -10,10 +10,10 @@ bytes therefore depend on the plan alone, never on timing or worker count, and t
 only collects records. A build started again goes on only when its plan (parameters, the
 samples of every split, the raw files and the content of those already read) is the
 interrupted one's, and keeps only the shards whose bytes match their record; otherwise it
-refuses and says what changed. ``manifest.json`` is written last, atomically, with the
-membership and raw-content hashes the fingerprint covers; then the records are removed.
-The ``--out`` folder itself (its lock, and the build an ``--overwrite`` replaces) is
-:mod:`preprocess.outdir`'s.
+refuses and says what changed. ``manifest.json`` is written last, atomically, with each
+shard's membership (its keys and labels, in order) and the membership and raw-content
+hashes the fingerprint covers; then the records are removed. The ``--out`` folder itself
+(its lock, and the build an ``--overwrite`` replaces) is :mod:`preprocess.outdir`'s.
 """
 
 from __future__ import annotations
@@ -363,7 +363,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def split_entry(records: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     """A split's manifest entry from its shard records (shards without samples left out)."""
     kept = [r for r in records if r["num_samples"]]
-    shards = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in kept]
+    shards = [{**{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")},
+               "membership": spec.format_membership(r["members"])} for r in kept]
     counts = [sum(r["class_counts"][c] for r in kept) for c in range(num_classes)]
     members = [row for r in kept for row in r["members"]]
     return {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,

@@ -121,31 +121,48 @@ def test_a_shard_cut_at_a_member_boundary_is_refused(data):
 
 
 def test_manifest_counts_too_high_or_too_low_are_refused(data):
+    """An edited count disagrees with the membership its fingerprint covers (refused on
+    open); a shard rewritten with fewer or more samples is refused while it is read."""
     def count(n):
         def change(manifest):
             manifest["splits"]["train"]["shards"][0]["num_samples"] = n
         return change
 
-    edit_manifest(data, count(10))
-    with pytest.raises(ShardError, match="train-000000.tar .* holds 8 samples, the last is "
-                                         "'train_0007', but the manifest lists 10"):
+    for n in (10, 6):
+        edit_manifest(data, count(n))
+        with pytest.raises(DatasetError, match=f"train-000000.tar has 8 samples in its "
+                                               f"membership but num_samples {n}"):
+            epoch(data)
+    edit_manifest(data, count(8))
+    samples = read_samples(data / "train-000000.tar")
+    write_samples(data, "train-000000.tar", samples[:6])
+    with pytest.raises(ShardError, match="train-000000.tar .* holds 6 samples, the last is "
+                                         "'train_0005', but the manifest lists 8"):
         epoch(data)
-    edit_manifest(data, count(6))
-    with pytest.raises(ShardError, match="train-000000.tar .* holds more than the 6 samples "
-                                         "the manifest lists \\('train_0006' is one too many"):
+    write_samples(data, "train-000000.tar", samples + samples[:1])
+    with pytest.raises(ShardError, match="train-000000.tar .* holds more than the 8 samples "
+                                         "the manifest lists \\('train_0000' is one too many"):
         epoch(data, workers=2)
+
+
+def read_samples(path):
+    with open(path, "rb") as f:
+        return list(shardio.iter_tar_samples(f))
+
+
+def write_samples(root, name, samples):
+    """Rewrite shard ``name`` holding ``samples``; the manifest follows its new bytes."""
+    with tarfile.open(root / name, "w") as tar:
+        for key, members in samples:
+            shardio.write_sample(tar, key, members)
+    edit_manifest(root, lambda m: None)
 
 
 def rewrite_sample(root, name, key, change):
     """Rewrite shard ``name`` with ``change(members)`` applied to sample ``key``; the
     manifest follows the new bytes, as a rebuild with a bug would write it."""
-    path = root / name
-    with open(path, "rb") as f:
-        samples = list(shardio.iter_tar_samples(f))
-    with tarfile.open(path, "w") as tar:
-        for k, members in samples:
-            shardio.write_sample(tar, k, change(members) if k == key else members)
-    edit_manifest(root, lambda m: None)
+    write_samples(root, name, [(k, change(members) if k == key else members)
+                               for k, members in read_samples(root / name)])
 
 
 def test_a_member_that_fails_to_decode_is_named(data):
@@ -156,10 +173,14 @@ def test_a_member_that_fails_to_decode_is_named(data):
         epoch(data, workers=2)
 
 
-def test_a_label_outside_the_classes_is_refused_by_every_reader(data):
+@pytest.mark.parametrize("label", [b"5", b"1", b"-1", b"x", b"00", b"0 "])
+def test_a_label_other_than_the_membership_is_refused_by_every_reader(data, label):
+    """test_0009 is class 0 in the membership the fingerprint covers: any other label
+    bytes, in the classes or not, are refused as the sample is read."""
     rewrite_sample(data, "test-000001.tar", "test_0009",
-                   lambda m: {**m, spec.LABEL_MEMBER: shardio.encode_label(5)})
-    says = r"test-000001.tar .* labels sample 'test_0009' 5, outside the 3 classes \(0..2\)"
+                   lambda m: {**m, spec.LABEL_MEMBER: label})
+    says = ("test-000001.tar .* labels sample 'test_0009' .*, where the membership its "
+            "fingerprint covers says 0")
     with pytest.raises(ShardError, match=says):
         epoch(data, "test", train=False, workers=2)
     with pytest.raises(ShardError, match=says):
@@ -183,7 +204,8 @@ def test_eval_refuses_a_test_split_with_a_bad_label_in_one_line(data, tmp_path, 
     code, err = run_main(["eval", "--ckpt", str(tmp_path / "run" / "last.pt")], monkeypatch,
                          capsys)
     assert code == 2 and err.startswith("error:") and "Traceback" not in err
-    assert "'test_0002' 3, outside the 3 classes" in " ".join(err.split())
+    assert ("'test_0002' 3, where the membership its fingerprint covers says 2"
+            in " ".join(err.split()))
     assert not (tmp_path / "run" / "eval.json").exists()
 
 

@@ -94,6 +94,35 @@ def test_a_malformed_manifest_is_one_sentence_naming_the_path(
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
+COUNT_FIELDS = {
+    "splits.train.shards[0].num_samples": lambda m, v: m["splits"]["train"]["shards"][0].update(
+        num_samples=v),
+    "splits.train.shards[1].bytes": lambda m, v: m["splits"]["train"]["shards"][1].update(bytes=v),
+    "splits.test.num_samples": lambda m, v: m["splits"]["test"].update(num_samples=v),
+    "splits.val.class_counts[2]": lambda m, v: m["splits"]["val"]["class_counts"].__setitem__(2, v),
+    "sources.raw.num_files": lambda m, v: m["sources"]["raw"].update(num_files=v),
+    "modalities.video.size": lambda m, v: m["modalities"]["video"].update(size=v),
+    "modalities.audio.shape[1]": lambda m, v: m["modalities"]["audio"]["shape"].__setitem__(1, v),
+}
+BAD_COUNTS = [10**30, 2**40 + 1, -(10**30), -1, 16.0, 1e30, float("nan"), float("inf"), True,
+              False, "16", None, [16], {"n": 16}]
+
+
+@pytest.mark.parametrize("field", COUNT_FIELDS)
+def test_a_count_that_is_not_a_sane_integer_is_one_sentence_from_the_schema(
+        real: dict[str, Any], tmp_path: Path, field: str) -> None:
+    """Every count, size and shape: huge, negative, a float (even 16.0), a boolean, a string,
+    null or a container is refused by the schema, naming the field, before anything is
+    sized by it."""
+    for value in BAD_COUNTS:
+        folder = write(tmp_path, edited(real, lambda m: COUNT_FIELDS[field](m, value)))
+        with pytest.raises(spec.SpecError) as refused:
+            spec.load_manifest(folder)
+        message = str(refused.value)
+        assert message.startswith(f"{folder / spec.MANIFEST_NAME}: {field}: "), (value, message)
+        assert message.endswith(FIX) and "\n" not in message and len(message) < 400
+
+
 def test_a_manifest_that_is_not_an_object(tmp_path: Path) -> None:
     folder = write(tmp_path, [{"spec_version": spec.SPEC_VERSION}])
     with pytest.raises(spec.SpecError, match=f"^{folder / spec.MANIFEST_NAME}: top level: is an "

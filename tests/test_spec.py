@@ -66,11 +66,37 @@ def test_keys_with_dots_are_refused() -> None:
         shardio.write_sample(tar, "a.b", {"label.cls": b"0"})
 
 
-@pytest.mark.parametrize("name", ["pipe:curl x", "../x.tar", "/etc/x.tar", "train-0.tar"])
+@pytest.mark.parametrize("name", [
+    "pipe:curl x", "../x.tar", "/etc/x.tar", "train-0.tar", "../train-000000.tar",
+    "sub/train-000000.tar", "/tmp/train-000000.tar", "http://host/train-000000.tar",
+    "s3://bucket/train-000000.tar", "file:///train-000000.tar", "train-000000.tar\n",
+    "train-000000.tar/..", "..\\train-000000.tar", "~/train-000000.tar", " train-000000.tar",
+    "train-000000.tar?x=1", "train-000000.tar#", "TRAIN-000000.tar", "train-0000000.tar"])
 def test_shard_names_that_could_leave_the_dataset_are_refused(name: str) -> None:
     bad = manifest(splits={"train": {"num_samples": 1, "shards": [
         {"name": name, "num_samples": 1, "bytes": 1, "sha256": "0" * 64}]}})
     with pytest.raises(spec.SpecError, match="shard names must look like"):
+        spec.check_manifest(bad)
+
+
+def shard(name: str) -> dict:
+    return {"name": name, "num_samples": 1, "bytes": 1, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("splits, says", [
+    ({"train": [shard("train-000000.tar"), shard("train-000000.tar")]},
+     r"splits.train.shards\[1\] lists train-000000.tar, which splits.train.shards\[0\] lists "
+     "too; a shard is listed once"),
+    ({"train": [shard("train-000000.tar")], "test": [shard("train-000000.tar")]},
+     r"splits.test.shards\[0\] is named 'train-000000.tar', a shard of another split"),
+    ({"val": [shard("val-000001.tar")], "test": [shard("test-000000.tar"),
+                                                 shard("val-000001.tar")]},
+     r"splits.test.shards\[1\] is named 'val-000001.tar', a shard of another split"),
+])
+def test_a_shard_listed_twice_in_one_or_two_splits_is_refused(splits: dict, says: str) -> None:
+    bad = manifest(splits={name: {"num_samples": len(shards), "shards": shards}
+                           for name, shards in splits.items()})
+    with pytest.raises(spec.SpecError, match=says):
         spec.check_manifest(bad)
 
 

@@ -57,8 +57,10 @@ def write_tiny_dataset(root: Path, counts: dict[str, int] | None = None, shard_s
                     members = tiny_members(i % len(CLASSES), rng, 3, size, steps)
                     shardio.write_sample(tar, f"{split}_{i:04d}", members)
             data = (root / name).read_bytes()
-            shards.append({"name": name, "num_samples": min(n, start + shard_size) - start,
-                           "bytes": len(data), "sha256": "0" * 64})
+            rows = [(f"{split}_{i:04d}", i % len(CLASSES))
+                    for i in range(start, min(n, start + shard_size))]
+            shards.append({"name": name, "num_samples": len(rows), "bytes": len(data),
+                           "sha256": "0" * 64, "membership": spec.format_membership(rows)})
         keys = [[f"{split}_{i:04d}", i % len(CLASSES)] for i in range(n)]
         splits[split] = {"num_samples": n, "shards": shards,
                          "membership_sha256": spec.membership_sha256(keys)}

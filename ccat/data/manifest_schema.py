@@ -13,14 +13,18 @@ from typing import Any
 
 import jsonschema
 
+# Counts and sizes stay below this (a 1 TiB shard, a trillion samples: past any build), so
+# no number read from a manifest can size an allocation or overflow an int64.
+MAX_COUNT = 1 << 40
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-COUNT = {"type": "integer", "minimum": 0}
-POSITIVE = {"type": "integer", "minimum": 1}
+COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
+POSITIVE = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
 NAME = {"type": "string", "minLength": 1}
 SPLIT_NAME = "^[a-z]+$"  # the split part of a shard name, spec.SHARD_PATTERN
 MAX_DEPTH = 32  # a real manifest nests 6 levels; refuse far deeper input before walking it
 IDENTITY_SINCE = 2  # the spec version whose manifests record membership and raw hashes
 ERROR_CHARS = 240  # longest reason quoted from the validator (it may repr a huge value)
+SHOWN_CHARS = 60  # characters of a string value quoted in a reason
 
 SPECTROGRAM = {
     "required": ["shape", "dtype"],
@@ -60,11 +64,17 @@ MODALITY = {
     "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": rules}
               for kind, rules in KINDS.items()],
 }
+# spec.KEY_PATTERN, '=', the class index (at most 9 digits: int() of a longer one may fail)
+LABELLED_KEY = "[A-Za-z0-9_-]+=(0|[1-9][0-9]{0,8})"
 SHARD = {
     "type": "object",
     "required": ["name", "num_samples", "bytes", "sha256"],
     "additionalProperties": False,
-    "properties": {"name": NAME, "num_samples": POSITIVE, "bytes": POSITIVE, "sha256": SHA256},
+    "properties": {"name": NAME, "num_samples": POSITIVE, "bytes": POSITIVE, "sha256": SHA256,
+                   # its samples in file order (spec.format_membership); absent in manifests
+                   # written before builds recorded it
+                   "membership": {"type": "string",
+                                  "pattern": f"^{LABELLED_KEY}( {LABELLED_KEY})*$"}},
 }
 SPLIT = {
     "type": "object",
@@ -119,7 +129,17 @@ MANIFEST = {
     }},
 }
 
-_VALIDATOR = jsonschema.Draft202012Validator(MANIFEST)
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """JSON's integers as a writer of this format writes them: ``16.0`` is a float, not a
+    count (JSON Schema alone would accept it, and ``range(16.0)`` fails far from here)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_VALIDATOR = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)(MANIFEST)
 JSON_TYPES = {"boolean": bool, "integer": int, "number": float, "string": str, "array": list,
               "object": dict, "null": type(None)}
 ARTICLES = {"integer": "an integer", "array": "an array", "object": "an object", "null": "null"}
@@ -178,6 +198,10 @@ def first_error(manifest: Any) -> str | None:
         return None
     if error.validator == "type":
         reason = _type_reason(error)
+    elif error.validator == "pattern":  # quote the start of a long string, then the rule
+        value = error.instance
+        shown = repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}..."
+        reason = f"{shown} does not match {error.validator_value!r}"
     else:
         reason = error.message
         if len(reason) > ERROR_CHARS:

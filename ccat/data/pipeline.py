@@ -27,9 +27,10 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
   order, so every sample is seen exactly once over all ranks; only the last batch of a
   rank may be short.
 - Checks (:mod:`ccat.data.integrity`): shard sizes before the epoch (``data.verify``),
-  each shard's sample count, every decode and every label while reading. A failure, a
-  worker that dies, or one that sends nothing for ``WORKER_STALL_S`` seconds ends the
-  iteration in the main process with a :class:`ShardError` naming the shard and the fix.
+  each shard's keys and labels against the membership its fingerprint covers, its sample
+  count and every decode while reading. A failure, a worker that dies, or one that sends
+  nothing for ``WORKER_STALL_S`` seconds ends the iteration in the main process with a
+  :class:`ShardError` naming the shard and the fix.
 """
 
 from __future__ import annotations
@@ -439,7 +440,7 @@ class ShardStream(IterableDataset):
         keys, labels, inputs = [], [], []
         for read in reads:
             sample = decode_checked(self.dataset.root, read.shard, read.key, read.members,
-                                    self.dataset.modalities, len(self.dataset.classes))
+                                    self.dataset.modalities)
             keys.append(read.key)
             labels.append(sample.label)
             inputs.append(self.transform(sample, rng))

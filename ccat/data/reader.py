@@ -22,11 +22,12 @@ class DatasetError(UserError, RuntimeError):
 
 
 class BuiltDataset:
-    """A finished build on the local disk: its manifest and its shards."""
+    """A finished build on the local disk: its manifest and its shards, each shard's
+    membership known (:func:`~ccat.data.integrity.with_membership`) so every read checks it."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
         self.root = root
-        self.manifest = manifest
+        self.manifest = integrity.with_membership(root, manifest)
 
     @property
     def name(self) -> str:
@@ -57,13 +58,13 @@ class BuiltDataset:
         return [self.root / s.name for s in spec.shards_of(self.manifest, split)]
 
     def iter_samples(self, split: str) -> Iterator[Sample]:
-        """Decoded samples of ``split`` in shard order; a shard holding another count than
-        the manifest's, a sample that fails to decode or a label outside the classes is a
+        """Decoded samples of ``split`` in shard order; a shard holding other samples or
+        labels than its membership, or a sample that fails to decode, is a
         :class:`~ccat.data.integrity.ShardError` naming the shard and the key."""
         for shard in spec.shards_of(self.manifest, split):
             for _, key, members in integrity.read_shard(self.root, shard):
                 yield integrity.decode_checked(self.root, shard.name, key, members,
-                                               self.modalities, len(self.classes))
+                                               self.modalities)
 
 
 def open_dataset(path: str | Path, cache_dir: str | Path | None = None) -> BuiltDataset:
