@@ -79,9 +79,9 @@ def load(path: str | Path,
     _check_keys(ckpt, keys, path)
     try:
         from_dict(ckpt["config"])
-    except ConfigError as err:
-        raise CcatError(f"the config saved in {path} cannot be read ({err}); "
-                        f"{CHECKPOINT_FIX}") from None
+    except ConfigError as err:  # still a ConfigError: the config is what is wrong
+        raise ConfigError(f"the config saved in {path} cannot be read ({err}); "
+                          f"{CHECKPOINT_FIX}") from None
     return ckpt
 
 
