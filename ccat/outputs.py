@@ -9,9 +9,11 @@ An output is refused when it
   or a hidden name in a run folder (its temporary files and lock);
 - lies inside a run's ``tb/``, or beside a built dataset's ``manifest.json`` (a rebuild of
   that folder refuses files it did not write);
-- is a folder, or goes into a folder that cannot be written: a file is created and removed
-  in its nearest existing folder to find out, which a read-only file system or a missing
-  permission refuses even to root where it would refuse the real write.
+- is a folder or a file that is not a regular one (``/dev/null``, a pipe: the atomic
+  rename would replace it), or goes into a folder that cannot be written: a file is
+  created and removed in its nearest existing folder to find out, which a read-only file
+  system or a missing permission refuses even to root where it would refuse the real
+  write.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def check_output(path: str | Path, option: str, inputs: Iterable[str | Path] = (
         _check_place(path, place, option, frozenset(may_write))
     if path.is_dir():
         raise OutputError(f"{path} is a folder; pass {option} a file path")
+    if path.exists() and not path.is_file():  # the rename would replace the node itself
+        raise OutputError(f"{path} is not a regular file (a device, pipe or socket); pass "
+                          f"{option} a file path")
     check_writable(path.parent, option)
     return path
 

@@ -149,6 +149,7 @@ PLACES = {  # where no output goes, made under the tiny run's root
     "inside a run's tb/": lambda t: t.run / run_dir.TB_DIR / "x.json",
     "beside a manifest.json": lambda t: t.data / "x.json",
     "a folder": lambda t: t.root / "a_folder",
+    "a device": lambda t: Path(os.devnull),
     "under a file": lambda t: t.root / "a_file" / "x.json",
 }
 
