@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def load(path: str | Path,
         # weights_only: a checkpoint from elsewhere cannot run code when loaded
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which
-        raise CcatError(f"{path} is not a readable ccat checkpoint ({err})") from None
+        raise CcatError(f"{path} is not a readable ccat checkpoint ({_unreadable(path, err)}); "
+                        f"{CHECKPOINT_FIX}") from None
     if not isinstance(ckpt, dict):
         raise CcatError(f"{path} holds a {type(ckpt).__name__}, not a ccat checkpoint (a "
                         f"dict of weights, config and data fingerprint); {CHECKPOINT_FIX}")
@@ -83,6 +85,19 @@ def load(path: str | Path,
         raise ConfigError(f"the config saved in {path} cannot be read ({err}); "
                           f"{CHECKPOINT_FIX}") from None
     return ckpt
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch.load refused ``path``, in a few words: torch's own text runs to many lines
+    and suggests ``weights_only=False``, which would let a foreign file run code."""
+    if path.stat().st_size == 0:
+        return "it is empty"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("it is not a torch file, or holds objects other than tensors and plain data, "
+                "which ccat never unpickles")
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                 type(err).__name__)
+    return first if len(first) <= MISMATCH_DETAIL else f"{first[:MISMATCH_DETAIL]}..."
 
 
 def _check_keys(ckpt: dict[str, Any], keys: dict[str, type | tuple[type, ...]],

@@ -397,3 +397,28 @@ def test_report_skips_an_eval_json_that_is_no_result_and_says_so(tiny, tmp_path,
     good = json.loads((tiny.run / run_dir.EVAL).read_text())["accuracy"]["fused"]
     assert len({r["row"] for r in rows}) == 1 and float(fused["mean"]) == good
     assert f"note: skipped {path}: unusable" in err
+
+
+UNREADABLE = {  # files torch.load refuses, by what is in them
+    "empty": lambda good: b"",
+    "not a torch file": lambda good: b"not a checkpoint at all",
+    "cut short": lambda good: good[:3000],
+    "a pickled object": lambda good: pickled({"model": Path("weights")}),
+}
+
+
+def pickled(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("cmd", READERS)
+@pytest.mark.parametrize("what", UNREADABLE)
+def test_an_unreadable_checkpoint_is_one_sentence(tiny, tmp_path, monkeypatch, capsys,
+                                                  cmd: str, what: str) -> None:
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(UNREADABLE[what](tiny.ckpt.read_bytes()))
+    sentence = refused(ccat(READERS[cmd](ckpt, tmp_path / "out"), monkeypatch, capsys))
+    assert sentence.startswith(f"error: {ckpt} is not a readable ccat checkpoint (")
+    assert sentence.endswith(checkpoint.CHECKPOINT_FIX) and "weights_only" not in sentence
