@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+DEVICE_OPTION = typer.Option(None, help="auto, cpu or cuda; default: the run's device")
 
 
 def _print_version(wanted: bool) -> None:
@@ -89,14 +90,15 @@ def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt
              split: str = typer.Option("test", help="split to evaluate"),
              json_path: Optional[Path] = typer.Option(None, "--json", help="write metrics here"),
              probe: bool = typer.Option(False, help="add each modality's linear-probe "
-                                        "accuracy (see `ccat probe`)")) -> None:
+                                        "accuracy (see `ccat probe`)"),
+             device: Optional[str] = DEVICE_OPTION) -> None:
     """Evaluate a checkpoint: fused and per-modality accuracy, macro-F1, contributions."""
     from ccat.evaluate import evaluate_checkpoint
 
     linear_probe = None
     if probe:  # sklearn is imported only when asked for
         from ccat.analysis.probe import linear_probe
-    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe)
+    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe, device)
 
 
 @app.command("probe")
@@ -104,11 +106,11 @@ def probe(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt)")
           data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
           split: str = typer.Option("test", help="split the probe is scored on"),
           json_path: Optional[Path] = typer.Option(None, "--json", help="write the probe here"),
-          ) -> None:
+          device: Optional[str] = DEVICE_OPTION) -> None:
     """Linear probe per modality on the frozen encoders: fit on train, accuracy on SPLIT."""
     from ccat.analysis.probe import probe as run_probe
 
-    run_probe(ckpt, data, split, json_path)
+    run_probe(ckpt, data, split, json_path, device)
 
 
 @app.command("report")
@@ -160,11 +162,12 @@ def analyze(run: Optional[Path] = typer.Argument(None, help="run folder (its met
             split: str = typer.Option("test", help="split whose features --tsne maps"),
             data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
             out: Optional[Path] = typer.Option(None, help="folder for the files; default: "
-                                               "RUN/plots and CKPT's folder/analysis")) -> None:
+                                               "RUN/plots and CKPT's folder/analysis"),
+            device: Optional[str] = DEVICE_OPTION) -> None:
     """Plot a run's contribution and accuracy curves; with --tsne, its feature geometry."""
     from ccat.analysis.analyze import analyze as run_analysis
 
-    run_analysis(run, ckpt, tsne, split, data, out)
+    run_analysis(run, ckpt, tsne, split, data, out, device)
 
 
 @app.command("export")
@@ -172,11 +175,11 @@ def export(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt)"
            out: Path = typer.Option(..., help="HDF5 file to write, e.g. feats.h5"),
            split: str = typer.Option("test", help="split to export"),
            data: Optional[str] = typer.Option(None, help="built dataset; default: the run's"),
-           ) -> None:
+           device: Optional[str] = DEVICE_OPTION) -> None:
     """Write per-sample keys, labels, embeddings, logits and contributions to HDF5."""
     from ccat.analysis.export import export as run_export
 
-    run_export(ckpt, out, data, split)
+    run_export(ckpt, out, data, split, device)
 
 
 @app.command("sweep")

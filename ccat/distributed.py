@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ccat.errors import CcatError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -24,8 +26,19 @@ class Context:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> Context:
-    """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA)."""
+DEVICES = ("auto", "cpu", "cuda")
+TRAIN_DEVICE_FIX = "set device=cpu (--set device=cpu) to run it on the CPU"
+
+
+def setup(device: str = "auto", fix: str = TRAIN_DEVICE_FIX) -> Context:
+    """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA). A
+    device that is not one of DEVICES, or cuda where no GPU is visible, is one sentence
+    ending in ``fix`` (how the calling command changes the device)."""
+    if device not in DEVICES:
+        raise CcatError(f"device {device!r} is not one of {', '.join(DEVICES)}; {fix}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CcatError(f"device is cuda, but torch sees no CUDA GPU here (torch "
+                        f"{torch.__version__}); {fix}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -10,16 +10,15 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ccat import checkpoint, distributed, provenance
+from ccat import checkpoint, distributed, outputs, provenance, run_dir
 from ccat.config import RunConfig, from_dict
 from ccat.data.device_cache import DeviceCache
 from ccat.data.reader import BuiltDataset, open_dataset
 from ccat.data.spec import MANIFEST_NAME
-from ccat.errors import CcatError
+from ccat.errors import CcatError, UserError
 from ccat.methods import METHODS, Method
 from ccat.models import MultimodalModel
 from ccat.predict import Predictions, predict
-from ccat.run_dir import run_block
 from ccat.ui import make_console
 
 console = make_console()
@@ -69,16 +68,25 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
                                ("probe", metrics.get("probe", {}))])
 
 
-def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset,
-                  device: torch.device) -> tuple[Method, MultimodalModel]:
-    """Rebuild the checkpoint's method and model, in the stage it was saved in, with the
-    method's state (what its predict may read: ensemble weights, prototypes)."""
+def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset, device: torch.device,
+                  path: str | Path = "the checkpoint") -> tuple[Method, MultimodalModel]:
+    """Rebuild the checkpoint's method and model (``path``: where it was read from), in the
+    stage it was saved in, with the method's state (what its predict may read: ensemble
+    weights, prototypes); a config that no longer builds them is one sentence naming it."""
     cfg = from_dict(ckpt["config"])
-    method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
-    model = method.build_model(dataset.modalities, len(dataset.classes), cfg.model)
-    method.begin_stage(method.stages()[ckpt["stage_index"]], model)
-    model.load_state_dict(ckpt["model"])
-    method.load_state_dict(ckpt.get("method_state", {}))
+    try:
+        method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
+        model = method.build_model(dataset.modalities, len(dataset.classes), cfg.model)
+        stages = method.stages()
+    except UserError as err:
+        raise CcatError(f"the config saved in {path} does not build a model here ({err}); "
+                        f"{checkpoint.CHECKPOINT_FIX}") from None
+    if not 0 <= ckpt["stage_index"] < len(stages):
+        raise CcatError(f"{path} says it was saved in stage {ckpt['stage_index']} of a method "
+                        f"with {len(stages)}; {checkpoint.CHECKPOINT_FIX}")
+    method.begin_stage(stages[ckpt["stage_index"]], model)
+    checkpoint.load_state(model, ckpt["model"], Path(path), "model")
+    checkpoint.load_state(method, ckpt.get("method_state", {}), Path(path), "method state")
     return method, model.to(device)
 
 
@@ -86,8 +94,8 @@ def run_data_path(ckpt: dict[str, Any]) -> str:
     """Where the checkpoint's run found its data: the absolute path it recorded, else the
     path as given (relative to where this runs), else a CcatError saying to pass --data."""
     given = from_dict(ckpt["config"]).data.path
-    location = ckpt.get("data", {"given": given, "absolute": given})
-    candidates = list(dict.fromkeys([location["absolute"], location["given"]]))
+    location = {"given": given, "absolute": given, **ckpt.get("data", {})}
+    candidates = list(dict.fromkeys(str(location[k]) for k in ("absolute", "given")))
     for path in candidates:
         if "://" in path or (Path(path) / MANIFEST_NAME).is_file():
             return path
@@ -113,34 +121,38 @@ def checkpoint_selection(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**chosen, "stage": ckpt["stage"], "epoch": ckpt["epoch"]}
 
 
-Probe = Callable[[Path, str | None, str], dict[str, Any]]  # (checkpoint, data, split) -> result
+# (checkpoint, data, split, device) -> result
+Probe = Callable[[Path, str | None, str, str | None], dict[str, Any]]
+DEVICE_FIX = "pass --device cpu to run it on the CPU"  # how eval, probe, export, analyze say it
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
-                        json_path: str | Path | None = None,
-                        probe: Probe | None = None) -> dict[str, Any]:
-    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``); with
-    ``probe`` (``ccat eval --probe`` passes :func:`ccat.analysis.probe.linear_probe`), add
-    its accuracies under ``probe``."""
+                        json_path: str | Path | None = None, probe: Probe | None = None,
+                        device: str | None = None) -> dict[str, Any]:
+    """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``) on
+    ``device`` (default: the run's); with ``probe`` (``ccat eval --probe`` passes
+    :func:`ccat.analysis.probe.linear_probe`), add its accuracies under ``probe``. The JSON
+    goes to ``json_path``, checked before any work (:func:`ccat.outputs.check_output`)."""
+    if json_path:
+        json_path = outputs.check_output(json_path, "--json", [ckpt_path], [run_dir.EVAL])
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
-    ctx = distributed.setup(cfg.device)
+    ctx = distributed.setup(device or cfg.device, DEVICE_FIX)
     if ctx.device.type == "cpu":
         distributed.configure_cpu(cfg.deterministic, cfg.threads)
     try:
-        method, model = load_for_eval(ckpt, dataset, ctx.device)
+        method, model = load_for_eval(ckpt, dataset, ctx.device, ckpt_path)
         metrics = evaluate(method, model, dataset, split, ctx, cfg)
-        metrics["run"] = run_block(cfg, dataset.name)  # who this is, for `ccat report`
+        metrics["run"] = run_dir.run_block(cfg, dataset.name)  # who this is, for `ccat report`
         metrics["selection"] = checkpoint_selection(ckpt)
         metrics["code"] = ckpt.get("code", [provenance.UNRECORDED])  # what trained it
     finally:
         distributed.cleanup()
     if probe is not None:
-        metrics["probe"] = probe(Path(ckpt_path), data, split)["probe"]
+        metrics["probe"] = probe(Path(ckpt_path), data, split, device)["probe"]
     if ctx.main:
         console.print(metrics_table(metrics, f"{ckpt_path} on {split}"))
         if json_path:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+            outputs.write_text(json_path, json.dumps(metrics, indent=2) + "\n", "--json")
     return metrics

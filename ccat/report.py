@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from ccat import run_dir
+from ccat import outputs, run_dir
 from ccat.config import ConfigError, RunConfig, from_dict
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
@@ -35,6 +36,7 @@ from ccat.ui import make_console
 EVAL_NAME = run_dir.EVAL
 CONFIG_NAME = run_dir.CONFIG
 FORMATS = ("table", "markdown", "csv")
+TABLE_MD, TABLE_CSV = "table.md", "table.csv"  # what --out DIR receives
 CAPTION_MARKS = "**bold**: best in its column; <u>underlined</u>: second best"
 CSV_FIELDS = ["row", "method", "variant", "dataset", "accuracy", "mean", "std", "n", "seeds",
               "rank"]
@@ -68,6 +70,7 @@ class Found:
     results: list[RunResult] = field(default_factory=list)
     unevaluated: list[Path] = field(default_factory=list)  # run folders without eval.json
     skipped: list[str] = field(default_factory=list)  # eval JSON not used, with the reason
+    inputs: list[Path] = field(default_factory=list)  # every eval JSON found, used or not
 
 
 def _dataset_of(cfg: RunConfig, run_dir: Path) -> str:
@@ -76,7 +79,7 @@ def _dataset_of(cfg: RunConfig, run_dir: Path) -> str:
     if not manifest.is_absolute():
         manifest = Path.cwd() / manifest
     try:
-        return json.loads(manifest.read_text(encoding="utf-8"))["dataset"]
+        return read_json(manifest)["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
         return Path(cfg.data.path.rstrip("/")).name or run_dir.name
 
@@ -103,12 +106,32 @@ def selection_text(selection: Any) -> str:
     return f"{selection['rule']} on {selection['split']!r}{ties}"
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; ValueError says why it cannot be read, including JSON nested
+    deeper than Python's parser goes (which raises RecursionError)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to read") from None
+
+
+def _finite(where: str, value: Any) -> float:
+    """``value`` as a float; ValueError for NaN or an infinity (which JSON from Python may
+    hold), since neither is an accuracy."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{where} is {number}, not a finite number")
+    return number
+
+
 def _values(metrics: dict[str, Any], folder: Path) -> dict[str, float]:
-    """The columns of one run: accuracies, probes, then the training cost of its folder."""
-    values = {str(k): float(v) for k, v in metrics["accuracy"].items()}
-    values.update({f"{PROBE_PREFIX}{k}": float(v) for k, v in metrics.get("probe", {}).items()})
+    """The columns of one run: accuracies, probes, then the training cost of its folder
+    (left out when not finite: an edited metrics.jsonl)."""
+    values = {str(k): _finite(f"accuracy.{k}", v) for k, v in metrics["accuracy"].items()}
+    values.update({f"{PROBE_PREFIX}{k}": _finite(f"probe.{k}", v)
+                   for k, v in metrics.get("probe", {}).items()})
     cost = run_dir.training_cost(folder)
-    if cost:
+    if cost and all(math.isfinite(v) for v in cost.values()):
         values.update({TRAIN_TIME: cost["train_s"], THROUGHPUT: cost["samples_per_s"]})
     return values
 
@@ -116,14 +139,14 @@ def _values(metrics: dict[str, Any], folder: Path) -> dict[str, float]:
 def read_result(path: Path, split: str) -> RunResult:
     """One eval JSON as a :class:`RunResult`; ValueError says why it cannot be used."""
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
+        metrics = read_json(path)
         run = _identity(metrics, path.parent)
         result = RunResult(path, str(run["method"]), str(run.get("variant", "")),
                            str(run["dataset"]), int(run["seed"]),
                            _values(metrics, path.parent),
                            selection_text(metrics.get("selection")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError,
-            yaml.YAMLError) as err:
+            yaml.YAMLError, RecursionError) as err:
         raise ValueError(f"unusable ({type(err).__name__}: {err})") from None
     if metrics.get("split") != split:
         raise ValueError(f"it evaluates split {metrics.get('split')!r}, not {split!r}")
@@ -146,6 +169,7 @@ def find_runs(paths: list[Path], split: str = "test") -> Found:
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
+            found.inputs.append(path)
             try:
                 found.results.append(read_result(path, split))
             except ValueError as err:
@@ -372,7 +396,10 @@ def report(paths: list[Path], fmt: str = "table", out: Path | None = None,
     """``ccat report``: find, group, print in ``fmt`` and write OUT/table.md and table.csv."""
     if fmt not in FORMATS:
         raise CcatError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    result = build_report(find_runs(paths, split), split)
+    found = find_runs(paths, split)
+    for name in (TABLE_MD, TABLE_CSV) if out is not None else ():
+        outputs.check_output(out / name, "--out", found.inputs)
+    result = build_report(found, split)
     console, notes = make_console(), make_console(stderr=True)
     if fmt == "table":
         console.print(to_rich(result))
@@ -384,8 +411,7 @@ def report(paths: list[Path], fmt: str = "table", out: Path | None = None,
             for note in result.notes:
                 notes.print(f"note: {note}", highlight=False, markup=False)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(to_markdown(result), encoding="utf-8")
-        (out / "table.csv").write_text(to_csv(result), encoding="utf-8")
-        notes.print(f"wrote {out / 'table.md'} and {out / 'table.csv'}", highlight=False)
+        outputs.write_text(out / TABLE_MD, to_markdown(result), "--out")
+        outputs.write_text(out / TABLE_CSV, to_csv(result), "--out")
+        notes.print(f"wrote {out / TABLE_MD} and {out / TABLE_CSV}", highlight=False)
     return result

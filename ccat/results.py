@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -22,14 +21,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ccat import run_dir
+from ccat import outputs, run_dir
 from ccat.analysis.plots import new_figure, save
 from ccat.config import ConfigError, from_dict
 from ccat.methods import METHODS
 from ccat.provenance import UNRECORDED, git_stamp
 from ccat.errors import CcatError
 from ccat.report import (PROBE_PREFIX, TRAIN_TIME, Found, Report, build_report, find_runs,
-                         to_markdown as table_markdown, to_rich as table_rich)
+                         read_json, to_markdown as table_markdown, to_rich as table_rich)
 from ccat.story import BASELINE, REFERENCE, method_folders, numbers_of, tell, with_selection
 from ccat.ui import make_console
 
@@ -66,7 +65,8 @@ def accuracy_figure(report: Report, path: Path) -> Path:
             else "one seed (no std)")
     ax.set_title(f"fused accuracy and linear probe per modality, {over}")
     ax.legend(fontsize="small", ncols=len(columns), loc="upper center")
-    return save(fig, path, f"{', '.join(sorted(datasets))}: {len(report.rows)} methods")
+    return save(fig, path, f"{', '.join(sorted(datasets))}: {len(report.rows)} methods",
+                "--figures")
 
 
 def _cost_sentence(report: Report) -> str:
@@ -97,7 +97,7 @@ def code_sentence(found: Found) -> str:
     counts: Counter[str] = Counter()
     for result in found.results:
         try:
-            code = json.loads(result.path.read_text(encoding="utf-8")).get("code", [UNRECORDED])
+            code = read_json(result.path).get("code", [UNRECORDED])
         except (OSError, ValueError):
             code = [UNRECORDED]
         counts.update(dict.fromkeys(code, 1))
@@ -164,8 +164,10 @@ def results(paths: list[Path], out: Path, figures: Path, command: str,
         raise CcatError("--command is empty; pass the exact command that made the runs, so "
                         "that the page says how to reproduce them")
     found = find_runs(paths, split)
-    report = build_report(found, split)
     figure = figures / FIGURE_NAME
+    outputs.check_output(out, "--out", found.inputs)
+    outputs.check_output(figure, "--figures", found.inputs)
+    report = build_report(found, split)
     stamp = git_stamp(Path.cwd(), (out, figure))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = results_markdown(report, stamp, command,
@@ -173,13 +175,8 @@ def results(paths: list[Path], out: Path, figures: Path, command: str,
                             _story_lines(report, method_folders(found))
                             + settings_lines(method_folders(found)), date,
                             code_sentence(found))
-    try:
-        accuracy_figure(report, figure)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise CcatError(f"cannot write {err.filename or out}: {err.strerror}; pass --out and "
-                        f"--figures paths in writable folders") from None
+    accuracy_figure(report, figure)
+    outputs.write_text(out, text, "--out")
     make_console().print(table_rich(report))
     make_console(stderr=True).print(f"wrote {out} and {figure}", highlight=False)
     return out

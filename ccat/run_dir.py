@@ -43,6 +43,11 @@ PLOTS_DIR = "plots"  # OUT/plots/: `ccat analyze`'s curves of the run
 ANALYSIS_DIR = "analysis"  # OUT/analysis/: `ccat analyze`'s feature geometry of a checkpoint
 DERIVED_DIRS = (PLOTS_DIR, ANALYSIS_DIR)  # what `ccat analyze` writes into a run folder
 RUN_FILES = (METRICS, LAST, BEST, CONFIG)  # any of these: the folder holds a run
+# Every name a run folder owns, with the command that writes it: no other output takes one
+# of these names anywhere (ccat.outputs refuses it), nor a hidden name (".x": temporary
+# files, the lock) in a run folder.
+OWNERS = {METRICS: "ccat train", LAST: "ccat train", BEST: "ccat train",
+          CONFIG: "ccat train", TB_DIR: "ccat train", EVAL: "ccat eval"}
 KILL_ENV = "CCAT_KILL_AFTER"
 # Table 2's switches, and fresh_encoders=false (the other reading of Algorithm 1 line 4).
 ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders")
@@ -85,8 +90,8 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rows.append(json.loads(line))
-        except ValueError:  # a row cut by a kill mid-write: the rest was never written
-            break
+        except (ValueError, RecursionError):  # a row cut by a kill mid-write (the rest was
+            break  # never written), or one nested too deeply to parse: the rows before it
     return rows
 
 

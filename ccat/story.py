@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ccat import run_dir
+from ccat import outputs, run_dir
 from ccat.errors import CcatError
 from ccat.report import PROBE_PREFIX, Found, Report, build_report, find_runs
 from ccat.ui import make_console
@@ -177,10 +177,9 @@ def tell(rows: list[MethodNumbers], baseline: str = BASELINE,
     return Story(rows, (dominance_sentence(base), gap_sentence(rows, base, ref)))
 
 
-def story_of(paths: list[Path], baseline: str = BASELINE, reference: str = REFERENCE,
+def story_of(found: Found, baseline: str = BASELINE, reference: str = REFERENCE,
              split: str = "test") -> Story:
-    """The story of the evaluated runs under ``paths``."""
-    found = find_runs(paths, split)
+    """The story of the evaluated runs ``found``."""
     rows = numbers_of(build_report(found, split))
     return tell(with_selection(rows, method_folders(found)), baseline, reference)
 
@@ -234,17 +233,15 @@ def to_rich(story: Story) -> Table:
 def summary(paths: list[Path], baseline: str = BASELINE, reference: str = REFERENCE,
             out: Path | None = None, split: str = "test") -> Story:
     """``ccat summary``: print the table and the sentences; write them to ``out`` as Markdown."""
-    story = story_of(paths, baseline, reference, split)
+    found = find_runs(paths, split)
+    if out is not None:
+        outputs.check_output(out, "--out", found.inputs)
+    story = story_of(found, baseline, reference, split)
     console = make_console()
     console.print(to_rich(story))
     for sentence in story.sentences:
         console.print(sentence, highlight=False, markup=False)
     if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(to_markdown(story), encoding="utf-8")
-        except OSError as err:
-            raise CcatError(f"cannot write {out}: {err.strerror}; pass --out a path in a "
-                            f"writable folder") from None
+        outputs.write_text(out, to_markdown(story), "--out")
         make_console(stderr=True).print(f"wrote {out}", highlight=False)
     return story

@@ -280,7 +280,7 @@ def saved_run(out: Path) -> tuple[dict[str, Any] | None, RunConfig]:
     """The run in ``out``: its ``last.pt`` (None before the first epoch ended) and its
     resolved config (the checkpoint's, else ``config.yaml``)."""
     last, saved_config = out / run_dir.LAST, out / run_dir.CONFIG
-    state = checkpoint.load(last) if last.is_file() else None
+    state = checkpoint.load(last, checkpoint.RESUME_KEYS) if last.is_file() else None
     if state is None and not saved_config.is_file():
         raise CcatError(f"{out} has neither {run_dir.LAST} nor {run_dir.CONFIG}, so its "
                         f"settings are unknown; pass --overwrite to train it afresh")
@@ -373,7 +373,7 @@ def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | Non
     opt, sched = make_optimizer(run.model, run.cfg)
     start, best = 0, (-1.0, 0)  # best.pt follows the selection of the last stage
     if state is not None:
-        run.model.load_state_dict(state["model"])
+        checkpoint.load_state(run.model, state["model"], run.out / run_dir.LAST, "model")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ccat import checkpoint, distributed
 from ccat.config import from_dict
-from ccat.evaluate import checkpoint_dataset, load_for_eval
+from ccat.evaluate import DEVICE_FIX, checkpoint_dataset, load_for_eval
 from ccat.predict import Predictions, predict
 
 
@@ -31,17 +31,18 @@ class Collected(Predictions):
     dataset: str  # the manifest's name of the data
 
 
-def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test") -> Collected:
+def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test",
+            device_name: str | None = None) -> Collected:
     """Run the checkpoint over every sample of ``split`` once, on one process (each
-    process under torchrun predicts all of it)."""
+    process under torchrun predicts all of it), on ``device_name`` (default: the run's)."""
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
     dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
-    device = distributed.setup(cfg.device).device
+    device = distributed.setup(device_name or cfg.device, DEVICE_FIX).device
     try:
         if device.type == "cpu":
             distributed.configure_cpu(cfg.deterministic, cfg.threads)
-        method, model = load_for_eval(ckpt, dataset, device)
+        method, model = load_for_eval(ckpt, dataset, device, ckpt_path)
         pred = predict(method, model, dataset, split, distributed.Context(0, 1, device), cfg,
                        progress=True)
     finally:

@@ -140,9 +140,16 @@ def plot_accuracy(history: History, path: Path) -> Path:
     return save(fig, path, history.title)
 
 
-def plot_run(run: str | Path, out: str | Path | None = None) -> dict[str, Path]:
-    """Write RUN/plots/contributions.png and accuracy.png (or into ``out``)."""
-    history = read_history(run)
+def curve_files(run: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Where :func:`plot_run` writes: RUN/plots/ (or ``out``) contributions.png and
+    accuracy.png."""
     folder = Path(out) if out else Path(run) / run_dir.PLOTS_DIR
-    return {"contributions": plot_contributions(history, folder / "contributions.png"),
-            "accuracy": plot_accuracy(history, folder / "accuracy.png")}
+    return {"contributions": folder / "contributions.png", "accuracy": folder / "accuracy.png"}
+
+
+def plot_run(run: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write the run's curves to :func:`curve_files`."""
+    history = read_history(run)
+    files = curve_files(run, out)
+    return {"contributions": plot_contributions(history, files["contributions"]),
+            "accuracy": plot_accuracy(history, files["accuracy"])}

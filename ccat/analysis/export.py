@@ -19,7 +19,7 @@ import numpy as np
 
 from rich.table import Table
 
-from ccat import __version__
+from ccat import __version__, outputs
 from ccat.analysis.collect import Collected, collect
 from ccat.ui import make_console
 
@@ -27,10 +27,10 @@ console = make_console()
 
 
 def write_h5(got: Collected, path: Path) -> Path:
-    """Write ``got`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    """Write ``got`` to ``path`` atomically: the file is built in memory (HDF5's core
+    driver), so that a disk that fills up fails the plain write of its bytes, which
+    :func:`ccat.outputs.output_file` words and cleans up, and never a half-written HDF5."""
+    with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
         f.create_dataset("keys", data=np.array(got.keys, dtype=object),
                          dtype=h5py.string_dtype("utf-8"))
         f.create_dataset("labels", data=got.labels.astype(np.int64))
@@ -44,15 +44,20 @@ def write_h5(got: Collected, path: Path) -> Path:
                         "method": got.method, "stage": got.stage, "checkpoint": got.checkpoint,
                         "fingerprint": got.fingerprint, "split": got.split,
                         "ccat_version": __version__})
-    tmp.replace(path)
+        f.flush()
+        image = f.id.get_file_image()
+    with outputs.output_file(path, "--out") as out:
+        out.write(image)
     return path
 
 
-def export(ckpt: str | Path, out: str | Path, data: str | None = None,
-           split: str = "test") -> Collected:
-    """``ccat export``: run ``ckpt`` over ``split`` and write everything to ``out``."""
-    got = collect(ckpt, data, split)
-    write_h5(got, Path(out))
+def export(ckpt: str | Path, out: str | Path, data: str | None = None, split: str = "test",
+           device: str | None = None) -> Collected:
+    """``ccat export``: run ``ckpt`` over ``split`` (on ``device``, default the run's) and
+    write everything to ``out``, checked before any work (:func:`ccat.outputs.check_output`)."""
+    out = outputs.check_output(out, "--out", [ckpt])
+    got = collect(ckpt, data, split, device)
+    write_h5(got, out)
     accuracy = float((got.fused.argmax(1) == got.labels).mean())
     console.print(export_table(got))
     console.print(f"wrote {out}: {len(got.keys)} samples of {split!r} from {ckpt}, "

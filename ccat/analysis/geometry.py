@@ -14,7 +14,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
-from ccat import run_dir
+from ccat import outputs, run_dir
 from ccat.analysis.collect import Collected, collect
 from ccat.analysis.plots import new_figure, run_title, save
 from ccat.errors import CcatError
@@ -59,11 +59,20 @@ def plot_tsne(points: np.ndarray, got: Collected, scores: dict[str, float], path
     return save(fig, path, title)
 
 
+def geometry_files(ckpt: str | Path, split: str = "test",
+                   out: str | Path | None = None) -> dict[str, Path]:
+    """Where :func:`feature_geometry` writes: ``tsne_<split>.png`` and
+    ``clusters_<split>.json`` in ``out`` (default: the checkpoint's folder / analysis)."""
+    folder = Path(out) if out else Path(ckpt).parent / run_dir.ANALYSIS_DIR
+    return {"tsne": folder / f"tsne_{split}.png", "scores": folder / f"clusters_{split}.json"}
+
+
 def feature_geometry(ckpt: str | Path, data: str | None = None, split: str = "test",
-                     out: str | Path | None = None) -> dict[str, Any]:
-    """Write ``tsne_<split>.png`` and ``clusters_<split>.json`` into ``out`` (default: the
-    checkpoint's folder / analysis); returns the JSON's content with the file paths."""
-    got = collect(ckpt, data, split)
+                     out: str | Path | None = None,
+                     device: str | None = None) -> dict[str, Any]:
+    """Write :func:`geometry_files` from ``ckpt``'s representations of ``split`` (taken on
+    ``device``, default the run's); returns the JSON's content with the file paths."""
+    got = collect(ckpt, data, split, device)
     with threadpool_limits(torch.get_num_threads()):  # the run's CPU threads (config `threads`)
         points = tsne_map(got.representation)
     result = {"checkpoint": str(ckpt), "method": got.method, "stage": got.stage,
@@ -71,9 +80,8 @@ def feature_geometry(ckpt: str | Path, data: str | None = None, split: str = "te
               "representation_dim": int(got.representation.shape[1]),
               "representation": cluster_scores(got.representation, got.labels),
               "tsne": cluster_scores(points, got.labels)}
-    folder = Path(out) if out else Path(ckpt).parent / run_dir.ANALYSIS_DIR
-    png = plot_tsne(points, got, result["representation"], folder / f"tsne_{split}.png",
-                    run_title(Path(ckpt).parent, got.method))
-    scores = folder / f"clusters_{split}.json"
-    scores.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return {**result, "files": {"tsne": png, "scores": scores}}
+    files = geometry_files(ckpt, split, out)
+    plot_tsne(points, got, result["representation"], files["tsne"],
+              run_title(Path(ckpt).parent, got.method))
+    outputs.write_text(files["scores"], json.dumps(result, indent=2) + "\n", "--out")
+    return {**result, "files": files}

@@ -8,6 +8,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ccat import outputs
+
 DPI = 110  # about 770 x 440 px for the default size: readable, well under 150 KB as PNG
 
 
@@ -21,12 +23,13 @@ def new_figure(rows: int = 1, size: tuple[float, float] = (7.0, 4.0),
     return fig, list(axes)
 
 
-def save(fig: Figure, path: Path, title: str) -> Path:
-    """Write ``fig`` as PNG to ``path`` (folders made as needed), with ``title`` (the run
-    folder and method) drawn at its top and stored as the PNG's Title text."""
+def save(fig: Figure, path: Path, title: str, option: str = "--out") -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically (folders made as needed; a failure
+    names ``option``, the command's option for the place), with ``title`` (the run folder
+    and method) drawn at its top and stored as the PNG's Title text."""
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", metadata={"Title": title})
+    with outputs.output_file(path, option) as out:
+        fig.savefig(out, format="png", metadata={"Title": title})
     return path
 
 

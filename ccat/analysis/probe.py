@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ccat import checkpoint
+from ccat import checkpoint, outputs
 from ccat.analysis.collect import Collected, collect
 from ccat.config import from_dict
 from ccat.errors import CcatError
@@ -64,15 +64,17 @@ def probe_accuracies(train: Collected, test: Collected,
     return {m: acc for m, (acc, _) in fits.items()}, {m: ok for m, (_, ok) in fits.items()}
 
 
-def linear_probe(ckpt_path: str | Path, data: str | None = None,
-                 split: str = "test") -> dict[str, Any]:
-    """The probe of ``ckpt_path`` scored on ``split``, with what identifies the run."""
+def linear_probe(ckpt_path: str | Path, data: str | None = None, split: str = "test",
+                 device: str | None = None) -> dict[str, Any]:
+    """The probe of ``ckpt_path`` scored on ``split``, with what identifies the run; the
+    features are taken on ``device`` (default: the run's)."""
     if split == FIT_SPLIT:
         raise CcatError(f"the probe is fitted on {FIT_SPLIT!r}; score it on another split "
                         f"(--split test or val)")
     ckpt = checkpoint.load(ckpt_path)
     cfg = from_dict(ckpt["config"])
-    train, test = collect(ckpt_path, data, FIT_SPLIT), collect(ckpt_path, data, split)
+    train, test = (collect(ckpt_path, data, FIT_SPLIT, device),
+                   collect(ckpt_path, data, split, device))
     accuracy, converged = probe_accuracies(train, test, cfg.seed)
     for m in (m for m, ok in converged.items() if not ok):
         console.print(f"warning: the {m} probe did not converge in {MAX_ITER} lbfgs "
@@ -91,12 +93,14 @@ def probe_table(result: dict[str, Any], title: str) -> Table:
 
 
 def probe(ckpt_path: str | Path, data: str | None = None, split: str = "test",
-          json_path: str | Path | None = None) -> dict[str, Any]:
-    """``ccat probe``: print the probe's table and write its JSON to ``json_path``."""
-    result = linear_probe(ckpt_path, data, split)
+          json_path: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+    """``ccat probe``: print the probe's table and write its JSON to ``json_path``
+    (checked before any work, :func:`ccat.outputs.check_output`)."""
+    if json_path:
+        json_path = outputs.check_output(json_path, "--json", [ckpt_path])
+    result = linear_probe(ckpt_path, data, split, device)
     console.print(probe_table(result, f"linear probe of {ckpt_path}: fit on {FIT_SPLIT!r}, "
                                       f"scored on {split!r}"))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        outputs.write_text(json_path, json.dumps(result, indent=2) + "\n", "--json")
     return result
