@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ccat.errors import CcatError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class Context:
@@ -24,8 +28,19 @@ class Context:
         return self.rank == 0
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this process cannot use, in one sentence (not torch's traceback)."""
+    if device not in DEVICES:
+        raise CcatError(f"device {device!r} is not one of {', '.join(DEVICES)}; set device=auto "
+                        f"(CUDA when there is a GPU), cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CcatError("device cuda was asked for, but torch finds no CUDA GPU on this machine; "
+                        "set device=auto or device=cpu, or run where a GPU is visible")
+
+
 def setup(device: str = "auto") -> Context:
     """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA)."""
+    check_device(device)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -60,6 +75,12 @@ def configure_cpu(deterministic: bool, threads: int) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank arrives (nothing without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather(obj: Any) -> list[Any]:
