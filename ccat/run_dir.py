@@ -30,7 +30,8 @@ moved back.
 
 Tests only: with ``CCAT_KILL_AFTER=NAME:N`` in the environment (``NAME`` one of
 ``metrics.jsonl``, ``last.pt``, ``best.pt``), the process SIGKILLs itself right after its
-N-th write of that file, to exercise the kill points above on the real code path.
+N-th write of that file, to exercise the kill points above on the real code path;
+``NAME:N:INT`` sends SIGINT (Ctrl-C) instead.
 """
 
 from __future__ import annotations
@@ -198,7 +199,13 @@ def replacing(folder: Path, active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    set_aside(folder)
+    try:
+        set_aside(folder)
+    except OSError as err:
+        if (folder / MOVING).is_dir():
+            _move_back(folder)
+        raise CcatError(f"cannot set the run in {folder} aside ({err.strerror}); make the "
+                        f"folder writable, then run the command again") from None
     try:
         yield
     except BaseException:
@@ -294,6 +301,6 @@ def written(name: str) -> None:
     if not target:
         return
     _writes[name] += 1
-    file, _, count = target.rpartition(":")
+    file, count, *sent = target.split(":")
     if file == name and str(_writes[name]) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[f"SIG{sent[0] if sent else 'KILL'}"])

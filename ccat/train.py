@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import random
+import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from functools import partial
@@ -279,7 +281,8 @@ def _writes_speak(run: Run) -> Iterator[None]:
         elif run.last_good:
             then = f"{run.last_good} still holds {run.saved_at}: {fix}, then continue with --resume"
         else:
-            then = f"no checkpoint was written yet: {fix}, then continue with --resume"
+            then = (f"no checkpoint was written yet: {fix}, then run the command again with "
+                    f"--overwrite")
         raise CcatError(f"{why}; {then}") from None
 
 
@@ -489,16 +492,37 @@ def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -
     last = run.out / run_dir.LAST
     with _writes_speak(run):
         run_dir.append_metrics(run.out, row)
-        checkpoint.save_atomic(ckpt, last)
-        run_dir.written(run_dir.LAST)
-        if run.replacing:
-            run_dir.discard_replaced(run.out)  # the new run has its first checkpoint
-        run.last_good, run.saved_at = last, f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
+        with _ctrl_c_waits():  # last.pt, and what the run knows of it, change together
+            checkpoint.save_atomic(ckpt, last)
+            run_dir.written(run_dir.LAST)
+            if run.replacing:
+                run_dir.discard_replaced(run.out)  # the new run has its first checkpoint
+            run.last_good = last
+            run.saved_at = f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
         if best_now:
             run_dir.copy_atomic(last, run.out / run_dir.BEST)
             run_dir.written(run_dir.BEST)
     tblog.log_epoch(run.tb, row, len(run.history), run.val_split or "")
     console.print(epoch_table(row))
+
+
+@contextlib.contextmanager
+def _ctrl_c_waits() -> Iterator[None]:
+    """Ctrl-C during the block takes effect at its end, so that the interruption message
+    (and ``--overwrite``'s putting back of the old run) sees the checkpoint written or not,
+    never in between. Only the main thread can hold signals; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is None:  # a handler set outside Python: keep it
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, Any]:

@@ -188,6 +188,21 @@ def test_a_kill_during_overwrite_is_put_right_by_the_next_train(
         assert "put back the run" in said and contents(out) == before
 
 
+def test_ctrl_c_as_the_first_checkpoint_is_written_keeps_the_new_run(
+        finished, tiny, config_file, tmp_path):
+    """Ctrl-C right after the new run's first last.pt lands (SIGINT from the write itself)
+    takes effect once the run knows of that checkpoint: the old run is deleted, not put back
+    over it, and the message names last.pt and --resume."""
+    out = run_copy(finished, tmp_path)
+    proc = cli_train(config_file, tiny, out, "--overwrite", "--set", "seed=1",
+                     env={run_dir.KILL_ENV: f"{run_dir.LAST}:1:INT"})
+    assert proc.returncode == 130
+    assert f"last checkpoint: {out / run_dir.LAST} (stage 'joint', epoch 1)" in proc.stderr
+    assert proc.stderr.strip().endswith("--set seed=1 --resume")
+    assert not (out / run_dir.OVERWRITTEN).exists() and not (out / run_dir.EVAL).exists()
+    assert torch.load(out / run_dir.LAST, weights_only=True)["config"]["seed"] == 1
+
+
 def test_a_kill_while_moving_the_old_run_is_moved_back(
         finished, tiny, config_file, tmp_path, monkeypatch, capsys):
     """A kill in the middle of setting aside (or of putting back) leaves
@@ -206,26 +221,32 @@ def test_a_kill_while_moving_the_old_run_is_moved_back(
 # ------------------------------------------------------------------ 2. one writer
 
 
-def test_a_second_writer_is_refused_naming_the_holder(tiny, config_file, tmp_path):
-    """A real training holds the folder: a second --resume, --overwrite or fresh train of
-    it is refused naming the first's PID and host, and changes nothing; once the holder is
-    killed its lock is gone with it."""
+def signed(lock):
+    """Whether a holder has taken ``lock`` and written its name into it."""
+    return lock.is_file() and bool(lock.read_text().strip())
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tiny, config_file, tmp_path,
+                                                     monkeypatch, capsys):
+    """A real training holds the folder: a second --resume (another process), --overwrite or
+    fresh train (this one) of it is refused naming the first's PID and host, and changes
+    nothing; once the holder is killed its lock is gone with it."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "ccat", "train", "--config",
-                              str(config_file), "--data", str(tiny), "--out", str(out),
-                              "--set", "optim.epochs=500"],
+    args = ["--config", config_file, "--data", tiny, "--out", out, "--set", "optim.epochs=500"]
+    first = subprocess.Popen([sys.executable, "-m", "ccat", "train", *map(str, args)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    refusal = (f"{out} is being written by another ccat train (process {first.pid} on host "
+               f"{socket.gethostname()}); wait for it to end, or train into another --out")
     try:
         deadline = time.monotonic() + 120
-        while not (out / run_dir.LAST).is_file() and time.monotonic() < deadline:
+        while not signed(out / run_dir.LOCK) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for extra in (["--resume"], ["--overwrite"], []):
-            proc = cli_train(config_file, tiny, out, "--set", "optim.epochs=500", *extra)
-            line = one_sentence(proc.stderr)
-            assert proc.returncode == 2 and (
-                f"{out} is being written by another ccat train (process {first.pid} on host "
-                f"{socket.gethostname()}); wait for it to end, or train into another --out"
-            ) in line
+        proc = subprocess.run([sys.executable, "-m", "ccat", "train", *map(str, args),
+                               "--resume"], capture_output=True, text=True)
+        assert proc.returncode == 2 and refusal in one_sentence(proc.stderr)
+        for extra in (["--overwrite"], []):
+            code, _, err = run_main(["train", *args, *extra], monkeypatch, capsys)
+            assert code == 2 and refusal in one_sentence(err)
         assert first.poll() is None and not (out / run_dir.OVERWRITTEN).exists()
     finally:
         first.kill()
