@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import random
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ccat import fileio
 from ccat.config import ConfigError, from_dict
 from ccat.data import spec
 from ccat.data.reader import BuiltDataset
@@ -38,13 +39,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` to ``path`` atomically (:func:`ccat.fileio.atomic_writer`): readers never
+    see half, and a failed write leaves the file there before as it was. ``torch.save``
+    serializes into memory first: writing into a file itself, it reports a full disk as a
+    RuntimeError about stream positions, while this way the write raises the OSError
+    (ENOSPC, EROFS, ...) that the caller words."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with fileio.atomic_writer(path) as out:
+        out.write(buffer.getbuffer())
 
 
 # What the readers of a checkpoint index, with the type each expects: every reader

@@ -45,15 +45,17 @@ def _options(version: bool = typer.Option(False, "--version", callback=_print_ve
 @contextlib.contextmanager
 def interruptions_speak() -> Iterator[None]:
     """Ctrl-C in training: one line saying where it stopped, what was saved and the
-    command that continues it; exit code 130."""
+    command that continues it (or, for an ``--overwrite`` stopped before its first
+    checkpoint, starts it again); exit code 130."""
     from ccat.train import Interrupted
 
     try:
         yield
     except Interrupted as err:
-        console.print(f"[yellow]interrupted:[/yellow] {escape(str(err))}; continue with: "
-                      f"{escape(resume_command(sys.argv[1:]))}", highlight=False,
-                      soft_wrap=True)
+        then = (f"continue with: {resume_command(sys.argv[1:])}" if err.resumable
+                else f"start it again with: {shlex.join(['ccat', *sys.argv[1:]])}")
+        console.print(f"[yellow]interrupted:[/yellow] {escape(str(err))}; {escape(then)}",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None
 
 
@@ -75,7 +77,8 @@ def train(config: Path = typer.Option(..., "--config", help="YAML config file"),
           resume: bool = typer.Option(False, help="continue the run in OUT (from last.pt), "
                                       "with its settings"),
           overwrite: bool = typer.Option(False, help="replace the run in OUT: its files are "
-                                         "removed first")) -> None:
+                                         "set aside once every check passes, and deleted "
+                                         "at the new run's first checkpoint")) -> None:
     """Train every stage of a method on built shards."""
     from ccat.train import train as run_training
 

@@ -30,15 +30,20 @@ DEVICES = ("auto", "cpu", "cuda")
 TRAIN_DEVICE_FIX = "set device=cpu (--set device=cpu) to run it on the CPU"
 
 
-def setup(device: str = "auto", fix: str = TRAIN_DEVICE_FIX) -> Context:
-    """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA). A
-    device that is not one of DEVICES, or cuda where no GPU is visible, is one sentence
-    ending in ``fix`` (how the calling command changes the device)."""
+def check_device(device: str, fix: str = TRAIN_DEVICE_FIX) -> None:
+    """Refuse a device this process cannot use in one sentence ending in ``fix`` (how the
+    calling command changes the device), not torch's traceback or a silent CPU run."""
     if device not in DEVICES:
         raise CcatError(f"device {device!r} is not one of {', '.join(DEVICES)}; {fix}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise CcatError(f"device is cuda, but torch sees no CUDA GPU here (torch "
+        raise CcatError(f"device is cuda, but torch finds no CUDA GPU on this machine (torch "
                         f"{torch.__version__}); {fix}")
+
+
+def setup(device: str = "auto", fix: str = TRAIN_DEVICE_FIX) -> Context:
+    """Join the torchrun process group if there is one (gloo on CPU, NCCL on CUDA), on a
+    device :func:`check_device` accepts."""
+    check_device(device, fix)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -73,6 +78,12 @@ def configure_cpu(deterministic: bool, threads: int) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank arrives (nothing without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather(obj: Any) -> list[Any]:

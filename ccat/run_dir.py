@@ -14,22 +14,39 @@ A run folder holds one run. ``ccat train`` writes, per epoch and in this order:
 resumes to the uninterrupted run: rows written ahead of ``last.pt`` are cut and trained
 again, and a ``best.pt`` missed by the kill is restored from ``last.pt``.
 
+One writer at a time (:func:`locked`): ``ccat train`` holds ``.lock`` in the folder (an
+``flock``, see :mod:`ccat.folder_lock`) from before it reads the folder until it ends, so a
+second ``ccat train`` of the folder is refused naming the first one's process and host.
+
+``--overwrite`` (:func:`replacing`) never deletes a run before its replacement has a
+checkpoint: once every check has passed, the old run's files are moved into
+``.overwritten/`` (through ``.overwritten.moving/``, so the move is whole or undone), and
+that folder is deleted when the new run's first ``last.pt`` is written. An error before
+that puts the old files back at once. A kill before that leaves ``.overwritten/``; the next
+``ccat train`` of the folder (any kind) puts it back when the folder has no ``last.pt``,
+and deletes it when the folder has one (the new run's: the kill came after its first
+checkpoint). ``.overwritten.moving/`` always holds files whose place is the folder: they are
+moved back.
+
 Tests only: with ``CCAT_KILL_AFTER=NAME:N`` in the environment (``NAME`` one of
 ``metrics.jsonl``, ``last.pt``, ``best.pt``), the process SIGKILLs itself right after its
-N-th write of that file, to exercise the kill points above on the real code path.
+N-th write of that file, to exercise the kill points above on the real code path;
+``NAME:N:INT`` sends SIGINT (Ctrl-C) instead.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import filecmp
 import json
 import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from ccat import fileio, folder_lock
 from ccat.config import MethodConfig, RunConfig
 from ccat.errors import CcatError
 
@@ -48,6 +65,10 @@ RUN_FILES = (METRICS, LAST, BEST, CONFIG)  # any of these: the folder holds a ru
 # files, the lock) in a run folder.
 OWNERS = {METRICS: "ccat train", LAST: "ccat train", BEST: "ccat train",
           CONFIG: "ccat train", TB_DIR: "ccat train", EVAL: "ccat eval"}
+REPLACED = (*RUN_FILES, EVAL, TB_DIR, *DERIVED_DIRS)  # what --overwrite replaces
+LOCK = ".lock"  # flock-ed by the `ccat train` writing the folder, which names itself in it
+OVERWRITTEN = ".overwritten"  # --overwrite: the replaced run, until the new one's first last.pt
+MOVING = ".overwritten.moving"  # run files on their way in or out of OVERWRITTEN: the folder's
 KILL_ENV = "CCAT_KILL_AFTER"
 # Table 2's switches, and fresh_encoders=false (the other reading of Algorithm 1 line 4).
 ABLATION_SWITCHES = ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders")
@@ -74,11 +95,129 @@ def holds_run(folder: Path) -> bool:
 
 
 def clear(folder: Path) -> None:
-    """Remove the run files of ``folder`` (``--overwrite``); other files stay."""
-    for name in (*RUN_FILES, EVAL, *(f".{run_file}.tmp" for run_file in RUN_FILES)):
+    """Remove the run files of ``folder`` and its temporary files; other files stay."""
+    for name in (*RUN_FILES, EVAL):
         (folder / name).unlink(missing_ok=True)
+    for tmp in temporaries(folder):
+        tmp.unlink(missing_ok=True)
     for name in (TB_DIR, *DERIVED_DIRS):
         shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """The run files' unfinished atomic writes (``.last.pt.<pid>.tmp``) in ``folder``."""
+    return [tmp for name in (*RUN_FILES, EVAL) for tmp in folder.glob(f".{name}.*tmp")]
+
+
+@contextlib.contextmanager
+def locked(folder: Path, writer: bool = True) -> Iterator[list[str]]:
+    """Hold ``folder``'s lock for the block (``writer``: rank 0; other ranks take none),
+    after putting right what a killed ``--overwrite`` left; yields notes to print. Refuses,
+    before any work, a folder that is a file, that cannot be written, or that another
+    process holds."""
+    if not writer:
+        yield []
+        return
+    if folder.exists() and not folder.is_dir():
+        raise CcatError(f"--out {folder} is a file, not a folder; choose a folder for the run")
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # leaf first
+    try:
+        fd = folder_lock.acquire(folder / LOCK)
+    except folder_lock.Busy as busy:
+        raise CcatError(f"{folder} is being written by another ccat train ({busy.holder}); "
+                        f"wait for it to end, or train into another --out") from None
+    except OSError as err:
+        raise CcatError(f"cannot write into {folder} ({err.strerror}); give --out a folder "
+                        f"you can write to") from None
+    notes = [] if fd is not None else [f"{folder}'s file system cannot lock files, so a "
+                                       f"second ccat train of it would not be refused"]
+    try:
+        yield [*notes, *filter(None, [recover(folder)])]
+    finally:
+        folder_lock.release(folder / LOCK, fd)
+        with contextlib.suppress(OSError):  # a run refused before it wrote leaves no folder
+            for path in made:
+                path.rmdir()
+
+
+def recover(folder: Path) -> str:
+    """Put right what a kill during ``--overwrite`` left (see the module's doc); says what
+    it did ('' when nothing was left)."""
+    if (folder / MOVING).is_dir():
+        _move_back(folder)
+        return f"put back the run files of {folder} that a killed --overwrite was moving"
+    if not (folder / OVERWRITTEN).is_dir():
+        return ""
+    if (folder / LAST).exists():
+        shutil.rmtree(folder / OVERWRITTEN)
+        return (f"removed {folder / OVERWRITTEN}, the run that a killed --overwrite had "
+                f"replaced: its replacement has a checkpoint")
+    restore(folder)
+    return (f"put back the run of {folder} from {OVERWRITTEN}/: the --overwrite that replaced "
+            f"it was killed before its first checkpoint")
+
+
+def set_aside(folder: Path) -> None:
+    """Move the run's files into ``folder/.overwritten`` (through ``.overwritten.moving``, so
+    that a kill leaves the move whole or undone); unfinished temporary files are deleted."""
+    moving = folder / MOVING
+    moving.mkdir()
+    for name in REPLACED:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            os.replace(folder / name, moving / name)
+    for tmp in temporaries(folder):
+        tmp.unlink(missing_ok=True)
+    os.replace(moving, folder / OVERWRITTEN)
+    fileio.fsync_folder(folder)
+
+
+def restore(folder: Path) -> None:
+    """Undo :func:`set_aside`: the new run's files go, the replaced run's come back."""
+    clear(folder)
+    os.replace(folder / OVERWRITTEN, folder / MOVING)
+    _move_back(folder)
+
+
+def _move_back(folder: Path) -> None:
+    """Every entry of ``folder/.overwritten.moving`` back into ``folder``."""
+    moving = folder / MOVING
+    for entry in moving.iterdir():
+        target = folder / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    moving.rmdir()
+    fileio.fsync_folder(folder)
+
+
+def discard_replaced(folder: Path) -> None:
+    """The new run has a checkpoint: delete the run it replaces (if any)."""
+    if (folder / OVERWRITTEN).is_dir():
+        shutil.rmtree(folder / OVERWRITTEN)
+
+
+@contextlib.contextmanager
+def replacing(folder: Path, active: bool) -> Iterator[None]:
+    """``--overwrite`` (when ``active``): the old run is set aside for the block, deleted by
+    :func:`discard_replaced` once the new run has a checkpoint (or when the block ends), and
+    put back when the block raises before that."""
+    if not active:
+        yield
+        return
+    try:
+        set_aside(folder)
+    except OSError as err:
+        if (folder / MOVING).is_dir():
+            _move_back(folder)
+        raise CcatError(f"cannot set the run in {folder} aside ({err.strerror}); make the "
+                        f"folder writable, then run the command again") from None
+    try:
+        yield
+    except BaseException:
+        if (folder / OVERWRITTEN).is_dir():
+            restore(folder)
+        raise
+    discard_replaced(folder)
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -132,9 +271,7 @@ def cut_metrics(folder: Path, rows: int) -> list[dict[str, Any]]:
                         f"is at epoch {rows} of the run; the folder was changed by hand: "
                         f"train it again with --overwrite")
     kept = kept[:rows]
-    tmp = folder / f".{METRICS}.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-    os.replace(tmp, folder / METRICS)
+    fileio.write_text(folder / METRICS, "".join(json.dumps(row) + "\n" for row in kept))
     return kept
 
 
@@ -149,11 +286,8 @@ def append_metrics(folder: Path, row: dict[str, Any]) -> None:
 
 def copy_atomic(source: Path, target: Path) -> None:
     """``target`` becomes a copy of ``source``; readers never see half of it."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    with open(source, "rb") as f, fileio.atomic_writer(target) as out:
+        shutil.copyfileobj(f, out)
 
 
 def copy_if_differs(source: Path, target: Path) -> bool:
@@ -172,6 +306,6 @@ def written(name: str) -> None:
     if not target:
         return
     _writes[name] += 1
-    file, _, count = target.rpartition(":")
+    file, count, *sent = target.split(":")
     if file == name and str(_writes[name]) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[f"SIG{sent[0] if sent else 'KILL'}"])

@@ -11,12 +11,16 @@ the last epoch. :func:`selection_splits` is the one place that decides.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import random
+import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ from ccat.models import MultimodalModel
 from ccat.step import NonFiniteLoss, Step
 
 console = make_console()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def param_groups(model: MultimodalModel, encoder_lr: dict[str, float]) -> list[dict[str, Any]]:
@@ -73,7 +78,13 @@ def fresh_step(model: MultimodalModel, cfg: RunConfig) -> Step:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message names the stage, the epoch and what was saved."""
+    """Ctrl-C during training; the message names the stage, the epoch and what was saved.
+    ``resumable``: ``--resume`` continues it; else (an ``--overwrite`` stopped before its
+    first checkpoint, whose old run is back in place) the same command starts it again."""
+
+    def __init__(self, where: str, resumable: bool = True):
+        super().__init__(where)
+        self.resumable = resumable
 
 
 def open_run_data(cfg: RunConfig) -> BuiltDataset:
@@ -149,7 +160,9 @@ class Run:
         self.data = RunData(self.dataset, cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world,
                             self.cache, new_step=partial(fresh_step, cfg=cfg),
                             autocast=partial(distributed.autocast, ctx.device))
+        make_optimizer(self.model, cfg)  # refuses a bad optim.encoder_lr before any write
         distributed.broadcast_model(self.model)
+        self.replacing = False  # --overwrite: the old run is set aside until last.pt is written
         self.last_good: Path | None = None
         self.saved_at = ""  # "stage 'x', epoch n" of last.pt
         self.at: tuple[int, int] | None = None  # (stage index, 0-based epoch) in training
@@ -178,12 +191,19 @@ class Run:
                 "config": to_dict(self.cfg), "data": data_location(self.cfg.data.path),
                 "fingerprint": self.dataset.fingerprint,
                 "fingerprint_params": spec.fingerprint_params(self.dataset.manifest),
-                "code": self.code}
+                "code": self.code, "world": self.ctx.world}
+
+    def put_back(self) -> bool:
+        """Whether stopping now puts back the run that ``--overwrite`` is replacing (it has
+        no checkpoint of its own yet)."""
+        return self.replacing and self.last_good is None
 
     def where(self) -> str:
         """Where training is now and what is saved, for the interruption message."""
         stages = self.method.stages()
         saved = f"{self.last_good} ({self.saved_at})" if self.last_good else "none yet"
+        if self.put_back():
+            saved += ", so the run it was replacing is back in place"
         if self.at is None:
             return (f"training of {self.out} stopped before an epoch began; last "
                     f"checkpoint: {saved}")
@@ -202,29 +222,68 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RunConfig, resume: bool = False,
           overwrite: bool = False) -> list[dict[str, Any]]:
     """Train every stage of ``cfg.method`` into ``cfg.out``; returns one metrics row per
-    epoch. ``resume`` continues the run there, ``overwrite`` replaces it."""
+    epoch. ``resume`` continues the run there, ``overwrite`` replaces it. The folder is
+    locked for the whole call (rank 0 holds the lock), and every check (options, config,
+    device, data, model, method) passes before ``overwrite`` moves the old run aside."""
     cfg = from_dict(to_dict(cfg))
     resolve_params(cfg)  # the saved config records every param the run trains with
     check_ranges(cfg)
+    if resume and overwrite:
+        raise CcatError("--resume continues the run in --out and --overwrite replaces it; "
+                        "pass one of them")
     ctx = distributed.setup(cfg.device)
     try:
-        state = claim_folder(cfg, resume, overwrite, ctx.main)
-        if state is not None and finished(cfg, state):
-            return _report_finished(cfg, state, ctx.main)
-        run = Run(cfg, ctx)
-        if resume:
+        with run_dir.locked(Path(cfg.out), ctx.main) as notes:
+            for note in notes:
+                console.print(note)
+            distributed.barrier()  # other ranks read the folder once rank 0 has put it right
+            return _train_locked(cfg, ctx, resume, overwrite)
+    finally:
+        distributed.cleanup()
+
+
+def _train_locked(cfg: RunConfig, ctx: distributed.Context, resume: bool,
+                  overwrite: bool) -> list[dict[str, Any]]:
+    """:func:`train` once the folder is this process's."""
+    state = claim_folder(cfg, resume, overwrite)
+    if state is not None and finished(cfg, state):
+        return _report_finished(cfg, state, ctx.main)
+    run = Run(cfg, ctx)  # opens the data and builds everything: the checks before any write
+    if resume:
+        with _writes_speak(run):
             _resume(run, state)
+    run.replacing = overwrite and ctx.main
+    with run_dir.replacing(run.out, run.replacing):
         if ctx.main:
-            run.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run.out / run_dir.CONFIG)
+            with _writes_speak(run):
+                save_config(cfg, run.out / run_dir.CONFIG)
             console.print(f"best.pt: {_selection_text(run)}")
         with tblog.open_writer(run.out, ctx.main) as run.tb:  # OUT/tb/, rank 0 only
             _train_stages(run, state)
-        if ctx.main:
-            console.print(summary_table(run.history))
-        return run.history
-    finally:
-        distributed.cleanup()
+    if ctx.main:
+        console.print(summary_table(run.history))
+    return run.history
+
+
+@contextlib.contextmanager
+def _writes_speak(run: Run) -> Iterator[None]:
+    """A run file that cannot be written (a full disk, a folder turned read-only) stops the
+    run with one sentence naming the folder, what ``last.pt`` still holds and the fix."""
+    try:
+        yield
+    except OSError as err:
+        full = err.errno in DISK_FULL
+        why = (f"the disk holding {run.out} is full ({err.strerror})" if full
+               else f"cannot write into {run.out} ({err.strerror})")
+        fix = "free space on it" if full else "make it writable"
+        if run.put_back():
+            then = f"the run it was replacing is back in place: {fix}, then run the command again"
+        elif run.last_good:
+            then = f"{run.last_good} still holds {run.saved_at}: {fix}, then continue with --resume"
+        else:
+            then = (f"no checkpoint was written yet: {fix}, then run the command again with "
+                    f"--overwrite")
+        raise CcatError(f"{why}; {then}") from None
 
 
 def _train_stages(run: Run, state: dict[str, Any] | None) -> None:
@@ -236,7 +295,7 @@ def _train_stages(run: Run, state: dict[str, Any] | None) -> None:
             resuming = state is not None and index == state["stage_index"]
             _train_stage(run, index, stage, state if resuming else None)
     except KeyboardInterrupt:
-        raise Interrupted(run.where()) from None
+        raise Interrupted(run.where(), resumable=not run.put_back()) from None
 
 
 def _selection_text(run: Run) -> str:
@@ -248,22 +307,15 @@ def _selection_text(run: Run) -> str:
     return f"the best fused accuracy on {run.select_split!r} (a tie: the later epoch)"
 
 
-def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool,
-                 main: bool = True) -> dict[str, Any] | None:
+def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Apply "a run folder holds one run": returns ``last.pt`` to resume from (None to
-    start from the first epoch); ``overwrite`` removes the old run's files (rank 0)."""
+    start from the first epoch). Nothing is removed here: ``overwrite`` sets the old run
+    aside only once every check has passed (see :func:`run_dir.replacing`)."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise CcatError(f"--out {out} is a file, not a folder; choose a folder for the run")
-    if resume and overwrite:
-        raise CcatError("--resume continues the run in --out and --overwrite replaces it; "
-                        "pass one of them")
     if not resume:
         if run_dir.holds_run(out) and not overwrite:
             raise CcatError(f"{out} holds a run already; pass --resume to continue it, "
                             f"--overwrite to replace it, or another --out")
-        if overwrite and main:
-            run_dir.clear(out)
         return None
     if not run_dir.holds_run(out):
         raise CcatError(f"--resume found no run in {out}; start it without --resume")
@@ -344,13 +396,39 @@ def _resume(run: Run, state: dict[str, Any] | None) -> None:
     stages, last = run.method.stages(), run.out / run_dir.LAST
     if state is not None:
         checkpoint.check_fingerprint(state, run.dataset, str(last))
-    run.history = restore_folder(run.out, stages, state, run.ctx.main)
-    if state is not None:
+        check_world(state, run.ctx, last)
         run.last_good, run.steps = last, state.get("step", 0)
         run.code = list(dict.fromkeys([*state.get("code", [provenance.UNRECORDED]), *run.code]))
         run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
+    run.history = restore_folder(run.out, stages, state, run.ctx.main)
     if run.ctx.main:
         console.print(f"resuming {run.out}: {_resume_point(stages, state, run.saved_at, last)}")
+
+
+def check_world(state: dict[str, Any], ctx: distributed.Context, last: Path) -> None:
+    """Refuse to resume on another number of processes than the run was trained on: each
+    epoch's batches, their order and the step count depend on it. A checkpoint from before
+    the number was recorded is resumed with a note (exact only on the same number)."""
+    saved = state.get("world")
+    if saved is None:
+        if ctx.main:
+            console.print(f"note: {last} does not record how many processes trained it "
+                          f"(written before ccat recorded it); the resume is exact only on "
+                          f"as many as then ({ctx.world} now)")
+        return
+    if saved != ctx.world:
+        raise CcatError(f"{last} was trained by {_processes(saved)} but this resume runs "
+                        f"{_processes(ctx.world)}; resume it with {_launch(saved)}, since "
+                        f"each epoch's batches depend on the number of processes")
+
+
+def _processes(world: int) -> str:
+    return f"{world} process{'es' if world != 1 else ''} (torchrun world size {world})"
+
+
+def _launch(world: int) -> str:
+    return "ccat train, without torchrun" if world == 1 else \
+        f"torchrun and {world} processes in all (e.g. --nproc-per-node {world})"
 
 
 def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: str,
@@ -411,16 +489,40 @@ def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -
     """Rank 0, in the order :mod:`ccat.run_dir` relies on: the metrics row, last.pt,
     then best.pt (a copy of last.pt); then the epoch's table."""
     run.history.append(row)
-    run_dir.append_metrics(run.out, row)
     last = run.out / run_dir.LAST
-    checkpoint.save_atomic(ckpt, last)
-    run_dir.written(run_dir.LAST)
-    run.last_good, run.saved_at = last, f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
-    if best_now:
-        run_dir.copy_atomic(last, run.out / run_dir.BEST)
-        run_dir.written(run_dir.BEST)
+    with _writes_speak(run):
+        run_dir.append_metrics(run.out, row)
+        with _ctrl_c_waits():  # last.pt, and what the run knows of it, change together
+            checkpoint.save_atomic(ckpt, last)
+            run_dir.written(run_dir.LAST)
+            if run.replacing:
+                run_dir.discard_replaced(run.out)  # the new run has its first checkpoint
+            run.last_good = last
+            run.saved_at = f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
+        if best_now:
+            run_dir.copy_atomic(last, run.out / run_dir.BEST)
+            run_dir.written(run_dir.BEST)
     tblog.log_epoch(run.tb, row, len(run.history), run.val_split or "")
     console.print(epoch_table(row))
+
+
+@contextlib.contextmanager
+def _ctrl_c_waits() -> Iterator[None]:
+    """Ctrl-C during the block takes effect at its end, so that the interruption message
+    (and ``--overwrite``'s putting back of the old run) sees the checkpoint written or not,
+    never in between. Only the main thread can hold signals; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is None:  # a handler set outside Python: keep it
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, Any]:

@@ -312,8 +312,8 @@ DEVICE_FIX = "pass --device cpu to run it on the CPU"
 
 @NO_GPU
 @pytest.mark.parametrize("cmd", READERS)
-@pytest.mark.parametrize("device,says", [("cuda", "device is cuda, but torch sees no CUDA "
-                                          "GPU here"),
+@pytest.mark.parametrize("device,says", [("cuda", "device is cuda, but torch finds no CUDA "
+                                          "GPU on this machine"),
                                          ("gpu", "device 'gpu' is not one of auto, cpu, cuda")])
 def test_a_device_that_is_not_here_is_one_sentence(tiny, tmp_path, monkeypatch, capsys,
                                                    cmd: str, device: str, says: str) -> None:
