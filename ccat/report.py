@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.markup import escape
 from rich.table import Table
 
 from ccat import outputs, run_dir
-from ccat.config import ConfigError, RunConfig, from_dict
+from ccat.config import ConfigError, RunConfig, from_dict, read_yaml
 from ccat.data.spec import MANIFEST_NAME
 from ccat.errors import CcatError
 from ccat.run_dir import SWITCH_LABELS, run_block
@@ -91,7 +90,7 @@ def _identity(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     config = run_dir / CONFIG_NAME
     if not config.is_file():
         raise FileNotFoundError(f"no 'run' block in it and no {config}")
-    cfg = from_dict(yaml.safe_load(config.read_text(encoding="utf-8")) or {})
+    cfg = from_dict(read_yaml(config))
     return run_block(cfg, _dataset_of(cfg, run_dir))
 
 
@@ -146,11 +145,18 @@ def read_result(path: Path, split: str) -> RunResult:
                            _values(metrics, path.parent),
                            selection_text(metrics.get("selection")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError,
-            yaml.YAMLError, RecursionError) as err:
+            RecursionError) as err:
         raise ValueError(f"unusable ({type(err).__name__}: {err})") from None
     if metrics.get("split") != split:
         raise ValueError(f"it evaluates split {metrics.get('split')!r}, not {split!r}")
     return result
+
+
+def _visible(root: Path, paths: Any) -> list[Path]:
+    """``paths`` under ``root`` outside hidden folders, sorted: a run that ``--overwrite``
+    set aside (``.overwritten/``) until the new run's first checkpoint is no result."""
+    return sorted(p for p in paths
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
 
 
 def find_runs(paths: list[Path], split: str = "test") -> Found:
@@ -160,8 +166,8 @@ def find_runs(paths: list[Path], split: str = "test") -> Found:
     for root in paths:
         if not root.is_dir():
             raise CcatError(f"{root} is not a folder; pass run folders or folders of runs")
-        evals = sorted(root.rglob(EVAL_NAME))
-        runs = sorted(c.parent for c in root.rglob(CONFIG_NAME))
+        evals = _visible(root, root.rglob(EVAL_NAME))
+        runs = sorted(c.parent for c in _visible(root, root.rglob(CONFIG_NAME)))
         if not evals and not runs:
             raise CcatError(f"no runs under {root}: no {EVAL_NAME} or {CONFIG_NAME} in it or "
                             f"below it")

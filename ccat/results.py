@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ccat import outputs, run_dir
 from ccat.analysis.plots import new_figure, save
-from ccat.config import ConfigError, from_dict
+from ccat.config import ConfigError, from_dict, read_yaml
 from ccat.methods import METHODS
 from ccat.provenance import UNRECORDED, git_stamp
 from ccat.errors import CcatError
@@ -115,9 +114,8 @@ def changed_params(method: str, folder: Path) -> dict[str, Any] | None:
     ``method``'s Params defaults; every param when the method is not registered here (its
     defaults are unknown); None when the config cannot be read."""
     try:
-        text = (folder / run_dir.CONFIG).read_text(encoding="utf-8")
-        params = from_dict(yaml.safe_load(text) or {}).method.params
-    except (OSError, ValueError, TypeError, ConfigError, yaml.YAMLError):
+        params = from_dict(read_yaml(folder / run_dir.CONFIG)).method.params
+    except (OSError, ValueError, TypeError, ConfigError):
         return None
     defaults = METHODS.get(method).Params if method in METHODS.names() else None
     base = dataclasses.asdict(defaults()) if defaults is not None else {}

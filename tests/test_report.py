@@ -243,3 +243,34 @@ def test_make_table_stops_at_a_failed_run(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "error:" in proc.stderr
     assert not (tmp_path / "runs" / "table.md").exists()
+
+
+def test_a_run_set_aside_by_overwrite_is_not_reported(runs, tmp_path):
+    """Until the new run's first checkpoint, ``--overwrite`` keeps the old run in
+    ``OUT/.overwritten/``; its eval.json and config.yaml are no result of the folder."""
+    run = shutil.copytree(runs / "sum" / "s0", tmp_path / "sum" / "s0")
+    other = shutil.copytree(runs / "concat" / "s0", tmp_path / "concat" / "s0")
+    aside = run / run_dir.OVERWRITTEN
+    aside.mkdir()
+    for name in ("eval.json", "config.yaml"):
+        shutil.move(run / name, aside / name)
+    found = find_runs([tmp_path])
+    assert found.inputs == [other / "eval.json"] and found.unevaluated == []
+    shutil.copy(aside / "config.yaml", run / "config.yaml")  # the new run has begun
+    assert find_runs([tmp_path]).unevaluated == [run]
+
+
+def test_a_run_config_is_read_within_the_config_bounds(runs, tmp_path):
+    """report reads a run's config.yaml (for an eval.json without its run block) with the
+    bounded YAML reader: a hand-made alias bomb there is one skipped run, not 7 GB."""
+    run = shutil.copytree(runs / "sum" / "s1", tmp_path / "bomb")
+    metrics = json.loads((run / "eval.json").read_text())
+    metrics.pop("run")
+    (run / "eval.json").write_text(json.dumps(metrics))
+    lines = ['a: &a ["xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"]']
+    lines += [f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]"
+              for p, c in zip("abcdefgh", "bcdefghi")]
+    (run / "config.yaml").write_text("\n".join(lines) + "\n")
+    found = find_runs([run])
+    assert found.results == [] and len(found.skipped) == 1
+    assert "aliases" in found.skipped[0] and len(found.skipped[0]) < 600

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ccat import run_dir
+from ccat.config import read_yaml
 from ccat.analysis.plots import new_figure, run_title, save
 from ccat.errors import CcatError
 
@@ -65,8 +65,7 @@ def read_history(run: str | Path) -> History:
     acc = f"{val}/acc/"
     modalities = [k[len(acc):] for k in rows[0] if k.startswith(acc) and k != f"{acc}fused"]
     config = run / run_dir.CONFIG
-    method = (yaml.safe_load(config.read_text(encoding="utf-8"))["method"]
-              if config.is_file() else {})
+    method = read_yaml(config).get("method", {}) if config.is_file() else {}
     beta = None
     if any(k.startswith("selected/") for row in rows for k in row) and "beta" in method.get(
             "params", {}):
