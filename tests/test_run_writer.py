@@ -116,7 +116,7 @@ FAILING_CHECKS = [
     (None, ["--set", "data.batch_size=64"], "is larger than the train split"),
     (None, ["--set", "select_split=nope"], "select_split 'nope' is not a split"),
     (None, ["--set", 'optim.encoder_lr={"depth": 0.1}'], "optim.encoder_lr names ['depth']"),
-    (None, ["--set", "optim.lr=-1"], "optim.lr is -1.0 but must be > 0"),
+    (None, ["--set", "optim.lr=-1"], "optim.lr is -1.0 but must be in (0, 10]"),
     (None, ["--set", "method.params.rank=8"], "method 'sum' has no param 'rank'"),
     pytest.param(None, ["--set", "device=cuda"], "torch finds no CUDA GPU", marks=NO_GPU),
     (None, ["--set", "device=gpu"], "device 'gpu' is not one of auto, cpu, cuda"),
