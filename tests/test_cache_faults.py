@@ -4,7 +4,6 @@ read-only and full caches are real tmpfs mounts (skipped where mounting is not a
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from ccat.data import open_dataset
 from ccat.data.reader import DatasetError
 from conftest import run_cli, serve
+from train_helpers import tmpfs
 
 
 @pytest.fixture()
@@ -23,21 +23,6 @@ def url(built: Path, tmp_path: Path) -> Iterator[str]:
     shutil.copytree(built, tmp_path / "www" / "ds")
     with serve(tmp_path / "www") as base:
         yield f"{base}/ds"
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at ``where`` with ``options``; the test is skipped where it cannot be."""
-    where.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}), so a read-only or "
-                    "full file system cannot be made for real")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 def remount(where: Path, options: str) -> None:

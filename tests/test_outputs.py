@@ -9,18 +9,16 @@ root, which chmod does not stop), skipped where mounting is not allowed."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from ccat.cli import main
 from ccat.config import save_config
 from ccat.evaluate import evaluate_checkpoint
 from ccat.train import train
-from train_helpers import interrupt, tiny_config, write_tiny_dataset
+from train_helpers import interrupt, tiny_config, tmpfs, write_tiny_dataset
 
 NOWHERE = "/nonexistent/shards"  # --data that any work fails on: a refusal came before it
 
@@ -177,20 +175,6 @@ def test_eval_writes_its_run_s_eval_json_atomically(tiny, monkeypatch, capsys) -
     assert code == 0, err
     assert (run / run_dir.EVAL).read_bytes() == (tiny.run / run_dir.EVAL).read_bytes()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at ``where``; the test is skipped where mounting is not allowed."""
-    where.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 @pytest.mark.parametrize("cmd", [*FILE_WRITERS, *FOLDER_WRITERS])

@@ -3,7 +3,6 @@ changed settings, every kill point recoverable, portable data paths, selection t
 touches test unasked, interruptions that say where they stopped."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,8 @@ from ccat.errors import CcatError
 from ccat.evaluate import evaluate_checkpoint
 from ccat.methods import METHODS
 from ccat.train import TIMING_KEYS, train
-from train_helpers import interrupt, interrupt_then_resume, tiny_config, write_tiny_dataset
+from train_helpers import (cli_train, interrupt, interrupt_then_resume, tiny_config,
+                           write_tiny_dataset)
 
 # One thread: runs in this process and in subprocesses sum floats in the same order.
 TINY_YAML = """\
@@ -46,13 +46,6 @@ def config_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(TINY_YAML)
     return path
-
-
-def cli_train(config_file, data, out, *extra, env=None):
-    """``ccat train`` in a subprocess (its own torch and signals)."""
-    return subprocess.run([sys.executable, "-m", "ccat", "train", "--config", str(config_file),
-                           "--data", str(data), "--out", str(out), *extra],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def run_main(args, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from ccat import folder_lock, run_dir
 from ccat.cli import main
 from ccat.errors import CcatError
 from test_cache_faults import tmpfs
-from train_helpers import interrupt, tiny_config, write_tiny_dataset
+from train_helpers import cli_train, interrupt, tiny_config, tmpfs, write_tiny_dataset
 
 TINY_YAML = """\
 device: cpu
@@ -59,13 +59,6 @@ def run_copy(finished, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     return out
-
-
-def cli_train(config_file, data, out, *extra, env=None):
-    """``ccat train`` in a subprocess (its own process, lock and signals)."""
-    return subprocess.run([sys.executable, "-m", "ccat", "train", "--config", str(config_file),
-                           "--data", str(data), "--out", str(out), *extra],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def run_main(args, monkeypatch, capsys):

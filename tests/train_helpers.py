@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ccat.config import RunConfig
@@ -128,3 +134,27 @@ def interrupt_then_resume(cfg: RunConfig, monkeypatch, at_epoch: int) -> list[di
 
     interrupt(cfg, monkeypatch, at_epoch)
     return train(cfg, resume=True)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` with ``options`` (``ro``, ``size=1M``), so that a
+    read-only or full file system is real; the test is skipped where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}), so a read-only or "
+                    "full file system cannot be made for real")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def cli_train(config_file: Path, data: Path, out: Path, *extra: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``ccat train`` in a subprocess (its own torch, lock and signals)."""
+    return subprocess.run([sys.executable, "-m", "ccat", "train", "--config", str(config_file),
+                           "--data", str(data), "--out", str(out), *extra],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
