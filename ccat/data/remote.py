@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import httpx
 
+from ccat import fileio
 from ccat.data import spec
 from ccat.errors import UserError
 
@@ -471,23 +472,13 @@ def cache_folder(manifest: dict[str, Any], cache_dir: Path | None) -> Path:
 @contextlib.contextmanager
 def cache_writer(target: Path) -> Iterator[BinaryIO]:
     """A file that becomes ``target`` when the block ends without error, and is removed
-    otherwise; a failed write is a RemoteError naming the cache."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+    otherwise (:func:`ccat.fileio.atomic_writer`); a failed write is a RemoteError naming
+    the cache."""
     try:
-        with open(tmp, "wb") as out:
+        with fileio.atomic_writer(target) as out:
             yield out
-        os.replace(tmp, target)
     except OSError as err:
-        _remove(tmp)
         raise cache_error(target.parent, err) from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
 
 
 def fetch_shard(base: str, shard: spec.ShardInfo, folder: Path,
