@@ -424,11 +424,12 @@ def _backend_error(url: str, err: Exception, limits: HttpLimits,
     if deadline.passed():
         return deadline.error()
     if "Timeout" in type(err).__name__:  # botocore's ReadTimeoutError, ConnectTimeoutError
-        spent = deadline.total_s - deadline.remaining()  # stated rounded down: never above it
+        spent = deadline.total_s - deadline.remaining()
+        stated = math.floor(spent * 10) / 10  # rounded down: never more than was spent
         return RemoteError(f"{url} did not answer within the timeouts on any attempt "
                            f"({limits.connect_s:g} s to connect, CCAT_HTTP_CONNECT_TIMEOUT; "
                            f"{limits.stall_s:g} s without a byte, CCAT_HTTP_STALL_TIMEOUT; "
-                           f"{type(err).__name__}; {math.floor(spent * 10) / 10:.1f} s in all, retries included); "
+                           f"{type(err).__name__}; {stated:.1f} s in all, retries included); "
                            "check the endpoint and the network")
     return RemoteError(f"cannot read {url} ({type(err).__name__}: {err}); check the URL, "
                        "the endpoint and the credentials")
