@@ -3,12 +3,14 @@
 From evaluated runs (``ccat eval --probe``), one small table: per method the fused test
 accuracy, each modality's linear probe (the same measure for every method) and CCAT's
 fraction of training samples picked for secondary updates (``n/a`` for methods without
-them); then two sentences generated from those numbers: which modality dominated under the
-baseline (the one whose probe is highest there, by default under ``concat``), and how far
+them); then three sentences generated from those numbers: which modality dominated under
+the baseline (the one whose probe is highest there, by default under ``concat``); how far
 the weak modality (the lowest probe there) is from its unimodal level, the probe of a
-``unimodal`` run (each modality trained alone), under each method. Without a unimodal run
-the second sentence compares each method with the baseline instead. Cells with several
-seeds are means over them.
+``unimodal`` run (each modality trained alone), under each method; and how far each
+method's fused accuracy is from the unimodal ensemble's (the ``unimodal`` run's fused
+prediction, the mean of the two heads trained alone). Without a unimodal run the last two
+compare each method with the baseline instead. Cells with several seeds are means over
+them.
 """
 
 from __future__ import annotations
@@ -110,6 +112,21 @@ def gap_sentence(rows: list[MethodNumbers], base: MethodNumbers,
     return text + (f", so {versus}." if len(others) == 1 else ".")
 
 
+def fused_sentence(rows: list[MethodNumbers], base: MethodNumbers,
+                   reference: MethodNumbers | None) -> str:
+    """'Fused, the unimodal ensemble (unimodal) reaches 97.9 %; concat is 12.5 points below
+    it, ccat 2.1 points below it.' Without a reference run, against the baseline."""
+    level = reference if reference is not None else base
+    others = [r for r in rows if r.method != level.method]
+    what = (f"the unimodal ensemble ({level.method})" if reference is not None
+            else level.method)
+    if not others:
+        return f"Fused, {what} reaches {_percent(level.fused)}."
+    told = ", ".join(f"{r.method} {'is ' if k == 0 else ''}{_offset(r.fused, level.fused)}"
+                     for k, r in enumerate(others))
+    return f"Fused, {what} reaches {_percent(level.fused)}; {told}."
+
+
 def numbers_of(report: Report) -> list[MethodNumbers]:
     """Each full method's means (ablation variants are left out), in the report's order."""
     datasets = list(dict.fromkeys(d for d, _ in report.columns))
@@ -158,15 +175,16 @@ def with_selection(rows: list[MethodNumbers],
 
 @dataclass(frozen=True)
 class Story:
-    """The summary: the numbers and the two sentences made from them."""
+    """The summary: the numbers and the three sentences made from them."""
 
     rows: list[MethodNumbers]
-    sentences: tuple[str, str]
+    sentences: tuple[str, str, str]
 
 
 def tell(rows: list[MethodNumbers], baseline: str = BASELINE,
          reference: str = REFERENCE) -> Story:
-    """The two sentences for ``rows``; the baseline must be among them, the reference may not."""
+    """The three sentences for ``rows``; the baseline must be among them, the reference may
+    not."""
     by_method = {r.method: r for r in rows}
     if baseline not in by_method:
         raise CcatError(f"no {baseline} run among the runs given ({', '.join(by_method)}); "
@@ -174,7 +192,8 @@ def tell(rows: list[MethodNumbers], baseline: str = BASELINE,
                         f"evaluate one, or name another with --baseline")
     base = by_method[baseline]
     ref = by_method.get(reference) if reference != baseline else None
-    return Story(rows, (dominance_sentence(base), gap_sentence(rows, base, ref)))
+    return Story(rows, (dominance_sentence(base), gap_sentence(rows, base, ref),
+                        fused_sentence(rows, base, ref)))
 
 
 def story_of(found: Found, baseline: str = BASELINE, reference: str = REFERENCE,
@@ -212,7 +231,7 @@ def caption(story: Story) -> str:
 
 
 def to_markdown(story: Story) -> str:
-    """The table and the two sentences as GitHub Markdown."""
+    """The table and the three sentences as GitHub Markdown."""
     header = _header(story)
     lines = [caption(story), "", "| " + " | ".join(header) + " |",
              "| --- |" + " ---: |" * (len(header) - 1)]

@@ -52,14 +52,18 @@ def test_page_has_stamp_table_figure_and_sentences(checkout):
     page = (checkout / "docs" / "results.md").read_text()
     commit = git(checkout, "rev-parse", "HEAD")
     assert f"Made by `{COMMAND}` at commit `{commit}` (clean)" in page
-    rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
-    # one row per method, in the order found (runs/ is searched in sorted order)
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| ccat", "| concat"]
-    concat = rows[2].split(" | ")
+    table = page[page.index("| method"):].split("\n\n")[0].splitlines()
+    rows = [line for line in table if "---" not in line]
+    # one row per method, ranked by fused accuracy (concat 0.9, ccat 0.8)
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| concat", "| ccat"]
+    concat = rows[1].split(" | ")
     assert "**92.50 ± 3.54**" in concat  # best probe audio: 0.90 and 0.95 over the two seeds
     assert "4 runs; their training epochs took 20 s" in page  # 2 s per epoch: 2 x 2 + 2 x 3
     assert "![fused accuracy and probes per method](img/results_accuracy.png)" in page
     assert "Under concat, audio dominated: its probe reached 92.5 %" in page
+    # the fused comparison, paired by seed: ccat is 10 points below concat in both seeds
+    assert "| ccat | 80.00 | -10.0 ± 0.0 | -10.0 |" in page
+    assert "Above concat in every seed: none." in page
     with Image.open(checkout / "docs" / "img" / "results_accuracy.png") as figure:
         assert figure.format == "PNG" and figure.width > 300
 

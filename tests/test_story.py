@@ -1,4 +1,4 @@
-"""``ccat summary``: the two sentences follow the numbers whichever way they go (CCAT lifts
+"""``ccat summary``: the sentences follow the numbers whichever way they go (CCAT lifts
 the weak modality or not, audio or video dominant), and the command reads hand-built run
 folders: probes from eval.json, CCAT's selected fractions from metrics.jsonl."""
 
@@ -25,7 +25,7 @@ def numbers(method: str, audio: float, video: float, fused: float = 0.9,
 def test_ccat_lifting_the_weak_modality_is_said_with_its_numbers():
     story = tell([numbers("concat", 0.9167, 0.2083), numbers("ccat", 0.875, 0.375),
                   numbers("unimodal", 0.9167, 0.4583)])
-    assert story.sentences == (
+    assert story.sentences[:2] == (
         "Under concat, audio dominated: its probe reached 91.7 % against 20.8 % for video.",
         "Trained alone (unimodal), video's probe reaches 45.8 %; under concat 25.0 points "
         "below it, under ccat 8.3 points below it, so ccat lifts video 16.7 points above "
@@ -35,7 +35,7 @@ def test_ccat_lifting_the_weak_modality_is_said_with_its_numbers():
 def test_ccat_not_lifting_it_is_said_too_and_video_can_dominate():
     story = tell([numbers("concat", 0.30, 0.80), numbers("ccat", 0.25, 0.85),
                   numbers("unimodal", 0.60, 0.85)])
-    assert story.sentences == (
+    assert story.sentences[:2] == (
         "Under concat, video dominated: its probe reached 80.0 % against 30.0 % for audio.",
         "Trained alone (unimodal), audio's probe reaches 60.0 %; under concat 30.0 points "
         "below it, under ccat 35.0 points below it, so ccat leaves audio 5.0 points below "
@@ -67,6 +67,25 @@ def test_without_a_unimodal_run_the_gap_is_relative_to_concat():
                                   "with concat: ccat lifts video 10.0 points above concat.")
     alone = tell([numbers("concat", 0.9, 0.2)])
     assert alone.sentences[1].endswith("there is no other method to compare.")
+
+
+def test_fused_accuracy_is_compared_with_the_unimodal_ensemble_whichever_way():
+    story = tell([numbers("concat", 0.9, 0.2, fused=0.8), numbers("ccat", 0.9, 0.4, fused=0.96),
+                  numbers("unimodal", 0.9, 0.5, fused=0.94)])
+    assert story.sentences[2] == ("Fused, the unimodal ensemble (unimodal) reaches 94.0 %; "
+                                  "concat is 14.0 points below it, ccat 2.0 points above it.")
+    level = tell([numbers("concat", 0.9, 0.2, fused=0.9), numbers("unimodal", 0.9, 0.5,
+                                                                    fused=0.9)])
+    assert level.sentences[2] == ("Fused, the unimodal ensemble (unimodal) reaches 90.0 %; "
+                                  "concat is level with it.")
+
+
+def test_without_a_unimodal_run_fused_accuracy_is_compared_with_concat():
+    story = tell([numbers("concat", 0.9, 0.2, fused=0.75), numbers("ccat", 0.8, 0.3,
+                                                                     fused=0.70)])
+    assert story.sentences[2] == "Fused, concat reaches 75.0 %; ccat is 5.0 points below it."
+    alone = tell([numbers("concat", 0.9, 0.2, fused=0.75)])
+    assert alone.sentences[2] == "Fused, concat reaches 75.0 %."
 
 
 def write_run(folder: Path, method: str, seed: int, probe: dict[str, float], fused: float,
@@ -108,9 +127,11 @@ def test_summary_command_prints_and_writes_the_table_and_sentences(tmp_path):
     lines = out.read_text().splitlines()
     assert "| concat | 90.0 % | 95.0 % | 20.0 % | n/a | n/a |" in lines
     assert "| ccat | 80.0 % | 90.0 % | 30.0 % | 0.0 % | 10.0 % |" in lines
-    assert lines[-1] == ("Trained alone (unimodal), video's probe reaches 50.0 %; under concat "
+    assert lines[-2] == ("Trained alone (unimodal), video's probe reaches 50.0 %; under concat "
                          "30.0 points below it, under ccat 20.0 points below it, so ccat "
                          "lifts video 10.0 points above concat.")
+    assert lines[-1] == ("Fused, the unimodal ensemble (unimodal) reaches 85.0 %; concat is "
+                         "5.0 points above it, ccat 5.0 points below it.")
     assert "Under concat, audio dominated" in result.stdout and "n/a" in result.stdout
 
 

@@ -21,8 +21,9 @@ import soundfile
 from conftest import run_cli
 from scipy.stats import f_oneway
 
-from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_COLOUR_AXES, CLASSES,
-                                       synthesize_cremad)
+from preprocess.datasets.designs import DESIGNS
+from preprocess.datasets.synth import (CLASS_AM_RATES_HZ, CLASS_COLOUR_AXES, CLASS_TONES_HZ,
+                                       CLASSES, synthesize_cremad)
 
 ID_PATTERN = re.compile(r"^(10(?:0[1-9]|[1-8]\d|9[01]))_(IEO|TIE|IOM|IWW|TAI|MTI|IWL|ITH|DFA|ITS"
                         r"|TSI|WSI)_(ANG|DIS|FEA|HAP|NEU|SAD)_(LO|MD|HI|XX)$")
@@ -73,6 +74,19 @@ def cue_tree(request: pytest.FixtureRequest,
     root = tmp_path_factory.mktemp(f"easy_{request.param}")
     ids = synthesize_cremad(root, CUE_CLIPS, 3, easy=request.param, width=SIZE[0],
                             height=SIZE[1], duration=(1.0, 1.5))
+    return request.param, root, ids
+
+
+@pytest.fixture(scope="module", params=["audio", "video"])
+def fused_tree(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list[str]]:
+    """The default design (`fused`): the easy cue on 60 % of each class's clips."""
+    root = tmp_path_factory.mktemp(f"fused_{request.param}")
+    design = DESIGNS["fused"]
+    ids = synthesize_cremad(root, CUE_CLIPS, 3, easy=request.param, width=SIZE[0],
+                            height=SIZE[1], duration=(1.0, 1.5),
+                            easy_reliability=design.easy_reliability,
+                            hard_strength=design.hard_strength)
     return request.param, root, ids
 
 
@@ -262,6 +276,11 @@ def test_zero_strength_removes_both_cues(tmp_path: Path) -> None:
                                         (["ks", "--easy", "text"], "--easy 'text'"),
                                         (["ks", "--classes", "9"], "--classes 9"),
                                         (["cremad", "--hard-strength", "-1"], "--hard-strength"),
+                                        (["cremad", "--easy-reliability", "1.5"],
+                                         "--easy-reliability 1.5"),
+                                        (["cremad", "--design", "loud"], "--design 'loud'"),
+                                        (["ks", "--easy-reliability", "-0.1"],
+                                         "--easy-reliability"),
                                         (["mvsa", "--easy", "audio"], "--easy 'audio'")])
 def test_synth_refuses_bad_options_in_one_sentence(tmp_path, capsys, args, named) -> None:
     code, _, err = run_cli(["synth", *args, "--out", str(tmp_path / "raw")], capsys)
@@ -273,7 +292,7 @@ def test_synth_cli_passes_the_hard_strength(tmp_path: Path, capsys) -> None:
     """`--hard-strength 0.5` writes exactly what the library writes at hard_strength 0.5."""
     code, out, _ = run_cli(["synth", "cremad", "--out", str(tmp_path / "cli"), "--clips", "3",
                             "--width", str(SIZE[0]), "--height", str(SIZE[1]),
-                            "--hard-strength", "0.5"], capsys)
+                            "--design", "probe", "--hard-strength", "0.5"], capsys)
     assert code == 0 and "wrote 3 clips" in out
     ids = synthesize_cremad(tmp_path / "lib", 3, 0, hard_strength=0.5, width=SIZE[0],
                             height=SIZE[1])
@@ -281,3 +300,108 @@ def test_synth_cli_passes_the_hard_strength(tmp_path: Path, capsys) -> None:
     name = f"VideoFlash/{ids[0]}.flv"
     assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
     assert (tmp_path / "cli" / name).read_bytes() != (tmp_path / "default" / name).read_bytes()
+
+
+# ---------------------------------------------------------------- the fused design
+
+TONE_PRESENT = 0.15  # a class tone of this amplitude or more: the easy audio cue (0.3)
+TINT_PRESENT = 0.125  # a mean colour this far along the class hue: the easy video tint (0.25)
+
+
+def tone_amplitude(path: Path) -> float:
+    """The largest amplitude, over the class tones, of a steady tone within 2 % of one
+    (Hann-windowed FFT; the amplitude of a sinusoid, whatever its phase)."""
+    sound, rate = soundfile.read(path, dtype="float64")
+    window = np.hanning(len(sound))
+    magnitude = 2 * np.abs(np.fft.rfft(sound * window)) / window.sum()
+    freqs = np.fft.rfftfreq(len(sound), 1 / rate)
+    return max(float(magnitude[np.abs(freqs - f) < 0.02 * f].max()) for f in CLASS_TONES_HZ)
+
+
+def class_tint(path: Path) -> float:
+    """The clip's mean colour along its own class's tint direction (a unit chroma offset,
+    the hue 60 degrees apart per class), in units of full scale."""
+    colour = sampled_frames(path).reshape(-1, 3).mean(0) / 255
+    hue = 2 * np.pi * label(path.stem) / len(CLASSES)
+    direction = np.cos(hue - 2 * np.pi * np.arange(3) / 3) * np.sqrt(2 / 3)
+    return float((colour - colour.mean()) @ direction)
+
+
+EASY_PRESENCE = {"audio": ("AudioWAV", "wav", tone_amplitude, TONE_PRESENT),
+                 "video": ("VideoFlash", "flv", class_tint, TINT_PRESENT)}
+
+
+def easy_present(easy: str, root: Path, ids: list[str]) -> np.ndarray:
+    sub, suffix, measure, threshold = EASY_PRESENCE[easy]
+    return np.array([measure(root / sub / f"{i}.{suffix}") >= threshold for i in ids])
+
+
+def test_the_easy_cue_is_on_the_stated_fraction_of_each_class(
+        fused_tree: tuple[str, Path, list[str]]) -> None:
+    """Counted on the media: in every class, round(0.6 * 6) = 4 of the 6 clips carry the
+    easy cue, and on those the linear rule still reads the class."""
+    easy, root, ids = fused_tree
+    labels = np.array([label(i) for i in ids])
+    present = easy_present(easy, root, ids)
+    expected = round(DESIGNS["fused"].easy_reliability * CUE_CLIPS / len(CLASSES))
+    assert np.bincount(labels[present], minlength=len(CLASSES)).tolist() == \
+        [expected] * len(CLASSES)
+    sub, suffix, feature = LINEAR_FEATURE[easy]
+    features = np.stack([feature(root / sub / f"{i}.{suffix}") for i in ids])
+    assert nearest_mean_accuracy(features[present], labels[present]) >= 0.9
+
+
+def test_the_fused_designs_hard_cue_is_still_nonlinear_only(
+        fused_tree: tuple[str, Path, list[str]]) -> None:
+    """At the design's weaker hard strength the hard cue keeps equal class means, no linear
+    rule, and an energy detector that finds it."""
+    easy, root, ids = fused_tree
+    hard = "video" if easy == "audio" else "audio"
+    labels = np.array([label(i) for i in ids])
+    sub, suffix, feature = MEAN_FEATURE[hard]
+    features = np.stack([feature(root / sub / f"{i}.{suffix}") for i in ids])
+    assert class_mean_p(features, labels) > HARD_P
+    sub, suffix, feature = LINEAR_FEATURE[hard]
+    features = np.stack([feature(root / sub / f"{i}.{suffix}") for i in ids])
+    assert nearest_mean_accuracy(features, labels) <= CHANCE + 0.2
+    sub, suffix, detector = NONLINEAR_CLASS[hard]
+    predicted = np.array([detector(root / sub / f"{i}.{suffix}") for i in ids])
+    assert np.mean(predicted == labels) >= 0.8
+
+
+@pytest.mark.parametrize("reliability", [0.0, 0.5, 1.0])
+def test_reliability_is_exact_per_class(tmp_path: Path, reliability: float) -> None:
+    """0 removes the easy cue from every clip, 1 keeps it on every clip (the probe design),
+    0.5 on exactly half of each class."""
+    ids = synthesize_cremad(tmp_path, 12, 5, easy_reliability=reliability, width=SIZE[0],
+                            height=SIZE[1], duration=0.5)
+    labels = np.array([label(i) for i in ids])
+    present = easy_present("audio", tmp_path, ids)
+    assert np.bincount(labels[present], minlength=6).tolist() == [round(2 * reliability)] * 6
+
+
+def test_cli_default_is_the_fused_design_and_probe_the_first_design(tmp_path: Path,
+                                                                     capsys) -> None:
+    """`ccat-data synth cremad` writes DESIGNS['fused']; `--design probe` writes exactly what
+    the first design wrote (the library's defaults); an explicit knob beats the design's."""
+    small = ["--clips", "6", "--width", str(SIZE[0]), "--height", str(SIZE[1])]
+    for name, extra in (("default", []), ("probe", ["--design", "probe"]),
+                        ("knob", ["--design", "probe", "--easy-reliability", "0.6",
+                                  "--hard-strength", "0.7"])):
+        code, out, _ = run_cli(["synth", "cremad", "--out", str(tmp_path / name), *small,
+                                *extra], capsys)
+        assert code == 0 and "wrote 6 clips" in out
+    fused = DESIGNS["fused"]
+    assert f"its cue on {100 * fused.easy_reliability:g} % of the clips" in \
+        run_cli(["synth", "cremad", "--out", str(tmp_path / "again"), *small], capsys)[1]
+    ids = synthesize_cremad(tmp_path / "first", 6, 0, width=SIZE[0], height=SIZE[1])
+    synthesize_cremad(tmp_path / "lib_fused", 6, 0, width=SIZE[0], height=SIZE[1],
+                      easy_reliability=fused.easy_reliability, hard_strength=fused.hard_strength)
+
+    def tree_bytes(name: str) -> list[bytes]:
+        return [(tmp_path / name / sub / f"{i}.{suffix}").read_bytes() for i in ids
+                for sub, suffix in (("AudioWAV", "wav"), ("VideoFlash", "flv"))]
+
+    assert tree_bytes("probe") == tree_bytes("first")
+    assert tree_bytes("default") == tree_bytes("lib_fused") == tree_bytes("knob")
+    assert tree_bytes("default") != tree_bytes("first")

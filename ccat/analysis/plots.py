@@ -14,13 +14,15 @@ DPI = 110  # about 770 x 440 px for the default size: readable, well under 150 K
 
 
 def new_figure(rows: int = 1, size: tuple[float, float] = (7.0, 4.0),
-               heights: list[float] | None = None) -> tuple[Figure, list[Any]]:
-    """A figure with ``rows`` stacked axes sharing the x axis."""
+               heights: list[float] | None = None,
+               columns: int = 1) -> tuple[Figure, list[Any]]:
+    """A figure with ``rows`` stacked axes sharing the x axis, or with ``columns`` panels
+    side by side sharing the y axis; the axes row by row."""
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False,
-                        gridspec_kw={"height_ratios": heights} if heights else None)[:, 0]
-    return fig, list(axes)
+    axes = fig.subplots(rows, columns, sharex=columns == 1, sharey=columns > 1, squeeze=False,
+                        gridspec_kw={"height_ratios": heights} if heights else None)
+    return fig, list(axes.ravel())
 
 
 def save(fig: Figure, path: Path, title: str, option: str = "--out") -> Path:

@@ -63,6 +63,7 @@ NUM_FRAMES = Range(1, 64)  # 64 frames of 1024 px RGB are 200 MB per clip in mem
 SEED = Range(0, 2**32 - 1)
 SYNTH_COUNT = Range(1, 5000)  # clips or pairs a synthetic tree holds: tests and demos
 SYNTH_STRENGTH = Range(0.0, 10.0)  # a synthetic cue's scale; 1 is the calibrated one
+SYNTH_RELIABILITY = Range(0.0, 1.0)  # fraction of synthetic clips whose easy cue is present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,7 @@ def check_options(values: Any) -> None:
     option of the dataclass instance ``values`` outside the range its field declares."""
     for opt in options_of(type(values)):
         value = getattr(values, opt.name)
-        if opt.range is not None and value not in opt.range:
+        if opt.range is not None and value is not None and value not in opt.range:
             shown = _number(value) if isinstance(value, (int, float)) else repr(value)
             raise OptionError(f"{opt.flag} {shown} is out of range: give a value from "
                               f"{opt.range}")

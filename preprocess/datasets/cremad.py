@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 from ccat.data import kinds, spec
 from preprocess import media
 from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
-                                 SYNTH_STRENGTH, LayoutError, OptionError, Published, Range,
-                                 check_choice, check_options, option, register)
+                                 SYNTH_RELIABILITY, SYNTH_STRENGTH, LayoutError, OptionError,
+                                 Published, Range, check_choice, check_options, designs, option,
+                                 register)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -45,15 +46,17 @@ class CremadSynth:
     clips: int = option(120, "Number of clips (balanced over 6 classes).", within=SYNTH_COUNT)
     seed: int = option(0, "Seed: same seed, same files.", within=SEED)
     easy: str = option("audio", "The easy modality: audio or video.")
-    hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
-                                        "slower to learn (0 removes its cue).",
-                                  within=SYNTH_STRENGTH)
+    design: str = option(designs.DEFAULT_DESIGN, designs.DESIGN_HELP)
+    easy_reliability: Optional[float] = option(None, designs.RELIABILITY_HELP,
+                                               within=SYNTH_RELIABILITY)
+    hard_strength: Optional[float] = option(None, designs.STRENGTH_HELP, within=SYNTH_STRENGTH)
     width: int = option(96, "Video width, px (even).", within=SYNTH_SIDE)
     height: int = option(72, "Video height, px (even).", within=SYNTH_SIDE)
     title: ClassVar[str] = "synthetic CREMA-D"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
+        check_choice("--design", self.design, tuple(designs.DESIGNS))
         check_options(self)  # the ranges first: parity is asked of a width in range
         for flag, side in (("--width", self.width), ("--height", self.height)):
             if side % 2:
@@ -68,11 +71,13 @@ class CremadSynth:
         """Write the tree; a line saying what was written."""
         from preprocess.datasets.synth import synthesize_cremad
 
+        design = designs.resolve(self.design, self.easy_reliability, self.hard_strength)
         ids = synthesize_cremad(out, self.clips, self.seed, easy=self.easy,
-                                hard_strength=self.hard_strength, width=self.width,
+                                hard_strength=design.hard_strength,
+                                easy_reliability=design.easy_reliability, width=self.width,
                                 height=self.height, progress=progress)
         counts = Counter(CLASSES[label_of(i)] for i in ids)
-        return (f"wrote {len(ids)} clips to {out} ({self.easy} is the easy modality); per "
+        return (f"wrote {len(ids)} clips to {out} ({designs.summary(self.easy, design)}); per "
                 "class: " + ", ".join(f"{c} {counts[c]}" for c in CLASSES))
 
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar, Optional
 from ccat.data import kinds, spec
 from preprocess import media
 from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
-                                 SYNTH_STRENGTH, LayoutError, Published, Range, check_choice,
-                                 option, register)
+                                 SYNTH_RELIABILITY, SYNTH_STRENGTH, LayoutError, Published,
+                                 Range, check_choice, designs, option, register)
 from preprocess.splits import (UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines,
                                read_text_lines)
 
@@ -65,14 +65,16 @@ class KineticsSoundsSynth:
                           within=SYNTH_CLASSES)
     seed: int = option(0, "Seed: same seed, same files.", within=SEED)
     easy: str = option("audio", "The easy modality: audio or video.")
-    hard_strength: float = option(1.0, "Scale of the hard cue: lower makes the hard modality "
-                                        "slower to learn (0 removes its cue).",
-                                  within=SYNTH_STRENGTH)
+    design: str = option(designs.DEFAULT_DESIGN, designs.DESIGN_HELP)
+    easy_reliability: Optional[float] = option(None, designs.RELIABILITY_HELP,
+                                               within=SYNTH_RELIABILITY)
+    hard_strength: Optional[float] = option(None, designs.STRENGTH_HELP, within=SYNTH_STRENGTH)
     seconds: float = option(2.0, "Clip length, s.", within=SYNTH_SECONDS)
     title: ClassVar[str] = "synthetic Kinetics-Sounds"
 
     def __post_init__(self) -> None:
         check_choice("--easy", self.easy, ("audio", "video"))
+        check_choice("--design", self.design, tuple(designs.DESIGNS))
 
     @property
     def total(self) -> int:
@@ -82,11 +84,13 @@ class KineticsSoundsSynth:
         """Write the tree; a line saying what was written."""
         from preprocess.datasets.synth import synthesize_ks
 
+        design = designs.resolve(self.design, self.easy_reliability, self.hard_strength)
         ids = synthesize_ks(out, self.clips, self.seed, easy=self.easy,
-                            hard_strength=self.hard_strength, num_classes=self.classes,
+                            hard_strength=design.hard_strength,
+                            easy_reliability=design.easy_reliability, num_classes=self.classes,
                             duration=self.seconds, progress=progress)
         return (f"wrote {len(ids)} clips in {self.classes} class folders to {out} "
-                f"({self.easy} is the easy modality)")
+                f"({designs.summary(self.easy, design)})")
 
 
 @register("ks")
