@@ -65,9 +65,12 @@ sweep: install
 	$(BIN)/ccat sweep --config $(CONFIG) --data $(SHARDS) --out runs/$(DATASET)/sweep \
 		--rank $(RANKS) --beta $(BETAS) $(ARGS)
 
-# The built-in dataset: synthetic raw CREMA-D (audio easy, video hard) and its shards at the
-# demo's reduced size, in folder $(1) (raw/ and shards/).
-synth_data = $(BIN)/ccat-data synth cremad --out $(1)/raw --clips 480 --seed 0 && \
+# The built-in dataset: synthetic raw CREMA-D (audio easy, video hard; design `fused`, where
+# fused accuracy separates methods) and its shards at the demo's reduced size, in folder $(1)
+# (raw/ and shards/). SYNTH_ARGS: more `ccat-data synth cremad` options, e.g.
+# SYNTH_ARGS="--design probe" for the first design (the easy cue on every clip).
+SYNTH_ARGS ?=
+synth_data = $(BIN)/ccat-data synth cremad --out $(1)/raw --clips 480 --seed 0 $(SYNTH_ARGS) && \
 	$(BIN)/ccat-data build cremad --raw $(1)/raw --out $(1)/shards --frame-size 32 \
 		--seconds 1.0 --shard-size 64 --workers $(WORKERS) && \
 	$(BIN)/ccat-data verify $(1)/shards

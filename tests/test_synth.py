@@ -80,7 +80,7 @@ def cue_tree(request: pytest.FixtureRequest,
 @pytest.fixture(scope="module", params=["audio", "video"])
 def fused_tree(request: pytest.FixtureRequest,
                tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list[str]]:
-    """The default design (`fused`): the easy cue on 60 % of each class's clips."""
+    """The default design (`fused`): the easy cue on 70 % of each class's clips."""
     root = tmp_path_factory.mktemp(f"fused_{request.param}")
     design = DESIGNS["fused"]
     ids = synthesize_cremad(root, CUE_CLIPS, 3, easy=request.param, width=SIZE[0],
@@ -338,7 +338,7 @@ def easy_present(easy: str, root: Path, ids: list[str]) -> np.ndarray:
 
 def test_the_easy_cue_is_on_the_stated_fraction_of_each_class(
         fused_tree: tuple[str, Path, list[str]]) -> None:
-    """Counted on the media: in every class, round(0.6 * 6) = 4 of the 6 clips carry the
+    """Counted on the media: in every class, round(0.7 * 6) = 4 of the 6 clips carry the
     easy cue, and on those the linear rule still reads the class."""
     easy, root, ids = fused_tree
     labels = np.array([label(i) for i in ids])
@@ -386,8 +386,9 @@ def test_cli_default_is_the_fused_design_and_probe_the_first_design(tmp_path: Pa
     the first design wrote (the library's defaults); an explicit knob beats the design's."""
     small = ["--clips", "6", "--width", str(SIZE[0]), "--height", str(SIZE[1])]
     for name, extra in (("default", []), ("probe", ["--design", "probe"]),
-                        ("knob", ["--design", "probe", "--easy-reliability", "0.6",
-                                  "--hard-strength", "0.7"])):
+                        ("knob", ["--design", "probe", "--easy-reliability",
+                                  str(DESIGNS["fused"].easy_reliability), "--hard-strength",
+                                  str(DESIGNS["fused"].hard_strength)])):
         code, out, _ = run_cli(["synth", "cremad", "--out", str(tmp_path / name), *small,
                                 *extra], capsys)
         assert code == 0 and "wrote 6 clips" in out
