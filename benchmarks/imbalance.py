@@ -32,13 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# benchmarks/preprocess.py has the package's name: keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ccat.analysis.probe import linear_probe
-from ccat.evaluate import evaluate_checkpoint
-from ccat.run_config import load_config
-from ccat.train import train
-from preprocess.datasets.designs import DEFAULT_DESIGN, DESIGNS, resolve
+import torch  # noqa: E402
+
+from ccat.analysis.probe import linear_probe  # noqa: E402
+from ccat.evaluate import evaluate_checkpoint  # noqa: E402
+from ccat.run_config import load_config  # noqa: E402
+from ccat.train import train  # noqa: E402
+from preprocess.datasets.designs import DEFAULT_DESIGN, DESIGNS, resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
