@@ -43,7 +43,7 @@ from preprocess import __version__ as TOOL_VERSION, outdir
 from preprocess.datasets import SEED, OptionError, Range, Recipe, check_options, option
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
-from preprocess.splits import (Entry, SplitError, assign_splits, check_unique, class_counts,
+from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique, class_counts,
                                empty_splits, required_splits, split_gap)
 
 PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
@@ -382,7 +382,7 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     that only the build itself learns (``sources.raw``, ``fingerprint``).
     """
     found, unusable = recipe.find(raw)
-    listed = {name: recipe.read_split_file(path) for name, path in sorted(split_files.items())}
+    listed = {name: _read_split(recipe, name, path) for name, path in sorted(split_files.items())}
     check_unique(listed, split_files)
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
@@ -403,11 +403,20 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
                       "test_fraction": None if listed else options.test_fraction},
             "shard_size": options.shard_size,
             "build": {"workers": options.workers, "strict": options.strict},
+            # how a recipe with a choice of label rules made the classes (MOSEI: 2 or 7)
+            **({"labels": recipe.label_rule()} if hasattr(recipe, "label_rule") else {}),
         },
         "tool_version": TOOL_VERSION,
     }
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
+
+
+def _read_split(recipe: Recipe, split: str, path: Path) -> list[SplitRow]:
+    """The rows ``path`` lists for ``split``: a recipe whose one file lists every split (the
+    MOSEI folds) reads it with ``read_split(path, split)``, after its ``find``."""
+    read_split = getattr(recipe, "read_split", None)
+    return read_split(path, split) if read_split else recipe.read_split_file(path)
 
 
 def _check_planned_splits(recipe: Recipe, splits: dict[str, list[Entry]],
@@ -622,7 +631,9 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     """
     start = time.perf_counter()
     check_options(recipe)
-    options = dataclasses.replace(options, workers=options.workers or cores())
+    # a recipe may cap its processes (MOSEI: every worker would load the whole pickle)
+    workers = min(options.workers or cores(), getattr(recipe, "max_workers", MAX_WORKERS))
+    options = dataclasses.replace(options, workers=workers)
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))
