@@ -212,3 +212,37 @@ def test_the_sdk_folds_parse_to_2249_300_678_videos_without_running_them():
     every = [v for _, videos in folds.values() for v in videos]
     assert len(every) == len(set(every))
     assert sum(v.isdigit() for v in folds["train"][1]) == 328
+
+
+# ---------------------------------------------------------------- the kind and the encoder
+
+
+def test_verify_refuses_feature_arrays_that_are_not_finite_or_not_the_manifest_shape():
+    from ccat.data import kinds
+
+    params = {"kind": "features", "shape": [2, 3], "dtype": "float32"}
+    good = np.zeros((2, 3), np.float32)
+    assert kinds.check_array("audio", good, params) == ""
+    assert "NaN or infinite" in kinds.check_array("audio", np.full((2, 3), np.nan, np.float32),
+                                                  params)
+    assert "the manifest says [2, 3] float32" in kinds.check_array("audio", good[:1], params)
+
+
+def test_the_sequence_encoder_is_mults_unimodal_path_pooled_at_the_last_step():
+    import torch
+
+    from ccat.config import ModelConfig
+    from ccat.models.encoders import FeatureSequenceEncoder, sinusoidal_positions
+
+    table = sinusoidal_positions(4, 6)  # positions 1..4; sines then cosines, rate 10000^(-i/2)
+    assert torch.allclose(table[0], torch.tensor([np.sin(1), np.sin(0.01), np.sin(1e-4),
+                                                  np.cos(1), np.cos(0.01), np.cos(1e-4)],
+                                                 dtype=torch.float32))
+    encoder = FeatureSequenceEncoder({"shape": [5, 7]}, ModelConfig(width=8, heads=2, ffn_mult=2))
+    encoder.eval()
+    x = torch.randn(3, 5, 7)
+    out = encoder(x)
+    assert out.tokens.shape == (3, 5, 8) and torch.equal(out.pooled, out.tokens[:, -1])
+    changed = x.clone()
+    changed[:, -1] += 1.0  # the last step moves the pooled vector; self-attention sees it all
+    assert not torch.allclose(encoder(changed).tokens[:, 0], out.tokens[:, 0])
