@@ -246,3 +246,21 @@ def test_the_sequence_encoder_is_mults_unimodal_path_pooled_at_the_last_step():
     changed = x.clone()
     changed[:, -1] += 1.0  # the last step moves the pooled vector; self-attention sees it all
     assert not torch.allclose(encoder(changed).tokens[:, 0], out.tokens[:, 0])
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_the_training_loop_trains_and_evaluates_a_three_modality_build(tmp_path):
+    from ccat.run_config import load_config
+    from ccat.train import train
+    from train_helpers import tiny_config
+
+    raw = synth(tmp_path / "raw", segments=30)
+    writer.build(Mosei(), raw, tmp_path / "out", split_files(raw), OPTIONS)
+    cfg = tiny_config(tmp_path / "out", tmp_path / "run", method="concat")
+    history = train(cfg)
+    assert len(history) == 1 and all(np.isfinite(v) for v in history[0].values()
+                                      if isinstance(v, float))
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "mosei.yaml"
+                       ).method.name == "concat"
