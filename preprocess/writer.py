@@ -40,11 +40,12 @@ from typing import Any, Callable, Iterable, Iterator
 from ccat import fileio
 from ccat.data import kinds, shardio, spec
 from preprocess import __version__ as TOOL_VERSION, outdir
-from preprocess.datasets import SEED, OptionError, Range, Recipe, check_options, option
+from preprocess.datasets import (SEED, SPLITS_DIR, OptionError, Range, Recipe, check_options,
+                                 option)
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
-from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique, class_counts,
-                               empty_splits, required_splits, split_gap)
+from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique,
+                               class_counts, empty_splits, required_splits, split_gap)
 
 PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
 # How planned samples map to shards; a plan record of another layout is not resumed.
@@ -381,6 +382,10 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     The head holds every manifest key but ``splits``, ``skipped`` and the identity fields
     that only the build itself learns (``sources.raw``, ``fingerprint``).
     """
+    if not split_files and getattr(recipe, "needs_split_files", False):
+        raise SplitError(f"{recipe.name} has no seeded split of its own (its samples share "
+                         f"speakers): give its published split files with --split, or put "
+                         f"them under {raw / SPLITS_DIR} (`ccat-data download {recipe.name}`)")
     found, unusable = recipe.find(raw)
     listed = {name: _read_split(recipe, name, path) for name, path in sorted(split_files.items())}
     check_unique(listed, split_files)

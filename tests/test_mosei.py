@@ -264,3 +264,43 @@ def test_the_training_loop_trains_and_evaluates_a_three_modality_build(tmp_path)
                                       if isinstance(v, float))
     assert load_config(Path(__file__).resolve().parents[1] / "configs" / "mosei.yaml"
                        ).method.name == "concat"
+
+
+def test_the_device_cache_serves_feature_sequences_as_the_streaming_path_does(tmp_path):
+    import torch
+
+    from ccat.config import DataConfig
+    from ccat.data import open_dataset
+    from ccat.data.device_cache import DeviceCache, cache_bytes
+    from ccat.data.pipeline import make_loader
+
+    raw = synth(tmp_path / "raw", segments=12)
+    writer.build(Mosei(), raw, tmp_path / "out", split_files(raw), OPTIONS)
+    dataset = open_dataset(tmp_path / "out")
+    assert cache_bytes(dataset, "test", 0) == 4 * 50 * (300 + 74 + 35) * \
+        dataset.num_samples("test")
+    cfg = DataConfig(batch_size=2, workers=0)
+    cache = DeviceCache(dataset, cfg, torch.device("cpu"))
+    streamed = list(make_loader(dataset, "test", cfg, train=False, seed=0))
+    cached = list(make_loader(dataset, "test", cfg, train=False, seed=0, cache=cache))
+    assert [b.keys for b in cached] == [b.keys for b in streamed]
+    for got, want in zip(cached, streamed):
+        for m in ("text", "audio", "vision"):
+            assert got.inputs[m].dtype == torch.float32 and torch.equal(got.inputs[m],
+                                                                        want.inputs[m])
+    trained = next(iter(make_loader(dataset, "train", cfg, train=True, seed=0, cache=cache)))
+    assert trained.inputs["vision"].shape == (2, 50, 35)
+
+
+def test_a_build_without_the_folds_and_a_label_count_other_than_2_or_7_are_refused(tmp_path,
+                                                                                   capsys):
+    from preprocess.datasets import OptionError
+    from preprocess.splits import SplitError
+
+    raw = synth(tmp_path / "raw", segments=12)
+    (raw / FOLDS).unlink()
+    with pytest.raises(SplitError, match=r"^mosei has no seeded split of its own .*--split"):
+        writer.build(Mosei(), raw, tmp_path / "out", {}, OPTIONS)
+    with pytest.raises(OptionError, match=r"^--labels 5: choose 2 or 7"):
+        Mosei(labels=5)
+    assert not (tmp_path / "out").exists()

@@ -26,8 +26,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ccat.data import kinds, spec
-from preprocess.datasets import (SEED, SYNTH_COUNT, SYNTH_STRENGTH, LayoutError, Published,
-                                 Range, check_choice, check_options, option, register)
+from preprocess.datasets import (SEED, SYNTH_COUNT, SYNTH_STRENGTH, LayoutError, OptionError,
+                                 Published, Range, check_choice, check_options, option, register)
 from preprocess.media import MediaError
 from preprocess.safe_pickle import load_arrays
 from preprocess.splits import Entry, SplitError, SplitRow
@@ -45,7 +45,7 @@ FOLD_NAMES = {"train": "standard_train_fold", "val": "standard_valid_fold",
               "test": "standard_test_fold"}
 LABELS = (2, 7)
 CLASSES = {2: ["negative", "non-negative"],  # BalanceBenchmark Mosei_dataset: 0 if y < 0 else 1
-           7: [str(k) for k in range(-3, 4)]}  # MulT eval_metrics.py L38, L17: round(clip(y, -3, 3))
+           7: [str(k) for k in range(-3, 4)]}  # MulT eval_metrics.py L38, L17: round(clip(y))
 SENTIMENT_RANGE = 3.0
 MS_PER_S = 1000
 SYNTH_SEGMENTS = Range(3, SYNTH_COUNT.high)  # one segment per split at least
@@ -203,7 +203,8 @@ class Mosei:
                                      "unaligned: mosei_senti_data_noalign.pkl, audio and vision "
                                      "500 steps (BalanceBenchmark's).")
     labels: int = option(2, "2: negative (< 0) / non-negative (BalanceBenchmark's); 7: the "
-                            "score clipped to [-3, 3] and rounded, half to even (MulT's).")
+                            "score clipped to [-3, 3] and rounded, half to even (MulT's).",
+                         within=Range(min(LABELS), max(LABELS)))
     classes: list[str] = field(init=False, default_factory=list)
     videos: dict[str, list[tuple[str, int]]] = field(init=False, default_factory=dict,
                                                      repr=False, compare=False)
@@ -212,12 +213,17 @@ class Mosei:
     published: ClassVar[Published] = PUBLISHED
     synth: ClassVar[type] = MoseiSynth
     # Each worker would unpickle the whole file (the unaligned one is over 6 GB) for samples
-    # that cost well under a millisecond each: one process builds it.
+    # that cost a few milliseconds each: one process builds it.
     max_workers: ClassVar[int] = 1
+    # A seeded segment-level split would put segments of one video (one speaker) into
+    # train and test: the standard folds, or another file, are required.
+    needs_split_files: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_options(self)  # the range first: the choice is asked of a value in range
         check_choice("--variant", self.variant, tuple(VARIANTS))
-        check_choice("--labels", str(self.labels), tuple(map(str, LABELS)))
+        if self.labels not in LABELS:
+            raise OptionError(f"--labels {self.labels}: choose 2 or 7 (the two rules peers use)")
         self.classes = list(CLASSES[self.labels])
 
     def label_rule(self) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def synthesize_mosei(out: Path, segments: int, seed: int, variant: str, strength
     (out / SPLITS_DIR).mkdir(exist_ok=True)
     ours = dict(zip(PICKLE_SPLITS, PICKLE_SPLITS.values()))
     # the SDK's layout: three list literals, train, test, valid, each followed by a blank line
-    lines = [f"{FOLD_NAMES[ours[split]]}={folds[split]!r}\n\n" for split in ("train", "test", "valid")]
+    lines = [f"{FOLD_NAMES[ours[split]]}={folds[split]!r}\n\n"
+             for split in ("train", "test", "valid")]
     (out / SPLITS_DIR / FOLDS_FILE).write_text("".join(lines), encoding="utf-8")
     return counts
