@@ -34,7 +34,7 @@ from preprocess.splits import Entry, SplitError, SplitRow
 
 MODALITIES = ("text", "audio", "vision")  # MulT's order: X = (index, text, audio, vision)
 FEATURE_DIMS = {"text": 300, "audio": 74, "vision": 35}  # GloVe, COVAREP, FACET 4.2
-FEATURE_NAMES = {"text": "GloVe 840B word vectors", "audio": "COVAREP acoustic features",
+FEATURE_NAMES = {"text": "GloVe word vectors", "audio": "COVAREP acoustic features",
                  "vision": "FACET 4.2 facial action units"}
 VARIANTS = {"aligned": ("mosei_senti_data.pkl", {"text": 50, "audio": 50, "vision": 50}),
             "unaligned": ("mosei_senti_data_noalign.pkl",
