@@ -244,8 +244,7 @@ def decode_sample(key: str, members: dict[str, bytes],
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
     tokens -> int32 [L] (the text itself goes into ``Sample.text``); features -> float32
-    [T, D]. Every array is checked
-    against its header bound before it is read.
+    [T, D]. Every array is checked against its header bound before it is read.
     """
     expected = sample_members(modalities)
     if sorted(members) != expected:
