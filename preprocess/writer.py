@@ -40,11 +40,12 @@ from typing import Any, Callable, Iterable, Iterator
 from ccat import fileio
 from ccat.data import kinds, shardio, spec
 from preprocess import __version__ as TOOL_VERSION, outdir
-from preprocess.datasets import SEED, OptionError, Range, Recipe, check_options, option
+from preprocess.datasets import (SEED, SPLITS_DIR, OptionError, Range, Recipe, check_options,
+                                 option)
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
-from preprocess.splits import (Entry, SplitError, assign_splits, check_unique, class_counts,
-                               empty_splits, required_splits, split_gap)
+from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique,
+                               class_counts, empty_splits, required_splits, split_gap)
 
 PLAN_NAME = "plan.json"  # the interrupted build's plan, in STATE_DIR
 # How planned samples map to shards; a plan record of another layout is not resumed.
@@ -381,8 +382,12 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     The head holds every manifest key but ``splits``, ``skipped`` and the identity fields
     that only the build itself learns (``sources.raw``, ``fingerprint``).
     """
+    if not split_files and getattr(recipe, "needs_split_files", False):
+        raise SplitError(f"{recipe.name} has no seeded split of its own (its samples share "
+                         f"speakers): give its published split files with --split, or put "
+                         f"them under {raw / SPLITS_DIR} (`ccat-data download {recipe.name}`)")
     found, unusable = recipe.find(raw)
-    listed = {name: recipe.read_split_file(path) for name, path in sorted(split_files.items())}
+    listed = {name: _read_split(recipe, name, path) for name, path in sorted(split_files.items())}
     check_unique(listed, split_files)
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
@@ -403,11 +408,20 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
                       "test_fraction": None if listed else options.test_fraction},
             "shard_size": options.shard_size,
             "build": {"workers": options.workers, "strict": options.strict},
+            # how a recipe with a choice of label rules made the classes (MOSEI: 2 or 7)
+            **({"labels": recipe.label_rule()} if hasattr(recipe, "label_rule") else {}),
         },
         "tool_version": TOOL_VERSION,
     }
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
+
+
+def _read_split(recipe: Recipe, split: str, path: Path) -> list[SplitRow]:
+    """The rows ``path`` lists for ``split``: a recipe whose one file lists every split (the
+    MOSEI folds) reads it with ``read_split(path, split)``, after its ``find``."""
+    read_split = getattr(recipe, "read_split", None)
+    return read_split(path, split) if read_split else recipe.read_split_file(path)
 
 
 def _check_planned_splits(recipe: Recipe, splits: dict[str, list[Entry]],
@@ -622,7 +636,9 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     """
     start = time.perf_counter()
     check_options(recipe)
-    options = dataclasses.replace(options, workers=options.workers or cores())
+    # a recipe may cap its processes (MOSEI: every worker would load the whole pickle)
+    workers = min(options.workers or cores(), getattr(recipe, "max_workers", MAX_WORKERS))
+    options = dataclasses.replace(options, workers=workers)
     head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(_strict_message(skipped[0]))

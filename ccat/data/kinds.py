@@ -27,6 +27,7 @@ from ccat.data import shardio, spec
 IMAGE_SIZE = 224  # crop side of image modalities when data.frame_size is 0 (the paper's)
 EVAL_CROP_FRACTION = 224 / 256  # eval: resize the shorter side to size / this, center crop
 FLOAT16_BYTES, UINT8_BYTES, INT64_BYTES = 2, 1, 8
+FLOAT32_BYTES = 4
 RGB = 3
 
 Params = dict[str, Any]
@@ -164,7 +165,32 @@ TOKENS = Kind(
     encoder="bert_text",
 )
 
+# ---------------------------------------------------------------- features
+
+
+def _features_check(array: np.ndarray, params: Params) -> str:
+    problem = _shape_problem(array, tuple(params["shape"]), np.dtype(params["dtype"]))
+    if not problem and not np.isfinite(array).all():
+        return "holds NaN or infinite values; the builder stores finite features only"
+    return problem
+
+
+FEATURES = Kind(
+    name="features",  # precomputed feature sequences, float32 [T, D] (CMU-MOSEI's)
+    suffixes=lambda params: ["npy"],
+    encode=lambda features: {"npy": shardio.encode_npy(features)},
+    bounds=lambda params: [shardio.ArrayBound(params["dtype"], tuple(params["shape"]))],
+    assemble=lambda decoded: (decoded[0], None),
+    check=_features_check,
+    view=lambda t, array, params, rng: t.tensor(array, np.float32),
+    cache_bytes=lambda params, frame_size: FLOAT32_BYTES * math.prod(params["shape"]),
+    cache_augment=None,
+    cache_padded=False,
+    encoder="transformer_features",
+)
+
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (SPECTROGRAM, FRAMES, IMAGE, TOKENS)}
+KINDS[FEATURES.name] = FEATURES
 
 
 # ---------------------------------------------------------------- lookups
@@ -217,8 +243,8 @@ def decode_sample(key: str, members: dict[str, bytes],
     """Turn a sample's raw members into arrays, one per modality.
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
-    tokens -> int32 [L] (the text itself goes into ``Sample.text``). Every array is checked
-    against its header bound before it is read.
+    tokens -> int32 [L] (the text itself goes into ``Sample.text``); features -> float32
+    [T, D]. Every array is checked against its header bound before it is read.
     """
     expected = sample_members(modalities)
     if sorted(members) != expected:

@@ -55,7 +55,17 @@ TOKENS = {
     "properties": {"max_length": {"type": "integer", "minimum": 2}, "vocab_size": POSITIVE,
                    "tokenizer": NAME, "vocab_sha256": SHA256, "lowercase": {"type": "boolean"}},
 }
+FEATURES = {  # precomputed feature sequences (T steps x D features), e.g. CMU-MOSEI's
+    "required": ["shape", "dtype"],
+    "properties": {
+        "shape": {"type": "array", "prefixItems": [POSITIVE, POSITIVE], "items": False,
+                  "minItems": 2},
+        "dtype": {"const": "float32"},
+        "features": NAME, "source": NAME, "neg_inf": {"const": "zero"},
+    },
+}
 KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS}
+KINDS["features"] = FEATURES
 
 MODALITY = {
     "type": "object",

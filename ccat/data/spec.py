@@ -9,6 +9,7 @@ tar members that share a key (the clip id, which never contains a dot):
     <key>.image.jpg        RGB JPEG image
     <key>.text.ids.npy     int32 token ids with [CLS]/[SEP], no padding
     <key>.text.txt         the decoded text (UTF-8)
+    <key>.<modality>.npy   float32 feature sequence [T, D] (kind ``features``)
     <key>.label.cls        the class index, ASCII digits
     <key>.meta.json        provenance of the sample
 

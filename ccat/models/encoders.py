@@ -1,5 +1,5 @@
 """Encoders: ResNet18 from scratch for spectrograms (1 channel) and video frames, ResNet50
-from scratch for images, BERT for token ids.
+from scratch for images, BERT for token ids, MulT's self-attention for feature sequences.
 
 Each encoder maps its modality's batch to an :class:`EncoderOutput`: a token sequence
 (B, L, D) and a pooled vector (B, D), D being the model width (a linear projection of the
@@ -10,10 +10,12 @@ bool mask of real tokens, which its pooling and the fusion's attention respect.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
@@ -215,6 +217,58 @@ class TextEncoder(nn.Module):
         else:
             self.bert.load_state_dict(load_pretrained_bert(self.source).state_dict())
         self.proj.reset_parameters()
+
+
+FEATURE_LAYERS = 3  # MulT's per-modality self-attention depth (models.py L58-60: layers=3)
+FEATURE_DROPOUT = 0.1  # MulT main.py L30-41: attention, relu and residual dropout 0.1
+EMBED_DROPOUT = 0.25  # MulT main.py L38: embedding dropout
+POSITION_BASE = 10000.0
+
+
+def sinusoidal_positions(steps: int, width: int) -> torch.Tensor:
+    """(steps, width) sinusoidal position embeddings as MulT's (fairseq's): positions 1..T,
+    the sines in the first half of the channels, the cosines in the second."""
+    half = width // 2
+    rates = torch.exp(torch.arange(half, dtype=torch.float32)
+                      * -(math.log(POSITION_BASE) / max(half - 1, 1)))
+    angles = torch.arange(1, steps + 1, dtype=torch.float32)[:, None] * rates[None]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(table, (0, width - 2 * half))  # an odd width: a zero last channel, as fairseq
+
+
+@ENCODERS.register("transformer_features")
+class FeatureSequenceEncoder(nn.Module):
+    """Feature sequence [B, T, F] (CMU-MOSEI's GloVe, COVAREP, FACET) -> MulT's unimodal path
+    (Tsai et al. 2019; yaohungt/Multimodal-Transformer src/models.py, modules/transformer.py):
+    a bias-free per-step projection to the model width (models.py L41-43, a kernel-1 Conv1d,
+    here the equal Linear), scaled by sqrt(D) plus sinusoidal positions, embedding dropout,
+    pre-norm self-attention layers and a final LayerNorm (transformer.py L45-47, L63-66).
+    Pooled z^m is the last step's output, as MulT predicts from ``h[-1]`` (models.py L116)."""
+
+    def __init__(self, params: dict[str, Any], cfg: ModelConfig):
+        super().__init__()
+        steps, features = params["shape"]
+        self.proj = nn.Linear(features, cfg.width, bias=False)
+        self.scale = math.sqrt(cfg.width)
+        self.register_buffer("positions", sinusoidal_positions(steps, cfg.width),
+                             persistent=False)
+        self.dropout = nn.Dropout(EMBED_DROPOUT)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.ffn_mult * cfg.width,
+                                           FEATURE_DROPOUT, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, FEATURE_LAYERS, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        h = self.dropout(self.scale * self.proj(x.float()) + self.positions[:x.shape[1]])
+        tokens = self.norm(self.layers(h))
+        return EncoderOutput(tokens, tokens[:, -1])
+
+    def reset(self) -> None:
+        for sub in self.modules():
+            if sub is not self and hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        for layer in self.layers.layers:  # MultiheadAttention resets its own projections
+            layer.self_attn._reset_parameters()
 
 
 def load_pretrained_bert(source: str) -> nn.Module:
