@@ -35,7 +35,7 @@ compare fused accuracy, so the default design (`fused`) gives that number room t
   those by chance only: 0.7 + 0.3 / 6 = 75 %. It is never misleading, so when each
   modality is trained alone, the easy model is unsure exactly where the hard one is
   needed, and their average (the unimodal ensemble) is right almost everywhere.
-- The hard cue is weaker (`hard_strength` 0.8): alone, its encoder needs a good part of
+- The hard cue is weaker (`hard_strength` 0.7): alone, its encoder needs a good part of
   the demo's 12 epochs to learn it. Under joint training the easy cue settles the clips
   that carry it within two or three epochs; from then on only the other 30 % of the clips
   send the hard encoder a gradient, so it often ends the budget half-trained, and the test
