@@ -44,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ccat.config import FRACTION, LARGE, NON_NEGATIVE, POSITIVE, WIDTH, ConfigError, MethodConfig, \
-    ModelConfig, Range
+from ccat.config import FRACTION, LARGE, NON_NEGATIVE, POSITIVE, WIDTH, MethodConfig, ModelConfig, \
+    Range
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, RunData, predict_outputs, \
     require_two_modalities
