@@ -9,7 +9,8 @@ from ccat.train import train
 from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
 
 CASES = [(name, {}) for name in METHODS.names()] + [("mla", {"projection": "gsplugin"})]
-CASES += [("opm", {"warmup_epochs": 0})]  # its random drops from the first step
+# From the first step: OPM's random drops, OPG's gradient noise
+CASES += [("opm", {"warmup_epochs": 0}), ("opg", {"warmup_epochs": 0})]
 
 
 @pytest.fixture(scope="module")
