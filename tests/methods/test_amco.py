@@ -43,8 +43,8 @@ def released_step(model, batch, dependent, mask, sigma, window):
     unimodal, now_size, width = {}, 0, feats["audio"].pooled.shape[1]
     output = 0
     for modality in ("audio", "video"):
-        unimodal[modality] = torch.mm(feats[modality].pooled,
-                                      torch.transpose(w[:, now_size:now_size + width], 0, 1)) + b / 2
+        block = torch.transpose(w[:, now_size:now_size + width], 0, 1)
+        unimodal[modality] = torch.mm(feats[modality].pooled, block) + b / 2
         now_size += width
         if window and dependent.get(modality, False):
             unimodal[modality] = torch.mul(unimodal[modality], mask)
