@@ -9,6 +9,8 @@ from ccat.train import train
 from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
 
 CASES = [(name, {}) for name in METHODS.names()] + [("mla", {"projection": "gsplugin"})]
+# From the first step: OPM's random drops, OPG's gradient noise
+CASES += [("opm", {"warmup_epochs": 0}), ("opg", {"warmup_epochs": 0})]
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +19,9 @@ def tiny(tmp_path_factory):
                               counts={"train": 8, "val": 2, "test": 2}, size=16, steps=16)
 
 
-@pytest.mark.parametrize("name,params", CASES, ids=[f"{n}{'-' if p else ''}{'-'.join(p.values())}"
-                                                    for n, p in CASES])
+@pytest.mark.parametrize("name,params", CASES,
+                         ids=[f"{n}{'-' if p else ''}{'-'.join(map(str, p.values()))}"
+                              for n, p in CASES])
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(name, params, tiny, tmp_path,
                                                                   monkeypatch):
     cfg = tiny_config(tiny, tmp_path / "full", method=name, epochs=2)

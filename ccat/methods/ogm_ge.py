@@ -103,6 +103,10 @@ class OGMGE(JointMethod):
         p = self.params
         return p.modulation != "Normal" and p.modulation_starts <= self.epoch < p.modulation_ends
 
+    def damping(self, ratios: dict[str, float]) -> dict[str, float]:
+        """Each modality's gradient coefficient k^u for the ratios rho^u (Eq. 10)."""
+        return coefficients(ratios, self.params.alpha)
+
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         step.zero_grad()
         feats = model.encode_all(batch.inputs)
@@ -112,7 +116,7 @@ class OGMGE(JointMethod):
             scores = {m: step.all_sum(correct_class_score(
                 model.unimodal_logits(m, feats[m].pooled), batch.label)) for m in model.modalities}
         ratios = discrepancy_ratios(scores)
-        coefs = coefficients(ratios, self.params.alpha)
+        coefs = self.damping(ratios)
         active = self.modulating()
         if active:  # under torchrun, Step then averages the noise over ranks too
             for m in model.modalities:
