@@ -108,7 +108,7 @@ def test_a_dropping_step_equals_the_released_forward_and_backward(seed, p_exe):
     assert out["loss"] == pytest.approx(loss.item(), rel=1e-6)
     grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
-        assert torch.allclose(step.grads[0][name], grads[name].grad, rtol=1e-5, atol=1e-7), name
+        assert torch.allclose(step.grads[0][name], grads[name].grad, rtol=1e-5, atol=1e-6), name
     if p_exe == 1.0:  # the dominant modality lost some samples' features, the other none
         assert max(out["dropped/audio"], out["dropped/video"]) > 0
         assert min(out["dropped/audio"], out["dropped/video"]) == 0
