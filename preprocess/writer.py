@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Iterator
 from ccat import fileio
 from ccat.data import kinds, shardio, spec
 from preprocess import __version__ as TOOL_VERSION, outdir
-from preprocess.datasets import SEED, OptionError, Range, Recipe, check_options, option
+from preprocess.datasets import (SEED, OptionError, Range, Recipe, check_options, option,
+                                 own_lists)
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
 from preprocess.splits import (Entry, SplitError, assign_splits, check_unique, class_counts,
@@ -382,13 +383,18 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
     that only the build itself learns (``sources.raw``, ``fingerprint``).
     """
     found, unusable = recipe.find(raw)
-    listed = {name: recipe.read_split_file(path) for name, path in sorted(split_files.items())}
+    own = own_lists(recipe, raw, found, split_files)
+    listed = own.rows if own else {name: recipe.read_split_file(path)
+                                   for name, path in sorted(split_files.items())}
     check_unique(listed, split_files)
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
                                     test_fraction=options.test_fraction)
     unusable, missing = _explain_missing(unusable, missing)
+    if own:
+        missing += own.skipped
     in_splits = {row.key for rows in listed.values() for row in rows}
+    in_splits |= {record["id"] for record in own.skipped} if own else set()
     unlisted = len(set(found) - in_splits) if listed else 0
     list_files = {**recipe.list_files(raw), **split_files}
     head = {
@@ -406,6 +412,8 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
+    if own and own.record:
+        head["sources"]["recipe"] = own.record
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
 
