@@ -70,7 +70,7 @@ def _git_lfs_media(target: Path, repo: str, folders: tuple[str, ...]) -> Iterato
 
 
 def _fetch_lists(facts: Published, target: Path) -> Iterator[str]:
-    names = list(facts.split_files.values())
+    names = list(dict.fromkeys(facts.split_files.values()))  # one list may serve two splits
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
         url = facts.lists_url + name
