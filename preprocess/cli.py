@@ -6,6 +6,7 @@ Each command parses its options, calls one library function and prints the resul
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -257,9 +258,18 @@ def _print_skipped(manifest: dict[str, Any]) -> None:
     table = Table(title=f"skipped {sum(reasons.values())} samples (ids in manifest.json)")
     table.add_column("reason")
     table.add_column("samples", justify="right")
+    by_split = Counter((s["reason"], s["split"] or "none") for s in manifest["skipped"])
+    splits = sorted({split for _, split in by_split}, key=_split_rank)
+    for split in splits:  # per split too: e.g. listed clips whose media are gone
+        table.add_column(split, justify="right")
     for reason, count in reasons.most_common():
-        table.add_row(reason, str(count))
+        table.add_row(reason, str(count), *(str(by_split[reason, s]) for s in splits))
     console.print(table)
+
+
+def _split_rank(name: str) -> tuple[int, str]:
+    order = (*spec.SPLIT_NAMES, "none")
+    return (order.index(name) if name in order else len(order), name)
 
 
 def _size(num_bytes: float) -> str:

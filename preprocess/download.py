@@ -22,18 +22,19 @@ class DownloadError(UserError, RuntimeError):
 
 def download(dataset: str, out: Path) -> Iterator[str]:
     """Fetch ``dataset`` into ``out/<dataset>`` as its recipe's :class:`Published` facts
-    say, yielding progress lines: the media when a Git LFS repository holds them, the
-    published split files into ``splits/``, then what to fetch by hand."""
+    say, yielding progress lines: what to fetch by hand (first, so that it is said even
+    when the lists cannot be fetched), the media when a Git LFS repository holds them,
+    then the published split files into ``splits/``."""
     published = dict(iter_published())
     if dataset not in published:
         raise DownloadError(f"no downloader for {dataset!r}; choose one of "
                             f"{', '.join(published)}")
     facts, target = published[dataset], out / dataset
+    if facts.media_by_hand:
+        yield facts.media_by_hand.format(target=target)
     if facts.media_repo:
         yield from _git_lfs_media(target, facts.media_repo, facts.media_folders)
     yield from _fetch_lists(facts, target / SPLITS_DIR)
-    if facts.media_by_hand:
-        yield facts.media_by_hand.format(target=target)
 
 
 def _git_lfs_media(target: Path, repo: str, folders: tuple[str, ...]) -> Iterator[str]:

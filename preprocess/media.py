@@ -9,6 +9,7 @@ bicubic filter (antialiased when downscaling) and stored as JPEG.
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ TRUNCATED_MIN_SECONDS = 0.5  # and this long before it, is cut off
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 MAX_IMAGE_PIXELS = 50_000_000  # declared size above which an image is skipped undecoded
 MAX_IMAGE_ASPECT = 20.0  # longer side / shorter side; beyond it the resize explodes
+Window = tuple[float, float]  # [start, end) seconds of a clip, e.g. an AVE event
 
 
 class MediaError(UserError, ValueError):
@@ -163,14 +165,24 @@ def _hann(n_fft: int) -> torch.Tensor:
     return torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
 
 
-def audio_features(path: Path, params: AudioParams) -> tuple[np.ndarray, dict[str, Any]]:
-    """The stored spectrogram of ``path`` and its provenance for ``meta.json``."""
+def audio_features(path: Path, params: AudioParams, window: Window | None = None,
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The stored spectrogram of ``path`` and its provenance for ``meta.json``; with a
+    ``window``, of the samples from its start second up to (not including) its end."""
     signal, rate, channels = load_audio(path)
+    meta: dict[str, Any] = {}
+    if window is not None:
+        duration = signal.size / rate
+        signal = signal[round(window[0] * rate):round(window[1] * rate)]
+        if signal.size == 0:
+            raise MediaError("the event window holds no audio",
+                             f"[{window[0]:g}, {window[1]:g}) s of {duration:.2f} s")
+        meta["window"] = list(window)
     fixed_at_source_rate = params.seconds * rate
     meta = {"sample_rate": rate, "channels": channels,
             "duration": round(signal.size / rate, 6),
             "replicated": bool(signal.size < fixed_at_source_rate),
-            "truncated": bool(signal.size > fixed_at_source_rate)}
+            "truncated": bool(signal.size > fixed_at_source_rate), **meta}
     return log_spectrogram(signal, rate, params), meta
 
 
@@ -182,8 +194,10 @@ def segment_centres(num_available: int, num_frames: int) -> list[int]:
     return [int((i + 0.5) * num_available / num_frames) for i in range(num_frames)]
 
 
-def sample_frames(path: Path, params: VideoParams) -> tuple[list[bytes], dict[str, Any]]:
-    """JPEG bytes of the segment-centre frames of a clip, and their provenance.
+def sample_frames(path: Path, params: VideoParams, window: Window | None = None,
+                  ) -> tuple[list[bytes], dict[str, Any]]:
+    """JPEG bytes of the segment-centre frames of a clip (of the frames shown in
+    ``window``, seconds from the first frame, when one is given), and their provenance.
 
     Packets are demuxed (cheap) to count frames exactly; only the stretches from the
     keyframe before each wanted frame up to it are decoded.
@@ -200,15 +214,34 @@ def sample_frames(path: Path, params: VideoParams) -> tuple[list[bytes], dict[st
                 raise MediaError("video has no frames")
             _check_complete(container, stream, everything, packets)
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            indices = segment_centres(len(packets), params.num_frames)
+            first, count = _frames_in(window, packets, stream, fps)
+            indices = [first + i for i in segment_centres(count, params.num_frames)]
             frames = _decode_at(stream.codec_context, packets, indices)
     except av.FFmpegError as err:
         raise MediaError("video is unreadable", str(err)) from None
     jpegs = [_encode_jpeg(frame, params) for frame in frames]
     meta = {"fps": round(fps, 6), "num_frames": len(packets), "frame_indices": indices,
             "width": frames[0].width, "height": frames[0].height,
-            "frames_repeated": len(packets) < params.num_frames}
-    return jpegs, meta
+            "frames_repeated": count < params.num_frames}
+    return jpegs, meta if window is None else {**meta, "window": list(window)}
+
+
+def _frames_in(window: Window | None, packets: list[av.Packet], stream: av.video.VideoStream,
+               fps: float) -> tuple[int, int]:
+    """``(first presentation index, count)`` of the frames shown in ``window``: those
+    whose time since the first frame is in [start, end); all frames without a window."""
+    if window is None:
+        return 0, len(packets)
+    if any(p.pts is None for p in packets) or not stream.time_base:
+        times = [i / fps if fps else 0.0 for i in range(len(packets))]
+    else:
+        pts = sorted(p.pts for p in packets)
+        times = [float((t - pts[0]) * stream.time_base) for t in pts]
+    first, end = bisect.bisect_left(times, window[0]), bisect.bisect_left(times, window[1])
+    if end <= first:
+        raise MediaError("the event window holds no video frames",
+                         f"[{window[0]:g}, {window[1]:g}) s of {len(times)} frames")
+    return first, end - first
 
 
 def _check_complete(container: av.container.InputContainer, stream: av.video.VideoStream,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
@@ -62,10 +62,11 @@ def read_text_lines(path: Path) -> list[str]:
     return [line for _, line in numbered_lines(path)]
 
 
-def check_unique(listed: dict[str, list[SplitRow]], files: dict[str, Path]) -> None:
+def check_unique(listed: dict[str, list[SplitRow]], files: dict[str, Any]) -> None:
     """A key is listed once in one split file: a repeat, in the same file or another, is a
     SplitError naming the file(s) and both line numbers (exact repeats included: the list
     would otherwise say two things about one sample, or one sample twice)."""
+    files = {**{split: f"the {split} list" for split in listed}, **files}
     seen: dict[str, tuple[str, SplitRow]] = {}
     for split, rows in listed.items():
         for row in rows:

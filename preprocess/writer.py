@@ -41,7 +41,7 @@ from ccat import fileio
 from ccat.data import kinds, shardio, spec
 from preprocess import __version__ as TOOL_VERSION, outdir
 from preprocess.datasets import (SEED, SPLITS_DIR, OptionError, Range, Recipe, check_options,
-                                 option)
+                                 option, own_lists)
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
 from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique,
@@ -387,13 +387,18 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
                          f"speakers): give its published split files with --split, or put "
                          f"them under {raw / SPLITS_DIR} (`ccat-data download {recipe.name}`)")
     found, unusable = recipe.find(raw)
-    listed = {name: _read_split(recipe, name, path) for name, path in sorted(split_files.items())}
+    own = own_lists(recipe, raw, found, split_files)
+    listed = own.rows if own else {name: _read_split(recipe, name, path)
+                                   for name, path in sorted(split_files.items())}
     check_unique(listed, split_files)
     splits, missing = assign_splits(found, listed or None, seed=options.seed,
                                     val_fraction=options.val_fraction,
                                     test_fraction=options.test_fraction)
     unusable, missing = _explain_missing(unusable, missing)
+    if own:
+        missing += own.skipped
     in_splits = {row.key for rows in listed.values() for row in rows}
+    in_splits |= {record["id"] for record in own.skipped} if own else set()
     unlisted = len(set(found) - in_splits) if listed else 0
     list_files = {**recipe.list_files(raw), **split_files}
     head = {
@@ -413,6 +418,8 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
+    if own and own.record:
+        head["sources"]["recipe"] = own.record
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
 

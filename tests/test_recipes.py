@@ -20,7 +20,8 @@ COMMON_BUILD_FLAGS = ("--raw", "--out", "--split", "--workers", "--shard-size", 
 # The options and defaults `build cremad|ks|mvsa` had as hand-written commands: the
 # documented commands, the Makefile and scripts rely on them.
 DOCUMENTED_DEFAULTS = {
-    "cremad": {"--seconds": 3.0, "--frame-size": 224, "--num-frames": 3},
+    "cremad": {"--seconds": 3.0, "--frame-size": 224, "--num-frames": 3, "--split-by": "random",
+               "--folds": 5, "--fold": 0, "--fold-seed": 0},
     "ks": {"--classes": None, "--seconds": 10.0, "--frame-size": 224, "--num-frames": 3},
     "mvsa": {"--labels": "agree", "--multiple": False, "--tokenizer": "bert-base-uncased",
              "--max-length": 128, "--shorter-side": 256, "--max-image-pixels": 50_000_000,

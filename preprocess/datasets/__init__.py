@@ -201,10 +201,32 @@ def get_recipe(name: str) -> Callable[..., Recipe]:
         raise RecipeError(str(err)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class OwnLists:
+    """The split rows a recipe makes itself, for splits no file lists as they are (an
+    actor-disjoint rule, a list whose rows name their own split): an optional recipe method
+    ``own_lists(raw, found, split_files)`` returns one, or None to read each split file
+    with ``read_split_file``. ``skipped`` are samples the rule leaves out, with the split
+    and reason; ``record`` goes into the manifest as ``sources.recipe`` (fingerprinted)."""
+
+    rows: dict[str, list[SplitRow]]
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def own_lists(recipe: Recipe, raw: Path, found: dict[str, Entry],
+              split_files: dict[str, Path]) -> OwnLists | None:
+    """The recipe's :class:`OwnLists` for this build, or None when it reads split files
+    as they are (recipes without an ``own_lists`` method always do)."""
+    method = getattr(recipe, "own_lists", None)  # optional: plugin recipes may predate it
+    return None if method is None else method(raw, found, split_files)
+
+
 def published_split_files(recipe: Recipe, raw: Path) -> dict[str, Path]:
     """The recipe's published split files under ``raw/splits`` (where ``ccat-data download``
-    puts them), by split; none when that folder holds none of them."""
-    if recipe.published is None:
+    puts them), by split; none when that folder holds none of them, or when the recipe's
+    options make its own splits (``uses_published_splits`` false)."""
+    if recipe.published is None or not getattr(recipe, "uses_published_splits", True):
         return {}
     files = {split: raw / SPLITS_DIR / name for split, name in
              recipe.published.split_files.items()}

@@ -2,6 +2,15 @@
 
 Ids are ``<actor>_<sentence>_<emotion>_<level>``; the label is the third field.
 Published split files are ``<id>,<EMO>`` rows (CRLF, sometimes with a UTF-8 BOM).
+
+``--split-by actor`` makes the one published actor-disjoint split instead, TFDS
+``crema_d``'s (tensorflow/datasets @1aceae88 tensorflow_datasets/audio/crema_d.py,
+Apache-2.0): ``_get_inter_splits_by_group`` (lines 118-120) sorts the actor ids as strings
+and shuffles them with ``np.random.RandomState(0)``; ``_compute_split_boundaries`` (lines
+84-96) cuts them at ``int(cumulative share * 91)`` for the shares 0.7 / 0.1 / 0.2
+(``split_probs``, line 182), so 63 / 9 / 19 actors; ``bad_files`` (lines 163-169) leaves
+four clips out, giving
+5144 / 738 / 1556 clips. ``--split-by actor-folds`` is a seeded k-fold over actors.
 """
 
 from __future__ import annotations
@@ -11,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
+import numpy as np
+
 from ccat.data import kinds, spec
 from preprocess import media
 from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
                                  SYNTH_RELIABILITY, SYNTH_STRENGTH, LayoutError, OptionError,
-                                 Published, Range, check_choice, check_options, designs, option,
-                                 register)
+                                 OwnLists, Published, Range, check_choice, check_options,
+                                 designs, option, register)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -29,6 +40,13 @@ PUBLISHED = Published(
     split_files={"train": "train.csv", "test": "test.csv"},
     media_repo="https://github.com/CheyneyComputerScience/CREMA-D.git",
     media_folders=(AUDIO_DIR, VIDEO_DIR))
+ACTORS = tuple(str(actor) for actor in range(1001, 1092))  # CREMA-D's 91 actor ids
+SPLIT_BY = ("random", "actor", "actor-folds")
+TFDS_SHARES = (("train", 0.7), ("val", 0.1), ("test", 0.2))  # crema_d.py line 182
+TFDS_SEED = 0  # crema_d.py line 183: _get_inter_splits_by_group(..., split_probs, 0)
+# crema_d.py lines 163-169: clips TFDS leaves out ("file names which do not exist")
+TFDS_DROPPED = ("1040_ITH_SAD_XX", "1006_TIE_NEU_XX", "1013_WSI_DIS_XX", "1017_IWW_FEA_XX")
+FOLDS = Range(3, len(ACTORS))  # test, validation and at least one training fold
 
 
 def label_of(clip_id: str) -> int | None:
@@ -37,6 +55,30 @@ def label_of(clip_id: str) -> int | None:
     if len(fields) != 4 or fields[2] not in CLASSES:
         return None
     return CLASSES.index(fields[2])
+
+
+def tfds_actor_split() -> dict[str, list[str]]:
+    """TFDS ``crema_d``'s actors per split: the sorted ids shuffled by RandomState(0), cut
+    at ``int(cumulative share * 91)`` with the shares summed in float as TFDS sums them
+    (crema_d.py lines 84-96), the last split running to the end."""
+    actors = sorted(ACTORS)
+    np.random.RandomState(TFDS_SEED).shuffle(actors)
+    splits, total = {}, 0.0
+    for name, share in TFDS_SHARES:
+        start, total = total, total + share
+        splits[name] = actors[int(start * len(actors)):int(total * len(actors))]
+    splits[name] = actors[int(start * len(actors)):]
+    return {name: sorted(members) for name, members in splits.items()}
+
+
+def actor_folds(folds: int, fold: int, seed: int) -> dict[str, list[str]]:
+    """A seeded k-fold over the 91 actors: fold ``fold`` is test, the next one validation,
+    the others train (folds of ``np.array_split`` over a ``default_rng(seed)`` permutation)."""
+    order = np.random.default_rng(seed).permutation(len(ACTORS))
+    parts = [[ACTORS[i] for i in part] for part in np.array_split(order, folds)]
+    val = (fold + 1) % folds
+    train = [a for i, part in enumerate(parts) if i not in (fold, val) for a in part]
+    return {"train": sorted(train), "val": sorted(parts[val]), "test": sorted(parts[fold])}
 
 
 @dataclass
@@ -93,11 +135,36 @@ class Cremad:
                              within=FRAME_SIZE)
     num_frames: int = option(media.VideoParams.num_frames,
                              "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
+    split_by: str = option("random", "random: the OGM-GE lists (or a seeded stratified split); "
+                                     "actor: TFDS crema_d's actor-disjoint 63/9/19 split; "
+                                     "actor-folds: a seeded k-fold over actors.")
+    folds: int = option(5, "With --split-by actor-folds: the number of actor folds.",
+                        within=FOLDS)
+    fold: int = option(0, "With --split-by actor-folds: the test fold (0-based); the next "
+                          "fold is validation, the others train.",
+                       within=Range(0, FOLDS.high - 1))
+    fold_seed: int = option(0, "With --split-by actor-folds: seed of the actor shuffle.",
+                            within=SEED)
     classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     unit: ClassVar[str] = "clips"  # what the build summary counts
     name: ClassVar[str] = "cremad"
     published: ClassVar[Published] = PUBLISHED
     synth: ClassVar[type] = CremadSynth
+
+    def __post_init__(self) -> None:
+        check_choice("--split-by", self.split_by, SPLIT_BY)
+        fold_options = (self.folds, self.fold, self.fold_seed)
+        if self.split_by != "actor-folds" and fold_options != (5, 0, 0):
+            raise OptionError(f"--folds, --fold and --fold-seed choose an actor fold; give "
+                              f"them with --split-by actor-folds, not {self.split_by}")
+        if self.fold >= self.folds:
+            raise OptionError(f"--fold {self.fold} is not a fold of --folds {self.folds}: give "
+                              f"0 to {self.folds - 1}")
+
+    @property
+    def uses_published_splits(self) -> bool:
+        """Only the random split reads the OGM-GE lists under raw/splits."""
+        return self.split_by == "random"
 
     @property
     def audio(self) -> media.AudioParams:
@@ -141,6 +208,37 @@ class Cremad:
 
     def list_files(self, raw: Path) -> dict[str, Path]:
         return {}
+
+    def own_lists(self, raw: Path, found: dict[str, Entry],
+                  split_files: dict[str, Path]) -> OwnLists | None:
+        """The actor-disjoint splits of ``--split-by actor`` or ``actor-folds``; None for
+        the random split. Actors are the 91 CREMA-D ids whether or not their clips are here,
+        so a partial copy gets the published actor lists."""
+        if self.split_by == "random":
+            return None
+        if split_files:
+            raise OptionError(f"--split-by {self.split_by} makes its own actor-disjoint "
+                              f"splits; drop --split {' '.join(sorted(split_files))}")
+        tfds = self.split_by == "actor"
+        actors = tfds_actor_split() if tfds else actor_folds(self.folds, self.fold,
+                                                              self.fold_seed)
+        split_of = {actor: name for name, members in actors.items() for actor in members}
+        rows: dict[str, list[SplitRow]] = {name: [] for name in actors}
+        skipped = []
+        for key in sorted(found):
+            name = split_of.get(key.split("_")[0])
+            if name is None:
+                skipped.append({"id": key, "split": None, "reason": "actor is not one of "
+                                "CREMA-D's 91 (1001 to 1091)"})
+            elif tfds and key in TFDS_DROPPED:
+                skipped.append({"id": key, "split": name,
+                                "reason": "left out of the TFDS crema_d split"})
+            else:
+                rows[name].append(SplitRow(key, found[key].label, 0))
+        rule = ({"rule": "tfds-crema_d", "dropped": list(TFDS_DROPPED)} if tfds else
+                {"rule": "actor-folds", "folds": self.folds, "fold": self.fold,
+                 "seed": self.fold_seed})
+        return OwnLists(rows, skipped, {"split_by": self.split_by, **rule, "actors": actors})
 
     def read_split_file(self, path: Path) -> list[SplitRow]:
         rows = []
