@@ -28,10 +28,11 @@ DOCUMENTED_DEFAULTS = {
              "--max-aspect": 20.0, "--max-text-bytes": 65536},
 }
 SYNTH_DEFAULTS = {
-    "cremad": {"--clips": 120, "--seed": 0, "--easy": "audio", "--hard-strength": 1.0,
-               "--width": 96, "--height": 72},
-    "ks": {"--clips": 60, "--classes": 5, "--seed": 0, "--easy": "audio", "--hard-strength": 1.0,
-           "--seconds": 2.0},
+    # --design picks the knobs' values unless they are given (None: the design's)
+    "cremad": {"--clips": 120, "--seed": 0, "--easy": "audio", "--design": "fused",
+               "--easy-reliability": None, "--hard-strength": None, "--width": 96, "--height": 72},
+    "ks": {"--clips": 60, "--classes": 5, "--seed": 0, "--easy": "audio", "--design": "fused",
+           "--easy-reliability": None, "--hard-strength": None, "--seconds": 2.0},
     "mvsa": {"--pairs": 90, "--seed": 0, "--easy": "text"},
 }
 WIDE = {"COLUMNS": "200"}  # help tables unwrapped, so every flag is on one line
