@@ -120,3 +120,26 @@ def test_files_the_decoders_do_not_read_are_hashed_from_disk(tmp_path: Path) -> 
     seen = {tmp_path / "b.wav": "f" * 64}
     assert rawhash.source_hashes(tmp_path, ["a.txt", "b.wav", "missing.wav"], "blake3", seen) == {
         "a.txt": rawhash.digest(b"text a recipe reads itself", "blake3"), "b.wav": "f" * 64}
+
+
+def test_a_build_interrupted_before_the_option_resumes_only_with_sha256(
+        raw_copy: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from preprocess import writer
+
+    out, real_finish = tmp_path / "out", writer._finish
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C after the last shard, before the manifest
+
+    monkeypatch.setattr(writer, "_finish", interrupted)
+    assert build(raw_copy, out, capsys, "--raw-hash", "sha256")[0] != 0
+    monkeypatch.setattr(writer, "_finish", real_finish)
+    plan = out / writer.STATE_DIR / writer.PLAN_NAME
+    record = json.loads(plan.read_text())
+    del record["raw_hash"]  # as ccat-data before --raw-hash recorded its plan
+    plan.write_text(json.dumps(record))
+    code, _, err = build(raw_copy, out, capsys)
+    assert code == 1 and "raw files hashed with sha256, now blake3 (--raw-hash sha256 resumes it)" in err
+    code, stdout, _ = build(raw_copy, out, capsys, "--raw-hash", "sha256")
+    assert code == 0 and "processed 0 clips" in stdout
+    assert set(manifest_of(out)["sources"]["raw"]) == {"num_files", "sha256"}
