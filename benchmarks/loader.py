@@ -171,10 +171,11 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--shards", type=Path, help="prebuilt shards (default: build synth ones)")
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = DataConfig(batch_size=32, workers=0, frame_size=224)
+    cfg = DataConfig(batch_size=args.batch_size, workers=0, frame_size=224)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or build_shards(Path(tmp), args.clips, 224, 3.0)
         local = open_dataset(shards)
