@@ -48,6 +48,7 @@ TINY = {"clips": 96, "frame_size": 32, "seconds": 1.0,
 FULL = {"clips": 480, "frame_size": 224, "seconds": 3.0,
         "sets": ["data.batch_size=32", "data.workers=8"]}
 LOADERS = ("stream", "device_cache")
+GEOMETRY = ("seconds", "shape", "num_frames", "size")  # of the shards read, from their manifest
 
 
 def batches(run: Run, cache: DeviceCache | None) -> Iterator[Batch]:
@@ -187,7 +188,8 @@ def main() -> None:
             contiguous_convolutions(run)
         result = {"benchmark": "train_step", "label": args.label,
                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                  "geometry": {k: size[k] for k in ("frame_size", "seconds")},
+                  "geometry": {name: {k: params[k] for k in GEOMETRY if k in params}
+                               for name, params in run.dataset.modalities.items()},
                   "train_samples": run.dataset.num_samples("train"),
                   "batch_size": cfg.data.batch_size, "workers": cfg.data.workers,
                   "compile": cfg.compile or "eager", "steps": args.steps,
