@@ -8,7 +8,7 @@ hashed from disk afterwards (:func:`source_hashes`).
 
 The algorithm is named in the manifest by the key it writes under ``sources.raw``:
 ``{"num_files": n, "blake3": ...}`` since ``--raw-hash`` exists (BLAKE3 is a 256-bit
-cryptographic hash like sha256, and two to three times faster on one core), or
+cryptographic hash like sha256, and faster on one core: 1.3x measured on 0.5 MB clips), or
 ``{"num_files": n, "sha256": ...}`` (the builds before it, and ``--raw-hash sha256``).
 A build is always checked with the algorithm it recorded, so builds of either kind keep
 verifying and being reused.
