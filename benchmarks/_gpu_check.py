@@ -1,6 +1,7 @@
-"""The GPU check (run through ``benchmarks/gpu_check.sh``): shards at CREMA-D geometry, then
-``train_step.py`` in each configuration with nvidia-smi sampled alongside, then a
-projection of a full paper-length CCAT run on CREMA-D. Every result is one JSON line,
+"""The GPU check (run through ``benchmarks/gpu_check.sh``): shards at CREMA-D geometry (and
+at Kinetics-Sounds' 10 s audio), ``loader.py`` on them (CPU vs GPU JPEG decode, where a
+sample's time goes), then ``train_step.py`` in each configuration with nvidia-smi sampled
+alongside, then projections of full paper-length CCAT runs on CREMA-D and Kinetics-Sounds. Every result is one JSON line,
 printed and appended to ``$OUT/gpu_check.jsonl`` as soon as it is measured, so a run cut
 short keeps what it measured.
 
@@ -24,21 +25,40 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # name, train_step.py arguments; the most telling first, so a cut-short run loses least.
+# Runs named ks_* read the Kinetics-Sounds-geometry shards (10 s audio: 257 x 625).
 RUNS = [
     ("stream_w8", ["--loader", "stream", "--workers", "8"]),
     ("device_cache", ["--loader", "device_cache"]),
     ("stream_w16", ["--loader", "stream", "--workers", "16"]),
+    ("ks_device_cache", ["--loader", "device_cache"]),
     ("device_cache_b64", ["--loader", "device_cache", "--batch-size", "64"]),
+    ("stream_w16_b64", ["--loader", "stream", "--workers", "16", "--batch-size", "64"]),
+    ("device_cache_fp32", ["--loader", "device_cache", "--precision", "fp32"]),
+    ("device_cache_contiguous", ["--loader", "device_cache", "--memory-format", "contiguous"]),
+    ("ks_stream_w16", ["--loader", "stream", "--workers", "16"]),
     ("device_cache_inductor", ["--loader", "device_cache", "--compile", "inductor"]),
 ]
-FULL = {"clips": 960, "frame_size": 224, "seconds": 3.0, "steps": 30,
-        "run_timeout_s": 60, "compile_timeout_s": 180, "shards_timeout_s": 100}
-DRY = {"clips": 40, "frame_size": 32, "seconds": 1.0, "steps": 2,
-       "run_timeout_s": 300, "compile_timeout_s": 300, "shards_timeout_s": 300}
+FULL = {"clips": 960, "frame_size": 224, "seconds": 3.0, "ks_seconds": 10.0, "steps": 30,
+        "run_timeout_s": 50, "compile_timeout_s": 150, "shards_timeout_s": 90,
+        "loader_timeout_s": 60}
+DRY = {"clips": 40, "frame_size": 32, "seconds": 1.0, "ks_seconds": 2.0, "steps": 2,
+       "run_timeout_s": 300, "compile_timeout_s": 300, "shards_timeout_s": 300,
+       "loader_timeout_s": 300}
 # The dry run's stand-ins: a CPU box hosts a few loader workers, its tiny train split is
 # smaller than 64 samples, and inductor would compile C++ for minutes.
 DRY_ARGUMENTS = {"8": "1", "16": "2", "64": "24", "inductor": "eager"}
+# Kinetics-Sounds (GeWu-Lab's lists, /work/shared/data/ks): 14799 train ids, 2597 test; the
+# paper trains it as CREMA-D (configs/ks.yaml).
+KS_TRAIN_LIST = 14799
 SMI_QUERY = "utilization.gpu,memory.used"
+BUDGET_S = 540  # the whole check: one device call of at most 10 minutes, with a margin
+MIN_RUN_S = 20  # a run that would get less than this is skipped, not started
+DEADLINE = [time.monotonic() + BUDGET_S]
+
+
+def left_s() -> float:
+    """Seconds left of the check's budget."""
+    return DEADLINE[0] - time.monotonic()
 SMI_PERIOD_MS = 200
 # CREMA-D (the published split): 6698 train ids, 744 test; ccat-data carves val_fraction
 # 0.1 of train out as validation. The paper's run: 150 epochs per stage, validated each.
@@ -100,7 +120,8 @@ def measure_run(name: str, extra: list[str], shards: Path, sizes: dict[str, Any]
         extra = [DRY_ARGUMENTS.get(a, a) for a in extra] + ["--device", "cpu", "--tiny"]
     command = [sys.executable, str(HERE / "train_step.py"), "--shards", str(shards),
                "--steps", str(sizes["steps"]), "--label", name, *extra]
-    timeout = sizes["compile_timeout_s" if "--compile" in extra else "run_timeout_s"]
+    timeout = min(sizes["compile_timeout_s" if "--compile" in extra else "run_timeout_s"],
+                  left_s())
     csv = out / f"nvidia_smi_{name}.csv"
     sampler = sample_gpu(csv)
     started = time.perf_counter()
@@ -117,12 +138,15 @@ def measure_run(name: str, extra: list[str], shards: Path, sizes: dict[str, Any]
     return record
 
 
-def projection(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Hours of a full CCAT run on CREMA-D at each measured configuration's rates:
-    per stage, epochs x (train samples / stage samples/s + val samples / validation
-    samples/s), plus the device cache's fill once."""
-    train = CREMAD_TRAIN_LIST - round(VAL_FRACTION * CREMAD_TRAIN_LIST)
-    val = CREMAD_TRAIN_LIST - train
+def projection(results: list[dict[str, Any]], dataset: str = "cremad") -> dict[str, Any]:
+    """Hours of a full CCAT run on ``dataset`` at each measured configuration's rates (the
+    ks_* runs for Kinetics-Sounds, the others for CREMA-D): per stage, epochs x (train
+    samples / stage samples/s + val samples / validation samples/s), plus the device
+    cache's fill once."""
+    listed = KS_TRAIN_LIST if dataset == "ks" else CREMAD_TRAIN_LIST
+    train = listed - round(VAL_FRACTION * listed)
+    val = listed - train
+    results = [r for r in results if r["run"].startswith("ks_") == (dataset == "ks")]
     hours: dict[str, float] = {}
     for result in results:
         for loader in ("stream", "device_cache"):
@@ -134,13 +158,31 @@ def projection(results: list[dict[str, Any]]) -> dict[str, Any]:
                 seconds += epochs * (train / rates[stage]["samples_per_s"]
                                      + val / rates["validation"]["samples_per_s"])
             hours[result["run"]] = round(seconds / 3600, 2)
-    return {"projection": "ccat_cremad_paper_run", "train_samples": train, "val_samples": val,
+    return {"projection": f"ccat_{dataset}_paper_run", "train_samples": train, "val_samples": val,
             "epochs": PAPER_EPOCHS,
             "model": "sum over stages of epochs x (train / stage samples/s + val / validation "
                      "samples/s) + cache fill scaled to the train split; loader start-up per "
                      "epoch and checkpoint writes not included",
             "hours_by_run": hours,
             "fastest": min(hours, key=hours.get) if hours else None}
+
+
+def build(tmp: Path, name: str, seconds: float,
+          sizes: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """Synthetic shards at ``seconds`` of audio in ``tmp/name``, emitted as a JSON line."""
+    built, why = run_json([sys.executable, str(HERE / "_shards.py"), str(tmp / name), "--clips",
+                           str(sizes["clips"]), "--frame-size", str(sizes["frame_size"]),
+                           "--seconds", str(seconds)], sizes["shards_timeout_s"])
+    return built, why
+
+
+def loader_check(shards: Path, sizes: dict[str, Any], dry: bool) -> dict[str, Any]:
+    """``loader.py`` on the shards: local/device-cache samples/s per core, where a sample's
+    time goes, and the CPU decoders beside the GPU's batched nvJPEG decode."""
+    batch = ["--batch-size", "8"] if dry else []  # the dry run's train split is 28 samples
+    result, why = run_json([sys.executable, str(HERE / "loader.py"), "--shards", str(shards),
+                            "--epochs", "1", *batch], sizes["loader_timeout_s"])
+    return result or {"benchmark": "loader", "error": why}
 
 
 def main() -> None:
@@ -151,22 +193,34 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these configurations")
     args = parser.parse_args()
     sizes = DRY if args.dry_run else FULL
+    DEADLINE[0] = time.monotonic() + (10 * BUDGET_S if args.dry_run else BUDGET_S)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        built, why = run_json([sys.executable, str(HERE / "_shards.py"), tmp, "--clips",
-                               str(sizes["clips"]), "--frame-size", str(sizes["frame_size"]),
-                               "--seconds", str(sizes["seconds"])], sizes["shards_timeout_s"])
+        built, why = build(Path(tmp), "cremad", sizes["seconds"], sizes)
         emit(args.out, built or {"benchmark": "shards", "error": why})
         if built is None:
             sys.exit(1)
+        if not args.only or "loader" in args.only:
+            emit(args.out, loader_check(Path(built["shards"]), sizes, args.dry_run))
+        wanted = [(n, e) for n, e in RUNS if not args.only or n in args.only]
+        ks = None
+        if any(name.startswith("ks_") for name, _ in wanted):
+            ks, why = build(Path(tmp), "ks", sizes["ks_seconds"], sizes)
+            emit(args.out, {**(ks or {"benchmark": "shards", "error": why}), "geometry": "ks"})
         results = []
-        for name, extra in RUNS:
-            if args.only and name not in args.only:
+        for name, extra in wanted:
+            shards = ks if name.startswith("ks_") else built
+            if shards is None:
                 continue
-            results.append(measure_run(name, extra, Path(built["shards"]), sizes, args.dry_run,
+            if left_s() < MIN_RUN_S:
+                emit(args.out, {"run": name, "error": f"skipped: the {BUDGET_S} s budget is spent"})
+                continue
+            results.append(measure_run(name, extra, Path(shards["shards"]), sizes, args.dry_run,
                                        args.out))
             emit(args.out, results[-1])
-    emit(args.out, projection([r for r in results if "error" not in r]))
+    measured = [r for r in results if "error" not in r]
+    emit(args.out, projection(measured, "cremad"))
+    emit(args.out, projection(measured, "ks"))
     failed = [r["run"] for r in results if "error" in r]
     if failed:
         print(f"gpu_check: {', '.join(failed)} failed (see their error lines)", file=sys.stderr)

@@ -10,11 +10,16 @@ step time, the share of time spent waiting for data, the warm-up (first two step
 cudnn autotuning, torch.compile), the peak device memory and, on CUDA, the host syncs of
 one step (torch's sync debug mode); then one validation pass as `ccat train` runs it each
 epoch (``ccat.evaluate.evaluate``), and the device cache's fill time.
+
+``--precision fp32`` and ``--memory-format contiguous`` turn off, in this process only, what
+``ccat train`` always does on CUDA (bf16 autocast; channels-last convolutions), to measure
+what each gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -29,6 +34,7 @@ from ccat import distributed
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import Batch, make_loader
 from ccat.evaluate import evaluate
+from ccat.models import encoders
 from ccat.run_config import load_config
 from ccat.step import Step
 from ccat.train import Run, make_optimizer
@@ -42,6 +48,7 @@ TINY = {"clips": 96, "frame_size": 32, "seconds": 1.0,
 FULL = {"clips": 480, "frame_size": 224, "seconds": 3.0,
         "sets": ["data.batch_size=32", "data.workers=8"]}
 LOADERS = ("stream", "device_cache")
+GEOMETRY = ("seconds", "shape", "num_frames", "size")  # of the shards read, from their manifest
 
 
 def batches(run: Run, cache: DeviceCache | None) -> Iterator[Batch]:
@@ -51,6 +58,19 @@ def batches(run: Run, cache: DeviceCache | None) -> Iterator[Batch]:
         yield from make_loader(run.dataset, "train", run.cfg.data, train=True, seed=0,
                                epoch=epoch, rank=0, world=1, cache=cache)
         epoch += 1
+
+
+def fp32_everywhere() -> None:
+    """No autocast (``--precision fp32``): every caller of ``distributed.autocast`` (the
+    steps here, validation, methods) gets none."""
+    distributed.autocast = lambda device: contextlib.nullcontext()
+
+
+def contiguous_convolutions(run: Run) -> None:
+    """Undo channels-last (``--memory-format contiguous``): the model's weights back to
+    contiguous, and the ResNet encoders no longer convert their input."""
+    run.model.to(memory_format=torch.contiguous_format)
+    encoders.ResNet.forward = lambda self, x: self.layers(self.stem(x))
 
 
 def count_host_syncs(run: Run, batch: Batch, step: Step) -> int | None:
@@ -141,6 +161,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="data.batch_size")
     parser.add_argument("--compile", default="", help="torch.compile backend of the encoders")
     parser.add_argument("--label", default="", help="a name for this run in the JSON line")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16 autocast on CUDA (as ccat train), or none")
+    parser.add_argument("--memory-format", choices=("channels_last", "contiguous"),
+                        default="channels_last", help="of the convolutions on CUDA")
     return parser.parse_args()
 
 
@@ -157,13 +181,20 @@ def main() -> None:
         cfg = load_config(ROOT / "configs" / "cremad.yaml", sets,
                           {"data.path": str(shards), "out": str(Path(tmp) / "run"),
                            "device": args.device})
+        if args.precision == "fp32":
+            fp32_everywhere()  # before the run binds distributed.autocast
         run = Run(cfg, distributed.setup(cfg.device))
+        if args.memory_format == "contiguous":
+            contiguous_convolutions(run)
         result = {"benchmark": "train_step", "label": args.label,
                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                  "geometry": {k: size[k] for k in ("frame_size", "seconds")},
+                  "geometry": {name: {k: params[k] for k in GEOMETRY if k in params}
+                               for name, params in run.dataset.modalities.items()},
                   "train_samples": run.dataset.num_samples("train"),
                   "batch_size": cfg.data.batch_size, "workers": cfg.data.workers,
-                  "compile": cfg.compile or "eager", "steps": args.steps}
+                  "compile": cfg.compile or "eager", "steps": args.steps,
+                  "precision": args.precision if args.device == "cuda" else "fp32",
+                  "memory_format": args.memory_format if args.device == "cuda" else "contiguous"}
         for loader in (LOADERS if args.loader == "both" else (args.loader,)):
             result[loader] = measure(run, loader, args.steps)
     print(json.dumps(result))

@@ -349,7 +349,9 @@ def _print_identity(manifest: dict[str, Any]) -> None:
         console.print(f"  {name} membership ({entry['num_samples']} keys): "
                       f"{entry.get('membership_sha256')}")
     raw = manifest["sources"].get("raw", {})
-    console.print(f"  raw content ({raw.get('num_files', '?')} files): {raw.get('sha256')}")
+    algorithm = next((k for k in raw if k != "num_files"), "sha256")
+    console.print(f"  raw content ({raw.get('num_files', '?')} files): {algorithm} "
+                  f"{raw.get(algorithm)}")
     for name, digest in manifest["sources"].get("split_files", {}).items():
         console.print(f"  list file {name}: {digest}")
 

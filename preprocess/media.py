@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ccat.errors import UserError
+from preprocess import rawhash
 
 LOG_EPS = 1e-7  # log(|S| + eps) of the published CREMA-D recipe
 TARGET_SAMPLE_RATE = 22050  # librosa's default rate, used by the published code
@@ -101,10 +102,11 @@ def load_audio(path: Path) -> tuple[np.ndarray, int, int]:
     PyAV from its first audio track.
     """
     if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        source = rawhash.media_source(path)
         try:
-            data, rate = soundfile.read(path, dtype="float64", always_2d=True)
+            data, rate = soundfile.read(source, dtype="float64", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError) as err:
-            raise MediaError("audio is unreadable", str(err)) from None
+            raise MediaError("audio is unreadable", _named(str(err), source, path)) from None
         channels = data.shape[1]
         signal = data.mean(axis=1)
     else:
@@ -115,14 +117,15 @@ def load_audio(path: Path) -> tuple[np.ndarray, int, int]:
 
 
 def _decode_audio_track(path: Path) -> tuple[np.ndarray, int, int]:
+    source = rawhash.media_source(path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.audio:
                 raise MediaError("the clip has no audio track")
             stream = container.streams.audio[0]
             chunks = [_planar_float(frame) for frame in container.decode(stream)]
     except av.FFmpegError as err:
-        raise MediaError("audio is unreadable", str(err)) from None
+        raise MediaError("audio is unreadable", _named(str(err), source, path)) from None
     if not chunks:
         return np.zeros(0), stream.rate or 0, stream.channels or 1
     return np.concatenate(chunks, axis=1).mean(axis=0), stream.rate, chunks[0].shape[0]
@@ -142,6 +145,15 @@ def _planar_float(frame: av.AudioFrame) -> np.ndarray:
     return data.astype(np.float64)
 
 
+def _named(message: str, source: Any, path: Path) -> str:
+    """A decoder's error message as it reads for ``path`` when the decoder was given the
+    file's bytes (:func:`preprocess.rawhash.media_source`): soundfile names the buffer
+    object, PyAV writes '<none>' for it. Skip records stay as they were, and machine-free."""
+    if isinstance(source, str):
+        return message
+    return message.replace(repr(source), repr(str(path))).replace("'<none>'", repr(str(path)))
+
+
 def fit_duration(signal: np.ndarray, num_samples: int) -> np.ndarray:
     """Tile ``signal`` up to ``num_samples`` and cut there (the published recipe's rule)."""
     reps = math.ceil(num_samples / signal.size)
@@ -157,7 +169,9 @@ def log_spectrogram(signal: np.ndarray, rate: int, params: AudioParams) -> np.nd
     window = _hann(params.n_fft)
     stft = torch.stft(torch.from_numpy(fixed), params.n_fft, params.hop_length, window=window,
                       center=True, pad_mode="constant", return_complex=True)
-    return np.log(np.abs(stft.numpy()) + params.log_eps).astype(np.float16)
+    magnitude = np.abs(stft.numpy())
+    magnitude += params.log_eps  # in place: the same values as log(|S| + eps), no temporaries
+    return np.log(magnitude, out=magnitude).astype(np.float16)
 
 
 @lru_cache(maxsize=4)
@@ -202,8 +216,9 @@ def sample_frames(path: Path, params: VideoParams, window: Window | None = None,
     Packets are demuxed (cheap) to count frames exactly; only the stretches from the
     keyframe before each wanted frame up to it are decoded.
     """
+    source = rawhash.media_source(path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.video:
                 raise MediaError("the clip has no video track")
             stream = container.streams.video[0]
@@ -218,7 +233,7 @@ def sample_frames(path: Path, params: VideoParams, window: Window | None = None,
             indices = [first + i for i in segment_centres(count, params.num_frames)]
             frames = _decode_at(stream.codec_context, packets, indices)
     except av.FFmpegError as err:
-        raise MediaError("video is unreadable", str(err)) from None
+        raise MediaError("video is unreadable", _named(str(err), source, path)) from None
     jpegs = [_encode_jpeg(frame, params) for frame in frames]
     meta = {"fps": round(fps, 6), "num_frames": len(packets), "frame_indices": indices,
             "width": frames[0].width, "height": frames[0].height,
@@ -330,8 +345,9 @@ def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, An
     """JPEG bytes of the image upright, in RGB, shorter side resized; and its provenance."""
     from PIL import ImageOps, UnidentifiedImageError
 
+    source = rawhash.media_source(path)
     try:
-        with Image.open(path) as img:  # lazy: the header's size, nothing decoded yet
+        with Image.open(source) as img:  # lazy: the header's size, nothing decoded yet
             check_image_size(img.width, img.height, params)
             img.seek(0)  # an animated GIF's first frame
             meta = {"format": img.format, "mode": img.mode, "width": img.width,
@@ -343,7 +359,7 @@ def image_features(path: Path, params: ImageParams) -> tuple[bytes, dict[str, An
     except Image.DecompressionBombError as err:  # Pillow's own cap, met in Image.open
         raise MediaError("image is too large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise MediaError("image is unreadable", str(err)) from None
+        raise MediaError("image is unreadable", _named(str(err), source, path)) from None
     scale = params.shorter_side / min(rgb.size)
     size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     resized = rgb.resize(size, Image.BICUBIC)

@@ -39,9 +39,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ccat import fileio
 from ccat.data import kinds, shardio, spec
-from preprocess import __version__ as TOOL_VERSION, outdir
-from preprocess.datasets import (SEED, SPLITS_DIR, OptionError, Range, Recipe, check_options,
-                                 option, own_lists)
+from preprocess import __version__ as TOOL_VERSION, outdir, rawhash
+from preprocess.datasets import (SEED, SPLITS_DIR, OptionError, Range, Recipe, check_choice,
+                                 check_options, option, own_lists)
 from preprocess.media import MediaError
 from preprocess.outdir import STATE_DIR, TMP_SUFFIX, BuildError, locked, write_error
 from preprocess.splits import (Entry, SplitError, SplitRow, assign_splits, check_unique,
@@ -81,9 +81,13 @@ class BuildOptions:
     strict: bool = option(False, "Stop at the first bad sample instead of skipping it.")
     overwrite: bool = option(False, "Replace the build (finished or interrupted) that --out "
                                     "holds; it is kept until the new build has shards.")
+    raw_hash: str = option(rawhash.DEFAULT, "Hash of the raw files that the fingerprint covers: "
+                           "blake3, or sha256 (as builds before this option, whose "
+                           "fingerprint a rebuild then keeps).")
 
     def __post_init__(self) -> None:
         check_options(self)
+        check_choice("--raw-hash", self.raw_hash, rawhash.ALGORITHMS)
         if self.val_fraction + self.test_fraction >= 1:
             raise OptionError(f"--val-fraction {self.val_fraction} and --test-fraction "
                               f"{self.test_fraction} add up to 1 or more, leaving train no "
@@ -141,54 +145,43 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(recipe: Recipe, raw: Path, out: Path, num_classes: int, strict: bool,
-                 report: Callable[[], None] | Any) -> None:
+                 raw_hash: str, report: Callable[[], None] | Any) -> None:
     """Set up a shard builder. ``report`` is called (in this process) or, a queue, is put
     to (from a worker) once per sample done."""
     import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
     _WORKER.update(recipe=recipe, raw=raw, modalities=recipe.modalities(), out=out,
-                   num_classes=num_classes, strict=strict,
+                   num_classes=num_classes, strict=strict, raw_hash=raw_hash,
                    report=report if callable(report) else lambda: report.put(1))
 
 
 def _process(entry: Entry) -> Result:
+    """Process one sample; the raw files it reads are hashed as the decoders read them
+    (:mod:`preprocess.rawhash`), any other of its files afterwards, from disk."""
+    with rawhash.recording(_WORKER["raw_hash"]) as read:
+        result = _decode(entry)
+    result.hashes = rawhash.source_hashes(_WORKER["raw"], entry.sources.values(),
+                                          _WORKER["raw_hash"], read)
+    return result
+
+
+def _decode(entry: Entry) -> Result:
     recipe: Recipe = _WORKER["recipe"]
-    hashes: dict[str, str] = {}
     try:
-        hashes.update(source_hashes(_WORKER["raw"], entry.sources.values()))
         members, meta = recipe.process(_WORKER["raw"], entry)
     except MediaError as err:
         return Result(entry.key, entry.label, reason=err.reason, detail=_relative(err.detail),
-                      sources=entry.sources, hashes=hashes)
+                      sources=entry.sources)
     except Exception as err:  # noqa: BLE001 - one bad file must never stop a build
         return Result(entry.key, entry.label, reason="unexpected error while decoding",
-                      detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources,
-                      hashes=hashes)
+                      detail=_relative(f"{type(err).__name__}: {err}"), sources=entry.sources)
     meta = {"id": entry.key, "label": recipe.classes[entry.label], "sources": entry.sources,
             **meta}
     members[spec.LABEL_MEMBER] = shardio.encode_label(entry.label)
     members[spec.META_MEMBER] = spec.encode_json(meta)
     kinds.check_written(entry.key, members, _WORKER["modalities"])  # a recipe bug stops the build
-    return Result(entry.key, entry.label, members, hashes=hashes)
-
-
-def source_hashes(raw: Path, relatives: Iterable[str]) -> dict[str, str]:
-    """sha256 of each of ``relatives`` (paths under ``raw``) that can be read: the raw content
-    a sample is read from. Hashing costs little next to decoding, and the bytes it reads
-    are in the page cache when the decoder reads them."""
-    hashes = {}
-    for rel in sorted(relatives):
-        with contextlib.suppress(OSError):  # missing or unreadable: the decoder says which
-            hashes[rel] = spec.file_sha256(raw / rel)
-    return hashes
-
-
-def raw_content(hashes: dict[str, str]) -> dict[str, Any]:
-    """``sources.raw``: the number of raw files read and the sha256 over the canonical JSON
-    of their sorted ``[[relative path, content sha256], ...]``."""
-    listing = spec.encode_json(sorted([path, digest] for path, digest in hashes.items()))
-    return {"num_files": len(hashes), "sha256": hashlib.sha256(listing).hexdigest()}
+    return Result(entry.key, entry.label, members)
 
 
 def _relative(detail: str) -> str:
@@ -412,7 +405,8 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
             "split": {"seed": options.seed, "val_fraction": options.val_fraction,
                       "test_fraction": None if listed else options.test_fraction},
             "shard_size": options.shard_size,
-            "build": {"workers": options.workers, "strict": options.strict},
+            "build": {"workers": options.workers, "strict": options.strict,
+                      "raw_hash": options.raw_hash},
             # how a recipe with a choice of label rules made the classes (MOSEI: 2 or 7)
             **({"labels": recipe.label_rule()} if hasattr(recipe, "label_rule") else {}),
         },
@@ -471,7 +465,8 @@ def plan_record(head: dict[str, Any], splits: dict[str, list[Entry]], raw: Path)
                for name, entries in splits.items()}
     files = sorted({rel for entries in splits.values() for e in entries
                     for rel in e.sources.values() if (raw / rel).is_file()})
-    return {"params": params, "splits": members, "files": files, "layout": SHARD_LAYOUT}
+    return {"params": params, "splits": members, "files": files, "layout": SHARD_LAYOUT,
+            "raw_hash": head["sources"]["build"]["raw_hash"]}
 
 
 def _param_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -483,11 +478,12 @@ def _param_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return spec.diff_fingerprint_params(params(before), params(now))
 
 
-def _hash_files(raw: Path, relatives: Iterable[str], workers: int) -> dict[str, str]:
-    """sha256 of raw files on ``workers`` threads (hashlib releases the GIL)."""
+def _hash_files(raw: Path, relatives: Iterable[str], workers: int,
+                algorithm: str) -> dict[str, str]:
+    """Digests of raw files on ``workers`` threads (hashlib and blake3 release the GIL)."""
     relatives = sorted(relatives)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = pool.map(lambda rel: source_hashes(raw, [rel]), relatives)
+        digests = pool.map(lambda rel: rawhash.source_hashes(raw, [rel], algorithm), relatives)
     return {rel: digest for found in digests for rel, digest in found.items()}
 
 
@@ -495,6 +491,8 @@ def _interrupted_changes(old: dict[str, Any] | None, new: dict[str, Any],
                          recorded: dict[str, str], raw: Path, workers: int) -> list[str]:
     """What differs between an interrupted build's plan and this one, in words; a plan
     record that cannot be compared is itself the difference."""
+    if old and "raw_hash" not in old:  # a plan recorded before --raw-hash: sha256
+        old = {**old, "raw_hash": rawhash.LEGACY}
     if not old or set(old) != set(new):
         return [_unusable_plan(old)]
     try:
@@ -507,8 +505,11 @@ def _plan_changes(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, 
                   raw: Path, workers: int) -> list[str]:
     """:func:`_interrupted_changes` of a plan record of this layout."""
     changes = _param_changes(old["params"], new["params"])
+    if old["raw_hash"] != new["raw_hash"]:  # the shards recorded hold the other algorithm's
+        return [*changes, f"raw files hashed with {old['raw_hash']}, now {new['raw_hash']} "
+                          f"(--raw-hash {old['raw_hash']} resumes it)"]
     old_files, new_files = set(old["files"]), set(new["files"])
-    now = _hash_files(raw, set(recorded) & new_files, workers)
+    now = _hash_files(raw, set(recorded) & new_files, workers, new["raw_hash"])
     changed = sum(now.get(rel) != digest for rel, digest in recorded.items() if rel in new_files)
     added, removed = len(new_files - old_files), len(old_files - new_files)
     if added or removed or changed:
@@ -527,7 +528,8 @@ def _finished_changes(previous: dict[str, Any], head: dict[str, Any], new: dict[
     if changes:
         return changes
     old_raw = previous["sources"]["raw"]
-    now = raw_content(_hash_files(raw, new["files"], workers))
+    algorithm = rawhash.algorithm_of(old_raw)  # a finished build is checked as it was built
+    now = rawhash.raw_content(_hash_files(raw, new["files"], workers, algorithm), algorithm)
     if now != old_raw:
         changes.append(f"raw files: {old_raw['num_files']} then, {now['num_files']} now, "
                        "their content differs")
@@ -748,7 +750,7 @@ def _write_shards(recipe: Recipe, raw: Path, out: Path, tasks: list[ShardTask],
             on_progress(done, total)
 
     records, split_of = dict(kept), {task.name: task.split for task in tasks}
-    context = (recipe, raw, out, len(recipe.classes), options.strict)
+    context = (recipe, raw, out, len(recipe.classes), options.strict, options.raw_hash)
     for record in _run_shards(todo, context, min(options.workers, len(todo)), sample_done,
                               report):
         records[record["name"]] = record
@@ -994,7 +996,8 @@ def _finish(out: Path, head: dict[str, Any], records: dict[str, list[dict[str, A
         **{k: head[k] for k in ("spec_version", "dataset", "classes", "modalities")},
         "splits": {name: split_entry(split, num_classes) for name, split in records.items()},
         "skipped": sorted(every_skip, key=lambda s: (s["split"] or "", s["id"])),
-        "sources": {**head["sources"], "raw": raw_content(hashes)},
+        "sources": {**head["sources"],
+                    "raw": rawhash.raw_content(hashes, head["sources"]["build"]["raw_hash"])},
         "fingerprint": "",
         "tool_version": head["tool_version"],
     }

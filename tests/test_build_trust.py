@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import soundfile
@@ -79,10 +80,10 @@ def test_manifest_records_membership_and_raw_content_hashes(built: Path, synth_r
     manifest = manifest_of(built)
     assert manifest["spec_version"] == 2
     files = sorted(p for p in synth_raw.rglob("*") if p.is_file())
-    listing = [[p.relative_to(synth_raw).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()]
+    listing = [[p.relative_to(synth_raw).as_posix(), blake3.blake3(p.read_bytes()).hexdigest()]
                for p in files]  # every clip is built, so every file was read
-    expected = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
-    assert manifest["sources"]["raw"] == {"num_files": 48, "sha256": expected}
+    expected = blake3.blake3(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+    assert manifest["sources"]["raw"] == {"num_files": 48, "blake3": expected}
     assert_keys_unique(built)  # each split's membership_sha256 matches its shards
 
 
@@ -104,8 +105,8 @@ def test_more_clips_or_one_changed_file_give_another_fingerprint(
     assert changed["sources"]["raw"]["num_files"] == 48
     assert spec.diff_fingerprint_params(spec.fingerprint_params(first),
                                         spec.fingerprint_params(changed)) == [
-        f"sources.raw.sha256 (the content of the raw files): "
-        f"{first['sources']['raw']['sha256'][:12]} -> {changed['sources']['raw']['sha256'][:12]}"]
+        f"sources.raw.blake3 (the content of the raw files): "
+        f"{first['sources']['raw']['blake3'][:12]} -> {changed['sources']['raw']['blake3'][:12]}"]
 
 
 def test_info_shows_membership_and_raw_content_hashes(built: Path, capsys) -> None:
@@ -114,7 +115,7 @@ def test_info_shows_membership_and_raw_content_hashes(built: Path, capsys) -> No
     assert code == 0
     for entry in manifest["splits"].values():
         assert entry["membership_sha256"] in out
-    assert manifest["sources"]["raw"]["sha256"] in out and "raw content (48 files)" in out
+    assert manifest["sources"]["raw"]["blake3"] in out and "raw content (48 files)" in out
 
 
 # ---------------------------------------------------------------- 2. resume only the same plan

@@ -151,7 +151,8 @@ def pool_tasks(raw: Path, tmp_path: Path) -> tuple[tuple, list[writer.ShardTask]
     _, splits, _, _ = writer.plan(recipe, raw, {}, options)
     out = tmp_path / "out"
     (out / writer.STATE_DIR).mkdir(parents=True)
-    return (recipe, raw, out, len(recipe.classes), False), writer.shard_tasks(splits, 4)
+    return ((recipe, raw, out, len(recipe.classes), False, options.raw_hash),
+            writer.shard_tasks(splits, 4))
 
 
 def test_worker_processes_build_the_same_shard_records_as_this_process(

@@ -176,6 +176,12 @@ def test_spec_v2_requires_the_identity_hashes(real: dict[str, Any]) -> None:
         "splits.val: 'membership_sha256' is a required property")
     no_raw = edited(v2, lambda m: m["sources"].pop("raw"), False)
     assert manifest_schema.first_error(no_raw) == "sources: 'raw' is a required property"
+    v2_blake3 = edited(v2, lambda m: m["sources"].update(raw={"num_files": 48, "blake3": "4" * 64}),
+                       False)
+    assert manifest_schema.first_error(v2_blake3) is None  # the digest names its algorithm
+    for raw in ({"num_files": 48}, {"num_files": 48, "sha256": "3" * 64, "blake3": "4" * 64}):
+        assert manifest_schema.first_error(
+            edited(v2, lambda m: m["sources"].update(raw=raw), False)).startswith("sources.raw: ")
     bad_raw = edited(v2, lambda m: m["sources"]["raw"].update(num_files="48"), False)
     assert manifest_schema.first_error(bad_raw) == (
         "sources.raw.num_files: '48' is a string, not an integer")

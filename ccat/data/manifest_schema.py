@@ -105,9 +105,10 @@ SOURCES = {
     "type": "object",
     "properties": {
         "split_files": {"type": "object", "additionalProperties": SHA256},
-        "raw": {"type": "object", "required": ["num_files", "sha256"],
-                "additionalProperties": False,
-                "properties": {"num_files": COUNT, "sha256": SHA256}},
+        # the raw files' digest, under the name of its algorithm (sha256 before blake3)
+        "raw": {"type": "object", "required": ["num_files"], "additionalProperties": False,
+                "properties": {"num_files": COUNT, "sha256": SHA256, "blake3": SHA256},
+                "oneOf": [{"required": ["sha256"]}, {"required": ["blake3"]}]},
         "split": {"type": "object"},
         "shard_size": POSITIVE,
         "build": {"type": "object"},

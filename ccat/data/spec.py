@@ -50,6 +50,7 @@ UNFINGERPRINTED_SOURCES = ("build",)
 # Identity fields of the fingerprint, in words, for messages that say what differs.
 IDENTITY_WORDS = {"membership_sha256": "which samples the split holds",
                   "sources.raw.sha256": "the content of the raw files",
+                  "sources.raw.blake3": "the content of the raw files",
                   "sources.raw.num_files": "the number of raw files",
                   "sources.split_files": "a split or label file"}
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
