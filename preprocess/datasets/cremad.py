@@ -153,6 +153,7 @@ class Cremad:
 
     def __post_init__(self) -> None:
         check_choice("--split-by", self.split_by, SPLIT_BY)
+        check_options(self)  # a value out of range is named as such before any combination
         fold_options = (self.folds, self.fold, self.fold_seed)
         if self.split_by != "actor-folds" and fold_options != (5, 0, 0):
             raise OptionError(f"--folds, --fold and --fold-seed choose an actor fold; give "
