@@ -31,7 +31,8 @@ def download(dataset: str, out: Path) -> Iterator[str]:
     facts, target = published[dataset], out / dataset
     if facts.media_repo:
         yield from _git_lfs_media(target, facts.media_repo, facts.media_folders)
-    yield from _fetch_lists(facts, target / SPLITS_DIR)
+    if facts.lists_url:  # else the lists come with the media
+        yield from _fetch_lists(facts, target / SPLITS_DIR)
     if facts.media_by_hand:
         yield facts.media_by_hand.format(target=target)
 

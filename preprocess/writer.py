@@ -406,6 +406,9 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
+    facts = getattr(recipe, "facts", None)  # a recipe's own record: class order, fold, ...
+    if facts is not None:
+        head["sources"]["recipe"] = facts()
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
 

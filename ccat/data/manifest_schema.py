@@ -101,6 +101,7 @@ SOURCES = {
         "split": {"type": "object"},
         "shard_size": POSITIVE,
         "build": {"type": "object"},
+        "recipe": {"type": "object"},  # what a recipe records of its choices (facts())
     },
 }
 MANIFEST = {

@@ -69,11 +69,12 @@ SYNTH_STRENGTH = Range(0.0, 10.0)  # a synthetic cue's scale; 1 is the calibrate
 class Published:
     """Where a dataset's published split lists come from and how its media are obtained."""
 
-    lists_url: str  # base URL of the split files
+    lists_url: str  # base URL of the split files ("": they come with the media)
     split_files: dict[str, str]  # split name -> file name, under RAW/splits after a download
     media_by_hand: str = ""  # how to get media that cannot be fetched here ({target}: RAW)
     media_repo: str = ""  # or: a Git LFS repository holding the media in media_folders
     media_folders: tuple[str, ...] = ()
+    splits_dir: str = SPLITS_DIR  # where under RAW the split files are (the media's own folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,16 +203,17 @@ def get_recipe(name: str) -> Callable[..., Recipe]:
 
 def published_split_files(recipe: Recipe, raw: Path) -> dict[str, Path]:
     """The recipe's published split files under ``raw/splits`` (where ``ccat-data download``
-    puts them), by split; none when that folder holds none of them."""
+    puts them; a dataset whose lists come with its media names its own folder), by split;
+    none when that folder holds none of them."""
     if recipe.published is None:
         return {}
-    files = {split: raw / SPLITS_DIR / name for split, name in
-             recipe.published.split_files.items()}
+    folder = raw / recipe.published.splits_dir
+    files = {split: folder / name for split, name in recipe.published.split_files.items()}
     missing = [path.name for path in files.values() if not path.is_file()]
     if len(missing) == len(files):
         return {}
     if missing:
-        raise SplitError(f"{raw / SPLITS_DIR} lacks {', '.join(missing)} of the published "
+        raise SplitError(f"{folder} lacks {', '.join(missing)} of the published "
                          f"{recipe.name} split files; fetch them again (`ccat-data download "
                          f"{recipe.name}`) or name every split file with --split")
     return files

@@ -497,3 +497,65 @@ def _synth_image(label: int, rng: np.random.Generator, hard: bool):
     height = 2 * int(rng.integers(IMAGE_HEIGHT_RANGE[0] // 2, IMAGE_HEIGHT_RANGE[1] // 2 + 1))
     yuv = next(iter(VIDEO_CUES["hard" if hard else "easy"](label, 1, width, height, 1, rng, 1.0)))
     return av.VideoFrame.from_ndarray(yuv, format="yuv420p").to_image()
+
+
+# ---------------------------------------------------------------- UPMC Food-101
+# Images are one frame of VIDEO_CUES, as MVSA's; titles carry the class through words (easy:
+# a class word; hard: two words whose indices sum to the class modulo the class count, so
+# neither word alone says anything about it).
+
+FOOD_CLASSES = ("apple_pie", "caesar_salad", "pad_thai", "ramen", "waffles")  # real names
+FOOD_WORDS = (("cinnamon", "crust"), ("romaine", "croutons"), ("tamarind", "peanuts"),
+              ("broth", "noodle"), ("batter", "syrup"))  # easy title cue, by class
+FOOD_HARD_WORDS = (("red", "blue", "green", "gold", "white"),
+                   ("north", "south", "east", "west", "inner"))  # hard cue: (a + b) mod k
+TITLE_FILLER = ("best", "easy", "recipe", "homemade", "quick", "classic", "the", "with",
+                "how", "to", "make", "kitchen", "dinner", "family", "style")
+TITLE_SITES = ("Allrecipes", "Food Network", "My Blog", 'The "Good" Kitchen')  # , and " quoted
+
+
+def synthesize_food101(out: Path, num_pairs: int = 60, seed: int = 0, *, num_classes: int = 4,
+                       test_share: float = 0.25, easy: str = "text",
+                       progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Write UPMC Food-101's layout under `out`: `images/{train,test}/<label>/<label>_<n>.jpg`
+    and the header-less `texts/{train,test}_titles.csv` (`<image name>,<title>,<label>`,
+    CSV-quoted where a title holds a comma or quote). Classes are the first `num_classes`
+    of FOOD_CLASSES, round robin; every pair whose index falls in the last `test_share` of
+    each class's pairs is a test pair. Returns the pairs per split."""
+    if easy not in MVSA_MODALITIES or not 1 < num_classes <= len(FOOD_CLASSES):
+        raise ValueError(f"easy must be one of {MVSA_MODALITIES} and num_classes in "
+                         f"2..{len(FOOD_CLASSES)}, got {easy!r}, {num_classes}.")
+    import csv
+
+    out = Path(out)
+    rows: dict[str, list[list[str]]] = {"train": [], "test": []}
+    per_class = -(-num_pairs // num_classes)
+    for index in range(num_pairs):
+        label, n = index % num_classes, index // num_classes
+        split = "test" if n >= per_class - round(test_share * per_class) else "train"
+        name, rng = f"{FOOD_CLASSES[label]}_{n + 1}.jpg", np.random.default_rng([seed, index])
+        title = _food_title(label, num_classes, rng, hard=easy != "text")
+        folder = out / "images" / split / FOOD_CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        _synth_image(label, rng, hard=easy != "image").save(folder / name, quality=90)
+        rows[split].append([name, title, FOOD_CLASSES[label]])
+        if progress is not None:
+            progress(index + 1)
+    (out / "texts").mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        with open(out / "texts" / f"{split}_titles.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(split_rows)
+    return {split: len(split_rows) for split, split_rows in rows.items()}
+
+
+def _food_title(label: int, num_classes: int, rng: np.random.Generator, hard: bool) -> str:
+    """A recipe page title: filler words, the class cue, and a site name after a comma."""
+    words = list(rng.choice(TITLE_FILLER, int(rng.integers(3, 8))))
+    if hard:
+        first = int(rng.integers(num_classes))
+        cue = [FOOD_HARD_WORDS[0][first], FOOD_HARD_WORDS[1][(label - first) % num_classes]]
+    else:
+        cue = [str(rng.choice(FOOD_WORDS[label]))]
+    at = int(rng.integers(len(words) + 1))
+    site = TITLE_SITES[int(rng.integers(len(TITLE_SITES)))]
+    return " ".join(words[:at] + cue + words[at:]) + ", " + site
