@@ -66,6 +66,8 @@ EXAMPLES = {
     "image": ({"kind": "image", "shorter_side": 8, "max_aspect": 2.0}, jpeg(12, 8)),
     "tokens": ({"kind": "tokens", "max_length": 6, "vocab_size": 100},
                (np.array([1, 5, 2], dtype=np.int32), "a tweet")),
+    "flow": ({"kind": "flow", "num_snippets": 2, "stack": 1, "size": 8},
+             [[jpeg(8, 8), jpeg(8, 8)], [jpeg(8, 8), jpeg(8, 8)]]),
 }
 
 
@@ -92,7 +94,7 @@ def test_every_kind_has_a_manifest_schema_and_a_registered_encoder() -> None:
 
 def test_an_unknown_kind_is_one_sentence_naming_the_known_ones() -> None:
     with pytest.raises(spec.SpecError, match=r"^modality 'm' has unknown kind 'wave'; spec v\d "
-                                             r"knows spectrogram, frames, image, tokens$"):
+                                             r"knows spectrogram, frames, image, tokens, flow$"):
         kinds.modality_members("m", {"kind": "wave"})
 
 

@@ -55,7 +55,14 @@ TOKENS = {
     "properties": {"max_length": {"type": "integer", "minimum": 2}, "vocab_size": POSITIVE,
                    "tokenizer": NAME, "vocab_sha256": SHA256, "lowercase": {"type": "boolean"}},
 }
-KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS}
+FLOW = {
+    "required": ["num_snippets", "stack", "size"],
+    "properties": {"num_snippets": POSITIVE, "stack": POSITIVE, "size": POSITIVE,
+                   "encoding": {"const": "jpeg"}, "bound": {"type": "number", "exclusiveMinimum": 0},
+                   "quality": {"type": "integer", "minimum": 1, "maximum": 100}},
+}
+KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS,
+         "flow": FLOW}
 
 MODALITY = {
     "type": "object",
