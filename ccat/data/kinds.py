@@ -247,7 +247,8 @@ def sample_members(modalities: dict[str, Params]) -> list[str]:
 def encode(modality: str, kind: str, value: Any) -> dict[str, bytes]:
     """The members that store ``value`` as ``modality`` of ``kind`` (how a recipe encodes):
     a spectrogram array; the JPEG bytes of each frame; an image's JPEG bytes; (token ids,
-    text); per flow snippet, the grayscale JPEG bytes of its planes. The writer checks the names against the manifest (:func:`check_written`)."""
+    text); per flow snippet, the grayscale JPEG bytes of its planes. The writer checks the
+    names against the manifest (:func:`check_written`)."""
     encoded = of(modality, {"kind": kind}).encode(value)
     return {f"{modality}.{suffix}": data for suffix, data in encoded.items()}
 
@@ -270,8 +271,8 @@ def decode_sample(key: str, members: dict[str, bytes],
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
     tokens -> int32 [L] (the text itself goes into ``Sample.text``); flow -> uint8
-    [N * 2 * stack, H, W], snippet by snippet, planes u0 v0 u1 v1 ... within one. Every array is checked
-    against its header bound before it is read.
+    [N * 2 * stack, H, W], snippet by snippet, planes u0 v0 u1 v1 ... within one. Every array
+    is checked against its header bound before it is read.
     """
     expected = sample_members(modalities)
     if sorted(members) != expected:

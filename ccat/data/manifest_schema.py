@@ -58,7 +58,8 @@ TOKENS = {
 FLOW = {
     "required": ["num_snippets", "stack", "size"],
     "properties": {"num_snippets": POSITIVE, "stack": POSITIVE, "size": POSITIVE,
-                   "encoding": {"const": "jpeg"}, "bound": {"type": "number", "exclusiveMinimum": 0},
+                   "encoding": {"const": "jpeg"},
+                   "bound": {"type": "number", "exclusiveMinimum": 0},
                    "quality": {"type": "integer", "minimum": 1, "maximum": 100}},
 }
 KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS,

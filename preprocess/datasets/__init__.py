@@ -164,6 +164,9 @@ class Recipe(Protocol):
     def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
         """Encoded modality members of one sample and its provenance for meta.json."""
 
+    # Optional: ``facts() -> dict``, the recipe's choices (class order, fold, ...) that the
+    # manifest records under ``sources.recipe``, read after ``find``.
+
 
 # what a recipe class has besides its init fields (a field, as ``classes`` is, is on instances)
 RECIPE_PARTS = ("name", "unit", "published", "synth", "modalities", "find", "list_files",

@@ -179,8 +179,8 @@ class Ucf101:
             key, relative = video_key(name), f"{VIDEO_DIR}/{folder}/{name}"
             reason = self._unusable(key, folder, entries)
             if reason:
-                unusable.append({"id": key or name.rsplit(".", 1)[0], "split": None, "reason": reason,
-                                 "detail": relative})
+                unusable.append({"id": key or name.rsplit(".", 1)[0], "split": None,
+                                 "reason": reason, "detail": relative})
                 continue
             sources = {"video": relative}
             if self.flow == "precomputed":
