@@ -377,6 +377,9 @@ def _download_help() -> str:
         if published.media_repo:
             lines.append(f"{name}: the media (a git + git-lfs clone of {published.media_repo}) "
                          "and the published lists.")
+        elif not published.lists_url:
+            lines.append(f"{name}: nothing to fetch (the lists come with the media). "
+                         + published.media_by_hand.format(target=f"OUT/{name}") + ".")
         else:
             lines.append(f"{name}: the published lists only. "
                          + published.media_by_hand.format(target=f"OUT/{name}") + ".")

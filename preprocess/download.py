@@ -34,7 +34,8 @@ def download(dataset: str, out: Path) -> Iterator[str]:
         yield facts.media_by_hand.format(target=target)
     if facts.media_repo:
         yield from _git_lfs_media(target, facts.media_repo, facts.media_folders)
-    yield from _fetch_lists(facts, target / SPLITS_DIR)
+    if facts.lists_url:  # else the lists come with the media
+        yield from _fetch_lists(facts, target / SPLITS_DIR)
 
 
 def _git_lfs_media(target: Path, repo: str, folders: tuple[str, ...]) -> Iterator[str]:

@@ -412,8 +412,10 @@ def plan(recipe: Recipe, raw: Path, split_files: dict[str, Path],
         },
         "tool_version": TOOL_VERSION,
     }
-    if own and own.record:
-        head["sources"]["recipe"] = own.record
+    facts = getattr(recipe, "facts", None)  # a recipe's own record: class order, fold, ...
+    record = {**(facts() if facts is not None else {}), **(own.record if own else {})}
+    if record:
+        head["sources"]["recipe"] = record
     _check_planned_splits(recipe, splits, listed, options)
     return head, splits, unusable + missing, unlisted
 

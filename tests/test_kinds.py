@@ -68,6 +68,8 @@ EXAMPLES = {
                (np.array([1, 5, 2], dtype=np.int32), "a tweet")),
     "features": ({"kind": "features", "shape": [3, 2], "dtype": "float32"},
                  np.arange(6, dtype=np.float32).reshape(3, 2)),
+    "flow": ({"kind": "flow", "num_snippets": 2, "stack": 1, "size": 8},
+             [[jpeg(8, 8), jpeg(8, 8)], [jpeg(8, 8), jpeg(8, 8)]]),
 }
 
 

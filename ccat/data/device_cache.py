@@ -50,6 +50,9 @@ class CacheTransform(Transform):
     def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
         return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
+    def flow(self, snippets: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(np.array(snippets))
+
 
 @dataclass
 class SplitTensors:
@@ -182,11 +185,31 @@ class DeviceCache:
 
     def crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [B, N, 3, H, W] -> uint8 [B, N, 3, size, size] by one batched grid_sample."""
-        b, n, c, h, w = frames.shape
-        # the streaming path's box distribution (crop_box) and flip, per sample
-        theta = torch.stack([crop_theta(crop_box(h, w, self.cfg.crop_scale_min, rng), h, w,
-                                        flip=bool(rng.random() < 0.5)) for _ in range(b)])
+        theta, _ = self._crop_maps(frames.shape, rng)
         return resample(frames, theta.to(frames.device), size)
+
+    def crop_flow(self, snippets: torch.Tensor, size: int,
+                  rng: np.random.Generator) -> torch.Tensor:
+        """uint8 [B, N, 2 * stack, H, W] cropped as :meth:`crop`; a flipped sample's u planes
+        become 255 - u (the streaming path's :meth:`Transform.flow`)."""
+        theta, flips = self._crop_maps(snippets.shape, rng)
+        x = resample(snippets, theta.to(snippets.device), size)
+        flipped = torch.tensor(flips, device=x.device)
+        x[:, :, 0::2] = torch.where(flipped.view(-1, 1, 1, 1, 1), 255 - x[:, :, 0::2],
+                                    x[:, :, 0::2])
+        return x
+
+    def _crop_maps(self, shape: torch.Size, rng: np.random.Generator
+                   ) -> tuple[torch.Tensor, list[bool]]:
+        """Per sample, the crop's affine map and whether it flips: the streaming path's box
+        distribution (crop_box) and flip, drawn in its order."""
+        b, n, c, h, w = shape
+        thetas, flips = [], []
+        for _ in range(b):
+            box = crop_box(h, w, self.cfg.crop_scale_min, rng)
+            flips.append(bool(rng.random() < 0.5))
+            thetas.append(crop_theta(box, h, w, flip=flips[-1]))
+        return torch.stack(thetas), flips
 
 
 def crop_theta(box: tuple[int, int, int, int], height: int, width: int,

@@ -189,7 +189,61 @@ FEATURES = Kind(
     encoder="transformer_features",
 )
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (SPECTROGRAM, FRAMES, IMAGE, TOKENS)}
+
+
+# ---------------------------------------------------------------- flow
+
+
+def _flow_channels(params: Params) -> int:
+    """Planes per snippet: u and v of each of ``stack`` consecutive flow fields."""
+    return 2 * params["stack"]
+
+
+def _flow_suffixes(params: Params) -> list[str]:
+    return [f"{i}.{c}.jpg" for i in range(params["num_snippets"])
+            for c in range(_flow_channels(params))]
+
+
+def _flow_encode(snippets: list[list[bytes]]) -> dict[str, bytes]:
+    """Grayscale JPEGs, snippet by snippet, planes u0 v0 u1 v1 ... within one."""
+    return {f"{i}.{c}.jpg": jpeg for i, planes in enumerate(snippets)
+            for c, jpeg in enumerate(planes)}
+
+
+def _flow_check(array: np.ndarray, params: Params) -> str:
+    shape = (params["num_snippets"] * _flow_channels(params), params["size"], params["size"])
+    return _shape_problem(array, shape, np.dtype(np.uint8))
+
+
+def _flow_cache_bytes(params: Params, frame_size: int) -> int:
+    side = max(params["size"], frame_size)
+    return params["num_snippets"] * _flow_channels(params) * side * side * UINT8_BYTES
+
+
+def _flow_snippets(array: Any, params: Params) -> Any:
+    """[N * 2 * stack, H, W] as stored -> [N, 2 * stack, H, W] (array or tensor)."""
+    return array.reshape(params["num_snippets"], _flow_channels(params), *array.shape[-2:])
+
+
+FLOW = Kind(
+    name="flow",
+    suffixes=_flow_suffixes,
+    encode=_flow_encode,
+    bounds=lambda params: [shardio.ImageBound(params["size"], params["size"])] * len(
+        _flow_suffixes(params)),
+    # a grayscale JPEG decodes to three equal channels: keep one
+    assemble=lambda decoded: (np.stack([plane[..., 0] for plane in decoded]), None),
+    check=_flow_check,
+    view=lambda t, array, params, rng: t.flow(_flow_snippets(array, params),
+                                              t.cfg.frame_size or params["size"], rng),
+    cache_bytes=_flow_cache_bytes,
+    cache_augment=lambda c, x, params, rng: c.crop_flow(x, c.cfg.frame_size or params["size"],
+                                                        rng),
+    cache_padded=False,
+    encoder="resnet18_flow",
+)
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (SPECTROGRAM, FRAMES, IMAGE, TOKENS, FLOW)}
 KINDS[FEATURES.name] = FEATURES
 
 
@@ -221,7 +275,8 @@ def sample_members(modalities: dict[str, Params]) -> list[str]:
 def encode(modality: str, kind: str, value: Any) -> dict[str, bytes]:
     """The members that store ``value`` as ``modality`` of ``kind`` (how a recipe encodes):
     a spectrogram array; the JPEG bytes of each frame; an image's JPEG bytes; (token ids,
-    text). The writer checks the names against the manifest (:func:`check_written`)."""
+    text); per flow snippet, the grayscale JPEG bytes of its planes. The writer checks the
+    names against the manifest (:func:`check_written`)."""
     encoded = of(modality, {"kind": kind}).encode(value)
     return {f"{modality}.{suffix}": data for suffix, data in encoded.items()}
 
@@ -244,7 +299,8 @@ def decode_sample(key: str, members: dict[str, bytes],
 
     spectrogram -> float16 [F, T]; frames -> uint8 [N, H, W, 3]; image -> uint8 [H, W, 3];
     tokens -> int32 [L] (the text itself goes into ``Sample.text``); features -> float32
-    [T, D]. Every array is checked against its header bound before it is read.
+    [T, D]; flow -> uint8 [N * 2 * stack, H, W], snippet by snippet, planes u0 v0 u1 v1 ...
+    within one. Every array is checked against its header bound before it is read.
     """
     expected = sample_members(modalities)
     if sorted(members) != expected:

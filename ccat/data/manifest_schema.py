@@ -64,7 +64,15 @@ FEATURES = {  # precomputed feature sequences (T steps x D features), e.g. CMU-M
         "features": NAME, "source": NAME, "neg_inf": {"const": "zero"},
     },
 }
-KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS}
+FLOW = {
+    "required": ["num_snippets", "stack", "size"],
+    "properties": {"num_snippets": POSITIVE, "stack": POSITIVE, "size": POSITIVE,
+                   "encoding": {"const": "jpeg"},
+                   "bound": {"type": "number", "exclusiveMinimum": 0},
+                   "quality": {"type": "integer", "minimum": 1, "maximum": 100}},
+}
+KINDS = {"spectrogram": SPECTROGRAM, "frames": FRAMES, "image": IMAGE, "tokens": TOKENS,
+         "flow": FLOW}
 KINDS["features"] = FEATURES
 
 MODALITY = {
@@ -112,6 +120,7 @@ SOURCES = {
         "split": {"type": "object"},
         "shard_size": POSITIVE,
         "build": {"type": "object"},
+        "recipe": {"type": "object"},  # what a recipe records of its choices (facts())
     },
 }
 MANIFEST = {

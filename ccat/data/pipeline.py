@@ -171,6 +171,24 @@ class Transform:
         return x
 
 
+    def flow(self, snippets: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 [N, 2 * stack, H, W] -> [N, 2 * stack, size, size]; one crop per clip.
+
+        A flip mirrors the field left-right, so it also negates the horizontal component:
+        u planes (even) become 255 - u, as TSN's GroupRandomHorizontalFlip(is_flow=True)
+        inverts them (yjxiong/tsn-pytorch transforms.py)."""
+        x = torch.from_numpy(np.array(snippets))
+        if self.train:
+            top, left, h, w = crop_box(x.shape[2], x.shape[3], self.cfg.crop_scale_min, rng)
+            x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+                x[:, 0::2] = 255 - x[:, 0::2]
+        elif tuple(x.shape[2:]) != (size, size):
+            x = TF.resize(x, [size, size], antialias=True)
+        return x
+
+
 def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [3, H, W] -> [3, size, size]: shorter side to size / EVAL_CROP_FRACTION, then
     the center crop (the evaluation view of an image)."""

@@ -1,5 +1,6 @@
-"""Encoders: ResNet18 from scratch for spectrograms (1 channel) and video frames, ResNet50
-from scratch for images, BERT for token ids, MulT's self-attention for feature sequences.
+"""Encoders: ResNet18 from scratch for spectrograms (1 channel), video frames and optical
+flow (2 * stack channels), ResNet50 from scratch for images, BERT for token ids, MulT's
+self-attention for feature sequences.
 
 Each encoder maps its modality's batch to an :class:`EncoderOutput`: a token sequence
 (B, L, D) and a pooled vector (B, D), D being the model width (a linear projection of the
@@ -157,6 +158,28 @@ class FramesEncoder(_ResNetEncoder):
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         tokens = self._tokens(normalize_pixels(x).flatten(0, 1), x.shape[0])
         return EncoderOutput(tokens, tokens.mean(1))
+
+
+@ENCODERS.register("resnet18_flow")
+class FlowEncoder(_ResNetEncoder):
+    """Flow snippets [B, N, 2 * stack, H, W]: a ResNet whose first convolution takes the
+    2 * stack planes of a snippet (Simonyan & Zisserman 2014's stacked flow input), the
+    snippets folded into the batch and pooled over time and space, as BalanceBenchmark's
+    flow encoder (balancemm/encoders/resnet18_encoder.py:81-83, 2 planes, and
+    balancemm/models/avclassify_model.py:216-225, 3 snippets pooled)."""
+
+    def __init__(self, params: dict[str, Any], cfg: ModelConfig):
+        super().__init__(2 * params["stack"], cfg)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        tokens = self._tokens(normalize_flow(x).flatten(0, 1), x.shape[0])
+        return EncoderOutput(tokens, tokens.mean(1))
+
+
+def normalize_flow(x: torch.Tensor) -> torch.Tensor:
+    """uint8 quantised flow -> float in [-1, 1], proportional to the displacement (0..255
+    is -bound..+bound px); float input is taken as already normalized."""
+    return (x.float() - 127.5) / 127.5 if x.dtype == torch.uint8 else x
 
 
 @ENCODERS.register("resnet50_image")

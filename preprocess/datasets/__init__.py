@@ -70,11 +70,12 @@ SYNTH_RELIABILITY = Range(0.0, 1.0)  # fraction of synthetic clips whose easy cu
 class Published:
     """Where a dataset's published split lists come from and how its media are obtained."""
 
-    lists_url: str  # base URL of the split files
+    lists_url: str  # base URL of the split files ("": they come with the media)
     split_files: dict[str, str]  # split name -> file name, under RAW/splits after a download
     media_by_hand: str = ""  # how to get media that cannot be fetched here ({target}: RAW)
     media_repo: str = ""  # or: a Git LFS repository holding the media in media_folders
     media_folders: tuple[str, ...] = ()
+    splits_dir: str = SPLITS_DIR  # where under RAW the split files are (the media's own folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,9 @@ class Recipe(Protocol):
     def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
         """Encoded modality members of one sample and its provenance for meta.json."""
 
+    # Optional: ``facts() -> dict``, the recipe's choices (class order, fold, ...) that the
+    # manifest records under ``sources.recipe``, read after ``find``.
+
 
 # what a recipe class has besides its init fields (a field, as ``classes`` is, is on instances)
 RECIPE_PARTS = ("name", "unit", "published", "synth", "modalities", "find", "list_files",
@@ -224,17 +228,18 @@ def own_lists(recipe: Recipe, raw: Path, found: dict[str, Entry],
 
 def published_split_files(recipe: Recipe, raw: Path) -> dict[str, Path]:
     """The recipe's published split files under ``raw/splits`` (where ``ccat-data download``
-    puts them), by split; none when that folder holds none of them, or when the recipe's
-    options make its own splits (``uses_published_splits`` false)."""
+    puts them; a dataset whose lists come with its media names its own folder), by split;
+    none when that folder holds none of them, or when the recipe's options make its own
+    splits (``uses_published_splits`` false)."""
     if recipe.published is None or not getattr(recipe, "uses_published_splits", True):
         return {}
-    files = {split: raw / SPLITS_DIR / name for split, name in
-             recipe.published.split_files.items()}
+    folder = raw / recipe.published.splits_dir
+    files = {split: folder / name for split, name in recipe.published.split_files.items()}
     missing = [path.name for path in files.values() if not path.is_file()]
     if len(missing) == len(files):
         return {}
     if missing:
-        raise SplitError(f"{raw / SPLITS_DIR} lacks {', '.join(missing)} of the published "
+        raise SplitError(f"{folder} lacks {', '.join(missing)} of the published "
                          f"{recipe.name} split files; fetch them again (`ccat-data download "
                          f"{recipe.name}`) or name every split file with --split")
     return files

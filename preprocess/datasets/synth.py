@@ -549,3 +549,190 @@ def _synth_image(label: int, rng: np.random.Generator, hard: bool):
     height = 2 * int(rng.integers(IMAGE_HEIGHT_RANGE[0] // 2, IMAGE_HEIGHT_RANGE[1] // 2 + 1))
     yuv = next(iter(VIDEO_CUES["hard" if hard else "easy"](label, 1, width, height, 1, rng, 1.0)))
     return av.VideoFrame.from_ndarray(yuv, format="yuv420p").to_image()
+
+
+# ---------------------------------------------------------------- UPMC Food-101
+# Images are one frame of VIDEO_CUES, as MVSA's; titles carry the class through words (easy:
+# a class word; hard: two words whose indices sum to the class modulo the class count, so
+# neither word alone says anything about it).
+
+FOOD_CLASSES = ("apple_pie", "caesar_salad", "pad_thai", "ramen", "waffles")  # real names
+FOOD_WORDS = (("cinnamon", "crust"), ("romaine", "croutons"), ("tamarind", "peanuts"),
+              ("broth", "noodle"), ("batter", "syrup"))  # easy title cue, by class
+FOOD_HARD_WORDS = (("red", "blue", "green", "gold", "white"),
+                   ("north", "south", "east", "west", "inner"))  # hard cue: (a + b) mod k
+TITLE_FILLER = ("best", "easy", "recipe", "homemade", "quick", "classic", "the", "with",
+                "how", "to", "make", "kitchen", "dinner", "family", "style")
+TITLE_SITES = ("Allrecipes", "Food Network", "My Blog", 'The "Good" Kitchen')  # , and " quoted
+
+
+def synthesize_food101(out: Path, num_pairs: int = 60, seed: int = 0, *, num_classes: int = 4,
+                       test_share: float = 0.25, easy: str = "text",
+                       progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Write UPMC Food-101's layout under `out`: `images/{train,test}/<label>/<label>_<n>.jpg`
+    and the header-less `texts/{train,test}_titles.csv` (`<image name>,<title>,<label>`,
+    CSV-quoted where a title holds a comma or quote). Classes are the first `num_classes`
+    of FOOD_CLASSES, round robin; every pair whose index falls in the last `test_share` of
+    each class's pairs is a test pair. Returns the pairs per split."""
+    if easy not in MVSA_MODALITIES or not 1 < num_classes <= len(FOOD_CLASSES):
+        raise ValueError(f"easy must be one of {MVSA_MODALITIES} and num_classes in "
+                         f"2..{len(FOOD_CLASSES)}, got {easy!r}, {num_classes}.")
+    import csv
+
+    out = Path(out)
+    rows: dict[str, list[list[str]]] = {"train": [], "test": []}
+    per_class = -(-num_pairs // num_classes)
+    for index in range(num_pairs):
+        label, n = index % num_classes, index // num_classes
+        split = "test" if n >= per_class - round(test_share * per_class) else "train"
+        name, rng = f"{FOOD_CLASSES[label]}_{n + 1}.jpg", np.random.default_rng([seed, index])
+        title = _food_title(label, num_classes, rng, hard=easy != "text")
+        folder = out / "images" / split / FOOD_CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        _synth_image(label, rng, hard=easy != "image").save(folder / name, quality=90)
+        rows[split].append([name, title, FOOD_CLASSES[label]])
+        if progress is not None:
+            progress(index + 1)
+    (out / "texts").mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        with open(out / "texts" / f"{split}_titles.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(split_rows)
+    return {split: len(split_rows) for split, split_rows in rows.items()}
+
+
+def _food_title(label: int, num_classes: int, rng: np.random.Generator, hard: bool) -> str:
+    """A recipe page title: filler words, the class cue, and a site name after a comma."""
+    words = list(rng.choice(TITLE_FILLER, int(rng.integers(3, 8))))
+    if hard:
+        first = int(rng.integers(num_classes))
+        cue = [FOOD_HARD_WORDS[0][first], FOOD_HARD_WORDS[1][(label - first) % num_classes]]
+    else:
+        cue = [str(rng.choice(FOOD_WORDS[label]))]
+    at = int(rng.integers(len(words) + 1))
+    site = TITLE_SITES[int(rng.integers(len(TITLE_SITES)))]
+    return " ".join(words[:at] + cue + words[at:]) + ", " + site
+
+
+# ---------------------------------------------------------------- UCF-101
+# Clips of a smooth random texture drifting at a constant velocity over a tinted background.
+# Easy video: the tint is the class hue; easy flow: the drift's direction is the class's.
+# Hard video: the colour-axis texture of VIDEO_CUES on top; hard flow: the drift runs along
+# the class's axis with a random sign, so every class's mean flow is zero.
+
+UCF_CLASSES = ("Hammering", "HammerThrow", "HandstandPushups", "JumpingJack", "JumpRope")
+UCF_MODALITIES = ("video", "flow")
+UCF_LIST_SPELLING = {"HandstandPushups": "HandStandPushups"}  # file stems, as the real release
+UCF_TEST_GROUPS = ((1, 7), (8, 14), (15, 21))  # official folds: test groups, inclusive
+UCF_SIZE, UCF_FPS, UCF_FRAMES = (64, 48), 25, 20
+UCF_SPEED = 1.5  # px per frame
+UCF_TEXTURE_SIGMA = 2.0  # px: smooth enough for flow to be well defined
+UCF_TEXTURE_CONTRAST = 60.0  # grey levels
+
+
+def ucf_group(n: int) -> int:
+    """The group of a class's n-th clip: 1, 8, 15, 22, 2, 9, ... so that every fold's test
+    groups hold a clip once a class has three."""
+    return 1 + 7 * (n % 4) + n // 4
+
+
+def synthesize_ucf101(out: Path, num_clips: int = 24, seed: int = 0, *, num_classes: int = 3,
+                      easy: str = "video", flow_tree: bool = True,
+                      progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Write UCF-101's layout under `out`: `UCF-101/<Class>/v_<Class>_gGG_cCC.avi` (MPEG-4
+    in AVI), `ucfTrainTestlist/` (classInd.txt and the three folds' lists, CRLF), and with
+    `flow_tree` the released flow layout `tvl1_flow/{u,v}/<video>/frame%06d.jpg` holding the
+    true (quantised) drift. Classes are the first `num_classes` of UCF_CLASSES (numbered in
+    that order, which is not sorted()), round robin. Returns fold 1's clips per split."""
+    if easy not in UCF_MODALITIES or not 1 < num_classes <= len(UCF_CLASSES):
+        raise ValueError(f"easy must be one of {UCF_MODALITIES} and num_classes in "
+                         f"2..{len(UCF_CLASSES)}, got {easy!r}, {num_classes}.")
+    from scipy.ndimage import gaussian_filter
+
+    from preprocess.flow import encode_plane, quantise
+
+    out, classes = Path(out), UCF_CLASSES[:num_classes]
+    names = []
+    for index in range(num_clips):
+        label, n = index % num_classes, index // num_classes
+        rng = np.random.default_rng([seed, index])
+        spelled = UCF_LIST_SPELLING.get(classes[label], classes[label])
+        video = f"v_{spelled}_g{ucf_group(n):02d}_c01"
+        angle = 2 * np.pi * label / num_classes if easy == "flow" else \
+            np.pi * label / num_classes + np.pi * rng.integers(2)
+        velocity = UCF_SPEED * np.array([np.cos(angle), np.sin(angle)])
+        tint = _class_tint(label) * TINT_AMPLITUDE if easy == "video" else \
+            _class_tint(int(rng.integers(6))) * TINT_AMPLITUDE
+        margin = int(np.ceil(UCF_SPEED * UCF_FRAMES)) + 2
+        width, height = UCF_SIZE
+        texture = gaussian_filter(rng.standard_normal((height + 2 * margin, width + 2 * margin)),
+                                  UCF_TEXTURE_SIGMA)
+        texture *= UCF_TEXTURE_CONTRAST / texture.std()
+        still = np.full((height, width, 3), 255 * (BASE_GREY + tint))
+        if easy == "flow":  # hard video: the class's colour-axis checkerboard, random signs
+            cell = (-(-height // TEXTURE_GRID[0]), -(-width // TEXTURE_GRID[1]))
+            signs = np.kron(rng.choice([-1.0, 1.0], TEXTURE_GRID), np.ones(cell))
+            still += 255 * TEXTURE_AMPLITUDE * signs[:height, :width, None] * \
+                CLASS_COLOUR_AXES[label]
+        frames = []
+        for t in range(UCF_FRAMES):
+            dx, dy = velocity * t
+            shifted = _shift_crop(texture, margin - dy, margin - dx, height, width)
+            frames.append(np.clip(np.rint(still + shifted[..., None]), 0, 255).astype(np.uint8))
+        path = out / "UCF-101" / classes[label] / f"{video}.avi"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_avi(path, frames)
+        if flow_tree:
+            planes = quantise(np.broadcast_to(velocity[:, None, None], (2, height, width)))
+            for axis_name, plane in zip(("u", "v"), planes):
+                folder = out / "tvl1_flow" / axis_name / video.replace(
+                    "HandStandPushups", "HandstandPushups")
+                folder.mkdir(parents=True, exist_ok=True)
+                jpeg = encode_plane(plane, max(width, height))
+                for k in range(1, UCF_FRAMES):
+                    (folder / f"frame{k:06d}.jpg").write_bytes(jpeg)
+        names.append((classes[label], video, ucf_group(n)))
+        if progress is not None:
+            progress(index + 1)
+    return _write_ucf_lists(out / "ucfTrainTestlist", classes, names)
+
+
+def _shift_crop(texture: np.ndarray, top: float, left: float, height: int,
+                width: int) -> np.ndarray:
+    """The height x width window of `texture` at a fractional (top, left), bilinear."""
+    from scipy.ndimage import map_coordinates
+
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    return map_coordinates(texture, [rows + top, cols + left], order=1, mode="nearest")
+
+
+def _write_avi(path: Path, frames: list[np.ndarray]) -> None:
+    """MPEG-4 part 2 in AVI (UCF-101's clips are XviD), fixed quantiser: deterministic."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=UCF_FPS)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"qmin": "3", "qmax": "3"}
+        for index, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _write_ucf_lists(folder: Path, classes: tuple[str, ...],
+                     names: list[tuple[str, str, int]]) -> dict[str, int]:
+    """classInd.txt and trainlist0F / testlist0F for the three folds, CRLF as published."""
+    folder.mkdir(parents=True, exist_ok=True)
+    crlf = lambda lines: "".join(f"{line}\r\n" for line in lines).encode("ascii")  # noqa: E731
+    (folder / "classInd.txt").write_bytes(crlf(f"{i + 1} {c}" for i, c in enumerate(classes)))
+    counts = {}
+    for fold, (low, high) in enumerate(UCF_TEST_GROUPS, start=1):
+        train = [f"{c}/{v}.avi {classes.index(c) + 1}" for c, v, g in sorted(names)
+                 if not low <= g <= high]
+        test = [f"{c}/{v}.avi" for c, v, g in sorted(names) if low <= g <= high]
+        (folder / f"trainlist0{fold}.txt").write_bytes(crlf(train))
+        (folder / f"testlist0{fold}.txt").write_bytes(crlf(test))
+        if fold == 1:
+            counts = {"train": len(train), "test": len(test)}
+    return counts
