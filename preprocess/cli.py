@@ -252,7 +252,8 @@ def _run_parts(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
             progress.update(parts, completed=done)
             progress.update(shards, completed=recorded, total=total)
 
-        manifest = launching.launch(recipe, raw, out, split_files, options, launch, on_progress)
+        manifest = launching.launch(recipe, raw, out, split_files, options, launch, on_progress,
+                                    lambda sentence: progress.console.print(sentence))
     console.print(f"merged {launch.parts} parts ({launch.launcher}; logs in "
                   f"{launching.log_folder(out)})")
     _print_build_summary(writer.BuildReport(manifest=manifest, out=out), recipe.unit)

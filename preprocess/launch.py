@@ -89,13 +89,14 @@ def log_folder(out: Path) -> Path:
 
 def launch(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
            options: writer.BuildOptions, launch: LaunchOptions,
-           on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+           on_progress: Callable[[int, int, int], None] | None = None,
+           on_retry: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build every part on ``launch.launcher`` and merge; returns the manifest.
 
     The plan is made here first, so bad options or raw data stop the launch before any job
     is submitted. ``on_progress(parts done, shards recorded, shards)`` is called as they
-    finish."""
-    head, splits, _, _ = writer.plan(recipe, raw, split_files, options)
+    finish, ``on_retry(sentence)`` when a failed part is submitted again."""
+    _, splits, _, _ = writer.plan(recipe, raw, split_files, options)
     total = len(writer.shard_tasks(splits, options.shard_size))
     count = min(launch.parts, total)
     run = executor(out, launch, recipe.name)
@@ -114,6 +115,9 @@ def launch(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
                 raise BuildError(f"part {i}/{count} failed {ATTEMPTS} times ({why}); its log: "
                                  f"{job.paths.stderr}")
             else:
+                if on_retry:
+                    on_retry(f"part {i}/{count} failed ({why}; log {job.paths.stderr}); "
+                             "submitted again")
                 tries[i] += 1
                 jobs[i] = run.submit(PartTask(), *args[i])
         if on_progress:
@@ -129,7 +133,7 @@ def _failure(job: submitit.Job) -> str:
     if err is None:
         return ""
     if isinstance(err, submitit.core.utils.UncompletedJobError):
-        return f"ended as {job.state} without a result"
+        return "it ended without a result: killed, cancelled or its node lost"
     lines = [line for line in str(err).splitlines() if line.strip() and "---" not in line]
     last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
     return last.strip()[:300]
