@@ -256,7 +256,8 @@ def _run_parts(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
                                     lambda sentence: progress.console.print(sentence))
     console.print(f"merged {launch.parts} parts ({launch.launcher}; logs in "
                   f"{launching.log_folder(out)})")
-    _print_build_summary(writer.BuildReport(manifest=manifest, out=out), recipe.unit)
+    _print_splits(manifest, out)
+    console.print(f"fingerprint {manifest['fingerprint']}")
 
 
 @app.command()
@@ -265,7 +266,8 @@ def merge(out: Annotated[Path, typer.Argument(help="The --out folder every part 
     """Write manifest.json of a build in parts (`build NAME ... --part I/N`) once every
     part is finished; refuses, naming it, a part missing, unfinished or of another plan."""
     manifest = parting.merge(out)
-    _print_build_summary(writer.BuildReport(manifest=manifest, out=out), "samples")
+    _print_splits(manifest, out)
+    console.print(f"fingerprint {manifest['fingerprint']}")
 
 
 def _progress() -> Progress:
@@ -276,19 +278,7 @@ def _progress() -> Progress:
 
 def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     manifest = report.manifest
-    table = Table(title=f"{manifest['dataset']} -> {report.out}")
-    for column in ("split", "samples", "shards", "size"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    total_bytes = 0
-    for name, entry in manifest["splits"].items():
-        size = sum(s["bytes"] for s in entry["shards"])
-        total_bytes += size
-        table.add_row(name, str(entry["num_samples"]), str(len(entry["shards"])), _size(size))
-    table.add_row("all", str(sum(e["num_samples"] for e in manifest["splits"].values())),
-                  str(sum(len(e["shards"]) for e in manifest["splits"].values())),
-                  _size(total_bytes), style="bold")
-    console.print(table)
-    _print_skipped(manifest)
+    _print_splits(manifest, report.out)
     console.print(f"processed {report.processed} {unit} in {report.seconds:.1f} s "
                   f"({report.clips_per_second:.1f} {unit}/s) on {report.workers} "
                   f"{'process' if report.workers == 1 else 'processes'}; reused "
@@ -302,6 +292,23 @@ def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     if report.unlisted:
         console.print(f"{report.unlisted} {unit} found on disk are in no split file (not built)")
     console.print(f"fingerprint {manifest['fingerprint']}")
+
+
+def _print_splits(manifest: dict[str, Any], out: Path) -> None:
+    """The table of a build's splits, then its skipped samples."""
+    table = Table(title=f"{manifest['dataset']} -> {out}")
+    for column in ("split", "samples", "shards", "size"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    total_bytes = 0
+    for name, entry in manifest["splits"].items():
+        size = sum(s["bytes"] for s in entry["shards"])
+        total_bytes += size
+        table.add_row(name, str(entry["num_samples"]), str(len(entry["shards"])), _size(size))
+    table.add_row("all", str(sum(e["num_samples"] for e in manifest["splits"].values())),
+                  str(sum(len(e["shards"]) for e in manifest["splits"].values())),
+                  _size(total_bytes), style="bold")
+    console.print(table)
+    _print_skipped(manifest)
 
 
 def _print_skipped(manifest: dict[str, Any]) -> None:

@@ -24,6 +24,10 @@ from preprocess.outdir import STATE_DIR, BuildError
 
 LAUNCHERS = ("local", "slurm")
 POLL_S = 1.0  # how often the launcher looks at the parts' jobs and shard records
+# How often Slurm is asked for the job states (one sacct call for all): a job that ends
+# without a result (killed, cancelled) is seen within this, not after submitit's own delay,
+# which grows to 10 minutes.
+STATE_CHECK_S = 10.0
 ATTEMPTS = 2  # a part is submitted at most twice
 MINUTES = Range(1, 60 * 24 * 30)
 
@@ -103,10 +107,12 @@ def launch(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     args = [(recipe, raw, out, split_files, options, parting.Part(i, count)) for i in range(count)]
     with run.batch():
         jobs = [run.submit(PartTask(), *a) for a in args]
-    tries, done = [1] * count, set()
+    tries, done, asked = [1] * count, set(), time.monotonic()
     while len(done) < count:
+        ask = time.monotonic() - asked >= STATE_CHECK_S
+        asked = time.monotonic() if ask else asked
         for i, job in enumerate(jobs):
-            if i in done or not job.done():
+            if i in done or not job.done(force_check=ask):
                 continue
             why = _failure(job)
             if not why:
