@@ -34,7 +34,7 @@ def env() -> dict[str, str]:
 
 def one_node(args: list[str], cwd: Path) -> None:
     proc = subprocess.run([*RUN, "--standalone", "--nproc-per-node", "2", "-m", "ccat", *args],
-                          capture_output=True, text=True, env=env(), cwd=cwd, timeout=300)
+                          capture_output=True, text=True, env=env(), cwd=cwd, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -47,7 +47,7 @@ def two_nodes(args: list[str], cwd: Path) -> None:
                               stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd)
              for _ in range(2)]
     for node in nodes:
-        _, err = node.communicate(timeout=300)
+        _, err = node.communicate(timeout=900)
         assert node.returncode == 0, err[-3000:]
 
 
@@ -57,7 +57,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_two_nodes_train_the_weights_of_one_node_and_evaluate_each_sample_once(
         tmp_path: Path) -> None:
-    data = write_tiny_dataset(tmp_path / "data", counts={"train": 32, "val": 7, "test": 13},
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": 16, "val": 5, "test": 13},
                               shard_size=8)
     config = tmp_path / "ccat.yaml"
     config.write_text(CONFIG)
