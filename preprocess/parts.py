@@ -235,7 +235,7 @@ def _part_shards(out: Path, records: list[dict[str, Any]], tasks: list[writer.Sh
         if record["shards"] != [t.name for t in mine]:
             raise BuildError(f"part {part} in {out} built other shards than the plan gives it; "
                              "build the parts again from one command into an empty --out")
-        found, damaged = writer._reusable_records(out, mine, num_classes, 1)
+        found, damaged = writer._reusable_records(out, mine, num_classes, writer.cores())
         missing = [t.name for t in mine if t.name not in found]
         if missing:
             why = damaged.get(missing[0], "its record is missing")
