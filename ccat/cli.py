@@ -203,6 +203,35 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
         run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
 
 
+@app.command("grid")
+def grid(config: Path = typer.Option(..., "--config", help="YAML config file"),
+         data: str = typer.Option(..., help="built dataset folder"),
+         methods: str = typer.Option(..., help="methods, e.g. 'sum ccat' or sum,ccat"),
+         seeds: str = typer.Option("0 1 2", help="seeds, e.g. '0 1 2' or 0,1,2"),
+         out: Path = typer.Option(..., help="folder of the runs: OUT/<method>/s<seed>"),
+         set_: list[str] = typer.Option([], "--set", help="override for every run"),
+         launcher: str = typer.Option("local", help="local (processes here) or slurm"),
+         jobs: int = typer.Option(1, help="local: runs at once, each on its own GPU if any"),
+         partition: str = typer.Option("", help="slurm: partition (default: the cluster's)"),
+         time_limit: int = typer.Option(1440, "--time", help="slurm: minutes per run "
+                                        "(a run past it is requeued and resumes)"),
+         gpus_per_run: int = typer.Option(1, help="slurm: GPUs per run"),
+         cpus_per_run: int = typer.Option(4, help="slurm: CPUs per run"),
+         slurm_option: list[str] = typer.Option([], help="slurm: KEY=VALUE sbatch option, "
+                                                "repeatable")) -> None:
+    """Train and evaluate every (method, seed) run, as `make table` does, then the report."""
+    from ccat import grid as grids
+    from ccat.report import report as make_report
+
+    names, numbers = grids.split_list(methods), grids.split_list(seeds)
+    runs = grids.runs_of(config, data, names, grids.seeds_of(numbers), out,
+                         [a for s in set_ for a in ("--set", s)])
+    options = grids.GridOptions(launcher, jobs, partition, time_limit, gpus_per_run,
+                                cpus_per_run, grids.slurm_options(slurm_option))
+    grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
+    make_report([run.folder for run in runs], "table", out, "test")
+
+
 @app.command("list")
 def list_registered() -> None:
     """Print the registered methods, encoders, fusions and dataset recipes, each with where

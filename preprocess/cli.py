@@ -22,6 +22,7 @@ from rich.table import Table
 from ccat.data import remote, spec
 from ccat.errors import UserError
 from preprocess import datasets, download as downloads, verify as verifying, writer
+from preprocess import launch as launching, parts as parting
 from preprocess.splits import parse_split_arguments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -167,13 +168,22 @@ def _build_command(name: str) -> Callable[..., None]:
     common = list(inspect.signature(_build_options, eval_str=True).parameters.values())
     common = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common]
     recipe_fields = {o.name for o in datasets.options_of(factory)}
+    launch_fields = {o.name for o in datasets.options_of(launching.LaunchOptions)}
 
     def run(raw: Path, out: Path, split: Optional[list[str]], **values: Any) -> None:
         recipe = _make(factory, {k: values.pop(k) for k in recipe_fields})
+        launch = _make(launching.LaunchOptions, {k: values.pop(k) for k in launch_fields})
         options = _make(writer.BuildOptions, values)
-        _run_build(recipe, raw, out, _split_files(recipe, raw, split), options)
+        split_files = _split_files(recipe, raw, split)
+        if launch.part:
+            _run_part(recipe, raw, out, split_files, options, parting.Part.parse(launch.part))
+        elif launch.parts:
+            _run_parts(recipe, raw, out, split_files, options, launch)
+        else:
+            _run_build(recipe, raw, out, split_files, options)
 
-    parameters = common + _typer_parameters(factory) + _typer_parameters(writer.BuildOptions)
+    parameters = (common + _typer_parameters(factory) + _typer_parameters(writer.BuildOptions)
+                  + _typer_parameters(launching.LaunchOptions))
     return _command(run, parameters, factory.__doc__)
 
 
@@ -214,6 +224,53 @@ def _run_build(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
     _print_build_summary(report, recipe.unit)
 
 
+def _run_part(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
+              options: writer.BuildOptions, part: parting.Part) -> None:
+    """``--part I/N``: this part's shards, and a line saying what is left to do."""
+    with _progress() as progress:
+        task = progress.add_task(f"building {recipe.name} part {part}", total=None)
+        report = parting.build_part(recipe, raw, out, split_files, options, part,
+                                    lambda done, total: progress.update(task, completed=done,
+                                                                        total=total))
+    console.print(f"part {part}: processed {report.processed} {recipe.unit} in "
+                  f"{report.seconds:.1f} s on {report.workers} "
+                  f"{'process' if report.workers == 1 else 'processes'}; reused "
+                  f"{report.resumed_shards} finished shards")
+    if report.manifest:
+        console.print(f"{out} is merged already: fingerprint {report.manifest['fingerprint']}")
+    else:
+        console.print(f"once every part is done: ccat-data merge {out}")
+
+
+def _run_parts(recipe: Any, raw: Path, out: Path, split_files: dict[str, Path],
+               options: writer.BuildOptions, launch: Any) -> None:
+    """``--parts N``: launch them, show progress over parts and shards, merge."""
+    with _progress() as progress:
+        parts = progress.add_task("parts done", total=launch.parts)
+        shards = progress.add_task(f"shards of {recipe.name} recorded", total=None)
+
+        def on_progress(done: int, recorded: int, total: int) -> None:
+            progress.update(parts, completed=done)
+            progress.update(shards, completed=recorded, total=total)
+
+        manifest = launching.launch(recipe, raw, out, split_files, options, launch, on_progress,
+                                    lambda sentence: progress.console.print(sentence))
+    console.print(f"merged {launch.parts} parts ({launch.launcher}; logs in "
+                  f"{launching.log_folder(out)})")
+    _print_splits(manifest, out)
+    console.print(f"fingerprint {manifest['fingerprint']}")
+
+
+@app.command()
+def merge(out: Annotated[Path, typer.Argument(help="The --out folder every part built into.")],
+          ) -> None:
+    """Write manifest.json of a build in parts (`build NAME ... --part I/N`) once every
+    part is finished; refuses, naming it, a part missing, unfinished or of another plan."""
+    manifest = parting.merge(out)
+    _print_splits(manifest, out)
+    console.print(f"fingerprint {manifest['fingerprint']}")
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -222,19 +279,7 @@ def _progress() -> Progress:
 
 def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     manifest = report.manifest
-    table = Table(title=f"{manifest['dataset']} -> {report.out}")
-    for column in ("split", "samples", "shards", "size"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    total_bytes = 0
-    for name, entry in manifest["splits"].items():
-        size = sum(s["bytes"] for s in entry["shards"])
-        total_bytes += size
-        table.add_row(name, str(entry["num_samples"]), str(len(entry["shards"])), _size(size))
-    table.add_row("all", str(sum(e["num_samples"] for e in manifest["splits"].values())),
-                  str(sum(len(e["shards"]) for e in manifest["splits"].values())),
-                  _size(total_bytes), style="bold")
-    console.print(table)
-    _print_skipped(manifest)
+    _print_splits(manifest, report.out)
     console.print(f"processed {report.processed} {unit} in {report.seconds:.1f} s "
                   f"({report.clips_per_second:.1f} {unit}/s) on {report.workers} "
                   f"{'process' if report.workers == 1 else 'processes'}; reused "
@@ -248,6 +293,23 @@ def _print_build_summary(report: writer.BuildReport, unit: str) -> None:
     if report.unlisted:
         console.print(f"{report.unlisted} {unit} found on disk are in no split file (not built)")
     console.print(f"fingerprint {manifest['fingerprint']}")
+
+
+def _print_splits(manifest: dict[str, Any], out: Path) -> None:
+    """The table of a build's splits, then its skipped samples."""
+    table = Table(title=f"{manifest['dataset']} -> {out}")
+    for column in ("split", "samples", "shards", "size"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    total_bytes = 0
+    for name, entry in manifest["splits"].items():
+        size = sum(s["bytes"] for s in entry["shards"])
+        total_bytes += size
+        table.add_row(name, str(entry["num_samples"]), str(len(entry["shards"])), _size(size))
+    table.add_row("all", str(sum(e["num_samples"] for e in manifest["splits"].values())),
+                  str(sum(len(e["shards"]) for e in manifest["splits"].values())),
+                  _size(total_bytes), style="bold")
+    console.print(table)
+    _print_skipped(manifest)
 
 
 def _print_skipped(manifest: dict[str, Any]) -> None:

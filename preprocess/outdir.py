@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,9 @@ ASIDE = "previous"  # in STATE_DIR: the build an --overwrite replaces, whole
 ASIDE_MOVING = "previous.moving"  # its files while they move aside or back
 ASIDE_DELETING = "previous.deleting"  # being deleted: the new build has shards
 ASIDE_FOLDERS = (ASIDE, ASIDE_MOVING, ASIDE_DELETING)
+# A build in parts (preprocess.parts): part I of N holds its own lock and leaves a record.
+PART_LOCK = re.compile(r"part-\d+-of-\d+\.lock")
+PART_RECORD = re.compile(r"part-(\d+)-of-(\d+)\.json")
 
 
 class BuildError(UserError, RuntimeError):
@@ -72,7 +76,14 @@ def state_entries(out: Path) -> list[Path]:
     """The entries of ``out/.build`` that belong to the build there: all but the lock and
     a replaced build's folder."""
     state = out / STATE_DIR
-    return sorted(p for p in state.iterdir() if p.name not in (LOCK_NAME, *ASIDE_FOLDERS))
+    return sorted(p for p in state.iterdir() if p.name not in (LOCK_NAME, *ASIDE_FOLDERS)
+                  and not PART_LOCK.fullmatch(p.name))
+
+
+def part_records(out: Path) -> list[str]:
+    """The names of the part records in ``out/.build`` (a build in parts is there)."""
+    state = out / STATE_DIR
+    return sorted(n for n in os.listdir(state) if PART_RECORD.fullmatch(n)) if state.is_dir() else []
 
 
 def _top_files(out: Path) -> list[Path]:
@@ -86,17 +97,18 @@ def _top_files(out: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold ``out/.build/lock`` (flock) for the block: a second build into ``out`` fails at
-    once; the lock of a killed build dies with its process."""
+def locked(out: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold ``out/.build/<name>`` (flock) for the block: a second build into ``out`` fails at
+    once; the lock of a killed build dies with its process. The parts of one build each
+    hold a lock of their own (``part-I-of-N.lock``), so they can write side by side."""
     make_folder(out)
-    lock = out / STATE_DIR / LOCK_NAME
+    lock = out / STATE_DIR / name
     fd = _acquire(lock, out)
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
-            if os.listdir(lock.parent) == [LOCK_NAME]:  # nothing to resume: leave no trace
+            if os.listdir(lock.parent) == [name]:  # nothing to resume: leave no trace
                 shutil.rmtree(lock.parent)
         os.close(fd)
 

@@ -565,9 +565,11 @@ def _prepare_out(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw:
 
 
 def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], raw: Path,
-                    workers: int) -> tuple[dict[str, Any] | None, str]:
+                    workers: int, shards: set[str] | None = None,
+                    ) -> tuple[dict[str, Any] | None, str]:
     """``(finished manifest to reuse, "")``, ``(None, why out cannot take this build)``, or
-    ``(None, "")`` to go on: resuming the same plan, or starting in an empty folder."""
+    ``(None, "")`` to go on: resuming the same plan, or starting in an empty folder. A part
+    of a build (``shards``: its shard names) checks the raw files of its own shards only."""
     state = out / STATE_DIR
     if (out / spec.MANIFEST_NAME).is_file():
         try:
@@ -583,7 +585,7 @@ def _previous_build(out: Path, head: dict[str, Any], new_plan: dict[str, Any], r
         return previous, ""
     if (state / PLAN_NAME).is_file():
         changes = _interrupted_changes(_read_json(state / PLAN_NAME), new_plan,
-                                       _recorded_hashes(state), raw, workers)
+                                       _recorded_hashes(state, shards), raw, workers)
         return None, (f"holds an interrupted build of other data ({'; '.join(changes)})"
                       if changes else "")
     if any(outdir.is_build_file(n) for n in os.listdir(out)) or outdir.state_entries(out):
@@ -622,12 +624,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _recorded_hashes(state: Path) -> dict[str, str]:
+def _recorded_hashes(state: Path, shards: set[str] | None = None) -> dict[str, str]:
     """sha256 of the raw files an interrupted build has read, from its shard records (a
-    record too damaged to say is left out: its shard is built again)."""
+    record too damaged to say is left out: its shard is built again); of ``shards`` only
+    when given."""
     recorded: dict[str, str] = {}
     for path in sorted(state.glob("*.json")):
-        hashes = (_read_json(path) or {}).get("hashes") if path.name != PLAN_NAME else None
+        if path.name == PLAN_NAME or (shards is not None and path.stem not in shards):
+            continue
+        hashes = (_read_json(path) or {}).get("hashes")
         if isinstance(hashes, dict):
             recorded.update((k, v) for k, v in hashes.items() if isinstance(v, str))
     return recorded
@@ -656,6 +661,7 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     with locked(out):
         outdir.restore_aside(out)  # an --overwrite killed before its build had shards
         outdir.remove_temporaries(out)
+        _refuse_parts(out, options)
         try:
             finished = _prepare_out(out, head, plan_record(head, splits, raw), raw, options)
             if finished is not None:
@@ -671,6 +677,16 @@ def build(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
     report.unlisted = unlisted
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _refuse_parts(out: Path, options: BuildOptions) -> None:
+    """A one-machine build does not write into a build in parts (preprocess.parts), whose
+    parts may be running elsewhere, unless it replaces it (--overwrite)."""
+    records = outdir.part_records(out)
+    if records and not options.overwrite:
+        raise BuildError(f"{out} holds a build in parts ({', '.join(records[:3])} in "
+                         f"{STATE_DIR}/); finish its parts and run `ccat-data merge {out}`, or "
+                         "run with --overwrite to replace it")
 
 
 def cores() -> int:

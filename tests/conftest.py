@@ -11,7 +11,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -120,3 +120,19 @@ def serve(root: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real single-node Slurm cluster (tests/slurm_cluster.py), started once; the tests
+    that use it skip, with the reason, where it cannot start."""
+    import slurm_cluster
+
+    try:
+        cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurm_cluster.Unavailable as err:
+        pytest.skip(f"no Slurm cluster: {err}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
