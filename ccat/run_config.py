@@ -39,6 +39,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = RunConfig()
     for values in layers:
         merge(cfg, _for_method(values, probe.method.name))
+    cfg.optim.resolve()
     resolve_params(cfg)
     check_ranges(cfg)
     return cfg
