@@ -255,6 +255,11 @@ class RunConfig:
     # split (a tie goes to the later epoch), "last" = the last epoch (the selection split is
     # still evaluated each epoch, for the curves). A resume may not change it.
     select: Literal["best", "last"] = "best"
+    # Whose training settings: "shared" = this config's optimizer, schedule, batch and epochs
+    # for every method; "released" = the method's authors' code's for the run's dataset, the
+    # ``released.<dataset>`` layer of configs/methods/<name>.yaml over this config (see
+    # :func:`ccat.run_config.load_config`). A run saved before the key existed is "shared".
+    protocol: Literal["shared", "released"] = "shared"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
