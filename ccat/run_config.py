@@ -45,6 +45,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     that names no method are the chosen method's. The result holds every param, resolved.
     """
     layers = [read_yaml(path)] if path is not None else []
+    if layers and method_configs and Path(path).resolve().parent == method_configs.resolve():
+        layers[0].pop(RELEASED, None)  # a method's file as --config: its released settings
+        # are read from it as the method's file below
     after = [parse_override(text) for text in overrides]
     after += [nest(dotted, value) for dotted, value in (cli or {}).items() if value is not None]
     probe = RunConfig()
