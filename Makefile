@@ -18,8 +18,14 @@ BUILD_ARGS ?=
 METHOD ?= ccat
 SEED ?= 0
 CONFIG ?= configs/$(DATASET).yaml
+# Whose training settings: shared = CONFIG's optimizer, schedule, batch and epochs for every
+# method; released = each method's authors' code's for the dataset (the released layers of
+# configs/methods/<method>.yaml; a method without one for the dataset is refused). Released
+# runs live apart: runs/<dataset>/released/..., runs/results-released, docs/results-released.md.
+PROTOCOL ?= shared
+PROTOCOL_DIR = $(if $(filter released,$(PROTOCOL)),/released)
 # One layout for `make train` and `make table`: runs/<dataset>/<method>/s<seed>
-RUN ?= runs/$(DATASET)/$(METHOD)/s$(SEED)
+RUN ?= runs/$(DATASET)$(PROTOCOL_DIR)/$(METHOD)/s$(SEED)
 # Extra `ccat train` arguments, e.g. ARGS="--set model.text_model=/path/to/bert-base-uncased"
 ARGS ?=
 DEMO_DIR ?= runs/demo
@@ -50,7 +56,7 @@ shards: install
 train: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
 	$(BIN)/ccat train --config $(CONFIG) --method $(METHOD) --data $(SHARDS) --out $(RUN) \
-		--set seed=$(SEED) $(ARGS)
+		--set seed=$(SEED) --set protocol=$(PROTOCOL) $(ARGS)
 
 eval: install
 	$(BIN)/ccat eval --ckpt $(RUN)/best.pt --data $(SHARDS) --json $(RUN)/eval.json
@@ -98,6 +104,7 @@ test: install
 # the same for CCAT with each ablation switch off (the full-CCAT row reuses Table 1's ccat
 # runs); fresh_encoders=false reports the other reading of Algorithm 1 line 4.
 #   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
+#   make table DATASET=cremad PROTOCOL=released     -> runs/cremad/released/table.md
 #   make ablation DATASET=cremad SEEDS="0 1 2"            -> runs/cremad/ablation/table.md
 # Every run folder is checked on every call: one holding a run continues it (--resume),
 # which returns at once when it is finished and refuses, naming the keys, when CONFIG or
@@ -107,7 +114,7 @@ test: install
 METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending valuation unimodal ccat
 SEEDS ?= 0 1 2
 ABLATIONS ?= fixed_classifier alternating secondary lora fresh_encoders
-RUNS ?= runs/$(DATASET)
+RUNS ?= runs/$(DATASET)$(PROTOCOL_DIR)
 TABLE_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RUNS)/$(m)/s$(s)))
 ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \
 	$(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(RUNS)/ablation/no_$(a)/s$(s)))
@@ -116,7 +123,7 @@ resume_flag = $(if $(findstring --overwrite,$(ARGS)),,$$(test -f $(1)/config.yam
 # Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt
 # with the linear probe (the per-modality measure comparable across methods).
 train_eval = $(BIN)/ccat train --config $(CONFIG) --method $(1) --data $(SHARDS) --out $(@D) \
-	--set seed=$(2) $(3) $(ARGS) $(call resume_flag,$(@D)) && \
+	--set seed=$(2) --set protocol=$(PROTOCOL) $(3) $(ARGS) $(call resume_flag,$(@D)) && \
 	{ test $@ -nt $(@D)/best.pt || \
 	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --probe --json $@; }
 
@@ -145,7 +152,9 @@ $(RUNS)/%/eval.json: FORCE | have-shards
 # finished runs too (an interrupted call continues); after the generator changed, the runs
 # are refused by their data's fingerprint: rm -rf $(RESULTS_DIR). RESULTS_ARGS: extra
 # `ccat train` arguments, e.g. RESULTS_ARGS="--set optim.epochs=2" for a quick check.
-RESULTS_DIR ?= runs/results
+RESULTS_DIR ?= runs/results$(if $(PROTOCOL_DIR),-released)
+RESULTS_PAGE ?= docs/results$(if $(PROTOCOL_DIR),-released).md
+RESULTS_FIGURES ?= docs/img$(PROTOCOL_DIR)
 RESULTS_ARGS ?=
 # Schedules counted in epochs, scaled to the demo's 12 so that the method acts within them
 # (the defaults are the papers', for 90-150 epochs; the page lists these settings):
@@ -155,10 +164,10 @@ DEMO_SCHEDULE_relearning = --set method.params.reinit_epoch=3
 DEMO_SCHEDULE_reconboost = --set method.params.boost_epochs=1 --set method.params.rectify_epochs=1
 RESULT_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RESULTS_DIR)/$(m)/s$(s)))
 RESULTS_COMMAND = make results METHODS="$(strip $(METHODS))" SEEDS="$(strip $(SEEDS))" \
-	RESULTS_ARGS="$(strip $(RESULTS_ARGS))"
+	RESULTS_ARGS="$(strip $(RESULTS_ARGS))"$(if $(PROTOCOL_DIR), PROTOCOL=released)
 .PHONY: results results-data
 results: $(addsuffix /eval.json,$(RESULT_RUNS))
-	$(BIN)/ccat results $(RESULT_RUNS) --out docs/results.md --figures docs/img \
+	$(BIN)/ccat results $(RESULT_RUNS) --out $(RESULTS_PAGE) --figures $(RESULTS_FIGURES) \
 		--command '$(RESULTS_COMMAND)'
 
 results-data: install

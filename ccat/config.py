@@ -122,24 +122,93 @@ class ModelConfig:
     ffn_mult: int = 4
 
 
+# The optimizers and schedules a run can name (all torch.optim's), and the settings that are
+# each one's own: a setting of one the run does not use is refused, naming it. A layer that
+# names another optimizer (or schedule) than the layers before it starts that one's settings
+# afresh, so `--set optim.name=adam` over configs/cremad.yaml (which sets momentum) is Adam
+# with Adam's defaults, while momentum given in the same layer as, or after, adam is refused.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+OWN_SETTINGS: dict[str, dict[str, Any]] = {  # name -> {setting: its default}
+    "sgd": {"momentum": 0.9, "nesterov": False},
+    "adam": {"betas": [0.9, 0.999], "eps": 1e-8},  # torch.optim.Adam's defaults
+    "adamw": {"betas": [0.9, 0.999], "eps": 1e-8},
+    "step": {"step_size": 70, "gamma": 0.1},
+    "cosine": {"t_max": 0, "eta_min": 0.0},
+    "constant": {}}
+
+
 @dataclass
 class OptimConfig:
-    """SGD with a step schedule, the paper's settings; every stage restarts it."""
+    """The optimizer and its schedule (default: SGD with a step schedule, the paper's
+    settings); every stage restarts both. ``lr``, ``weight_decay``, ``epochs``,
+    ``grad_clip`` and ``encoder_lr`` apply to every optimizer; the rest are one optimizer's
+    or one schedule's own (``OWN_SETTINGS``): None = not given, filled with that one's
+    default by :meth:`resolve` when it is the chosen one. SGD's and the step schedule's
+    default to their values, so that the defaults read as before these choices existed."""
 
     RANGES: ClassVar[dict[str, Range]] = {
         "epochs": AT_LEAST_ONE, "lr": LEARNING_RATE, "momentum": Range(0, 1, high_open=True),
         "weight_decay": NON_NEGATIVE, "step_size": AT_LEAST_ONE,
         "gamma": Range(0, 1, low_open=True), "grad_clip": NON_NEGATIVE,
-        "encoder_lr": LEARNING_RATE}
+        "encoder_lr": LEARNING_RATE, "betas": Range(0, 1, high_open=True),
+        "eps": Range(0, 1, low_open=True), "t_max": NON_NEGATIVE, "eta_min": Range(0, 10)}
+    # Fields in the order of the runs saved before name and schedule existed, new ones last.
     epochs: int = 150
     lr: float = 1e-3
-    momentum: float = 0.9
-    # The paper states 0.1; the published baseline code uses 1e-4.
+    momentum: float | None = 0.9  # sgd's own
+    # The paper states 0.1; the published baseline code uses 1e-4. Adam adds it to the
+    # gradient (L2), AdamW decays the weights directly (decoupled), as torch.optim does.
     weight_decay: float = 0.1
-    step_size: int = 70  # lr / 10 every 70 epochs
-    gamma: float = 0.1
+    step_size: int | None = 70  # schedule step's own: lr * gamma every step_size epochs
+    gamma: float | None = 0.1  # step's own (lr / 10 every 70 epochs)
     grad_clip: float = 0.0  # max gradient norm per update; 0 = off
     encoder_lr: dict[str, float] = field(default_factory=dict)  # modality -> its encoder's lr
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # torch.optim.SGD, Adam or AdamW
+    schedule: Literal["step", "cosine", "constant"] = "step"  # stepped once per epoch
+    nesterov: bool | None = False  # sgd's own
+    betas: list[float] | None = None  # adam's and adamw's own ([0.9, 0.999], torch's)
+    eps: float | None = None  # adam's and adamw's own (1e-8, torch's)
+    # schedule cosine's own: cosine annealing from lr to eta_min over t_max epochs (0 = the
+    # stage's epochs; past t_max it rises again, as torch's CosineAnnealingLR does)
+    t_max: int | None = None
+    eta_min: float | None = None
+
+    def before_merge(self, values: dict[str, Any]) -> None:
+        """A layer naming another optimizer or schedule starts its settings afresh: the
+        previous one's own settings, given by earlier layers, are dropped."""
+        for key, names in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+            chosen = values.get(key, getattr(self, key))
+            if chosen != getattr(self, key) and chosen in names:
+                for setting in OWN_SETTINGS[getattr(self, key)]:
+                    setattr(self, setting, None)
+
+    def resolve(self, prefix: str = "optim.") -> None:
+        """Fill the chosen optimizer's and schedule's own settings that are not given with
+        their defaults; refuse, in one sentence, a setting of one that is not chosen."""
+        for key, names in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+            chosen = getattr(self, key)
+            for other in names:
+                for setting in sorted(set(OWN_SETTINGS[other]) - set(OWN_SETTINGS[chosen])):
+                    if getattr(self, setting) is not None:
+                        raise ConfigError(
+                            f"{prefix}{setting} is a setting of {prefix}{key}={other}, but "
+                            f"{prefix}{key} is {chosen}; remove {prefix}{setting} (or set it "
+                            f"to null) or set {prefix}{key}={other}")
+            for setting, default in OWN_SETTINGS[chosen].items():
+                if getattr(self, setting) is None:
+                    setattr(self, setting, list(default) if isinstance(default, list)
+                            else default)
+
+    def relation_errors(self, prefix: str) -> list[str]:
+        """Adam's two betas; Nesterov needs momentum (torch.optim.SGD refuses it without)."""
+        if self.betas is not None and len(self.betas) != 2:
+            return [f"{prefix}betas is {shown(self.betas)} but must be two numbers, "
+                    f"[beta1, beta2]"]
+        if self.nesterov and not self.momentum:
+            return [f"{prefix}nesterov is true but {prefix}momentum is "
+                    f"{shown(self.momentum)}; Nesterov momentum needs a momentum above 0"]
+        return []
 
 
 # CCAT's settings, MethodConfig fields until they became its Params (method.params): a config
@@ -186,6 +255,11 @@ class RunConfig:
     # split (a tie goes to the later epoch), "last" = the last epoch (the selection split is
     # still evaluated each epoch, for the curves). A resume may not change it.
     select: Literal["best", "last"] = "best"
+    # Whose training settings: "shared" = this config's optimizer, schedule, batch and epochs
+    # for every method; "released" = the method's authors' code's for the run's dataset, the
+    # ``released.<dataset>`` layer of configs/methods/<name>.yaml over this config (see
+    # :func:`ccat.run_config.load_config`). A run saved before the key existed is "shared".
+    protocol: Literal["shared", "released"] = "shared"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -235,6 +309,8 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     check_moved(type(obj), values, prefix)
+    if hasattr(obj, "before_merge"):
+        obj.before_merge(values)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
@@ -568,6 +644,8 @@ def range_errors(obj: Any, prefix: str = "") -> list[str]:
                  ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else
                  [("", value)])
         for suffix, item in items:
+            if item is None:  # a setting not given (OptimConfig's own settings)
+                continue
             name = f"{dotted}.{suffix}" if isinstance(value, dict) else f"{dotted}{suffix}"
             if item not in ranges[f.name]:
                 finite = "a finite number " if isinstance(item, float) and \
@@ -598,8 +676,12 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
+    """A config from nested values (a saved run's included), its optimizer's and schedule's
+    own settings resolved: a run saved before ``optim.name`` and ``optim.schedule`` existed
+    reads as SGD with a step schedule, which is what it trained with."""
     cfg = RunConfig()
     merge(cfg, values)
+    cfg.optim.resolve()
     return cfg
 
 

@@ -56,6 +56,7 @@ class RunResult:
     seed: int
     values: dict[str, float]  # column -> value: "fused", "audio", "probe audio", "train s"
     selection: str = "unrecorded"
+    protocol: str = "shared"  # whose training settings: its config.yaml's protocol
 
     @property
     def row(self) -> str:
@@ -92,6 +93,23 @@ def _identity(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no 'run' block in it and no {config}")
     cfg = from_dict(read_yaml(config))
     return run_block(cfg, _dataset_of(cfg, run_dir))
+
+
+def protocol_of(folder: Path) -> str:
+    """The ``protocol`` of the run in ``folder`` (its config.yaml): ``shared`` also for a run
+    saved before the key existed; ``unrecorded`` without a readable config.yaml."""
+    try:
+        return str(read_yaml(folder / CONFIG_NAME).get("protocol", "shared"))
+    except (OSError, ConfigError, AttributeError):
+        return "unrecorded"
+
+
+# What each protocol means, as the caption says it.
+PROTOCOLS = {"shared": "the config's optimizer, schedule, batch and epochs for every method",
+             "released": "each method with the optimizer, schedule, batch and epochs of its "
+                         "authors' code for the dataset (configs/methods/<method>.yaml, "
+                         "released)",
+             "unrecorded": "no readable config.yaml"}
 
 
 def selection_text(selection: Any) -> str:
@@ -143,7 +161,7 @@ def read_result(path: Path, split: str) -> RunResult:
         result = RunResult(path, str(run["method"]), str(run.get("variant", "")),
                            str(run["dataset"]), int(run["seed"]),
                            _values(metrics, path.parent),
-                           selection_text(metrics.get("selection")))
+                           selection_text(metrics.get("selection")), protocol_of(path.parent))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError,
             RecursionError) as err:
         raise ValueError(f"unusable ({type(err).__name__}: {err})") from None
@@ -213,6 +231,7 @@ class Report:
     identity: dict[str, tuple[str, str]]  # row -> (method, variant)
     notes: list[str]
     selections: dict[str, list[str]] = field(default_factory=dict)  # how best.pt -> rows
+    protocols: dict[str, list[str]] = field(default_factory=dict)  # protocol -> rows
 
     @property
     def seeds(self) -> int:
@@ -265,9 +284,12 @@ def build_report(found: Found, split: str = "test") -> Report:
         columns.setdefault(r.dataset, {"fused": None}).update(dict.fromkeys(r.values))
     rows = _row_order(found.results)
     selections: dict[str, list[str]] = {}
+    protocols: dict[str, list[str]] = {}
     for row in rows:
         for text in dict.fromkeys(r.selection for r in found.results if r.row == row):
             selections.setdefault(text, []).append(row)
+        for name in dict.fromkeys(r.protocol for r in found.results if r.row == row):
+            protocols.setdefault(name, []).append(row)
     cells: dict[tuple[str, tuple[str, str]], Cell] = {}
     for (row, dataset, seed), r in sorted(by_seed.items(), key=lambda kv: kv[0][2]):
         for name, value in r.values.items():
@@ -279,7 +301,7 @@ def build_report(found: Found, split: str = "test") -> Report:
     report = Report(split, rows, [(d, a) for d, names in columns.items()
                                   for a in sorted(names, key=_column_kind)],
                     cells, {r.row: (r.method, r.variant) for r in found.results}, notes,
-                    selections)
+                    selections, protocols)
     _rank(report)
     return report
 
@@ -332,10 +354,22 @@ def _cells_sentence(report: Report) -> str:
             f"{_over(report)}; — where a run has no such value.")
 
 
+def _protocol_sentence(report: Report) -> str:
+    """'Protocol shared: the config's optimizer, ... for every method.' (per row group
+    where runs differ)."""
+    if len(report.protocols) <= 1:
+        name = next(iter(report.protocols), "shared")
+        return f"Protocol {name}: {PROTOCOLS.get(name, name)}."
+    parts = [f"{name} ({', '.join(rows)}): {PROTOCOLS.get(name, name)}"
+             for name, rows in report.protocols.items()]
+    return f"Protocols: {'; '.join(parts)}."
+
+
 def caption(report: Report) -> str:
-    """What the cells are, how the checkpoints were chosen and what the marks mean."""
-    return (f"{_cells_sentence(report)} {_selection_sentence(report)} {CAPTION_MARKS} "
-            f"(accuracies and probes).")
+    """Which protocol trained the runs, what the cells are, how the checkpoints were chosen
+    and what the marks mean."""
+    return (f"{_protocol_sentence(report)} {_cells_sentence(report)} "
+            f"{_selection_sentence(report)} {CAPTION_MARKS} (accuracies and probes).")
 
 
 def to_markdown(report: Report) -> str:
@@ -379,7 +413,8 @@ def to_csv(report: Report) -> str:
 def to_rich(report: Report) -> Table:
     """The table for the terminal: best in bold, second best underlined."""
     table = Table(title=f"{report.split} accuracy (%), mean ± std over {_over(report)}",
-                  caption=f"{escape(_cells_sentence(report))} "
+                  caption=f"{escape(_protocol_sentence(report))} "
+                          f"{escape(_cells_sentence(report))} "
                           f"{escape(_selection_sentence(report))} [bold]bold[/bold]: best in "
                           f"its column; [underline]underlined[/underline]: second best "
                           f"(accuracies and probes)")

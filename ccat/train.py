@@ -1,4 +1,4 @@
-"""The training loop: stages, epochs, SGD + StepLR, precision, logging, checkpoints.
+"""The training loop: stages, epochs, optimizers and schedules, precision, logging, checkpoints.
 
 A run folder holds one run (see :mod:`ccat.run_dir` for its files and their write order):
 training into a folder that holds one needs ``resume`` (continue, with the saved config:
@@ -12,6 +12,7 @@ the last epoch. :func:`selection_splits` is the one place that decides.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import random
 import signal
@@ -31,8 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ccat import checkpoint, distributed, provenance, run_dir, tblog
-from ccat.config import (ConfigError, RunConfig, check_ranges, differences, from_dict,
-                         save_config, to_dict)
+from ccat.config import (ConfigError, OptimConfig, RunConfig, check_ranges, differences,
+                         from_dict, save_config, to_dict)
 from ccat.data import spec
 from ccat.data.device_cache import DeviceCache
 from ccat.data.pipeline import Batch, Extra, make_loader, num_train_batches
@@ -63,17 +64,55 @@ def param_groups(model: MultimodalModel, encoder_lr: dict[str, float]) -> list[d
     return groups
 
 
-def make_optimizer(model: MultimodalModel, cfg: RunConfig) -> tuple[Optimizer, LRScheduler]:
-    """SGD over the trainable parameters and StepLR (lr * gamma every step_size epochs)."""
-    params = param_groups(model, cfg.optim.encoder_lr)
-    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.optim.step_size, cfg.optim.gamma)
+def make_optimizer(model: MultimodalModel, cfg: RunConfig,
+                   epochs: int | None = None) -> tuple[Optimizer, LRScheduler]:
+    """The run's optimizer over the trainable parameters and its schedule, as ``cfg.optim``
+    names them (``optim.name``, ``optim.schedule`` and their own settings), from
+    torch.optim. The one builder of optimizers: every stage, and every method that trains
+    with more than one optimizer (G-Blending's copies, through ``RunData.new_step``), gets
+    its own from here. ``epochs``: the stage's, which a cosine schedule with ``t_max`` 0
+    anneals over (default: ``optim.epochs``)."""
+    o = from_dict({"optim": dataclasses.asdict(cfg.optim)}).optim  # resolved, cfg untouched
+    opt = OPTIMIZERS[o.name](param_groups(model, o.encoder_lr), o)
+    return opt, SCHEDULES[o.schedule](opt, o, epochs or o.epochs)
+
+
+def _sgd(params: list[dict[str, Any]], o: OptimConfig) -> Optimizer:
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov)
+
+
+def _adam(params: list[dict[str, Any]], o: OptimConfig) -> Optimizer:
+    return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay)
+
+
+def _adamw(params: list[dict[str, Any]], o: OptimConfig) -> Optimizer:
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
+
+
+def _step(opt: Optimizer, o: OptimConfig, epochs: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(opt, o.step_size, o.gamma)
+
+
+def _cosine(opt: Optimizer, o: OptimConfig, epochs: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, o.t_max or epochs, o.eta_min)
+
+
+def _constant(opt: Optimizer, o: OptimConfig, epochs: int) -> LRScheduler:
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)  # lr as given
+
+
+# optim.name and optim.schedule -> their torch.optim builders (config.OPTIMIZERS, SCHEDULES)
+OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+SCHEDULES = {"step": _step, "cosine": _cosine, "constant": _constant}
 
 
 def fresh_step(model: MultimodalModel, cfg: RunConfig) -> Step:
-    """A Step over ``model`` as the run's optimizer starts: SGD at ``cfg``'s base lr with
-    empty momentum, and the run's clipping (a method's copy of the model trains with it)."""
+    """A Step over ``model`` as the run's optimizer starts: at ``cfg``'s base lr with empty
+    state (momentum, Adam's moments), and the run's clipping (a method's copy of the model
+    trains with it)."""
     return Step(make_optimizer(model, cfg)[0], cfg.optim.grad_clip)
 
 
@@ -448,7 +487,7 @@ def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: s
 def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | None) -> None:
     """Run one stage's epochs (from the checkpoint's epoch when resuming)."""
     run.method.begin_stage(stage, run.model)
-    opt, sched = make_optimizer(run.model, run.cfg)
+    opt, sched = make_optimizer(run.model, run.cfg, stage.epochs)
     start, best = 0, (-1.0, 0)  # best.pt follows the selection of the last stage
     if state is not None:
         checkpoint.load_state(run.model, state["model"], run.out / run_dir.LAST, "model")

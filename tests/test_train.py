@@ -214,8 +214,11 @@ def test_method_params_ranges_are_checked(tiny, tmp_path):
 
 
 def _numeric(hint):
+    import types
     import typing
 
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: a setting of
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))  # one optimizer
     args = typing.get_args(hint)
     return hint in (int, float) or (typing.get_origin(hint) in (list, dict)
                                     and args[-1] in (int, float))

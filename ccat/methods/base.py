@@ -87,9 +87,11 @@ class RunData:
     rank: int = 0
     world: int = 1
     cache: Any = None  # the run's DeviceCache, when it keeps the data on the GPU
-    # For a method that trains a copy of the model (G-Blending): a fresh Step over a model's
-    # parameters at the run's optimizer settings (its base lr, empty momentum, its clipping),
-    # and the precision the loop trains in.
+    # For a method that needs an optimizer beside the loop's (G-Blending's copy of the model,
+    # a second step): a fresh Step over a model's parameters, built by ccat.train's
+    # make_optimizer (the one builder) from the run's optim section: its optim.name and
+    # settings at the base lr, empty state (momentum, Adam's moments), its clipping; the
+    # loop's schedule does not step it. And the precision the loop trains in.
     new_step: Callable[[MultimodalModel], Step] | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 

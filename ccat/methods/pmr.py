@@ -30,6 +30,9 @@ Departures from that code:
 - The paper's prototype-based entropy regularizer (PER) is not in the released code
   (main_Prototype_grad.py, nor GeWu-Lab/BalanceBenchmark's PMR_trainer.py, which
   re-implements the same hard switch); we follow the released rule and add no PER term.
+- Distances are ``torch.cdist``, whose gradient is finite where a feature equals its
+  prototype (distance 0); the released ``sqrt(dot(d, d))`` (L69-75) gives NaN gradients
+  there (inf x 0), which its step writes into that modality's encoder.
 - A class absent from the prototype window keeps its previous prototype (the zero vector
   before it has one); the released code divides by a zero count there (NaN prototypes).
 - Under torchrun the per-class sums and counts are summed over ranks before the means, and

@@ -156,3 +156,21 @@ def test_two_ranks_share_the_prototypes_of_both_ranks_batches():
     (p0, e0), (p1, e1) = results[0], results[1]
     assert torch.equal(p0, p1)
     assert torch.allclose(p0, e0, atol=1e-6) and torch.equal(e0, e1)
+
+
+@pytest.mark.parametrize("rows", [4, 32])  # cdist's direct path, and its matrix path (> 25)
+def test_a_feature_on_its_prototype_gives_the_release_nan_gradients_and_ours_finite(rows):
+    """docs/methods.md, PMR: where a feature equals its class prototype (distance 0), the
+    released sqrt(dot(d, d)) (EU_dist, L69-75) has the gradient inf * 0 = NaN, which the
+    step then writes into that modality's encoder; torch.cdist's is finite."""
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(len(CLASSES), 5, generator=gen)
+    z = torch.randn(rows, 5, generator=gen)
+    label = torch.arange(rows) % len(CLASSES)
+    z[1] = prototypes[label[1]]
+    released = z.clone().requires_grad_()
+    F.cross_entropy(-released_eu_dist(released, prototypes), label).backward()
+    assert torch.isnan(released.grad[1]).all() and torch.isfinite(released.grad[0]).all()
+    ours = z.clone().requires_grad_()
+    F.cross_entropy(prototypical_logits(ours, prototypes), label).backward()
+    assert torch.isfinite(ours.grad).all()
