@@ -111,7 +111,7 @@ test: install
 # ARGS changed since it was trained (ARGS+=--overwrite retrains such runs); eval.json is
 # written when missing or older than best.pt. A run that fails stops make before the
 # table (`make -k` trains the rest).
-METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending valuation unimodal ccat
+METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending valuation opm opg amco mbsd cml dgl arl aug remix unimodal ccat
 SEEDS ?= 0 1 2
 ABLATIONS ?= fixed_classifier alternating secondary lora fresh_encoders
 RUNS ?= runs/$(DATASET)$(PROTOCOL_DIR)
@@ -162,6 +162,12 @@ RESULTS_ARGS ?=
 # epochs (4 + 4 released, about 100 rounds), so each modality boosts three times.
 DEMO_SCHEDULE_relearning = --set method.params.reinit_epoch=3
 DEMO_SCHEDULE_reconboost = --set method.params.boost_epochs=1 --set method.params.rectify_epochs=1
+# Warm-ups of about a tenth of the released 100 epochs: OPM/OPG 6 (code/config.py), Data
+# Remixing 10 (run_train.sh), ARL 5 (main_arl_variance.py) -> 1 of the demo's 12.
+DEMO_SCHEDULE_opm = --set method.params.warmup_epochs=1
+DEMO_SCHEDULE_opg = --set method.params.warmup_epochs=1
+DEMO_SCHEDULE_remix = --set method.params.warmup=1
+DEMO_SCHEDULE_arl = --set method.params.start=1
 RESULT_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RESULTS_DIR)/$(m)/s$(s)))
 RESULTS_COMMAND = make results METHODS="$(strip $(METHODS))" SEEDS="$(strip $(SEEDS))" \
 	RESULTS_ARGS="$(strip $(RESULTS_ARGS))"$(if $(PROTOCOL_DIR), PROTOCOL=released)
