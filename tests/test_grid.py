@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -76,30 +75,3 @@ def test_slurm_grid_gives_the_local_eval_json(setup: tuple[Path, Path], local: P
                 "--cpus-per-run", "1", env={"SLURM_CONF": slurm.env["SLURM_CONF"]})
     assert done.returncode == 0, done.stderr[-2000:]
     assert scores(out) == scores(local)
-
-
-def test_a_requeued_slurm_run_resumes_to_the_uninterrupted_result(
-        setup: tuple[Path, Path], local: Path, slurm, tmp_path: Path) -> None:
-    config, data = setup
-    out = tmp_path / "runs"
-    command = [sys.executable, "-m", "ccat", "grid", "--config", str(config), "--data", str(data),
-               "--methods", "sum", "--seeds", "1", "--out", str(out), "--launcher", "slurm",
-               "--gpus-per-run", "0", "--cpus-per-run", "1"]
-    env = {**slurm.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    metrics = out / "sum" / "s1" / "metrics.jsonl"
-    deadline = time.monotonic() + WAIT_S
-    while (not metrics.is_file() or not metrics.read_text().strip()) and \
-            time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.1)
-    job = next(p.name for p in (out / "grid.logs").iterdir())
-    slurm.run("scontrol", "requeue", job)  # as a preemption with requeue does
-    _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 0, err[-2000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(rows) == 2  # each epoch once: the requeued job resumed, not restarted
-    assert "REQUEUED" in slurm.run("sacct", "-n", "-D", "-o", "State", "-j", job)
-    assert scores(out)["sum/s1"] == scores(local)["sum/s1"]

@@ -35,7 +35,7 @@ def test_model_shapes_for_every_fusion(fusion):
 
 def test_every_encoder_is_built_by_kind():
     assert set(ENCODERS.names()) == {"resnet18_audio", "resnet18_video", "resnet50_image",
-                                     "bert_text"}
+                                     "bert_text", "resnet18_flow", "transformer_features"}
     video = ENCODERS.get("resnet18_video")(TINY_MODALITIES["video"], TINY)
     out = video(torch.randn(2, 3, 3, 32, 32))
     assert torch.allclose(out.pooled, out.tokens.mean(1))  # pooled over time and space

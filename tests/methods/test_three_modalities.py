@@ -22,7 +22,12 @@ NEEDS_TWO = {"bigated": "BiGated fuses exactly two modalities",
              "ccat": "BiCross fuses exactly two modalities",
              "film": "FiLM fuses exactly two modalities",
              "greedy": "method 'greedy' needs exactly two modalities",
-             "valuation": "method 'valuation' needs exactly two modalities"}
+             "valuation": "method 'valuation' needs exactly two modalities",
+             # issue 26's methods whose released rule compares a pair (audio with video)
+             "arl": "method 'arl' needs exactly two modalities",
+             "aug": "method 'aug' needs exactly two modalities",
+             "mbsd": "method 'mbsd' needs exactly two modalities",
+             "remix": "method 'remix' needs exactly two modalities"}
 # a per-modality parameter whose default is written for CREMA-D's two modalities
 THREE = {"inforeg": {"beta": [0.95, 0.1, 0.1]}}
 
