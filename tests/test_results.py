@@ -2,6 +2,7 @@
 tree had changes and the exact command; it holds one table row per method with the std over
 seeds, a real figure and the summary's sentences."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,28 @@ def test_page_says_whose_settings_it_could_not_read(checkout):
     assert write_results(checkout).exit_code == 0
     page = (checkout / "docs" / "results.md").read_text()
     assert "- concat: 2 runs without a readable config.yaml, settings unknown" in page
+
+
+def test_figure1_compares_the_contribution_gaps_of_concat_mla_and_ccat(tmp_path, monkeypatch):
+    """The paper's Figure 1 on the runs: the gaps over the last epochs, and sentences that
+    follow them (here MLA narrows Concat's gap and CCAT narrows it further)."""
+    gaps = {"concat": 0.4, "mla": 0.2, "ccat": 0.1}  # |audio - video| in every epoch
+    for method, gap in gaps.items():
+        folder = tmp_path / "runs" / method / "s0"
+        write_run(folder, method, 0, {"audio": 0.9, "video": 0.5}, 0.8)
+        rows = [{"stage": "joint", "epoch": e, "train_s": 2.0, "samples_per_s": 100.0,
+                 "val/acc/fused": 0.8, "val/acc/audio": 0.8, "val/acc/video": 0.5,
+                 "val/contrib/audio": 0.5 + gap / 2, "val/contrib/video": 0.5 - gap / 2}
+                for e in (1, 2, 3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["results", "runs", "--out", "docs/results.md", "--figures",
+                                 "docs/img", "--command", "make results"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "![contribution of each modality per epoch](img/results_contributions.png)" in page
+    assert "concat 40.0 points, mla 20.0 points, ccat 10.0 points" in page
+    assert "Alternation (mla) narrows the gap of joint training (concat)." in page
+    assert "CCAT's gap is smaller than concat's and smaller than mla's" in page
+    with Image.open(tmp_path / "docs" / "img" / "results_contributions.png") as figure:
+        assert figure.format == "PNG" and figure.width > 600
