@@ -175,8 +175,7 @@ def fused_lines(report: Report) -> list[str]:
     if ensemble is not None:
         gap = _difference(_paired(ensemble, base))
         lines[-1] += (f" The unimodal ensemble is {gap} points from {BASELINE}; "
-                      + _listed("above the ensemble on the mean", above_ensemble).lower()
-                      .replace("above the ensemble on the mean", "above it on the mean", 1))
+                      + _listed("above it on the mean", above_ensemble))
     return [*lines, ""]
 
 
