@@ -24,6 +24,37 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_BUILD = ["--frame-size", "32", "--seconds", "1.0", "--shard-size", "4", "--workers", "1"]
 
 
+# `ccat train --set` items that shrink any recipe's config to a few seconds on a CPU: two
+# epochs, so CCAT (the configs' method) runs one per stage.
+TINY_TRAIN = ["device=cpu", "data.workers=0", "data.frame_size=32", "model.width=16",
+              "model.heads=2", "model.encoder_width=4", "model.encoder_blocks=[1, 1, 1, 1]",
+              "model.ffn_mult=2", "optim.epochs=2", "method.params.pretrain_epochs=1"]
+
+
+def train_and_evaluate(config: Path, data: Path, out: Path, *settings: str) -> dict:
+    """Train ``config``'s method on the build ``data`` into ``out`` with TINY_TRAIN (plus
+    ``settings``), evaluate its best.pt with `ccat eval`, and return eval.json; the training
+    must have run both of CCAT's stages and the evaluation the whole test split."""
+    from typer.testing import CliRunner
+
+    from ccat.cli import app as ccat_app
+
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out)]
+    for item in (*TINY_TRAIN, *settings):
+        args += ["--set", item]
+    result = CliRunner().invoke(ccat_app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["pretrain", "alternate"]
+    result = CliRunner().invoke(ccat_app, ["eval", "--ckpt", str(out / "best.pt"), "--json",
+                                           str(out / "eval.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "eval.json").read_text())
+    manifest = json.loads((data / spec.MANIFEST_NAME).read_text())
+    assert metrics["num_samples"] == manifest["splits"]["test"]["num_samples"] > 0
+    return metrics
+
+
 def invoke(args: list) -> int:
     """Run ``ccat-data ARGS`` in this process through its console entry point."""
     argv = sys.argv

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, TINY_BUILD, assert_keys_unique, invoke, run_cli
+from conftest import (SHARED_DATA, TINY_BUILD, assert_keys_unique, invoke, run_cli,
+                      train_and_evaluate)
 from preprocess.datasets.ave import CLASSES, SPLIT_FILES, Ave, read_rows
 from preprocess.datasets.synth_clips import ClipStyle, synthesize_ave
 from preprocess.splits import read_text_lines
@@ -177,3 +178,16 @@ def test_download_says_how_to_get_the_media_even_offline(tmp_path: Path, monkeyp
     code, out, err = run_cli(["download", "ave", "--out", tmp_path], capsys)
     assert code == 1 and "save the published lists trainSet.txt" in err
     assert "AVE_Dataset.zip" in out and f"{tmp_path / 'ave'} holds AVE/<VideoID>.mp4" in out
+
+
+def test_built_events_train_and_evaluate(synth_ave: Path, tmp_path: Path, capsys,
+                                         pytestconfig) -> None:
+    """The event-window build feeds AVE's config end to end: CCAT's two stages on audio and
+    video, then a test-split evaluation with both modalities' accuracies."""
+    data = tmp_path / "shards"
+    code, _, err = run_cli(["build", "ave", "--raw", synth_ave, "--out", data, *TINY_BUILD],
+                           capsys)
+    assert code == 0, err
+    metrics = train_and_evaluate(pytestconfig.rootpath / "configs" / "ave.yaml", data,
+                                 tmp_path / "run", "data.batch_size=4")
+    assert set(metrics["accuracy"]) == {"fused", "audio", "video"}

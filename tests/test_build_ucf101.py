@@ -19,7 +19,7 @@ from ccat.data import open_dataset
 from ccat.data.pipeline import Transform
 from ccat.data.reader import Sample
 from ccat.models.encoders import FlowEncoder
-from conftest import SHARED_DATA, assert_keys_unique, run_cli
+from conftest import SHARED_DATA, assert_keys_unique, run_cli, train_and_evaluate
 from preprocess import writer
 from preprocess.datasets.synth import UCF_SPEED, synthesize_ucf101
 from preprocess.datasets.ucf101 import Ucf101, read_class_index, video_key
@@ -237,31 +237,11 @@ app(["build", "ucf101", "--raw", f"{root}/raw", "--out", f"{root}/shards", "--fl
 
 
 def test_built_shards_train_and_evaluate(tmp_path: Path, pytestconfig) -> None:
-    from typer.testing import CliRunner
-
-    from ccat.cli import app
-
     proc = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data, out = tmp_path / "shards", tmp_path / "run"
+    data = tmp_path / "shards"
     assert_keys_unique(data)
-    tiny = ["device=cpu", "data.batch_size=4", "data.workers=0", "data.frame_size=32",
-            "model.width=16", "model.heads=2", "model.encoder_width=4",
-            "model.encoder_blocks=[1, 1, 1, 1]", "model.ffn_mult=2", "optim.epochs=2",
-            "method.params.pretrain_epochs=1"]
-    args = ["train", "--config", str(pytestconfig.rootpath / "configs" / "ucf101.yaml"),
-            "--data", str(data), "--out", str(out)]
-    for item in tiny:
-        args += ["--set", item]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["pretrain", "alternate"]
-    result = CliRunner().invoke(app, ["eval", "--ckpt", str(out / "best.pt"), "--json",
-                                      str(out / "eval.json")])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((out / "eval.json").read_text())
+    config = pytestconfig.rootpath / "configs" / "ucf101.yaml"
+    metrics = train_and_evaluate(config, data, tmp_path / "run", "data.batch_size=4")
     assert set(metrics["accuracy"]) == {"fused", "video", "flow"}
-    assert metrics["num_samples"] == json.loads((data / "manifest.json").read_text())[
-        "splits"]["test"]["num_samples"] > 0

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, TINY_BUILD, assert_keys_unique, invoke, run_cli
+from conftest import (SHARED_DATA, TINY_BUILD, assert_keys_unique, invoke, run_cli,
+                      train_and_evaluate)
 from preprocess.datasets.synth_clips import (ClipStyle, synthesize_vggsound, vggsound_csv,
                                              youtube_ids)
 from preprocess.datasets.vggsound import class_order, clip_key, read_list
@@ -151,3 +152,17 @@ def test_a_malformed_row_names_its_line(synth_vgg: Path, tmp_path: Path, capsys)
     code, _, err = run_cli(["build", "vggsound", "--raw", synth_vgg, "--out", tmp_path / "o",
                             f"--split=train={bad}", *TINY_BUILD], capsys)
     assert code == 1 and f"{bad} line 1 is 'abc,1,dog barking,train'" in err
+
+
+def test_built_clips_train_and_evaluate(synth_vgg: Path, tmp_path: Path, capsys,
+                                        pytestconfig) -> None:
+    """The synthetic tree's build (the validation split carved from train) feeds VGGSound's
+    config end to end: CCAT's two stages, then a test-split evaluation."""
+    listed, data = synth_vgg / "vggsound.csv", tmp_path / "shards"
+    code, _, err = run_cli(["build", "vggsound", "--raw", synth_vgg, "--out", data,
+                            f"--split=train={listed}", f"--split=test={listed}", *TINY_BUILD],
+                           capsys)
+    assert code == 0, err
+    metrics = train_and_evaluate(pytestconfig.rootpath / "configs" / "vggsound.yaml", data,
+                                 tmp_path / "run", "data.batch_size=4")
+    assert set(metrics["accuracy"]) == {"fused", "audio", "video"}
