@@ -5,7 +5,6 @@ recorded, the released title cleaning, the real test title file (skipped without
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 import subprocess

@@ -4,7 +4,6 @@ official lists (skipped without ../shared/data), and one short training run."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
