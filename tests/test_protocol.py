@@ -23,7 +23,8 @@ RELEASED_FILES = sorted(p for p in METHOD_CONFIGS.glob("*.yaml") if RELEASED in 
 def test_some_methods_have_released_settings():
     assert {p.stem for p in RELEASED_FILES} >= {"ogm_ge", "pmr", "inforeg", "relearning",
                                                 "mmpareto", "mmcosine", "mla", "gblending",
-                                                "umt"}
+                                                "umt", "aug", "remix", "dgl", "arl", "opm", "opg",
+                                                "amco", "mbsd", "cml"}
 
 
 @pytest.mark.parametrize("path", RELEASED_FILES, ids=lambda p: p.stem)
