@@ -135,6 +135,15 @@ def _difference(diffs: list[float]) -> str:
     return f"{_points(statistics.mean(diffs))} ± {100 * statistics.stdev(diffs):.1f}"
 
 
+def _cost_ratio(cell: Cell | None, base: Cell | None) -> str:
+    """'1.52x': ``cell``'s training seconds over ``base``'s, per seed both have, averaged."""
+    if cell is None or base is None:
+        return "—"
+    theirs = dict(zip(base.seeds, base.values))
+    ratios = [v / theirs[s] for s, v in zip(cell.seeds, cell.values) if theirs.get(s)]
+    return f"{statistics.mean(ratios):.2f}x" if ratios else "—"
+
+
 def fused_lines(report: Report) -> list[str]:
     """The fused comparison section: per method (ranked), its fused accuracy minus Concat's
     and minus the unimodal ensemble's, paired by seed, and the sentences that read them;
@@ -145,14 +154,19 @@ def fused_lines(report: Report) -> list[str]:
         return []
     cell = {method: report.cells[(row, fused)] for method, row in rows.items()
             if (row, fused) in report.cells}
+    time_column = (fused[0], TRAIN_TIME)
+    seconds = {method: report.cells[(row, time_column)] for method, row in rows.items()
+               if (row, time_column) in report.cells}
     base, ensemble = cell[BASELINE], cell.get(REFERENCE)
     lines = ["## Fused accuracy against Concat and the unimodal ensemble", "",
              f"Points of {fused[0]} {report.split} accuracy, each method's fused prediction "
              f"minus {BASELINE}'s{f' and minus {REFERENCE} (the unimodal ensemble)' if ensemble else ''}, "
-             f"seed by seed: mean ± sample std of the differences; min: the smallest of them.",
+             f"seed by seed: mean ± sample std of the differences; min: the smallest of them. "
+             f"Cost: the method's training wall-clock over {BASELINE}'s, seed by seed (the "
+             f"`train s` column; mean of the ratios).",
              "", f"| method | fused | vs {BASELINE} | min vs {BASELINE} |"
-             + (f" vs {REFERENCE} |" if ensemble else ""),
-             "| --- | ---: | ---: | ---: |" + (" ---: |" if ensemble else "")]
+             + (f" vs {REFERENCE} |" if ensemble else "") + " cost |",
+             "| --- | ---: | ---: | ---: |" + (" ---: |" if ensemble else "") + " ---: |"]
     separated, above_base, above_ensemble = [], [], []
     for method, c in cell.items():
         diffs = _paired(c, base)
@@ -160,6 +174,7 @@ def fused_lines(report: Report) -> list[str]:
                _points(min(diffs)) if diffs else "—"]
         if ensemble is not None:
             row.append(_difference(_paired(c, ensemble)))
+        row.append(_cost_ratio(seconds.get(method), seconds.get(BASELINE)))
         lines.append("| " + " | ".join(row) + " |")
         if method in (BASELINE, REFERENCE) or not diffs:
             continue
@@ -214,9 +229,9 @@ def figure1(found: Found, path: Path, link: str) -> list[str]:
         histories = {m: read_history(runs[m][seed]) for m in methods}
     except CcatError:  # a run without per-epoch validation rows: no curve to draw
         return []
-    if not all(h.series(f"{h.val}/contrib/{m}")[0] for h in histories.values()
-               for m in h.modalities):
-        return []
+    if not all(h.modalities and all(h.series(f"{h.val}/contrib/{m}")[0] for m in h.modalities)
+               for h in histories.values()):
+        return []  # a run that logged no contributions: no curve to draw
     fig, axes = new_figure(1, (4.0 * len(methods), 3.6), columns=len(methods))
     for ax, (method, history) in zip(axes, histories.items()):
         for i, m in enumerate(history.modalities):
