@@ -22,6 +22,7 @@ augmentation is made of the operations of the object it is given, declared here
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Optional, Protocol
 
 import numpy as np
@@ -66,41 +67,42 @@ class CacheOps(Protocol):
     def crop_flow(self, snippets: Any, size: int, rng: np.random.Generator) -> Any: ...
 
 
-class Kind:
-    """Everything that depends on one modality kind; a subclass overrides what differs."""
+class Kind(ABC):
+    """Everything that depends on one modality kind; a subclass gives the abstract methods
+    and overrides the defaults where its kind differs."""
 
     name: ClassVar[str]
     encoder: ClassVar[str]  # the encoder that reads this kind unless model.encoders names another
     cache_padded: ClassVar[bool] = False  # variable length: the cache pads it, keeps lengths
 
+    @abstractmethod
     def suffixes(self, params: Params) -> list[str]:
         """Member suffixes after ``"<modality>."``, in the order decoding reads them."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, value: Any) -> dict[str, bytes]:
         """A recipe's value -> bytes by member suffix."""
-        raise NotImplementedError
 
+    @abstractmethod
     def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
         """Per suffix, the largest header a reader accepts (None: not bounded)."""
-        raise NotImplementedError
 
     def assemble(self, decoded: list[Any]) -> tuple[np.ndarray, Optional[str]]:
         """The decoded members -> the modality's array, and its text if it has one."""
         return decoded[0], None
 
+    @abstractmethod
     def check(self, array: np.ndarray, params: Params) -> str:
         """``ccat-data verify``: what is wrong with the decoded array, or ''."""
-        raise NotImplementedError
 
+    @abstractmethod
     def view(self, ops: Views, array: np.ndarray, params: Params,
              rng: np.random.Generator) -> Any:
         """The per-sample tensor training (augmented) or evaluation takes of the array."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cache_bytes(self, params: Params, frame_size: int) -> int:
         """Device-cache bytes of one sample at ``data.frame_size``."""
-        raise NotImplementedError
 
     def cache_augment(self, ops: CacheOps, x: Any, params: Params,
                       rng: np.random.Generator) -> Any:
