@@ -1,4 +1,4 @@
-"""The modality-kind table: recipes encode through it, readers decode through it, the
+"""The modality kinds: recipes encode through them, readers decode through them, the
 writer refuses member names that are not the kind's, and shard bytes are what they were."""
 
 from __future__ import annotations
