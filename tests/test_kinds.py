@@ -1,4 +1,4 @@
-"""The modality-kind table: recipes encode through it, readers decode through it, the
+"""The modality kinds: recipes encode through them, readers decode through them, the
 writer refuses member names that are not the kind's, and shard bytes are what they were."""
 
 from __future__ import annotations
@@ -131,3 +131,27 @@ def test_a_member_name_that_is_not_the_kinds_stops_the_build(recipe, says, synth
     with pytest.raises(spec.SpecError, match=r"^the recipe wrote sample '\w+' with " + says):
         writer.build(recipe, synth_raw, tmp_path / "o", {}, options)
     assert not (tmp_path / "o" / spec.MANIFEST_NAME).exists()
+
+
+def test_the_kinds_hold_the_encoders_input_conventions() -> None:
+    """uint8 pixels become ImageNet-normalized floats and uint8 flow [-1, 1], through the
+    kind, in the encoder itself; already-float input is left as it is."""
+    import torch
+
+    from ccat.config import ModelConfig
+    from ccat.models.encoders import FlowEncoder, FramesEncoder
+
+    white = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    expected = (1 - torch.tensor(kinds.IMAGENET_MEAN)) / torch.tensor(kinds.IMAGENET_STD)
+    assert torch.allclose(kinds.IMAGE.normalize(white)[1, :, 2, 2], expected)
+    assert kinds.FLOW.normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1, 1]
+    floats = torch.randn(2, 3, 4, 4)
+    assert all(kind.normalize(floats) is floats for kind in kinds.KINDS.values())
+    tiny = ModelConfig(width=8, encoder_width=4, encoder_blocks=[1, 1, 1, 1])
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (2, 3, 3, 16, 16), dtype=torch.uint8)
+    flow = torch.randint(0, 256, (2, 2, 4, 16, 16), dtype=torch.uint8)
+    for encoder, kind, x in ((FramesEncoder({}, tiny), kinds.FRAMES, frames),
+                             (FlowEncoder({"stack": 2}, tiny), kinds.FLOW, flow)):
+        encoder.eval()
+        assert torch.equal(encoder(x).pooled, encoder(kind.normalize(x)).pooled)

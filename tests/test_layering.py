@@ -89,7 +89,24 @@ def test_an_upward_import_is_named_with_its_line_and_layers():
     source = "import torch\n\ndef f():\n    from ccat.cli import app\n    from ccat import run_dir\n"
     problems = violations(ROOT / "ccat" / "data" / "pipeline.py", source, layers)
     assert problems == ["ccat/data/pipeline.py:4 imports ccat.cli (cli) upward from "
-                        "ccat.data.pipeline (data)"]
+                        "ccat.data.pipeline (loader)"]
     assert violations(ROOT / "ccat" / "new_module.py", "", layers) == [
         "ccat/new_module.py: module ccat.new_module is in no layer of docs/internals.md; "
         "add it there"]
+
+
+def test_models_read_the_kinds_never_the_loader():
+    """Encoders take PAD_ID and pixel normalization from ccat.data.kinds: the loader
+    (pipeline, device cache) sits above the models, so importing it from a model is named."""
+    layers = read_layers()
+    assert layer_of("ccat.data.pipeline", layers)[0] > layer_of("ccat.models.encoders", layers)[0]
+    assert layer_of("ccat.data.kinds", layers)[0] < layer_of("ccat.models.encoders", layers)[0]
+    source = "from ccat.data import kinds\nfrom ccat.data.pipeline import PAD_ID\n"
+    assert violations(ROOT / "ccat" / "models" / "encoders.py", source, layers) == [
+        "ccat/models/encoders.py:2 imports ccat.data.pipeline (loader) upward from "
+        "ccat.models.encoders (models)"]
+    for path in sorted((ROOT / "ccat" / "models").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        loader = [name for _, name in imported(tree, module_name(path), path.name == "__init__.py")
+                  if layer_of(name, layers)[1] == "loader"]
+        assert not loader, f"{path.relative_to(ROOT)} imports {loader}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ccat.config import DataConfig
-from ccat.data import open_dataset
-from ccat.data.pipeline import Transform, make_loader, normalize_pixels, num_train_batches
+from ccat.data import kinds, open_dataset
+from ccat.data.pipeline import Transform, make_loader, num_train_batches
 from ccat.data.reader import Sample
 from train_helpers import TINY_MODALITIES, write_tiny_dataset
 
@@ -67,4 +67,4 @@ def test_pixels_travel_as_uint8_and_the_encoder_normalizes_them():
     video = Transform(TINY_MODALITIES, DataConfig(), train=False)(sample, None)["video"]
     assert video.dtype == torch.uint8 and torch.equal(video, torch.full_like(video, 255))
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
-    assert torch.allclose(normalize_pixels(video)[0, :, 5, 5], expected)
+    assert torch.allclose(kinds.FRAMES.normalize(video)[0, :, 5, 5], expected)

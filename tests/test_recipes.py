@@ -12,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_BUILD, run_cli
-from preprocess import datasets
+from preprocess import datasets, media
 from preprocess.cli import app
+from preprocess.datasets.audio_video import AudioVideo
 
 COMMON_BUILD_FLAGS = ("--raw", "--out", "--split", "--workers", "--shard-size", "--seed",
                       "--val-fraction", "--test-fraction", "--strict", "--overwrite")
@@ -34,6 +35,16 @@ SYNTH_DEFAULTS = {
     "ks": {"--clips": 60, "--classes": 5, "--seed": 0, "--easy": "audio", "--design": "fused",
            "--easy-reliability": None, "--hard-strength": None, "--seconds": 2.0},
     "mvsa": {"--pairs": 90, "--seed": 0, "--easy": "text"},
+}
+# Each audio-video recipe's options in the order its command lists them: the shared
+# --seconds, --frame-size and --num-frames stand where each recipe had them.
+AUDIO_VIDEO_FLAGS = {
+    "cremad": ["--seconds", "--frame-size", "--num-frames", "--split-by", "--folds", "--fold",
+               "--fold-seed"],
+    "ks": ["--classes", "--seconds", "--frame-size", "--num-frames"],
+    "vggsound": ["--class-order", "--seconds", "--frame-size", "--num-frames"],
+    "ave": ["--window", "--shared-videos", "--annotations", "--seconds", "--frame-size",
+            "--num-frames"],
 }
 WIDE = {"COLUMNS": "200"}  # help tables unwrapped, so every flag is on one line
 
@@ -75,6 +86,16 @@ def test_the_builtin_recipes_keep_their_option_names_and_defaults(name: str) -> 
     recipe = datasets.get_recipe(name)
     assert {o.flag: o.default for o in datasets.options_of(recipe)} == DOCUMENTED_DEFAULTS[name]
     assert {o.flag: o.default for o in datasets.options_of(recipe.synth)} == SYNTH_DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(AUDIO_VIDEO_FLAGS))
+def test_the_audio_video_recipes_share_one_base_and_keep_their_options(name: str) -> None:
+    recipe = datasets.get_recipe(name)
+    assert issubclass(recipe, AudioVideo)
+    assert [o.flag for o in datasets.options_of(recipe)] == AUDIO_VIDEO_FLAGS[name]
+    modalities = recipe(seconds=2.0, frame_size=48, num_frames=5).modalities()
+    assert modalities == {"audio": media.AudioParams(seconds=2.0).manifest_entry(),
+                          "video": media.VideoParams(num_frames=5, size=48).manifest_entry()}
 
 
 @pytest.mark.parametrize("group", ["build", "synth"])

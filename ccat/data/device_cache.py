@@ -26,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ccat.config import DataConfig
 from ccat.data import kinds, spec
 from ccat.data.integrity import verify_shards
-from ccat.data.pipeline import (EVAL_CROP_FRACTION, NO_DROP, PAD_ID, Batch, Extra, ShardStream,
-                                Transform, WorkerLoader, center_square, crop_box, extra_codes,
-                                num_train_batches)
+from ccat.data.kinds import EVAL_CROP_FRACTION, PAD_ID
+from ccat.data.pipeline import (NO_DROP, Batch, Extra, ShardStream, Transform, WorkerLoader,
+                                center_square, crop_box, extra_codes, num_train_batches)
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
 from ccat.ui import make_console
@@ -178,9 +178,7 @@ class DeviceCache:
         """Random resized crop and flip per sample, one draw for all frames of a clip."""
         inputs = dict(batch.inputs)
         for m, params in self.dataset.modalities.items():
-            augment = kinds.of(m, params).cache_augment
-            if augment is not None:
-                inputs[m] = augment(self, inputs[m], params, rng)
+            inputs[m] = kinds.of(m, params).cache_augment(self, inputs[m], params, rng)
         return Batch(batch.keys, batch.label, inputs, batch.index, batch.drop)
 
     def crop(self, frames: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:

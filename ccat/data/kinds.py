@@ -1,24 +1,29 @@
-"""Modality kinds: the one table of what differs between a spectrogram, frames, an image
-and tokens.
+"""Modality kinds: one small class per way of storing a modality (a spectrogram, frames,
+an image, tokens, feature sequences, optical flow), holding everything that differs
+between them.
 
 A manifest modality names its kind (``"kind": "frames"``); every step that depends on it
-looks the kind up here instead of branching: the member names a sample stores
+asks the kind instead of branching: the member names a sample stores
 (``<key>.<modality>.<suffix>``), how a recipe encodes a value into them and how a reader
 decodes them back into one array, the largest header a reader accepts, what ``ccat-data
 verify`` checks, the view training and evaluation take of the array, the device cache's
-layout and augmentation, and the encoder that reads the kind by default.
+layout and augmentation, the encoder that reads the kind by default, and the input
+conventions that encoder reads: the padding token id (:data:`PAD_ID`) and how uint8
+pixels or flow become its float input (:meth:`Kind.normalize`).
 
-The table is part of the shard format, like :mod:`ccat.data.spec`, so the builder imports
-it too: it needs numpy and :mod:`ccat.data.spec` only. The transform and cache entries
-call the primitive operations of the object they are given (a :class:`Transform`, a
-:class:`DeviceCache`), which own the torch code.
+The kinds are part of the shard format, like :mod:`ccat.data.spec`, so the builder imports
+them too: the module needs numpy and :mod:`ccat.data.spec` only, and torch is imported by
+the one method that makes tensors (:meth:`Kind.normalize`). A view or a device-cache
+augmentation is made of the operations of the object it is given, declared here
+(:class:`Views`, :class:`CacheOps`) and implemented by the loader's ``Transform`` and the
+``DeviceCache``, which own the torch code; the kinds name the operation and its size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Optional, Protocol
 
 import numpy as np
 
@@ -26,38 +31,87 @@ from ccat.data import shardio, spec
 
 IMAGE_SIZE = 224  # crop side of image modalities when data.frame_size is 0 (the paper's)
 EVAL_CROP_FRACTION = 224 / 256  # eval: resize the shorter side to size / this, center crop
-FLOAT16_BYTES, UINT8_BYTES, INT64_BYTES = 2, 1, 8
-FLOAT32_BYTES = 4
+UINT8_BYTES, INT64_BYTES = 1, 8
 RGB = 3
+PAD_ID = 0  # token id of padding: [PAD] in BERT WordPiece vocabularies, never real text
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FLOW_CENTRE = 127.5  # uint8 flow: 0..255 is -bound..+bound px, 127.5 no motion
 
 Params = dict[str, Any]
-# (transform, array, params, rng) -> tensor; (cache, tensor batch, params, rng) -> tensor
-View = Callable[[Any, np.ndarray, Params, np.random.Generator], Any]
-Augment = Callable[[Any, Any, Params, np.random.Generator], Any]
 
 
-@dataclass(frozen=True)
-class Kind:
-    """Everything that depends on one modality kind."""
+class Views(Protocol):
+    """The per-sample operations a kind's view is made of: ``ccat.data.pipeline.Transform``
+    (train: augmented; eval: resized) and the device cache's ``CacheTransform`` (stored
+    size, unaugmented) implement them on torch tensors."""
 
-    name: str
-    suffixes: Callable[[Params], list[str]]  # member suffixes after "<modality>."
-    encode: Callable[[Any], dict[str, bytes]]  # a recipe's value -> bytes by member suffix
-    bounds: Callable[[Params], list[Optional[shardio.Bound]]]  # per suffix: largest header
-    assemble: Callable[[list[Any]], tuple[np.ndarray, Optional[str]]]  # decoded -> array, text
-    check: Callable[[np.ndarray, Params], str]  # verify: what is wrong with the array, or ''
-    view: View  # per-sample tensor for training (augmented) or evaluation
-    cache_bytes: Callable[[Params, int], int]  # device-cache bytes per sample at frame_size
-    cache_augment: Optional[Augment]  # batched device-side augmentation, if any
-    cache_padded: bool  # variable length: the cache pads it and keeps each sample's length
-    encoder: str  # the encoder that reads this kind unless model.encoders names another
+    cfg: Any  # the run's DataConfig: frame_size
 
+    def tensor(self, array: np.ndarray, dtype: type) -> Any: ...
 
-# ---------------------------------------------------------------- spectrogram
+    def frames(self, frames: np.ndarray, size: int, rng: np.random.Generator) -> Any: ...
+
+    def image(self, image: np.ndarray, size: int, rng: np.random.Generator) -> Any: ...
+
+    def flow(self, snippets: np.ndarray, size: int, rng: np.random.Generator) -> Any: ...
 
 
-def _spectrogram_check(array: np.ndarray, params: Params) -> str:
-    return _shape_problem(array, tuple(params["shape"]), np.dtype(params["dtype"]))
+class CacheOps(Protocol):
+    """The batched device-side augmentations of ``ccat.data.device_cache.DeviceCache``."""
+
+    cfg: Any
+
+    def crop(self, frames: Any, size: int, rng: np.random.Generator) -> Any: ...
+
+    def crop_flow(self, snippets: Any, size: int, rng: np.random.Generator) -> Any: ...
+
+
+class Kind(ABC):
+    """Everything that depends on one modality kind; a subclass gives the abstract methods
+    and overrides the defaults where its kind differs."""
+
+    name: ClassVar[str]
+    encoder: ClassVar[str]  # the encoder that reads this kind unless model.encoders names another
+    cache_padded: ClassVar[bool] = False  # variable length: the cache pads it, keeps lengths
+
+    @abstractmethod
+    def suffixes(self, params: Params) -> list[str]:
+        """Member suffixes after ``"<modality>."``, in the order decoding reads them."""
+
+    @abstractmethod
+    def encode(self, value: Any) -> dict[str, bytes]:
+        """A recipe's value -> bytes by member suffix."""
+
+    @abstractmethod
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        """Per suffix, the largest header a reader accepts (None: not bounded)."""
+
+    def assemble(self, decoded: list[Any]) -> tuple[np.ndarray, Optional[str]]:
+        """The decoded members -> the modality's array, and its text if it has one."""
+        return decoded[0], None
+
+    @abstractmethod
+    def check(self, array: np.ndarray, params: Params) -> str:
+        """``ccat-data verify``: what is wrong with the decoded array, or ''."""
+
+    @abstractmethod
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        """The per-sample tensor training (augmented) or evaluation takes of the array."""
+
+    @abstractmethod
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        """Device-cache bytes of one sample at ``data.frame_size``."""
+
+    def cache_augment(self, ops: CacheOps, x: Any, params: Params,
+                      rng: np.random.Generator) -> Any:
+        """The batched device-side augmentation of a cached batch; none by default."""
+        return x
+
+    def normalize(self, x: Any) -> Any:
+        """The batch tensor as its encoder's float input; as it is by default."""
+        return x
 
 
 def _shape_problem(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> str:
@@ -67,184 +121,254 @@ def _shape_problem(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -
     return ""
 
 
-SPECTROGRAM = Kind(
-    name="spectrogram",
-    suffixes=lambda params: ["npy"],
-    encode=lambda spectrogram: {"npy": shardio.encode_npy(spectrogram)},
-    bounds=lambda params: [shardio.ArrayBound(params["dtype"], tuple(params["shape"]))],
-    assemble=lambda decoded: (decoded[0], None),
-    check=_spectrogram_check,
-    view=lambda t, array, params, rng: t.tensor(array, np.float16),
-    cache_bytes=lambda params, frame_size: FLOAT16_BYTES * math.prod(params["shape"]),
-    cache_augment=None,
-    cache_padded=False,
-    encoder="resnet18_audio",
-)
-
-# ---------------------------------------------------------------- frames
+# ---------------------------------------------------------------- one stored array
 
 
-def _frames_check(array: np.ndarray, params: Params) -> str:
-    shape = (params["num_frames"], params["size"], params["size"], RGB)
-    return _shape_problem(array, shape, np.dtype(np.uint8))
+class StoredArray(Kind):
+    """One ``.npy`` member of the manifest's shape and dtype, handed to training as a
+    tensor of ``view_dtype`` (so the cache holds that many bytes an element)."""
+
+    view_dtype: ClassVar[type]
+
+    def suffixes(self, params: Params) -> list[str]:
+        return ["npy"]
+
+    def encode(self, array: np.ndarray) -> dict[str, bytes]:
+        return {"npy": shardio.encode_npy(array)}
+
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        return [shardio.ArrayBound(params["dtype"], tuple(params["shape"]))]
+
+    def check(self, array: np.ndarray, params: Params) -> str:
+        return _shape_problem(array, tuple(params["shape"]), np.dtype(params["dtype"]))
+
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        return ops.tensor(array, self.view_dtype)
+
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        return np.dtype(self.view_dtype).itemsize * math.prod(params["shape"])
 
 
-def _frames_cache_bytes(params: Params, frame_size: int) -> int:
-    side = max(params["size"], frame_size)
-    return params["num_frames"] * RGB * side * side * UINT8_BYTES
+class Spectrogram(StoredArray):
+    """float16 [F, T]; the encoder widens it on the device."""
+
+    name = "spectrogram"
+    encoder = "resnet18_audio"
+    view_dtype = np.float16
 
 
-FRAMES = Kind(
-    name="frames",
-    suffixes=lambda params: [f"{i}.jpg" for i in range(params["num_frames"])],
-    encode=lambda jpegs: {f"{i}.jpg": jpeg for i, jpeg in enumerate(jpegs)},  # in frame order
-    bounds=lambda params: [shardio.ImageBound(params["size"], params["size"])] * params["num_frames"],
-    assemble=lambda decoded: (np.stack(decoded), None),
-    check=_frames_check,
-    view=lambda t, array, params, rng: t.frames(array, t.cfg.frame_size or params["size"], rng),
-    cache_bytes=_frames_cache_bytes,
-    cache_augment=lambda c, x, params, rng: c.crop(x, c.cfg.frame_size or params["size"], rng),
-    cache_padded=False,
-    encoder="resnet18_video",
-)
+class Features(StoredArray):
+    """Precomputed feature sequences, float32 [T, D] (CMU-MOSEI's), finite only."""
 
-# ---------------------------------------------------------------- image
+    name = "features"
+    encoder = "transformer_features"
+    view_dtype = np.float32
+
+    def check(self, array: np.ndarray, params: Params) -> str:
+        problem = super().check(array, params)
+        if not problem and not np.isfinite(array).all():
+            return "holds NaN or infinite values; the builder stores finite features only"
+        return problem
 
 
-def _image_bound(params: Params) -> shardio.ImageBound:
-    # the builder's aspect cap, plus a pixel for rounding the longer side when resizing
-    longer = math.ceil(params["shorter_side"] * params.get("max_aspect", shardio.MAX_ASPECT)) + 1
-    return shardio.ImageBound(params["shorter_side"], longer)
+# ---------------------------------------------------------------- pixels
 
 
-def _image_check(array: np.ndarray, params: Params) -> str:
-    return "" if array.ndim == 3 and array.shape[2] == RGB else (
-        f"has shape {list(array.shape)}, expected [H, W, 3]")
+def stored_side(params: Params, frame_size: int) -> int:
+    """The crop side of frames or flow: ``data.frame_size``, or the stored ``size`` when
+    it is 0."""
+    return frame_size or params["size"]
 
 
-def _image_cache_bytes(params: Params, frame_size: int) -> int:
-    return RGB * round((frame_size or IMAGE_SIZE) / EVAL_CROP_FRACTION) ** 2 * UINT8_BYTES
+class Pixels(Kind):
+    """uint8 RGB pixels, carried as uint8 to the accelerator (a quarter of the bytes, and
+    no float work on the CPU) and normalized there by the encoder."""
+
+    def normalize(self, x: Any) -> Any:
+        """uint8 pixels [..., 3, H, W] -> ImageNet-normalized float, on ``x``'s device;
+        float input is taken as already normalized."""
+        import torch
+
+        if x.dtype != torch.uint8:
+            return x
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+        return (x.float() / 255 - mean) / std
 
 
-IMAGE = Kind(
-    name="image",
-    suffixes=lambda params: ["jpg"],
-    encode=lambda jpeg: {"jpg": jpeg},
-    bounds=lambda params: [_image_bound(params)],
-    assemble=lambda decoded: (decoded[0], None),
-    check=_image_check,
-    view=lambda t, array, params, rng: t.image(array, t.cfg.frame_size or IMAGE_SIZE, rng),
-    cache_bytes=_image_cache_bytes,
-    # the cache holds one center square per image; crop it as a one-frame clip
-    cache_augment=lambda c, x, params, rng: c.crop(x[:, None], c.cfg.frame_size or IMAGE_SIZE,
-                                                    rng)[:, 0],
-    cache_padded=False,
-    encoder="resnet50_image",
-)
+class Frames(Pixels):
+    """``num_frames`` JPEGs of ``size`` x ``size`` -> uint8 [N, H, W, 3]."""
+
+    name = "frames"
+    encoder = "resnet18_video"
+
+    def suffixes(self, params: Params) -> list[str]:
+        return [f"{i}.jpg" for i in range(params["num_frames"])]
+
+    def encode(self, jpegs: list[bytes]) -> dict[str, bytes]:
+        return {f"{i}.jpg": jpeg for i, jpeg in enumerate(jpegs)}  # in frame order
+
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        return [shardio.ImageBound(params["size"], params["size"])] * params["num_frames"]
+
+    def assemble(self, decoded: list[Any]) -> tuple[np.ndarray, Optional[str]]:
+        return np.stack(decoded), None
+
+    def check(self, array: np.ndarray, params: Params) -> str:
+        shape = (params["num_frames"], params["size"], params["size"], RGB)
+        return _shape_problem(array, shape, np.dtype(np.uint8))
+
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        return ops.frames(array, stored_side(params, ops.cfg.frame_size), rng)
+
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        side = max(params["size"], frame_size)
+        return params["num_frames"] * RGB * side * side * UINT8_BYTES
+
+    def cache_augment(self, ops: CacheOps, x: Any, params: Params,
+                      rng: np.random.Generator) -> Any:
+        return ops.crop(x, stored_side(params, ops.cfg.frame_size), rng)
+
+
+class Image(Pixels):
+    """One JPEG of any size (shorter side ``shorter_side``) -> uint8 [H, W, 3]."""
+
+    name = "image"
+    encoder = "resnet50_image"
+
+    @staticmethod
+    def side(frame_size: int) -> int:
+        """The crop side: ``data.frame_size``, or the paper's 224 when it is 0."""
+        return frame_size or IMAGE_SIZE
+
+    def suffixes(self, params: Params) -> list[str]:
+        return ["jpg"]
+
+    def encode(self, jpeg: bytes) -> dict[str, bytes]:
+        return {"jpg": jpeg}
+
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        # the builder's aspect cap, plus a pixel for rounding the longer side when resizing
+        longer = math.ceil(params["shorter_side"] * params.get("max_aspect", shardio.MAX_ASPECT)
+                           ) + 1
+        return [shardio.ImageBound(params["shorter_side"], longer)]
+
+    def check(self, array: np.ndarray, params: Params) -> str:
+        return "" if array.ndim == 3 and array.shape[2] == RGB else (
+            f"has shape {list(array.shape)}, expected [H, W, 3]")
+
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        return ops.image(array, self.side(ops.cfg.frame_size), rng)
+
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        return RGB * round(self.side(frame_size) / EVAL_CROP_FRACTION) ** 2 * UINT8_BYTES
+
+    def cache_augment(self, ops: CacheOps, x: Any, params: Params,
+                      rng: np.random.Generator) -> Any:
+        # the cache holds one center square per image; crop it as a one-frame clip
+        return ops.crop(x[:, None], self.side(ops.cfg.frame_size), rng)[:, 0]
+
 
 # ---------------------------------------------------------------- tokens
 
 
-def _tokens_check(array: np.ndarray, params: Params) -> str:
-    return "" if array.dtype == np.int32 and array.ndim == 1 else (
-        f"has dtype {array.dtype} and {array.ndim} dims, expected int32 [L]")
+class Tokens(Kind):
+    """Token ids, int32 [L] up to ``max_length``, and the text they encode; batches pad
+    them with :data:`PAD_ID`, which the encoder reads back as its attention mask."""
 
+    name = "tokens"
+    encoder = "bert_text"
+    cache_padded = True
 
-TOKENS = Kind(
-    name="tokens",
-    suffixes=lambda params: ["ids.npy", "txt"],
-    encode=lambda ids_and_text: {"ids.npy": shardio.encode_npy(ids_and_text[0]),
-                                 "txt": ids_and_text[1].encode("utf-8")},
-    bounds=lambda params: [shardio.ArrayBound("int32", None, params["max_length"]), None],
-    assemble=lambda decoded: (decoded[0], decoded[1]),
-    check=_tokens_check,
-    view=lambda t, array, params, rng: t.tensor(array, np.int64),
-    cache_bytes=lambda params, frame_size: INT64_BYTES * params["max_length"],
-    cache_augment=None,
-    cache_padded=True,
-    encoder="bert_text",
-)
+    def suffixes(self, params: Params) -> list[str]:
+        return ["ids.npy", "txt"]
 
-# ---------------------------------------------------------------- features
+    def encode(self, ids_and_text: tuple[np.ndarray, str]) -> dict[str, bytes]:
+        return {"ids.npy": shardio.encode_npy(ids_and_text[0]),
+                "txt": ids_and_text[1].encode("utf-8")}
 
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        return [shardio.ArrayBound("int32", None, params["max_length"]), None]
 
-def _features_check(array: np.ndarray, params: Params) -> str:
-    problem = _shape_problem(array, tuple(params["shape"]), np.dtype(params["dtype"]))
-    if not problem and not np.isfinite(array).all():
-        return "holds NaN or infinite values; the builder stores finite features only"
-    return problem
+    def assemble(self, decoded: list[Any]) -> tuple[np.ndarray, Optional[str]]:
+        return decoded[0], decoded[1]
 
+    def check(self, array: np.ndarray, params: Params) -> str:
+        return "" if array.dtype == np.int32 and array.ndim == 1 else (
+            f"has dtype {array.dtype} and {array.ndim} dims, expected int32 [L]")
 
-FEATURES = Kind(
-    name="features",  # precomputed feature sequences, float32 [T, D] (CMU-MOSEI's)
-    suffixes=lambda params: ["npy"],
-    encode=lambda features: {"npy": shardio.encode_npy(features)},
-    bounds=lambda params: [shardio.ArrayBound(params["dtype"], tuple(params["shape"]))],
-    assemble=lambda decoded: (decoded[0], None),
-    check=_features_check,
-    view=lambda t, array, params, rng: t.tensor(array, np.float32),
-    cache_bytes=lambda params, frame_size: FLOAT32_BYTES * math.prod(params["shape"]),
-    cache_augment=None,
-    cache_padded=False,
-    encoder="transformer_features",
-)
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        return ops.tensor(array, np.int64)
 
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        return INT64_BYTES * params["max_length"]
 
 
 # ---------------------------------------------------------------- flow
 
 
-def _flow_channels(params: Params) -> int:
-    """Planes per snippet: u and v of each of ``stack`` consecutive flow fields."""
-    return 2 * params["stack"]
+class Flow(Kind):
+    """Optical flow: per snippet, ``stack`` consecutive fields as grayscale JPEG planes
+    u0 v0 u1 v1 ... -> uint8 [N * 2 * stack, H, W], snippet by snippet."""
+
+    name = "flow"
+    encoder = "resnet18_flow"
+
+    @staticmethod
+    def channels(params: Params) -> int:
+        """Planes per snippet: u and v of each of ``stack`` consecutive flow fields."""
+        return 2 * params["stack"]
+
+    def suffixes(self, params: Params) -> list[str]:
+        return [f"{i}.{c}.jpg" for i in range(params["num_snippets"])
+                for c in range(self.channels(params))]
+
+    def encode(self, snippets: list[list[bytes]]) -> dict[str, bytes]:
+        """Grayscale JPEGs, snippet by snippet, planes u0 v0 u1 v1 ... within one."""
+        return {f"{i}.{c}.jpg": jpeg for i, planes in enumerate(snippets)
+                for c, jpeg in enumerate(planes)}
+
+    def bounds(self, params: Params) -> list[Optional[shardio.Bound]]:
+        return [shardio.ImageBound(params["size"], params["size"])] * len(self.suffixes(params))
+
+    def assemble(self, decoded: list[Any]) -> tuple[np.ndarray, Optional[str]]:
+        # a grayscale JPEG decodes to three equal channels: keep one
+        return np.stack([plane[..., 0] for plane in decoded]), None
+
+    def check(self, array: np.ndarray, params: Params) -> str:
+        shape = (params["num_snippets"] * self.channels(params), params["size"], params["size"])
+        return _shape_problem(array, shape, np.dtype(np.uint8))
+
+    def view(self, ops: Views, array: np.ndarray, params: Params,
+             rng: np.random.Generator) -> Any:
+        # [N * 2 * stack, H, W] as stored -> [N, 2 * stack, H, W]
+        snippets = array.reshape(params["num_snippets"], self.channels(params), *array.shape[-2:])
+        return ops.flow(snippets, stored_side(params, ops.cfg.frame_size), rng)
+
+    def cache_bytes(self, params: Params, frame_size: int) -> int:
+        side = max(params["size"], frame_size)
+        return params["num_snippets"] * self.channels(params) * side * side * UINT8_BYTES
+
+    def cache_augment(self, ops: CacheOps, x: Any, params: Params,
+                      rng: np.random.Generator) -> Any:
+        return ops.crop_flow(x, stored_side(params, ops.cfg.frame_size), rng)
+
+    def normalize(self, x: Any) -> Any:
+        """uint8 quantised flow -> float in [-1, 1], proportional to the displacement;
+        float input is taken as already normalized."""
+        import torch
+
+        return (x.float() - FLOW_CENTRE) / FLOW_CENTRE if x.dtype == torch.uint8 else x
 
 
-def _flow_suffixes(params: Params) -> list[str]:
-    return [f"{i}.{c}.jpg" for i in range(params["num_snippets"])
-            for c in range(_flow_channels(params))]
-
-
-def _flow_encode(snippets: list[list[bytes]]) -> dict[str, bytes]:
-    """Grayscale JPEGs, snippet by snippet, planes u0 v0 u1 v1 ... within one."""
-    return {f"{i}.{c}.jpg": jpeg for i, planes in enumerate(snippets)
-            for c, jpeg in enumerate(planes)}
-
-
-def _flow_check(array: np.ndarray, params: Params) -> str:
-    shape = (params["num_snippets"] * _flow_channels(params), params["size"], params["size"])
-    return _shape_problem(array, shape, np.dtype(np.uint8))
-
-
-def _flow_cache_bytes(params: Params, frame_size: int) -> int:
-    side = max(params["size"], frame_size)
-    return params["num_snippets"] * _flow_channels(params) * side * side * UINT8_BYTES
-
-
-def _flow_snippets(array: Any, params: Params) -> Any:
-    """[N * 2 * stack, H, W] as stored -> [N, 2 * stack, H, W] (array or tensor)."""
-    return array.reshape(params["num_snippets"], _flow_channels(params), *array.shape[-2:])
-
-
-FLOW = Kind(
-    name="flow",
-    suffixes=_flow_suffixes,
-    encode=_flow_encode,
-    bounds=lambda params: [shardio.ImageBound(params["size"], params["size"])] * len(
-        _flow_suffixes(params)),
-    # a grayscale JPEG decodes to three equal channels: keep one
-    assemble=lambda decoded: (np.stack([plane[..., 0] for plane in decoded]), None),
-    check=_flow_check,
-    view=lambda t, array, params, rng: t.flow(_flow_snippets(array, params),
-                                              t.cfg.frame_size or params["size"], rng),
-    cache_bytes=_flow_cache_bytes,
-    cache_augment=lambda c, x, params, rng: c.crop_flow(x, c.cfg.frame_size or params["size"],
-                                                        rng),
-    cache_padded=False,
-    encoder="resnet18_flow",
-)
-
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (SPECTROGRAM, FRAMES, IMAGE, TOKENS, FLOW)}
-KINDS[FEATURES.name] = FEATURES
+SPECTROGRAM, FRAMES, IMAGE, TOKENS, FLOW, FEATURES = (Spectrogram(), Frames(), Image(), Tokens(),
+                                                      Flow(), Features())
+KINDS: dict[str, Kind] = {kind.name: kind
+                          for kind in (SPECTROGRAM, FRAMES, IMAGE, TOKENS, FLOW, FEATURES)}
 
 
 # ---------------------------------------------------------------- lookups

@@ -49,14 +49,11 @@ from torchvision.transforms.v2 import functional as TF
 from ccat.config import DataConfig
 from ccat.data import kinds, spec
 from ccat.data.integrity import ShardError, decode_checked, read_shard, verify_shards
-from ccat.data.kinds import EVAL_CROP_FRACTION
+from ccat.data.kinds import EVAL_CROP_FRACTION, PAD_ID
 from ccat.data.reader import BuiltDataset, Sample
 from ccat.errors import CcatError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-PAD_ID = 0  # token id of padding: [PAD] in BERT WordPiece vocabularies, never real text
 
 
 NO_DROP = -1  # Batch.drop of an entry that keeps every modality
@@ -112,25 +109,12 @@ def crop_box(height: int, width: int, scale_min: float,
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [..., 3, H, W] -> ImageNet-normalized float, on ``x``'s device.
-
-    Batches carry pixels as uint8 to the accelerator (a quarter of the bytes, and no float
-    work on the CPU); encoders call this first. Float input is taken as already normalized.
-    """
-    if x.dtype != torch.uint8:
-        return x
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
 class Transform:
     """Per-sample arrays -> tensors, the view of each modality's kind (:mod:`ccat.data.kinds`;
-    train: augment; eval: resize) built from the operations below.
+    train: augment; eval: resize) built from the operations below (:class:`kinds.Views`).
 
     Pixels stay uint8 and spectrograms float16: the encoder normalizes and widens them on
-    the device (:func:`normalize_pixels`).
+    the device (:meth:`kinds.Kind.normalize`).
     """
 
     def __init__(self, modalities: dict[str, dict[str, Any]], cfg: DataConfig, train: bool):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ccat.config import ConfigError, ModelConfig
 from ccat.data import kinds
-from ccat.data.pipeline import PAD_ID, normalize_pixels
+from ccat.data.kinds import PAD_ID
 from ccat.hub import load_local_first
 from ccat.registry import Registry, subclasses_of
 
@@ -156,7 +156,7 @@ class FramesEncoder(_ResNetEncoder):
         super().__init__(3, cfg)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        tokens = self._tokens(normalize_pixels(x).flatten(0, 1), x.shape[0])
+        tokens = self._tokens(kinds.FRAMES.normalize(x).flatten(0, 1), x.shape[0])
         return EncoderOutput(tokens, tokens.mean(1))
 
 
@@ -172,14 +172,8 @@ class FlowEncoder(_ResNetEncoder):
         super().__init__(2 * params["stack"], cfg)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        tokens = self._tokens(normalize_flow(x).flatten(0, 1), x.shape[0])
+        tokens = self._tokens(kinds.FLOW.normalize(x).flatten(0, 1), x.shape[0])
         return EncoderOutput(tokens, tokens.mean(1))
-
-
-def normalize_flow(x: torch.Tensor) -> torch.Tensor:
-    """uint8 quantised flow -> float in [-1, 1], proportional to the displacement (0..255
-    is -bound..+bound px); float input is taken as already normalized."""
-    return (x.float() - 127.5) / 127.5 if x.dtype == torch.uint8 else x
 
 
 @ENCODERS.register("resnet50_image")
@@ -194,7 +188,7 @@ class ImageEncoder(_ResNetEncoder):
         super().__init__(3, cfg, Bottleneck)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        tokens = self._tokens(normalize_pixels(x), x.shape[0])
+        tokens = self._tokens(kinds.IMAGE.normalize(x), x.shape[0])
         return EncoderOutput(tokens, tokens.mean(1))
 
 

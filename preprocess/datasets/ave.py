@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from ccat.data import kinds, spec
-from preprocess import media
-from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
-                                 SYNTH_STRENGTH, LayoutError, OwnLists, Published, Range,
+from ccat.data import spec
+from preprocess.datasets import (SEED, SYNTH_STRENGTH, LayoutError, OwnLists, Published, Range,
                                  check_choice, option, register)
+from preprocess.datasets.audio_video import (AudioVideo, frame_size_option, num_frames_option,
+                                             seconds_option)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 # The 28 categories in order of first appearance in Annotations.txt: DG-SCT's
@@ -137,7 +137,7 @@ class AveSynth:
 
 @register("ave")
 @dataclass
-class Ave:
+class Ave(AudioVideo):
     """AVE: AVE/<VideoID>.mp4 + Annotations.txt -> spectrograms + frames of each event."""
 
     window: str = option("event", "event: frames and audio from [StartTime, EndTime); "
@@ -146,13 +146,11 @@ class Ave:
                                         "published) or held-out (its train row skipped).")
     annotations: Optional[Path] = option(None, "The Annotations.txt to read (default: "
                                                "RAW/Annotations.txt).")
-    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: an event is tiled to it.",
-                            within=SECONDS)
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
-                             within=FRAME_SIZE)
-    num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per event (segment centres of its window).",
-                             within=NUM_FRAMES)
+    seconds: float = seconds_option(DEFAULT_SECONDS,
+                                    "Fixed audio duration: an event is tiled to it.")
+    frame_size: int = frame_size_option()
+    num_frames: int = num_frames_option("Frames sampled per event (segment centres of its "
+                                        "window).")
     classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
     windows: dict[str, tuple[int, int]] = field(init=False, default_factory=dict)
     unit: ClassVar[str] = "events"
@@ -163,17 +161,6 @@ class Ave:
     def __post_init__(self) -> None:
         check_choice("--window", self.window, WINDOWS)
         check_choice("--shared-videos", self.shared_videos, SHARED_VIDEOS)
-
-    @property
-    def audio(self) -> media.AudioParams:
-        return media.AudioParams(seconds=self.seconds)
-
-    @property
-    def video(self) -> media.VideoParams:
-        return media.VideoParams(num_frames=self.num_frames, size=self.frame_size)
-
-    def modalities(self) -> dict[str, dict[str, Any]]:
-        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
 
     def _annotations(self, raw: Path) -> Path:
         return self.annotations or raw / ANNOTATIONS
@@ -254,8 +241,5 @@ class Ave:
         path = raw / entry.sources["clip"]
         event = self.windows[entry.key]
         window = (float(event[0]), float(event[1])) if self.window == "event" else None
-        spectrogram, audio_meta = media.audio_features(path, self.audio, window)
-        frames, video_meta = media.sample_frames(path, self.video, window)
-        members = {**kinds.encode("audio", "spectrogram", spectrogram),
-                   **kinds.encode("video", "frames", frames)}
-        return members, {"audio": audio_meta, "video": video_meta, "event": list(event)}
+        members, meta = self.encode_clip(path, path, window)
+        return members, {**meta, "event": list(event)}

@@ -22,12 +22,13 @@ from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
-from ccat.data import kinds, spec
+from ccat.data import spec
 from preprocess import media
-from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
-                                 SYNTH_RELIABILITY, SYNTH_STRENGTH, LayoutError, OptionError,
-                                 OwnLists, Published, Range, check_choice, check_options,
-                                 designs, option, register)
+from preprocess.datasets import (SEED, SYNTH_COUNT, SYNTH_RELIABILITY, SYNTH_STRENGTH,
+                                 LayoutError, OptionError, OwnLists, Published, Range,
+                                 check_choice, check_options, designs, option, register)
+from preprocess.datasets.audio_video import (AudioVideo, frame_size_option, num_frames_option,
+                                             seconds_option)
 from preprocess.splits import Entry, SplitError, SplitRow, numbered_lines
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -125,16 +126,14 @@ class CremadSynth:
 
 @register("cremad")
 @dataclass
-class Cremad:
+class Cremad(AudioVideo):
     """CREMA-D: AudioWAV/<id>.wav + VideoFlash/<id>.flv -> audio spectrograms + frames."""
 
-    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: 3.0 as in the published "
-                                             "CREMA-D code; the paper states 20.",
-                            within=SECONDS)
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
-                             within=FRAME_SIZE)
-    num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
+    seconds: float = seconds_option(DEFAULT_SECONDS, "Fixed audio duration: 3.0 as in the "
+                                                     "published CREMA-D code; the paper "
+                                                     "states 20.")
+    frame_size: int = frame_size_option()
+    num_frames: int = num_frames_option()
     split_by: str = option("random", "random: the OGM-GE lists (or a seeded stratified split); "
                                      "actor: TFDS crema_d's actor-disjoint 63/9/19 split; "
                                      "actor-folds: a seeded k-fold over actors.")
@@ -146,7 +145,6 @@ class Cremad:
     fold_seed: int = option(0, "With --split-by actor-folds: seed of the actor shuffle.",
                             within=SEED)
     classes: list[str] = field(init=False, default_factory=lambda: list(CLASSES))
-    unit: ClassVar[str] = "clips"  # what the build summary counts
     name: ClassVar[str] = "cremad"
     published: ClassVar[Published] = PUBLISHED
     synth: ClassVar[type] = CremadSynth
@@ -166,19 +164,6 @@ class Cremad:
     def uses_published_splits(self) -> bool:
         """Only the random split reads the OGM-GE lists under raw/splits."""
         return self.split_by == "random"
-
-    @property
-    def audio(self) -> media.AudioParams:
-        """The wav's spectrogram parameters."""
-        return media.AudioParams(seconds=self.seconds)
-
-    @property
-    def video(self) -> media.VideoParams:
-        """The flv's frame parameters."""
-        return media.VideoParams(num_frames=self.num_frames, size=self.frame_size)
-
-    def modalities(self) -> dict[str, dict[str, Any]]:
-        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
 
     def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
         audio_dir, video_dir = raw / AUDIO_DIR, raw / VIDEO_DIR
@@ -256,8 +241,4 @@ class Cremad:
         for modality, path in (("audio", audio_path), ("video", video_path)):
             if not path.is_file():
                 raise media.MediaError(f"{modality} file is missing", entry.sources[modality])
-        spectrogram, audio_meta = media.audio_features(audio_path, self.audio)
-        frames, video_meta = media.sample_frames(video_path, self.video)
-        members = {**kinds.encode("audio", "spectrogram", spectrogram),
-                   **kinds.encode("video", "frames", frames)}
-        return members, {"audio": audio_meta, "video": video_meta}
+        return self.encode_clip(audio_path, video_path)

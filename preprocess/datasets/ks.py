@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from ccat.data import kinds, spec
-from preprocess import media
-from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_COUNT,
-                                 SYNTH_RELIABILITY, SYNTH_STRENGTH, LayoutError, Published,
-                                 Range, check_choice, designs, option, register)
+from ccat.data import spec
+from preprocess.datasets import (SEED, SYNTH_COUNT, SYNTH_RELIABILITY, SYNTH_STRENGTH,
+                                 LayoutError, Published, Range, check_choice, designs, option,
+                                 register)
+from preprocess.datasets.audio_video import (VIDEO_SUFFIXES, AudioVideo, clip_files,
+                                             frame_size_option, keyed_clips,
+                                             num_frames_option, seconds_option)
 from preprocess.splits import (UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines,
                                read_text_lines)
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 DEFAULT_SECONDS = 10.0  # the clips' length; the paper's pipeline and OGM-GE's KS code use it
 YOUTUBE_ID_LENGTH = 11
 PUBLISHED = Published(
@@ -95,21 +96,17 @@ class KineticsSoundsSynth:
 
 @register("ks")
 @dataclass
-class KineticsSounds:
+class KineticsSounds(AudioVideo):
     """Kinetics-Sounds: clips (.mp4/.mkv/.webm/.avi, flat or per class) -> spectrograms + frames.
 
     Audio from the clip's own audio track, frames from its video track."""
 
     classes_file: Optional[Path] = option(None, "Class names, one a line, in label order (the "
                                                 "lists' label indices).", flag="--classes")
-    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.",
-                            within=SECONDS)
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
-                             within=FRAME_SIZE)
-    num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
+    seconds: float = seconds_option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.")
+    frame_size: int = frame_size_option()
+    num_frames: int = num_frames_option()
     classes: list[str] = field(init=False, default_factory=list)
-    unit: ClassVar[str] = "clips"  # what the build summary counts
     name: ClassVar[str] = "ks"
     published: ClassVar[Published] = PUBLISHED
     synth: ClassVar[type] = KineticsSoundsSynth
@@ -118,43 +115,25 @@ class KineticsSounds:
         if self.classes_file is not None:
             self.classes = read_classes(self.classes_file)
 
-    @property
-    def audio(self) -> media.AudioParams:
-        """The clip audio track's spectrogram parameters."""
-        return media.AudioParams(seconds=self.seconds)
-
-    @property
-    def video(self) -> media.VideoParams:
-        """The clip video track's frame parameters."""
-        return media.VideoParams(num_frames=self.num_frames, size=self.frame_size)
-
-    def modalities(self) -> dict[str, dict[str, Any]]:
-        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
-
     def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
         if not raw.is_dir():
             raise LayoutError(f"{raw} does not exist; pass the folder that holds the "
                               "Kinetics-Sounds clips (flat or in per-class folders)")
-        clips = sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
-                       and p.is_file())
+        clips = clip_files(raw)
         if not clips:
             raise LayoutError(f"{raw} holds no {'/'.join(VIDEO_SUFFIXES)} clips; expected "
                               "Kinetics-Sounds clips named by clip id, flat or per class")
         if not self.classes:
             self.classes = sorted({p.parent.name for p in clips if p.parent != raw})
-        entries: dict[str, Entry] = {}
-        unusable: list[dict[str, Any]] = []
-        for path in clips:
-            key, relative = clip_key(path.stem), path.relative_to(raw).as_posix()
-            if key is None or key in entries:
-                reason = "the same clip is stored twice" if key else "file name is not a clip id"
-                unusable.append({"id": key or path.stem, "split": None, "reason": reason,
-                                 "detail": relative})
-                continue
-            folder = path.parent.name
-            label = self.classes.index(folder) if folder in self.classes else UNKNOWN_LABEL
-            entries[key] = Entry(key, label, {"clip": relative})
+        found, unusable = keyed_clips(raw, clips, clip_key)
+        entries = {key: Entry(key, self._label(path.parent.name),
+                              {"clip": path.relative_to(raw).as_posix()})
+                   for key, path in found.items()}
         return entries, unusable
+
+    def _label(self, folder: str) -> int:
+        """The class of a clip in ``folder``; unknown for a flat clip or another folder."""
+        return self.classes.index(folder) if folder in self.classes else UNKNOWN_LABEL
 
     def list_files(self, raw: Path) -> dict[str, Path]:
         return {"classes": self.classes_file} if self.classes_file is not None else {}
@@ -173,11 +152,3 @@ class KineticsSounds:
                                  f"'<clip id>,<n>,<label 0..{len(self.classes) - 1}>' rows")
             rows.append(SplitRow(key, int(fields[2]), number))
         return rows
-
-    def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
-        path = raw / entry.sources["clip"]
-        spectrogram, audio_meta = media.audio_features(path, self.audio)
-        frames, video_meta = media.sample_frames(path, self.video)
-        members = {**kinds.encode("audio", "spectrogram", spectrogram),
-                   **kinds.encode("video", "frames", frames)}
-        return members, {"audio": audio_meta, "video": video_meta}

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from ccat.data import kinds, spec
-from preprocess import media
-from preprocess.datasets import (FRAME_SIZE, NUM_FRAMES, SECONDS, SEED, SYNTH_STRENGTH,
-                                 LayoutError, OwnLists, Published, Range, check_choice, option,
-                                 register)
+from ccat.data import spec
+from preprocess.datasets import (SEED, SYNTH_STRENGTH, LayoutError, OwnLists, Published, Range,
+                                 check_choice, option, register)
+from preprocess.datasets.audio_video import (VIDEO_SUFFIXES, AudioVideo, clip_files,
+                                             frame_size_option, keyed_clips,
+                                             num_frames_option, seconds_option)
 from preprocess.splits import UNKNOWN_LABEL, Entry, SplitError, SplitRow, numbered_lines
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 DEFAULT_SECONDS = 10.0  # the clips' length
 YOUTUBE_ID_LENGTH = 11
 LIST_NAME = "vggsound.csv"
@@ -167,21 +167,17 @@ def _rows_or_none(path: Path, split: str) -> list[tuple[str, str, int]]:
 
 @register("vggsound")
 @dataclass
-class Vggsound:
+class Vggsound(AudioVideo):
     """VGGSound: clips (flat or per class) + vggsound.csv -> spectrograms + frames."""
 
     class_order: str = option("sorted", "Class indices: sorted (the labels sorted, as hche11's "
                                         "loader) or first-appearance (OGM-GE's and "
                                         "BalanceBenchmark's: among the train rows on disk).")
-    seconds: float = option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.",
-                            within=SECONDS)
-    frame_size: int = option(media.VideoParams.size, "Side of the square stored frames, px.",
-                             within=FRAME_SIZE)
-    num_frames: int = option(media.VideoParams.num_frames,
-                             "Frames sampled per clip (segment centres).", within=NUM_FRAMES)
+    seconds: float = seconds_option(DEFAULT_SECONDS, "Fixed audio duration: the clips' 10 s.")
+    frame_size: int = frame_size_option()
+    num_frames: int = num_frames_option()
     classes: list[str] = field(init=False, default_factory=list)
     folders: dict[str, str] = field(init=False, default_factory=dict)
-    unit: ClassVar[str] = "clips"
     name: ClassVar[str] = "vggsound"
     published: ClassVar[Published] = PUBLISHED
     synth: ClassVar[type] = VggsoundSynth
@@ -189,36 +185,15 @@ class Vggsound:
     def __post_init__(self) -> None:
         check_choice("--class-order", self.class_order, CLASS_ORDERS)
 
-    @property
-    def audio(self) -> media.AudioParams:
-        return media.AudioParams(seconds=self.seconds)
-
-    @property
-    def video(self) -> media.VideoParams:
-        return media.VideoParams(num_frames=self.num_frames, size=self.frame_size)
-
-    def modalities(self) -> dict[str, dict[str, Any]]:
-        return {"audio": self.audio.manifest_entry(), "video": self.video.manifest_entry()}
-
     def find(self, raw: Path) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
         if not raw.is_dir():
             raise LayoutError(f"{raw} does not exist; pass the folder that holds the VGGSound "
                               "clips (flat or in per-class folders)")
-        clips = sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
-                       and p.is_file())
-        entries: dict[str, Entry] = {}
-        unusable: list[dict[str, Any]] = []
-        self.folders = {}
-        for path in clips:
-            key, relative = clip_key(path.stem), path.relative_to(raw).as_posix()
-            if key is None or key in entries:
-                reason = "the same clip is stored twice" if key else "file name is not a clip id"
-                unusable.append({"id": key or path.stem, "split": None, "reason": reason,
-                                 "detail": relative})
-                continue
-            entries[key] = Entry(key, UNKNOWN_LABEL, {"clip": relative})
-            if path.parent != raw:
-                self.folders[key] = path.parent.name
+        found, unusable = keyed_clips(raw, clip_files(raw), clip_key)
+        entries = {key: Entry(key, UNKNOWN_LABEL, {"clip": path.relative_to(raw).as_posix()})
+                   for key, path in found.items()}
+        self.folders = {key: path.parent.name for key, path in found.items()
+                        if path.parent != raw}
         return entries, unusable
 
     def list_files(self, raw: Path) -> dict[str, Path]:
@@ -259,11 +234,3 @@ class Vggsound:
                   "val": "carved from train (seeded, stratified)" if "val" not in rows
                   else "listed"}
         return OwnLists(listed, skipped, record)
-
-    def process(self, raw: Path, entry: Entry) -> tuple[dict[str, bytes], dict[str, Any]]:
-        path = raw / entry.sources["clip"]
-        spectrogram, audio_meta = media.audio_features(path, self.audio)
-        frames, video_meta = media.sample_frames(path, self.video)
-        members = {**kinds.encode("audio", "spectrogram", spectrogram),
-                   **kinds.encode("video", "frames", frames)}
-        return members, {"audio": audio_meta, "video": video_meta}
