@@ -193,7 +193,7 @@ class Method:
                 epoch_extras()                    entries added to this epoch's pass
                 train_step(model, batch, step)    for each training batch
                 end_epoch()                       after the epoch's last train_step
-                predict(model, batch)             the epoch's evaluation, in eval mode
+                predict(model, batch)             the epoch's evaluation (a run with one)
                 state_dict()                      into the epoch's checkpoint (rank 0)
 
     ``ccat eval``, probe and export call ``begin_stage`` with the checkpoint's stage, then
