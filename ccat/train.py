@@ -485,7 +485,8 @@ def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: s
 
 
 def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | None) -> None:
-    """Run one stage's epochs (from the checkpoint's epoch when resuming)."""
+    """Run one stage's epochs (from the checkpoint's epoch when resuming), calling the
+    method's hooks in the order :class:`ccat.methods.base.Method` writes down."""
     run.method.begin_stage(stage, run.model)
     opt, sched = make_optimizer(run.model, run.cfg, stage.epochs)
     start, best = 0, (-1.0, 0)  # best.pt follows the selection of the last stage
@@ -595,6 +596,7 @@ def _train_epoch(run: Run, stage: Stage, epoch: int, step: Step) -> dict[str, An
             run.steps += 1
             progress.update(task, advance=1, loss=" ".join(f"{k}={v:.3f}" for k, v in out.items()
                                                           if k.startswith("loss")))
+    run.method.end_epoch()
     elapsed = time.perf_counter() - started
     row: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1,
                            "lr": step.optimizer.param_groups[0]["lr"]}

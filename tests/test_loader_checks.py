@@ -251,6 +251,29 @@ def test_a_worker_that_dies_ends_the_epoch_with_a_sentence(data):
         list(WorkerLoader(stream, cfg))
 
 
+class RaisesABug(Transform):
+    """A transform with a bug of ccat's own: a RuntimeError, like those DataLoader raises
+    when a worker dies or stalls."""
+
+    def __call__(self, sample, rng):
+        raise RuntimeError("a bug in the transform")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bug_in_the_stream_is_raised_as_itself_not_as_a_shard_failure(data, workers):
+    """Told apart from the loader's own failures by where it comes from, not by its text."""
+    dataset = open_dataset(data)
+    cfg = DataConfig(batch_size=4, workers=workers)
+    stream = ShardStream(dataset, "train", cfg, train=True, seed=0, epoch=0, rank=0, world=1,
+                         transform=RaisesABug(dataset.modalities, cfg, train=True))
+    with pytest.raises(RuntimeError, match="a bug in the transform") as raised:
+        list(WorkerLoader(stream, cfg))
+    assert not isinstance(raised.value, ShardError)
+    if workers:  # the worker's traceback comes with it, as DataLoader sends one
+        assert "in DataLoader worker process 0" in str(raised.value)
+        assert "Traceback" in str(raised.value) and "__call__" in str(raised.value)
+
+
 def test_skipping_samples_seeks_past_them_and_still_finds_a_cut(data):
     path = data / "train-000000.tar"
     with open(path, "rb") as f:

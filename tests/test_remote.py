@@ -128,3 +128,20 @@ def test_training_from_http_matches_training_from_the_folder(served, tmp_path: P
     assert local["num_samples"] == remote["num_samples"] > 0
     assert local["accuracy"] == remote["accuracy"]
     assert local["contribution"] == remote["contribution"]
+
+
+def test_a_backends_timeout_is_told_by_its_type_not_its_name() -> None:
+    """botocore's timeouts (not TimeoutError subclasses) and Python's read as timeouts; an
+    error whose class name merely says Timeout reads as any other."""
+    ReadTimeoutError = pytest.importorskip("botocore.exceptions").ReadTimeoutError
+    from ccat.data.remote import Deadline, HttpLimits, _backend_error
+
+    class TimeoutNamedButNotOne(Exception):
+        pass
+
+    def said(err: Exception) -> str:
+        return str(_backend_error("s3://b/k", err, HttpLimits(), Deadline("s3://b/k", 60.0)))
+
+    for err in (ReadTimeoutError(endpoint_url="s3://x"), TimeoutError("slow")):
+        assert "did not answer within the timeouts" in said(err), said(err)
+    assert "cannot read s3://b/k (TimeoutNamedButNotOne: no)" in said(TimeoutNamedButNotOne("no"))

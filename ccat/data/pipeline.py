@@ -43,6 +43,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
@@ -201,7 +202,6 @@ def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Ten
 # augmentation never share a stream.
 ORDER_SEED, BUFFER_SEED, AUGMENT_SEED = 0, 1, 2
 WORKER_STALL_S = 300  # a worker that sends no batch for this long ends the run
-WORKER_EXCEPTION = "Caught "  # how DataLoader words an exception re-raised from a worker
 
 
 @dataclass(frozen=True)
@@ -373,6 +373,16 @@ class LoaderFailure:
     message: str
 
 
+@dataclass
+class WorkerBug:
+    """An error of a worker's own code (not a damaged shard) on its way to the main
+    process, where it is raised as DataLoader raises one: its type, the worker's traceback
+    in its message. Sent as an item, so that the RuntimeErrors DataLoader raises itself (a
+    worker died or stalled) are the only ones :class:`WorkerLoader` reads as a failure."""
+
+    error: ExceptionWrapper
+
+
 class ShardStream(IterableDataset):
     """Batches of one split for one rank; see the module docstring for the contract."""
 
@@ -389,13 +399,17 @@ class ShardStream(IterableDataset):
         starts = itertools.accumulate((s.num_samples for s in shards), initial=0)
         self.offsets = dict(zip((s.name for s in shards), starts))  # first sample's position
 
-    def __iter__(self) -> Iterator[Batch | LoaderFailure]:
+    def __iter__(self) -> Iterator[Batch | LoaderFailure | WorkerBug]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         try:
             yield from self._batches(range(worker, self.plan.num_batches, workers))
         except ShardError as err:
             yield LoaderFailure(str(err))
+        except Exception:  # noqa: BLE001 - any other error is a bug, raised as itself
+            if info is None:
+                raise
+            yield WorkerBug(ExceptionWrapper(where=f"in DataLoader worker process {worker}"))
 
     def _batches(self, mine: range) -> Iterator[Batch]:
         """Batches ``mine`` of the plan, each made once its entries have been read (they
@@ -485,20 +499,22 @@ class WorkerLoader:
             item = self._next(batches)
             if item is None:
                 return
-            if isinstance(item, LoaderFailure):
+            if isinstance(item, (LoaderFailure, WorkerBug)):
                 del batches  # stops the workers now, not when the error is collected
+                if isinstance(item, WorkerBug):
+                    item.error.reraise()  # its type, with the worker's traceback
                 raise ShardError(item.message)
             yield item
 
-    def _next(self, batches: Iterator) -> Batch | LoaderFailure | None:
+    def _next(self, batches: Iterator) -> Batch | LoaderFailure | WorkerBug | None:
         """The next batch, None at the end, or the reason the workers stopped."""
         try:
             return next(batches)
         except StopIteration:
             return None
-        except RuntimeError as err:
-            if str(err).startswith(WORKER_EXCEPTION):
-                raise  # a bug in a worker, with its traceback
+        except RuntimeError as err:  # the DataLoader's own: a worker died or stalled
+            if self.loader.num_workers == 0:
+                raise  # no workers: the stream's own error, as itself
             reason = str(err).splitlines()[0].rstrip(". ")
             root = self.stream.dataset.root
             return LoaderFailure(f"the loader's workers stopped while reading split "

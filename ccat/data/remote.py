@@ -418,12 +418,27 @@ def _fsspec_call(url: str, limits: HttpLimits, deadline: Deadline, fs: Any, meth
         raise _backend_error(url, err, limits, deadline) from None
 
 
+@functools.cache
+def backend_timeouts() -> tuple[type[BaseException], ...]:
+    """The error types by which a backend says it gave up waiting: Python's TimeoutError
+    (asyncio's and aiohttp's, for gs:// and http(s)://, are subclasses of it) and those of
+    botocore (s3://) and urllib3, which are not."""
+    types: list[type[BaseException]] = [TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+        types += [ConnectTimeoutError, ReadTimeoutError]
+    with contextlib.suppress(ImportError):
+        from urllib3.exceptions import TimeoutError as Urllib3Timeout
+        types.append(Urllib3Timeout)
+    return tuple(types)
+
+
 def _backend_error(url: str, err: Exception, limits: HttpLimits,
                    deadline: Deadline) -> RemoteError:
     """One sentence for an fsspec backend's error, with the time it took in all."""
     if deadline.passed():
         return deadline.error()
-    if "Timeout" in type(err).__name__:  # botocore's ReadTimeoutError, ConnectTimeoutError
+    if isinstance(err, backend_timeouts()):
         spent = deadline.total_s - deadline.remaining()
         stated = math.floor(spent * 10) / 10  # rounded down: never more than was spent
         return RemoteError(f"{url} did not answer within the timeouts on any attempt "

@@ -69,7 +69,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import PAD_ID, Batch
-from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
+from ccat.methods.base import METHODS, Method, Outputs, WindowEnd, in_window, predict_outputs
 from ccat.models import MultimodalModel
 from ccat.models.fusion import Features
 from ccat.step import Step, host_floats
@@ -230,7 +230,7 @@ class AGM(Method):
     def modulating(self) -> bool:
         """Whether this epoch lies in [modulation_starts, modulation_ends)."""
         p = self.params
-        return p.modulation_starts <= self.epoch < p.modulation_ends
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.EXCLUDED)
 
     def responses(self, model: MultimodalModel, inputs: dict[str, torch.Tensor],
                   feats: Features, full: torch.Tensor) -> dict[str, torch.Tensor]:

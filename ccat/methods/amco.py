@@ -44,7 +44,7 @@ from torch import nn
 
 from ccat.config import NON_NEGATIVE, POSITIVE, ConfigError, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, predict_outputs
+from ccat.methods.base import METHODS, Method, Outputs, WindowEnd, in_window, predict_outputs
 from ccat.models import MultimodalModel
 from ccat.step import Step, host_floats
 
@@ -106,9 +106,8 @@ class AMCo(Method):
         model.add_module(STAR, nn.Linear(num_classes, num_classes))  # L329
         return model
 
-    def begin_epoch(self, epoch: int) -> None:
+    def on_epoch(self, epoch: int) -> None:
         """Every epoch starts with l_t = 0 and no modality dependent (L61-64)."""
-        super().begin_epoch(epoch)
         self.progress, self.dependent = 0.0, {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,7 +119,8 @@ class AMCo(Method):
 
     def modulating(self) -> bool:
         """Whether this epoch lies in [modulation_starts, modulation_ends] (L127, L141)."""
-        return self.params.modulation_starts <= self.epoch <= self.params.modulation_ends
+        p = self.params
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.INCLUDED)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         mask, pt = class_mask(self.params.eps, self.progress, model.classifier.out_features)

@@ -1,13 +1,15 @@
 """The interface every training method implements, and its registry.
 
 The loop owns epochs, schedules, precision, devices, logging and checkpoints; a method
-owns its stages and what happens inside one step.
+owns its stages and what happens inside one step. :class:`Method`'s docstring is the one
+place the order of its hooks is written down.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,10 +26,21 @@ from ccat.step import Step
 
 @dataclass(frozen=True)
 class Stage:
-    """A named phase of training with its own optimizer and schedule."""
+    """A named phase of training with its own optimizer and schedule.
+
+    ``name`` is the plain string that checkpoints, metrics rows and messages show. A method
+    with several stages names them by an :class:`~enum.Enum` of its own (:meth:`of`) and
+    branches on ``self.stage.kind is ITS_ENUM.X``: a misspelt stage is then an error where
+    it is written, not a branch that never runs."""
 
     name: str
     epochs: int
+    kind: Enum | None = None  # the typed name, for a method that branches on its stage
+
+    @classmethod
+    def of(cls, kind: Enum, epochs: int) -> Stage:
+        """The stage named by ``kind`` (its value is the name), ``epochs`` long."""
+        return cls(str(kind.value), epochs, kind)
 
 
 @dataclass
@@ -106,6 +119,34 @@ class RunData:
             yield batch.to(self.device)
 
 
+class WindowEnd(Enum):
+    """How a method's ``modulation_ends`` bounds its window of 0-based epochs within the
+    stage (``modulation_starts`` is always the first epoch in it). The releases write the
+    window ``starts <= epoch <= ends``, but count epochs from 0 or from 1, so the same check
+    names two windows on ccat's 0-based epochs:
+
+    - ``INCLUDED``: [starts, ends], ``ends`` the last epoch in the window; the releases'
+      check on 0-based epochs. PMR (main_Prototype_grad.py:156, epochs from 0 at :541),
+      UMT, AMCo, MBSD and CML (BalanceBenchmark's trainers, ``current_epoch`` from 0).
+    - ``EXCLUDED``: [starts, ends), ``ends`` the first epoch out of it; the releases' check
+      on 1-based epochs. AGM (run/CREMAD_main.py:159, epochs from 1 at :611-635; its
+      ``starts`` is read 0-based, so one above 0 begins an epoch later than released), and
+      OGM-GE, whose release counts from 0 (main.py:132, :275) and so also modulates epoch
+      ``ends``: ccat's OGM-GE departs from it by that one epoch.
+    """
+
+    INCLUDED = "included"
+    EXCLUDED = "excluded"
+
+
+def in_window(epoch: int, starts: int, ends: int, end: WindowEnd) -> bool:
+    """Whether 0-based ``epoch`` lies in the modulation window from ``starts`` to ``ends``,
+    ``ends`` itself in it or not as ``end`` says (:class:`WindowEnd`)."""
+    if end is WindowEnd.INCLUDED:
+        return starts <= epoch <= ends
+    return starts <= epoch < ends
+
+
 def require_two_modalities(method: str, modalities: dict[str, Any] | list[str],
                            why: str) -> None:
     """Refuse data without exactly two modalities, in one sentence saying ``why``."""
@@ -138,6 +179,27 @@ class Method:
 
     A method with hyperparameters of its own declares them as a ``Params`` dataclass with
     its paper's defaults; a config sets them under ``method.params``.
+
+    The loop (:mod:`ccat.train`) calls the hooks in this order::
+
+        stages()                                  when the method is built
+        bind_data(train_samples, batches_per_epoch)
+        for each stage, from the checkpoint's on a resume:
+            begin_stage(stage, model)             sets self.stage, then on_stage(stage, model)
+            load_state_dict(state)                on a resume, in the checkpoint's stage
+            for each epoch, 0-based within the stage, from the checkpoint's on a resume:
+                begin_epoch(epoch)                sets self.epoch, then on_epoch(epoch)
+                before_epoch(model, data)         passes of the method's own over the data
+                epoch_extras()                    entries added to this epoch's pass
+                train_step(model, batch, step)    for each training batch
+                end_epoch()                       after the epoch's last train_step
+                predict(model, batch)             the epoch's evaluation (a run with one)
+                state_dict()                      into the epoch's checkpoint (rank 0)
+
+    ``ccat eval``, probe and export call ``begin_stage`` with the checkpoint's stage, then
+    ``load_state_dict``, then ``predict``. ``self.stage`` and ``self.epoch`` are the loop's:
+    a method reads them and never sets them, and it extends ``on_stage`` and ``on_epoch``,
+    not ``begin_stage`` and ``begin_epoch`` (a subclass overriding those is refused).
     """
 
     fusion = "sum"
@@ -156,7 +218,7 @@ class Method:
     def bind_data(self, train_samples: int, batches_per_epoch: int) -> None:
         """Told by the loop before training: the training split's size and the batches
         each rank trains per epoch without extra entries (QMF's history, MLA's released
-        annealing, CCAT's end-of-epoch check)."""
+        annealing)."""
         self.train_samples, self.batches_per_epoch = train_samples, batches_per_epoch
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
@@ -166,13 +228,36 @@ class Method:
     def stages(self) -> list[Stage]:
         return [Stage("joint", self.epochs)]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for owned, (sets, hook) in LOOP_OWNED.items():
+            if owned in vars(cls):
+                raise TypeError(f"method class {cls.__qualname__} overrides {owned}(), which "
+                                f"the loop owns (it sets self.{sets}); override {hook}() "
+                                f"instead")
+
     def begin_stage(self, stage: Stage, model: MultimodalModel) -> None:
-        """Prepare ``model`` for ``stage`` (freeze, re-initialize); also called on resume."""
+        """The loop's entry into ``stage`` (also on resume and when a checkpoint is
+        evaluated): ``self.stage`` becomes it, then :meth:`on_stage` runs."""
         self.stage = stage
+        self.on_stage(stage, model)
+
+    def on_stage(self, stage: Stage, model: MultimodalModel) -> None:
+        """Prepare ``model`` for ``stage`` (freeze, re-initialize); ``self.stage`` is it."""
 
     def begin_epoch(self, epoch: int) -> None:
-        """Called before each training epoch (0-based within the stage)."""
+        """The loop's entry into training epoch ``epoch`` (0-based within the stage):
+        ``self.epoch`` becomes it, then :meth:`on_epoch` runs."""
         self.epoch = epoch
+        self.on_epoch(epoch)
+
+    def on_epoch(self, epoch: int) -> None:
+        """Reset what a method counts per epoch; ``self.epoch`` is ``epoch`` already. Runs
+        before :meth:`before_epoch`, and on a resume after :meth:`load_state_dict`."""
+
+    def end_epoch(self) -> None:
+        """Called after the epoch's last :meth:`train_step`, before its evaluation (on
+        every rank), for what a method reports or closes once per epoch."""
 
     def before_epoch(self, model: MultimodalModel, data: RunData) -> None:
         """Called at the start of each training epoch, after :meth:`begin_epoch` (and so
@@ -204,5 +289,9 @@ class Method:
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         raise NotImplementedError
 
+
+# The loop's entry points a method must not override: what each sets, and the hook a method
+# extends in its place.
+LOOP_OWNED = {"begin_stage": ("stage", "on_stage"), "begin_epoch": ("epoch", "on_epoch")}
 
 METHODS: Registry[type[Method]] = Registry("method", "ccat.methods", subclasses_of(Method))

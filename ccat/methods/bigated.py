@@ -6,17 +6,10 @@ GatedFusion, applied in both directions); the fusion is ``ccat.models.fusion.BiG
 
 from __future__ import annotations
 
-from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Outputs
-from ccat.methods.joint import JointMethod
-from ccat.methods.zeroing import feature_fusion_outputs
-from ccat.models import MultimodalModel
+from ccat.methods.base import METHODS
+from ccat.methods.joint import PairFusionMethod
 
 
 @METHODS.register("bigated")
-class BiGated(JointMethod):
+class BiGated(PairFusionMethod):
     fusion = "bigated"
-
-    def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
-        """Fused logits; each modality's with the other zeroed before fusion (Sec. 4.1)."""
-        return feature_fusion_outputs(model, batch)

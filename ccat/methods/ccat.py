@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar, Iterator, Literal
 
 import torch
@@ -102,6 +103,13 @@ def stage_epochs(cfg: CCATParams, epochs: int) -> tuple[int, int]:
                         "CCAT", "pretrain_epochs")
 
 
+class Phase(Enum):
+    """CCAT's stages, in order; each value is the name checkpoints and metrics rows record."""
+
+    PRETRAIN = "pretrain"  # stage 1: BiCross fusion and the classifier, Eq. 7-8
+    ALTERNATE = "alternate"  # stage 2: Algorithm 1 through the fixed classifier
+
+
 @METHODS.register("ccat")
 class CCAT(Method):
     fusion = "bicross"
@@ -111,7 +119,6 @@ class CCAT(Method):
         super().__init__(cfg, epochs)
         self.estimator = Estimator(self.params.temperature, self.params.similarity)
         self.selected_in_epoch: dict[str, float] = {}  # modality -> samples picked this epoch
-        self.steps_in_epoch = 0
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:
@@ -122,14 +129,13 @@ class CCAT(Method):
 
     def stages(self) -> list[Stage]:
         first, second = stage_epochs(self.params, self.epochs)
-        return [Stage("pretrain", first), Stage("alternate", second)]
+        return [Stage.of(Phase.PRETRAIN, first), Stage.of(Phase.ALTERNATE, second)]
 
-    def begin_epoch(self, epoch: int) -> None:
-        self.epoch, self.steps_in_epoch, self.selected_in_epoch = epoch, 0, {}
+    def on_epoch(self, epoch: int) -> None:
+        self.selected_in_epoch = {}
 
-    def begin_stage(self, stage: Stage, model: MultimodalModel) -> None:
-        self.stage = stage
-        if stage.name == "pretrain":
+    def on_stage(self, stage: Stage, model: MultimodalModel) -> None:
+        if stage.kind is Phase.PRETRAIN:
             model.lora.requires_grad_(False)
             return
         # Our reading of Algorithm 1 line 4, "initialize {Enc_m}": fresh encoders for stage 2;
@@ -142,7 +148,7 @@ class CCAT(Method):
         model.lora.requires_grad_(True)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
-        if self.stage.name == "pretrain":
+        if self.stage.kind is Phase.PRETRAIN:
             return self._pretrain_step(model, batch, step)
         return self._alternate_step(model, batch, step)
 
@@ -220,7 +226,6 @@ class CCAT(Method):
                 step.step()
             else:
                 step.step(momentum=False)
-        self._warn_if_epoch_selected_nothing(model.modalities)
         return out
 
     def _picked_loss(self, model: MultimodalModel, batch: Batch, modality: str,
@@ -240,15 +245,13 @@ class CCAT(Method):
         return F.cross_entropy(self._unimodal(model, subset, modality), subset.label,
                                reduction="sum")
 
-    def _warn_if_epoch_selected_nothing(self, modalities: list[str]) -> None:
-        """At the epoch's last step, one line per modality whose secondary update selected
-        no sample in the whole epoch (with the literal estimator this is the usual case)."""
-        self.steps_in_epoch += 1
-        if self.steps_in_epoch != self.batches_per_epoch or \
-                (dist.is_initialized() and dist.get_rank() != 0):
+    def end_epoch(self) -> None:
+        """One line per modality whose secondary update selected no sample in the whole
+        epoch (with the literal estimator this is the usual case), on rank 0."""
+        if dist.is_initialized() and dist.get_rank() != 0:
             return
-        for m in modalities:
-            if self.selected_in_epoch.get(m, 0.0) == 0.0:
+        for m, selected in self.selected_in_epoch.items():  # empty without secondary updates
+            if selected == 0.0:
                 warn_console.print(
                     f"warning: epoch {self.epoch + 1}: the secondary update selected no {m} "
                     f"sample (no contribution below beta={self.params.beta}); try "
@@ -257,7 +260,7 @@ class CCAT(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: feature-level fusion; stage 2: unimodal logits fused at decision level."""
         feats = model.encode_all(batch.inputs)
-        if self.stage.name == "pretrain":
+        if self.stage.kind is Phase.PRETRAIN:
             return predict_outputs(model, feats, model.unimodal_logits)
         return predict_outputs(model, feats,
                                lambda m, z: model.unimodal_logits(m, z, lora=self.params.lora),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Outputs
+from ccat.methods.base import METHODS, Outputs, WindowEnd, in_window
 from ccat.methods.joint import JointMethod
 from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
@@ -99,15 +99,15 @@ class CML(JointMethod):
         self.modalities, self.order = list(modalities), list(modalities)
         return super().build_model(modalities, num_classes, cfg)
 
-    def begin_epoch(self, epoch: int) -> None:
+    def on_epoch(self, epoch: int) -> None:
         """The epoch's removal order: the modalities shuffled (L62-67)."""
-        super().begin_epoch(epoch)
         self.order = list(self.modalities)
         random.Random(self.seed + epoch).shuffle(self.order)
 
     def modulating(self) -> bool:
         """Whether this epoch lies in [modulation_starts, modulation_ends] (L170)."""
-        return self.params.modulation_starts <= self.epoch <= self.params.modulation_ends
+        p = self.params
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.INCLUDED)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         step.zero_grad()

@@ -6,17 +6,10 @@ uses it; the fusion is ``ccat.models.fusion.FiLM``.
 
 from __future__ import annotations
 
-from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Outputs
-from ccat.methods.joint import JointMethod
-from ccat.methods.zeroing import feature_fusion_outputs
-from ccat.models import MultimodalModel
+from ccat.methods.base import METHODS
+from ccat.methods.joint import PairFusionMethod
 
 
 @METHODS.register("film")
-class FiLM(JointMethod):
+class FiLM(PairFusionMethod):
     fusion = "film"
-
-    def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
-        """Fused logits; each modality's with the other zeroed before fusion (Sec. 4.1)."""
-        return feature_fusion_outputs(model, batch)

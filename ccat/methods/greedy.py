@@ -250,8 +250,7 @@ class Greedy(Method):
         self.rng = random.Random(torch.initial_seed())  # the run's seed, the same on every rank
         return model
 
-    def begin_epoch(self, epoch: int) -> None:
-        super().begin_epoch(epoch)
+    def on_epoch(self, epoch: int) -> None:
         self.fresh_epoch = True
 
     def unlocked(self) -> bool:

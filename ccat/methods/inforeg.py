@@ -156,10 +156,9 @@ class InfoReg(Method):
     def watched(self) -> str:
         return self.params.window_modality or self.modalities[0]
 
-    def begin_epoch(self, epoch: int) -> None:
+    def on_epoch(self, epoch: int) -> None:
         """Close the last epoch's traces (main.py 594-595), compute this epoch's k and drop
         the reference, retaken at the epoch's first step (main.py 259)."""
-        super().begin_epoch(epoch)
         if self.trace_epoch >= 0 and self.trace_epoch != epoch:
             for m, value in self.running.items():
                 self.traces[m].append(float(value))

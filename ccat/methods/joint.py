@@ -1,5 +1,5 @@
 """Joint training baselines (Table 1, first rows): Sum and Concat fusion, one CE loss;
-and the unimodal ensemble.
+the base of the pairwise fusions (FiLM, BiGated); and the unimodal ensemble.
 
 ``sum`` is OGM-GE's SumFusion, fc_x(z^x) + fc_y(z^y) with a head per modality (the code
 Table 1's baselines come from); ``sum_tied`` is the tied form W (z^x + z^y) + b.
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ccat.data.pipeline import Batch
 from ccat.methods.base import METHODS, Method, Outputs, fuse_decisions, predict_outputs
+from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
 from ccat.step import Step, host_floats
 
@@ -29,6 +30,17 @@ class JointMethod(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Fused logits, and each modality's share of the head alone (Sec. 4.1)."""
         return predict_outputs(model, model.encode_all(batch.inputs), model.unimodal_logits)
+
+
+class PairFusionMethod(JointMethod):
+    """Joint training through a fusion of exactly two modalities, one modulating the
+    other (its ``fusion``, from :mod:`ccat.models.fusion`, refuses other data). No head
+    reads one modality alone, so each modality's prediction is the fused one with the
+    other zeroed before fusion (Sec. 4.1)."""
+
+    def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
+        """Fused logits; each modality's with the other zeroed before fusion (Sec. 4.1)."""
+        return feature_fusion_outputs(model, batch)
 
 
 @METHODS.register("sum")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ccat.config import NON_NEGATIVE, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, require_two_modalities
+from ccat.methods.base import METHODS, WindowEnd, in_window, require_two_modalities
 from ccat.methods.joint import JointMethod
 from ccat.models import MultimodalModel
 from ccat.step import Step, host_floats
@@ -77,7 +77,8 @@ class MBSD(JointMethod):
 
     def modulating(self) -> bool:
         """Whether this epoch lies in [modulation_starts, modulation_ends] (L129)."""
-        return self.params.modulation_starts <= self.epoch <= self.params.modulation_ends
+        p = self.params
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.INCLUDED)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         step.zero_grad()

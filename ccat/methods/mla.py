@@ -115,8 +115,8 @@ class MLA(Method):
         self.projector = state.get("projector")
         self.calls = state.get("calls", 0)
 
-    def begin_epoch(self, epoch: int) -> None:
-        self.epoch, self.batch = epoch, 0
+    def on_epoch(self, epoch: int) -> None:
+        self.batch = 0
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
         """Alternating unimodal learning: one update per modality through the shared head,

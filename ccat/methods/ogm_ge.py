@@ -20,7 +20,7 @@ from torch import nn
 
 from ccat.config import NON_NEGATIVE, ConfigError, MethodConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Outputs
+from ccat.methods.base import METHODS, Outputs, WindowEnd, in_window
 from ccat.methods.joint import JointMethod
 from ccat.methods.zeroing import feature_fusion_outputs
 from ccat.models import MultimodalModel
@@ -99,9 +99,11 @@ class OGMGE(JointMethod):
                               f"not {self.params.modulation!r}")
 
     def modulating(self) -> bool:
-        """Whether this epoch lies in [modulation_starts, modulation_ends)."""
+        """Whether this epoch lies in [modulation_starts, modulation_ends) (WindowEnd says
+        how this departs from the release by one epoch)."""
         p = self.params
-        return p.modulation != "Normal" and p.modulation_starts <= self.epoch < p.modulation_ends
+        return p.modulation != "Normal" and in_window(self.epoch, p.modulation_starts,
+                                                      p.modulation_ends, WindowEnd.EXCLUDED)
 
     def damping(self, ratios: dict[str, float]) -> dict[str, float]:
         """Each modality's gradient coefficient k^u for the ratios rho^u (Eq. 10)."""

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ccat.config import FRACTION, NON_NEGATIVE, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Outputs
+from ccat.methods.base import METHODS, Outputs, WindowEnd, in_window
 from ccat.methods.joint import JointMethod
 from ccat.methods.ogm_ge import discrepancy_ratios
 from ccat.methods.zeroing import feature_fusion_outputs
@@ -130,9 +130,8 @@ class PMR(JointMethod):
                               "bind_data() before train_step()")
         return max(1, self.batches_per_epoch // PROTOTYPE_SHARE)
 
-    def begin_epoch(self, epoch: int) -> None:
+    def on_epoch(self, epoch: int) -> None:
         """Refresh the prototypes from the window the previous epoch ended with."""
-        super().begin_epoch(epoch)
         self.batch_index = 0
         if epoch > 0 and self.counts is not None:
             self.refresh()
@@ -176,7 +175,7 @@ class PMR(JointMethod):
     def modulating(self) -> bool:
         """Whether this epoch lies in [modulation_starts, modulation_ends], both included."""
         p = self.params
-        return p.modulation_starts <= self.epoch <= p.modulation_ends
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.INCLUDED)
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int,
                     cfg: ModelConfig) -> MultimodalModel:

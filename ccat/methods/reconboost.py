@@ -183,9 +183,8 @@ class ReconBoost(Method):
         return turn_at(epoch, self.modalities, self.params.boost_epochs,
                        self.params.rectify_epochs)
 
-    def begin_epoch(self, epoch: int) -> None:
+    def on_epoch(self, epoch: int) -> None:
         """Move to ``epoch``'s place in the schedule; a new phase starts its update count."""
-        super().begin_epoch(epoch)
         turn = self.schedule(epoch)
         if self.turn is None or (turn.round, turn.phase) != (self.turn.round, self.turn.phase):
             self.phase_updates = 0

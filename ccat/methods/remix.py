@@ -150,8 +150,8 @@ class Remix(Method):
     def remixing(self) -> bool:
         return self.epoch >= self.params.warmup  # train.py:243
 
-    def begin_epoch(self, epoch: int) -> None:
-        self.epoch, self.calls = epoch, 0
+    def on_epoch(self, epoch: int) -> None:
+        self.calls = 0
         self.queues = {}
 
     @torch.no_grad()

@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar, Iterator, Literal
 
 import torch
@@ -71,7 +72,8 @@ from torch import nn
 
 from ccat.config import NON_NEGATIVE, MethodConfig, ModelConfig, Range
 from ccat.data.pipeline import Batch
-from ccat.methods.base import METHODS, Method, Outputs, Stage, split_budget
+from ccat.methods.base import (METHODS, Method, Outputs, Stage, WindowEnd, in_window,
+                               split_budget)
 from ccat.methods.ccat import frozen_norm_stats
 from ccat.methods.joint import UnimodalEnsemble
 from ccat.methods.zeroing import feature_fusion_outputs
@@ -80,7 +82,12 @@ from ccat.models.encoders import build_encoder
 from ccat.models.fusion import FUSIONS
 from ccat.step import Step, host_floats
 
-TEACHERS, DISTILL = "teachers", "distill"
+
+class Phase(Enum):
+    """UMT's stages, in order; each value is the name checkpoints and metrics rows record."""
+
+    TEACHERS = "teachers"  # stage 1: the unimodal ensemble on model.teachers
+    DISTILL = "distill"  # stage 2: the student, CE plus the distillation loss
 
 
 @dataclass
@@ -153,19 +160,18 @@ class UMT(Method):
 
     def stages(self) -> list[Stage]:
         first, second = stage_epochs(self.params, self.epochs)
-        return [Stage(TEACHERS, first), Stage(DISTILL, second)]
+        return [Stage.of(Phase.TEACHERS, first), Stage.of(Phase.DISTILL, second)]
 
-    def begin_stage(self, stage: Stage, model: MultimodalModel) -> None:
+    def on_stage(self, stage: Stage, model: MultimodalModel) -> None:
         """Stage 1 trains only the teachers; stage 2 only the student, the teachers frozen."""
-        self.stage = stage
-        teaching = stage.name == TEACHERS
+        teaching = stage.kind is Phase.TEACHERS
         model.requires_grad_(not teaching)
         model.teachers.requires_grad_(teaching)
 
     def distilling(self) -> bool:
         """Whether this distillation epoch lies in [modulation_starts, modulation_ends]."""
         p = self.params
-        return p.modulation_starts <= self.epoch <= p.modulation_ends
+        return in_window(self.epoch, p.modulation_starts, p.modulation_ends, WindowEnd.INCLUDED)
 
     @torch.no_grad()
     def teacher_features(self, model: MultimodalModel, batch: Batch) -> dict[str, torch.Tensor]:
@@ -181,7 +187,7 @@ class UMT(Method):
         return _eval_mode(teachers)
 
     def train_step(self, model: MultimodalModel, batch: Batch, step: Step) -> dict[str, float]:
-        if self.stage.name == TEACHERS:
+        if self.stage.kind is Phase.TEACHERS:
             return self.ensemble.train_step(model.teachers, batch, step)
         step.zero_grad()
         feats = model.encode_all(batch.inputs)
@@ -200,7 +206,7 @@ class UMT(Method):
     def predict(self, model: MultimodalModel, batch: Batch) -> Outputs:
         """Stage 1: the teachers' ensemble (UME); stage 2: the student's fused logits, each
         modality's with the others zeroed before fusion (Sec. 4.1)."""
-        if self.stage.name == TEACHERS:
+        if self.stage.kind is Phase.TEACHERS:
             return self.ensemble.predict(model.teachers, batch)
         return feature_fusion_outputs(model, batch)
 
