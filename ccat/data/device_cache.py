@@ -2,14 +2,15 @@
 batches gathered and augmented there (``data.device_cache``).
 
 CREMA-D, MVSA and Kinetics-Sounds at three 224 px frames fit in one H100's memory as
-uint8 pixels and float16 spectrograms. After the first pass, an epoch is a permutation,
-a gather and one batched random-resized-crop-and-flip per batch, all on the device, so
+uint8 pixels and float16 spectrograms. After the first pass, an epoch is the streaming
+path's partition (:mod:`ccat.data.partition`: the same entries in the same batches), a
+gather and one batched random-resized-crop-and-flip per batch, all on the device, so
 training never waits for JPEG decoding on the CPU.
 
 What differs from the streaming path: the crop is resampled bilinearly by
 ``grid_sample`` (no antialiasing when a crop is shrunk; at the paper's sizes crops are
-mostly enlarged), the shuffle is a full permutation instead of a buffer, and an image
-modality is cached as its center square (side ``size / EVAL_CROP_FRACTION``) from which
+mostly enlarged), the augmentation's draws, and an image modality is cached as its center
+square (side ``size / EVAL_CROP_FRACTION``) from which
 training crops are drawn, since images of different sizes cannot share one tensor.
 """
 

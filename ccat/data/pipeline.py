@@ -12,6 +12,9 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
   samples of it. Shards are read sequentially, front to back (one split between two runs
   is read by both, each seeking past the other's part). A rank's samples pass once through
   a shuffle buffer of ``data.shuffle_buffer`` that is flushed at the end of the pass.
+  Which entries form which batches is :func:`ccat.data.partition.epoch_partition`, a pure
+  function that the device cache consumes too (:func:`plan_epoch`), so both loaders give
+  the same keys in the same batches.
 - Workers split a rank's batches, not its samples: batch j is made by worker
   j % workers, which reads the rank's sequence and seeks past the samples of other
   workers' batches. With DataLoader's in-order round robin the batches, their order and
