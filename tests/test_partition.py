@@ -37,7 +37,7 @@ def simulated_buffer(n, size, rng):
     return out + buffer
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(n=st.integers(0, 300), size=st.integers(0, 400), seed=st.integers(0, 2**32))
 def test_the_buffer_order_is_the_buffer_simulated_item_by_item(n, size, seed):
     got = buffer_order(n, size, np.random.default_rng(seed))
@@ -45,7 +45,7 @@ def test_the_buffer_order_is_the_buffer_simulated_item_by_item(n, size, seed):
     assert sorted(got.tolist()) == list(range(n))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=12), seed=st.integers(0, 99),
        epoch=st.integers(0, 5), ranks=st.integers(1, 4), batch=st.integers(1, 9),
        buffer=st.integers(1, 64))
@@ -104,7 +104,7 @@ def settings_of_an_epoch(draw):
                 workers=draw(st.sampled_from([0, 0, 1, 2])), train=draw(st.booleans()))
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=settings_of_an_epoch())
 def test_the_streamed_path_and_the_device_cache_give_the_partitions_batches(builds, case):
