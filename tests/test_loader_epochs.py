@@ -8,12 +8,11 @@ import subprocess
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from ccat.config import DataConfig
 from ccat.data import open_dataset
-from ccat.data.pipeline import buffer_order, make_loader, num_train_batches
+from ccat.data.pipeline import make_loader, num_train_batches
 from ccat.errors import CcatError
 from train_helpers import write_tiny_dataset
 
@@ -76,12 +75,6 @@ def test_the_issue_case_192_samples_batch_16_one_process(tmp_path):
     keys = [k for b in make_loader(data, "train", cfg, train=True, seed=0, epoch=0)
             for k in b.keys]
     assert len(keys) == len(set(keys)) == 192
-
-
-def test_the_shuffle_buffer_is_a_permutation_flushed_at_the_end():
-    order = buffer_order(100, 16, np.random.default_rng(0))
-    assert sorted(order) == list(range(100)) and order != list(range(100))
-    assert sorted(buffer_order(5, 16, np.random.default_rng(0))) == [0, 1, 2, 3, 4]
 
 
 def test_a_split_smaller_than_one_batch_per_rank_is_refused(uneven):

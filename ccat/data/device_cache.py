@@ -2,14 +2,15 @@
 batches gathered and augmented there (``data.device_cache``).
 
 CREMA-D, MVSA and Kinetics-Sounds at three 224 px frames fit in one H100's memory as
-uint8 pixels and float16 spectrograms. After the first pass, an epoch is a permutation,
-a gather and one batched random-resized-crop-and-flip per batch, all on the device, so
+uint8 pixels and float16 spectrograms. After the first pass, an epoch is the streaming
+path's partition (:mod:`ccat.data.partition`: the same entries in the same batches), a
+gather and one batched random-resized-crop-and-flip per batch, all on the device, so
 training never waits for JPEG decoding on the CPU.
 
 What differs from the streaming path: the crop is resampled bilinearly by
 ``grid_sample`` (no antialiasing when a crop is shrunk; at the paper's sizes crops are
-mostly enlarged), the shuffle is a full permutation instead of a buffer, and an image
-modality is cached as its center square (side ``size / EVAL_CROP_FRACTION``) from which
+mostly enlarged), the augmentation's draws, and an image modality is cached as its center
+square (side ``size / EVAL_CROP_FRACTION``) from which
 training crops are drawn, since images of different sizes cannot share one tensor.
 """
 
@@ -27,8 +28,8 @@ from ccat.config import DataConfig
 from ccat.data import kinds, spec
 from ccat.data.integrity import verify_shards
 from ccat.data.kinds import EVAL_CROP_FRACTION, PAD_ID
-from ccat.data.pipeline import (NO_DROP, Batch, Extra, ShardStream, Transform, WorkerLoader,
-                                center_square, crop_box, extra_codes, num_train_batches)
+from ccat.data.pipeline import (Batch, Extra, ShardStream, Transform, WorkerLoader, center_square,
+                                crop_box, plan_epoch)
 from ccat.data.reader import BuiltDataset
 from ccat.errors import CcatError
 from ccat.ui import make_console
@@ -145,33 +146,20 @@ class DeviceCache:
 
     def batches(self, split: str, *, train: bool, seed: int, epoch: int = 0, rank: int = 0,
                 world: int = 1, extras: Sequence[Extra] = ()) -> Iterator[Batch]:
-        """Training: a seeded permutation of the split's samples and the ``extras`` dealt to
-        ranks, ``num_train_batches`` augmented batches per rank, each entry at most once
-        (the remainder dropped, as streaming). Evaluation: every sample once over all ranks,
-        in cache order."""
+        """Rank ``rank``'s batches of the epoch that the streaming path also serves
+        (:func:`plan_epoch`): the same entries in the same batches, in the same order,
+        gathered from the cache. Training batches are then augmented here, by one generator
+        per rank and epoch drawn batch after batch."""
         data = self.split(split, train)
-        size = len(data.keys)
-        if not train:
-            mine = torch.arange(rank, size, world)
-            for start in range(0, len(mine), self.cfg.batch_size):
-                yield data.gather(mine[start:start + self.cfg.batch_size])
-            return
-        index, drop = torch.arange(size), None
-        if extras:
-            extra_index, extra_drop = (torch.from_numpy(a) for a in
-                                       extra_codes(self.dataset, split, extras))
-            index = torch.cat([index, extra_index])
-            drop = torch.cat([torch.full((size,), NO_DROP), extra_drop])
-        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])))
-        batch_size = self.cfg.batch_size
-        count = num_train_batches(self.dataset, batch_size, world, len(extras))
-        mine = order[rank::world][:count * batch_size]  # the rest, < world x batch, dropped
+        plan = plan_epoch(self.dataset, split, self.cfg, train=train, seed=seed, epoch=epoch,
+                          world=world, extras=extras)
         rng = np.random.default_rng([seed, epoch, rank])
-        for b in range(count):
-            entries = mine[b * batch_size:(b + 1) * batch_size]
-            batch = data.gather(index[entries])
-            batch.drop = None if drop is None else drop[entries]
+        for ids in plan.partition.batches(rank):
+            batch = data.gather(torch.from_numpy(plan.sample[ids]))
+            if not train:
+                yield batch
+                continue
+            batch.drop = None if plan.drop is None else torch.from_numpy(plan.drop[ids])
             yield self._augment(batch, rng)
 
     def _augment(self, batch: Batch, rng: np.random.Generator) -> Batch:

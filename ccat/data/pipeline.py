@@ -12,6 +12,9 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
   samples of it. Shards are read sequentially, front to back (one split between two runs
   is read by both, each seeking past the other's part). A rank's samples pass once through
   a shuffle buffer of ``data.shuffle_buffer`` that is flushed at the end of the pass.
+  Which entries form which batches is :func:`ccat.data.partition.epoch_partition`, a pure
+  function that the device cache consumes too (:func:`plan_epoch`), so both loaders give
+  the same keys in the same batches.
 - Workers split a rank's batches, not its samples: batch j is made by worker
   j % workers, which reads the rank's sequence and seeks past the samples of other
   workers' batches. With DataLoader's in-order round robin the batches, their order and
@@ -36,6 +39,7 @@ The guarantee, per epoch, computed from the manifest's sample counts alone:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -48,16 +52,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from ccat.config import DataConfig
-from ccat.data import kinds, spec
+from ccat.data import kinds, partition, spec
 from ccat.data.integrity import ShardError, decode_checked, read_shard, verify_shards
 from ccat.data.kinds import EVAL_CROP_FRACTION, PAD_ID
+from ccat.data.partition import NO_DROP  # Batch.drop of an entry that keeps every modality
 from ccat.data.reader import BuiltDataset, Sample
 from ccat.errors import CcatError
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-
-
-NO_DROP = -1  # Batch.drop of an entry that keeps every modality
 
 
 @dataclass
@@ -198,85 +200,15 @@ def collate(keys: list[str], labels: list[int], inputs: list[dict[str, torch.Ten
                  None if drop is None else torch.tensor(drop, dtype=torch.long))
 
 
-# First words of the seeds, so the draws of the shard order, the shuffle buffer and the
-# augmentation never share a stream.
-ORDER_SEED, BUFFER_SEED, AUGMENT_SEED = 0, 1, 2
+# First word of a batch's augmentation seed; partition's ORDER_SEED and BUFFER_SEED are 0
+# and 1, so that the shard order, the shuffle buffer and the augmentation never share a stream.
+AUGMENT_SEED = 2
 WORKER_STALL_S = 300  # a worker that sends no batch for this long ends the run
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Entries ``start..stop - 1`` of a shard (its samples, in an epoch without extra
-    entries), at ``first..`` of a rank's sequence."""
-
-    shard: spec.ShardInfo
-    start: int
-    stop: int
-    first: int
-
-
-Entries = dict[str, list[tuple[int, int]]]  # shard -> its entries: (sample in shard, drop)
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """What one rank reads in an epoch and the order in which its batches take it."""
-
-    segments: list[Segment]
-    order: list[int]  # positions in the rank's sequence, in the order batches take them
-    batch_size: int
-    entries: Entries | None = None  # None: a shard's entries are its samples, once each
-
-    @property
-    def num_batches(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
-
-    def batch(self, index: int) -> list[int]:
-        return self.order[index * self.batch_size:(index + 1) * self.batch_size]
-
-    def entry(self, seg: Segment, at: int) -> tuple[int, int]:
-        """(sample in the shard, dropped modality) of entry ``at`` of ``seg``'s shard."""
-        return self.entries[seg.shard.name][at] if self.entries else (at, NO_DROP)
-
-
-def cut(shards: list[spec.ShardInfo], begin: int, length: int,
-        sizes: dict[str, int] | None = None) -> list[Segment]:
-    """``length`` entries of the shards read one after another, from entry ``begin`` of
-    that sequence on, wrapping from the last shard to the first; a shard has ``sizes``
-    entries (default: its samples)."""
-    size = [sizes[s.name] if sizes else s.num_samples for s in shards]
-    total = sum(size)
-    if length == 0:
-        return []
-    index, start = 0, begin % total
-    while start >= size[index]:
-        start -= size[index]
-        index += 1
-    segments, first = [], 0
-    while first < length:
-        take = min(size[index] - start, length - first)
-        if take > 0:
-            segments.append(Segment(shards[index], start, start + take, first))
-        first, start, index = first + take, 0, (index + 1) % len(shards)
-    return segments
-
-
-def buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
-    """The order in which a shuffle buffer of ``size`` emits items 0..n-1 streamed into it:
-    each arrival past the first ``size`` replaces a random resident, which leaves; at the
-    end of the pass the residents leave in a random order (no second pass refills it)."""
-    size = max(1, min(size, n))
-    buffer, out = list(range(min(size, n))), []
-    for item, pick in zip(range(size, n), rng.integers(size, size=max(0, n - size))):
-        out.append(buffer[pick])
-        buffer[pick] = item
-    rng.shuffle(buffer)
-    return out + buffer
 
 
 def _full_batches(dataset: BuiltDataset, split: str, batch_size: int, world: int,
                   extras: int = 0) -> int:
-    count = (dataset.num_samples(split) + extras) // (batch_size * world)
+    count = partition.full_batches(dataset.num_samples(split) + extras, world, batch_size)
     if count < 1:
         raise CcatError(f"split {split!r} of {dataset.root} has {dataset.num_samples(split)} "
                         f"samples, fewer than one batch for each of {world} process(es) "
@@ -306,53 +238,49 @@ def extra_codes(dataset: BuiltDataset, split: str,
     return codes[:, 0], codes[:, 1]
 
 
-def shard_entries(dataset: BuiltDataset, split: str, extras: Sequence[Extra]) -> Entries | None:
-    """Each shard's entries in order: every sample (its index in the shard, NO_DROP), each
-    followed by its extra entries (the same index, the dropped modality's position, in
-    modality order); None without extras."""
-    if not extras:
-        return None
-    copies: dict[int, list[int]] = {}
-    for index, drop in zip(*extra_codes(dataset, split, extras)):
-        copies.setdefault(int(index), []).append(int(drop))
-    entries, offset = {}, 0
-    for shard in spec.shards_of(dataset.manifest, split):
-        rows = []
-        for i in range(shard.num_samples):
-            rows.append((i, NO_DROP))
-            rows.extend((i, drop) for drop in copies.get(offset + i, ()))
-        entries[shard.name], offset = rows, offset + shard.num_samples
-    return entries
+@dataclass(frozen=True)
+class EpochPlan:
+    """A split's epoch for every rank, as both loaders read it: the partition of its
+    entries (:mod:`ccat.data.partition`), the shards its counts are, and what each entry
+    id is."""
+
+    shards: list[spec.ShardInfo]  # manifest order, as the partition's counts
+    partition: partition.Partition
+    sample: np.ndarray  # entry id -> its sample's position in the split (manifest order)
+    drop: np.ndarray | None  # entry id -> dropped modality's position; None: no extras
+
+    def entry(self, run: partition.Run, at: int) -> tuple[int, int]:
+        """(sample in the shard, dropped modality) of entry ``at`` of ``run``'s shard."""
+        entry = self._first_entry[run.shard] + at
+        drop = NO_DROP if self.drop is None else int(self.drop[entry])
+        return int(self.sample[entry]) - self._first_sample[run.shard], drop
+
+    @functools.cached_property
+    def _first_entry(self) -> list[int]:
+        return list(itertools.accumulate(self.partition.counts, initial=0))
+
+    @functools.cached_property
+    def _first_sample(self) -> list[int]:
+        return list(itertools.accumulate((s.num_samples for s in self.shards), initial=0))
 
 
-def train_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, seed: int, epoch: int,
-               rank: int, world: int, extras: Sequence[Extra] = ()) -> RankPlan:
-    """Rank ``rank``'s run of the epoch's seeded sequence of entries (the split's samples,
-    each followed by its ``extras``), shuffled by the buffer. The last rank also reads
-    (without using) the dropped remainder, so that every shard's count is checked every
-    epoch."""
+def plan_epoch(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,
+               epoch: int, world: int, extras: Sequence[Extra] = ()) -> EpochPlan:
+    """The epoch of ``split`` that the streamed path and the device cache both serve.
+    Training: the split's samples, each followed by its ``extras``, dealt by
+    :func:`partition.epoch_partition`; evaluation: :func:`partition.eval_partition`."""
     shards = spec.shards_of(dataset.manifest, split)
-    entries = shard_entries(dataset, split, extras)
-    sizes = {name: len(rows) for name, rows in entries.items()} if entries else None
-    total = dataset.num_samples(split) + len(extras)
-    per_rank = _full_batches(dataset, split, cfg.batch_size, world, len(extras)) * cfg.batch_size
-    rng = np.random.default_rng([ORDER_SEED, seed, epoch])
-    shards = [shards[i] for i in rng.permutation(len(shards))]
-    begin = int(rng.integers(total)) + rank * per_rank
-    length = per_rank if rank < world - 1 else total - rank * per_rank
-    order = buffer_order(per_rank, cfg.shuffle_buffer,
-                         np.random.default_rng([BUFFER_SEED, seed, epoch, rank]))
-    return RankPlan(cut(shards, begin, length, sizes), order, cfg.batch_size, entries)
-
-
-def eval_plan(dataset: BuiltDataset, split: str, cfg: DataConfig, rank: int,
-              world: int) -> RankPlan:
-    """Rank ``rank``'s share of the split in manifest order: samples
-    ``rank * N // world`` to ``(rank + 1) * N // world - 1``."""
-    total = dataset.num_samples(split)
-    begin, end = rank * total // world, (rank + 1) * total // world
-    return RankPlan(cut(spec.shards_of(dataset.manifest, split), begin, end - begin),
-                    list(range(end - begin)), cfg.batch_size)
+    samples = [s.num_samples for s in shards]
+    if not train:
+        return EpochPlan(shards, partition.eval_partition(samples, world, cfg.batch_size),
+                         np.arange(sum(samples)), None)
+    _full_batches(dataset, split, cfg.batch_size, world, len(extras))
+    index, drop = extra_codes(dataset, split, extras)
+    sample, drops = partition.entry_table(sum(samples), index, drop)
+    counts = partition.entry_counts(samples, index)
+    part = partition.epoch_partition(counts, seed, epoch, world, cfg.batch_size,
+                                     cfg.shuffle_buffer)
+    return EpochPlan(shards, part, sample, drops if extras else None)
 
 
 class Read(NamedTuple):
@@ -393,17 +321,17 @@ class ShardStream(IterableDataset):
         self.train, self.seed, self.epoch = train, seed, epoch
         self.rank, self.world = rank, world
         self.transform = transform or Transform(dataset.modalities, cfg, train)
-        self.plan = (train_plan(dataset, split, cfg, seed, epoch, rank, world, extras) if train
-                     else eval_plan(dataset, split, cfg, rank, world))
-        shards = spec.shards_of(dataset.manifest, split)
-        starts = itertools.accumulate((s.num_samples for s in shards), initial=0)
-        self.offsets = dict(zip((s.name for s in shards), starts))  # first sample's position
+        self.plan = plan_epoch(dataset, split, cfg, train=train, seed=seed, epoch=epoch,
+                               world=world, extras=extras)
+        starts = itertools.accumulate((s.num_samples for s in self.plan.shards), initial=0)
+        self.offsets = list(starts)  # each shard's first sample's position in the split
 
     def __iter__(self) -> Iterator[Batch | LoaderFailure | WorkerBug]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         try:
-            yield from self._batches(range(worker, self.plan.num_batches, workers))
+            yield from self._batches(range(worker, self.plan.partition.num_batches(self.rank),
+                                           workers))
         except ShardError as err:
             yield LoaderFailure(str(err))
         except Exception:  # noqa: BLE001 - any other error is a bug, raised as itself
@@ -416,12 +344,13 @@ class ShardStream(IterableDataset):
         come in position order); then the rest of the rank's shards, to check their counts."""
         if not mine:
             return
-        plan = self.plan
-        reads = self._read(plan.segments, {p for j in mine for p in plan.batch(j)})
+        part = self.plan.partition
+        reads = self._read(part.runs[self.rank],
+                           {int(p) for j in mine for p in part.positions(self.rank, j)})
         held: dict[int, Read] = {}
         last = -1
         for j in mine:
-            positions = plan.batch(j)
+            positions = part.positions(self.rank, j).tolist()
             while last < max(positions):
                 last, read = next(reads)
                 held[last] = read
@@ -430,26 +359,26 @@ class ShardStream(IterableDataset):
         for _ in reads:
             pass
 
-    def _read(self, segments: list[Segment], wanted: set[int]) -> Iterator[tuple[int, Read]]:
+    def _read(self, runs: Sequence[partition.Run],
+              wanted: set[int]) -> Iterator[tuple[int, Read]]:
         """``(position, read)`` of the wanted entries, in file order (a sample with several
         wanted entries is read once); the other samples are seeked past."""
         root = self.dataset.root
-        for seg in segments:
+        for run in runs:
+            shard, offset = self.plan.shards[run.shard], self.offsets[run.shard]
             here: dict[int, list[tuple[int, int]]] = {}  # sample -> its (position, drop)s
-            for at in range(seg.start, seg.stop):
-                if seg.first + at - seg.start in wanted:
-                    sample, drop = self.plan.entry(seg, at)
-                    here.setdefault(sample, []).append((seg.first + at - seg.start, drop))
-            last = self.plan.entry(seg, seg.stop - 1)[0]
-            offset = self.offsets[seg.shard.name]
-            with contextlib.closing(read_shard(root, seg.shard, here.__contains__)) as reading:
+            for at in range(run.start, run.stop):
+                if run.first + at - run.start in wanted:
+                    sample, drop = self.plan.entry(run, at)
+                    here.setdefault(sample, []).append((run.first + at - run.start, drop))
+            last = self.plan.entry(run, run.stop - 1)[0]
+            with contextlib.closing(read_shard(root, shard, here.__contains__)) as reading:
                 for index, key, members in reading:
                     if index > last:  # the shard goes on, in another rank's run
                         break
                     if members is not None:
                         for position, drop in here[index]:
-                            yield position, Read(seg.shard.name, key, members, offset + index,
-                                                 drop)
+                            yield position, Read(shard.name, key, members, offset + index, drop)
 
     def _collate(self, reads: list[Read], rng: np.random.Generator) -> Batch:
         """Decode (checked), transform and stack one batch."""
@@ -461,7 +390,7 @@ class ShardStream(IterableDataset):
             labels.append(sample.label)
             inputs.append(self.transform(sample, rng))
         return collate(keys, labels, inputs, [r.index for r in reads],
-                       [r.drop for r in reads] if self.plan.entries else None)
+                       [r.drop for r in reads] if self.plan.drop is not None else None)
 
 
 def make_loader(dataset: BuiltDataset, split: str, cfg: DataConfig, *, train: bool, seed: int,

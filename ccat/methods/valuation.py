@@ -36,9 +36,9 @@ Departures from that code:
 - The pass runs only where its values are used, before epochs ``warmup`` and later; the
   released code runs it after every epoch, the warm-up ones and the last included, where
   it only prints the mean values.
-- An epoch's entries, the split's and the copies, pass through the loader's shuffle (a
-  full permutation with ``data.device_cache``, the shuffle buffer when streaming, where
-  each copy enters the stream right after its sample) and only full batches are trained
+- An epoch's entries, the split's and the copies, pass through the loader's shuffle (the
+  shuffle buffer, where each copy enters the stream right after its sample; the device
+  cache serves the same batches) and only full batches are trained
   (the remainder, fewer than ranks x batch entries, is dropped, as every epoch here); the
   released DataLoader shuffles fully and keeps a last short batch.
 - Under torchrun each rank values its share of the split and the values are summed over
