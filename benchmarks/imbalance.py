@@ -37,7 +37,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 
-from ccat.analysis.probe import linear_probe  # noqa: E402
+from ccat.analysis.probe import probe_checkpoint  # noqa: E402
 from ccat.evaluate import evaluate_checkpoint  # noqa: E402
 from ccat.run_config import load_config  # noqa: E402
 from ccat.train import train  # noqa: E402
@@ -74,10 +74,9 @@ def run(method: str, shards: Path, out: Path, seed: int) -> dict[str, dict[str, 
                       {"method.name": method, "data.path": str(shards), "out": str(out)})
     with contextlib.redirect_stdout(io.StringIO()):  # the training and evaluation tables
         train(cfg)
-        metrics = evaluate_checkpoint(out / "best.pt")
-        probe = linear_probe(out / "best.pt")
+        metrics = evaluate_checkpoint(out / "best.pt", probe=probe_checkpoint)  # one load
     return {"test_acc": {m: metrics["accuracy"][m] for m in ("fused", *MODALITIES)},
-            "probe": {m: probe["probe"][m] for m in MODALITIES}}
+            "probe": {m: metrics["probe"][m] for m in MODALITIES}}
 
 
 def spread(values: list[float]) -> dict[str, float]:

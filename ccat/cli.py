@@ -98,10 +98,10 @@ def evaluate(ckpt: Path = typer.Option(..., help="checkpoint (best.pt or last.pt
     """Evaluate a checkpoint: fused and per-modality accuracy, macro-F1, contributions."""
     from ccat.evaluate import evaluate_checkpoint
 
-    linear_probe = None
+    probe_checkpoint = None
     if probe:  # sklearn is imported only when asked for
-        from ccat.analysis.probe import linear_probe
-    evaluate_checkpoint(ckpt, data, split, json_path, linear_probe, device)
+        from ccat.analysis.probe import probe_checkpoint
+    evaluate_checkpoint(ckpt, data, split, json_path, probe_checkpoint, device)
 
 
 @app.command("probe")

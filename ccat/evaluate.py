@@ -7,16 +7,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from rich.table import Table
 
-from ccat import checkpoint, distributed, outputs, provenance, run_dir
-from ccat.config import RunConfig, from_dict
+from ccat import checkpoint, distributed, outputs, run_dir
+from ccat.config import RunConfig
 from ccat.data.device_cache import DeviceCache
-from ccat.data.reader import BuiltDataset, open_dataset
-from ccat.data.spec import MANIFEST_NAME
-from ccat.errors import CcatError, UserError
-from ccat.methods import METHODS, Method
+from ccat.data.reader import BuiltDataset
+from ccat.methods import Method
 from ccat.models import MultimodalModel
 from ccat.predict import Predictions, predict
 from ccat.ui import make_console
@@ -68,62 +65,8 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
                                ("probe", metrics.get("probe", {}))])
 
 
-def load_for_eval(ckpt: dict[str, Any], dataset: BuiltDataset, device: torch.device,
-                  path: str | Path = "the checkpoint") -> tuple[Method, MultimodalModel]:
-    """Rebuild the checkpoint's method and model (``path``: where it was read from), in the
-    stage it was saved in, with the method's state (what its predict may read: ensemble
-    weights, prototypes); a config that no longer builds them is one sentence naming it."""
-    cfg = from_dict(ckpt["config"])
-    try:
-        method = METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs)
-        model = method.build_model(dataset.modalities, len(dataset.classes), cfg.model)
-        stages = method.stages()
-    except UserError as err:
-        raise CcatError(f"the config saved in {path} does not build a model here ({err}); "
-                        f"{checkpoint.CHECKPOINT_FIX}") from None
-    if not 0 <= ckpt["stage_index"] < len(stages):
-        raise CcatError(f"{path} says it was saved in stage {ckpt['stage_index']} of a method "
-                        f"with {len(stages)}; {checkpoint.CHECKPOINT_FIX}")
-    method.begin_stage(stages[ckpt["stage_index"]], model)
-    checkpoint.load_state(model, ckpt["model"], Path(path), "model")
-    checkpoint.load_state(method, ckpt.get("method_state", {}), Path(path), "method state")
-    return method, model.to(device)
-
-
-def run_data_path(ckpt: dict[str, Any]) -> str:
-    """Where the checkpoint's run found its data: the absolute path it recorded, else the
-    path as given (relative to where this runs), else a CcatError saying to pass --data."""
-    given = from_dict(ckpt["config"]).data.path
-    location = {"given": given, "absolute": given, **ckpt.get("data", {})}
-    candidates = list(dict.fromkeys(str(location[k]) for k in ("absolute", "given")))
-    for path in candidates:
-        if "://" in path or (Path(path) / MANIFEST_NAME).is_file():
-            return path
-    raise CcatError(f"the run's data is neither at {location['absolute']} nor at "
-                    f"{location['given']!r} from {Path.cwd()}; pass --data DIR (the shards "
-                    f"it was trained on)")
-
-
-def checkpoint_dataset(ckpt: dict[str, Any], ckpt_path: str | Path, data: str | None,
-                       split: str) -> BuiltDataset:
-    """The checkpoint's dataset (or ``data``), fingerprint-checked, with ``split`` present."""
-    cfg = from_dict(ckpt["config"])
-    dataset = open_dataset(data or run_data_path(ckpt), cfg.data.cache_dir or None)
-    checkpoint.check_fingerprint(ckpt, dataset, str(ckpt_path))
-    if split not in dataset.splits:
-        raise CcatError(f"{dataset.root} has no split {split!r}; choose one of {dataset.splits}")
-    return dataset
-
-
-def checkpoint_selection(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """How the run chose this checkpoint (split or last epoch) and where it is in the run."""
-    chosen = ckpt.get("selection", {"split": None, "rule": "unrecorded (an older checkpoint)"})
-    return {**chosen, "stage": ckpt["stage"], "epoch": ckpt["epoch"]}
-
-
-# (checkpoint, data, split, device) -> result
-Probe = Callable[[Path, str | None, str, str | None], dict[str, Any]]
-DEVICE_FIX = "pass --device cpu to run it on the CPU"  # how eval, probe, export, analyze say it
+# (the opened checkpoint, the split evaluated) -> the probe's result ("probe": accuracies)
+Probe = Callable[[checkpoint.OpenCheckpoint, str], dict[str, Any]]
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: str = "test",
@@ -131,26 +74,20 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | None = None, split: s
                         device: str | None = None) -> dict[str, Any]:
     """``ccat eval``: evaluate a checkpoint on ``split`` of its data (or ``data``) on
     ``device`` (default: the run's); with ``probe`` (``ccat eval --probe`` passes
-    :func:`ccat.analysis.probe.linear_probe`), add its accuracies under ``probe``. The JSON
-    goes to ``json_path``, checked before any work (:func:`ccat.outputs.check_output`)."""
+    :func:`ccat.analysis.probe.probe_checkpoint`), add its accuracies under ``probe``, from
+    the same opened checkpoint (loaded once; the evaluated split predicted once when one
+    process runs). The JSON goes to ``json_path``, checked before any work
+    (:func:`ccat.outputs.check_output`)."""
     if json_path:
         json_path = outputs.check_output(json_path, "--json", [ckpt_path], [run_dir.EVAL])
-    ckpt = checkpoint.load(ckpt_path)
-    cfg = from_dict(ckpt["config"])
-    dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
-    ctx = distributed.setup(device or cfg.device, DEVICE_FIX)
-    if ctx.device.type == "cpu":
-        distributed.configure_cpu(cfg.deterministic, cfg.threads)
-    try:
-        method, model = load_for_eval(ckpt, dataset, ctx.device, ckpt_path)
-        metrics = evaluate(method, model, dataset, split, ctx, cfg)
-        metrics["run"] = run_dir.run_block(cfg, dataset.name)  # who this is, for `ccat report`
-        metrics["selection"] = checkpoint_selection(ckpt)
-        metrics["code"] = ckpt.get("code", [provenance.UNRECORDED])  # what trained it
-    finally:
-        distributed.cleanup()
-    if probe is not None:
-        metrics["probe"] = probe(Path(ckpt_path), data, split, device)["probe"]
+    with checkpoint.open_checkpoint(ckpt_path, data, device, (split,)) as opened:
+        ckpt, ctx = opened.ckpt, opened.ctx
+        metrics = compute_metrics(opened.predict(split), split, opened.dataset.classes)
+        metrics["run"] = run_dir.run_block(ckpt.cfg, opened.dataset.name)  # for `ccat report`
+        metrics["selection"] = ckpt.selection_block()
+        metrics["code"] = ckpt.code  # what trained it
+        if probe is not None:
+            metrics["probe"] = probe(opened, split)["probe"]
     if ctx.main:
         console.print(metrics_table(metrics, f"{ckpt_path} on {split}"))
         if json_path:

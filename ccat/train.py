@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ccat import checkpoint, distributed, provenance, run_dir, tblog
+from ccat.checkpoint import Checkpoint
 from ccat.config import (ConfigError, OptimConfig, RunConfig, check_ranges, differences,
                          from_dict, save_config, to_dict)
 from ccat.data import spec
@@ -218,19 +219,20 @@ class Run:
                 "rule": "best fused accuracy", "ties": "later epoch"}
 
     def checkpoint(self, opt: Optimizer, sched: LRScheduler, stage_index: int, epoch: int,
-                   best: tuple[float, int], metrics: dict[str, Any] | None) -> dict[str, Any]:
+                   best: tuple[float, int], metrics: dict[str, Any] | None) -> Checkpoint:
         """Everything ``--resume`` and ``ccat eval`` need, plus the data fingerprint and
         location; ``best`` is the selection score and the epoch it was reached at."""
-        return {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
-                "method_state": self.method.state_dict(),
-                "stage": self.method.stages()[stage_index].name, "stage_index": stage_index,
-                "epoch": epoch, "step": self.steps, "best": best[0], "best_epoch": best[1],
-                "selection": self.selection(), "metrics": metrics or {},
-                "config": to_dict(self.cfg), "data": data_location(self.cfg.data.path),
-                "fingerprint": self.dataset.fingerprint,
-                "fingerprint_params": spec.fingerprint_params(self.dataset.manifest),
-                "code": self.code, "world": self.ctx.world}
+        return Checkpoint(
+            model=self.model.state_dict(), optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(), rng=checkpoint.rng_state(),
+            method_state=self.method.state_dict(),
+            stage=self.method.stages()[stage_index].name, stage_index=stage_index,
+            epoch=epoch, step=self.steps, best=best[0], best_epoch=best[1],
+            selection=self.selection(), metrics=metrics or {},
+            config=to_dict(self.cfg), data=data_location(self.cfg.data.path),
+            fingerprint=self.dataset.fingerprint,
+            fingerprint_params=spec.fingerprint_params(self.dataset.manifest),
+            code=self.code, world=self.ctx.world)
 
     def put_back(self) -> bool:
         """Whether stopping now puts back the run that ``--overwrite`` is replacing (it has
@@ -325,13 +327,13 @@ def _writes_speak(run: Run) -> Iterator[None]:
         raise CcatError(f"{why}; {then}") from None
 
 
-def _train_stages(run: Run, state: dict[str, Any] | None) -> None:
+def _train_stages(run: Run, state: Checkpoint | None) -> None:
     """Every stage from the checkpoint's on; Ctrl-C becomes :class:`Interrupted`."""
     try:
         for index, stage in enumerate(run.method.stages()):
-            if state is not None and index < state["stage_index"]:
+            if state is not None and index < state.stage_index:
                 continue
-            resuming = state is not None and index == state["stage_index"]
+            resuming = state is not None and index == state.stage_index
             _train_stage(run, index, stage, state if resuming else None)
     except KeyboardInterrupt:
         raise Interrupted(run.where(), resumable=not run.put_back()) from None
@@ -346,7 +348,7 @@ def _selection_text(run: Run) -> str:
     return f"the best fused accuracy on {run.select_split!r} (a tie: the later epoch)"
 
 
-def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool) -> Checkpoint | None:
     """Apply "a run folder holds one run": returns ``last.pt`` to resume from (None to
     start from the first epoch). Nothing is removed here: ``overwrite`` sets the old run
     aside only once every check has passed (see :func:`run_dir.replacing`)."""
@@ -367,7 +369,7 @@ OVERWRITE_FIX = ("rerun with the run's settings, or pass --overwrite to train it
                  "the new ones (make: add --overwrite to ARGS)")
 
 
-def saved_run(out: Path) -> tuple[dict[str, Any] | None, RunConfig]:
+def saved_run(out: Path) -> tuple[Checkpoint | None, RunConfig]:
     """The run in ``out``: its ``last.pt`` (None before the first epoch ended) and its
     resolved config (the checkpoint's, else ``config.yaml``)."""
     last, saved_config = out / run_dir.LAST, out / run_dir.CONFIG
@@ -375,8 +377,7 @@ def saved_run(out: Path) -> tuple[dict[str, Any] | None, RunConfig]:
     if state is None and not saved_config.is_file():
         raise CcatError(f"{out} has neither {run_dir.LAST} nor {run_dir.CONFIG}, so its "
                         f"settings are unknown; pass --overwrite to train it afresh")
-    return state, (from_dict(state["config"]) if state
-                   else load_config(saved_config, (), None, None))
+    return state, (state.cfg if state else load_config(saved_config, (), None, None))
 
 
 def check_same_config(saved: RunConfig, cfg: RunConfig, out: Path,
@@ -389,22 +390,22 @@ def check_same_config(saved: RunConfig, cfg: RunConfig, out: Path,
         raise CcatError(f"--resume of {out} would change its settings ({listed}); {fix}")
 
 
-def _stage_rows(stages: list[Stage], state: dict[str, Any]) -> int:
+def _stage_rows(stages: list[Stage], state: Checkpoint) -> int:
     """Metrics rows written up to the checkpoint: one per epoch, across stages."""
-    return sum(s.epochs for s in stages[:state["stage_index"]]) + state["epoch"]
+    return sum(s.epochs for s in stages[:state.stage_index]) + state.epoch
 
 
 def _stages(cfg: RunConfig) -> list[Stage]:
     return METHODS.get(cfg.method.name)(cfg.method, cfg.optim.epochs).stages()
 
 
-def finished(cfg: RunConfig, state: dict[str, Any]) -> bool:
+def finished(cfg: RunConfig, state: Checkpoint) -> bool:
     """Whether ``state`` is the last epoch of the last stage."""
     stages = _stages(cfg)
-    return state["stage_index"] == len(stages) - 1 and state["epoch"] == stages[-1].epochs
+    return state.stage_index == len(stages) - 1 and state.epoch == stages[-1].epochs
 
 
-def restore_folder(out: Path, stages: list[Stage], state: dict[str, Any] | None,
+def restore_folder(out: Path, stages: list[Stage], state: Checkpoint | None,
                    main: bool) -> list[dict[str, Any]]:
     """Undo what a kill left ahead of ``last.pt`` (see :mod:`ccat.run_dir`): cut
     ``metrics.jsonl`` back to its epoch, and copy it to ``best.pt`` when its own epoch is the
@@ -413,42 +414,42 @@ def restore_folder(out: Path, stages: list[Stage], state: dict[str, Any] | None,
     if not main:
         return run_dir.read_metrics(out)[:rows]
     history = run_dir.cut_metrics(out, rows)
-    if state is not None and state.get("best_epoch") == state["epoch"]:
+    if state is not None and state.best_epoch == state.epoch:
         run_dir.copy_if_differs(out / run_dir.LAST, out / run_dir.BEST)
     return history
 
 
-def _report_finished(cfg: RunConfig, state: dict[str, Any], main: bool) -> list[dict[str, Any]]:
+def _report_finished(cfg: RunConfig, state: Checkpoint, main: bool) -> list[dict[str, Any]]:
     """A resumed run that has nothing left to train: check its data and files, say so."""
     out = Path(cfg.out)
-    checkpoint.check_fingerprint(state, open_run_data(cfg), str(out / run_dir.LAST))
+    state.check_fingerprint(open_run_data(cfg), str(out / run_dir.LAST))
     history = restore_folder(out, _stages(cfg), state, main)
     if main:
-        console.print(f"{out} finished already (stage {state['stage']!r}, epoch "
-                      f"{state['epoch']}); nothing to train")
+        console.print(f"{out} finished already (stage {state.stage!r}, epoch "
+                      f"{state.epoch}); nothing to train")
     return history
 
 
-def _resume(run: Run, state: dict[str, Any] | None) -> None:
+def _resume(run: Run, state: Checkpoint | None) -> None:
     """Check ``last.pt`` against the data, restore the folder to it, and say where
     training continues."""
     stages, last = run.method.stages(), run.out / run_dir.LAST
     if state is not None:
-        checkpoint.check_fingerprint(state, run.dataset, str(last))
+        state.check_fingerprint(run.dataset, str(last))
         check_world(state, run.ctx, last)
-        run.last_good, run.steps = last, state.get("step", 0)
-        run.code = list(dict.fromkeys([*state.get("code", [provenance.UNRECORDED]), *run.code]))
-        run.saved_at = f"stage {state['stage']!r}, epoch {state['epoch']}"
+        run.last_good, run.steps = last, state.step
+        run.code = list(dict.fromkeys([*state.code, *run.code]))
+        run.saved_at = f"stage {state.stage!r}, epoch {state.epoch}"
     run.history = restore_folder(run.out, stages, state, run.ctx.main)
     if run.ctx.main:
         console.print(f"resuming {run.out}: {_resume_point(stages, state, run.saved_at, last)}")
 
 
-def check_world(state: dict[str, Any], ctx: distributed.Context, last: Path) -> None:
+def check_world(state: Checkpoint, ctx: distributed.Context, last: Path) -> None:
     """Refuse to resume on another number of processes than the run was trained on: each
     epoch's batches, their order and the step count depend on it. A checkpoint from before
     the number was recorded is resumed with a note (exact only on the same number)."""
-    saved = state.get("world")
+    saved = state.world
     if saved is None:
         if ctx.main:
             console.print(f"note: {last} does not record how many processes trained it "
@@ -470,33 +471,29 @@ def _launch(world: int) -> str:
         f"torchrun and {world} processes in all (e.g. --nproc-per-node {world})"
 
 
-def _resume_point(stages: list[Stage], state: dict[str, Any] | None, saved_at: str,
+def _resume_point(stages: list[Stage], state: Checkpoint | None, saved_at: str,
                   last: Path) -> str:
     """Where a resumed run continues: stage, epoch and step."""
     if state is None:
         return (f"no checkpoint yet, starting at stage {stages[0].name!r} (1 of "
                 f"{len(stages)}), epoch 1, step 1")
-    index, epoch = state["stage_index"], state["epoch"]
+    index, epoch = state.stage_index, state.epoch
     if epoch == stages[index].epochs:
         index, epoch = index + 1, 0
     return (f"from {last} ({saved_at}) at stage {stages[index].name!r} ({index + 1} of "
             f"{len(stages)}), epoch {epoch + 1} of {stages[index].epochs}, "
-            f"step {state.get('step', 0) + 1}")
+            f"step {state.step + 1}")
 
 
-def _train_stage(run: Run, index: int, stage: Stage, state: dict[str, Any] | None) -> None:
+def _train_stage(run: Run, index: int, stage: Stage, state: Checkpoint | None) -> None:
     """Run one stage's epochs (from the checkpoint's epoch when resuming), calling the
     method's hooks in the order :class:`ccat.methods.base.Method` writes down."""
     run.method.begin_stage(stage, run.model)
     opt, sched = make_optimizer(run.model, run.cfg, stage.epochs)
     start, best = 0, (-1.0, 0)  # best.pt follows the selection of the last stage
     if state is not None:
-        checkpoint.load_state(run.model, state["model"], run.out / run_dir.LAST, "model")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        run.method.load_state_dict(state.get("method_state", {}))
-        start, best = state["epoch"], (state["best"], state.get("best_epoch", 0))
+        state.restore(run.model, opt, sched, run.method, run.out / run_dir.LAST)
+        start, best = state.epoch, (state.best, state.best_epoch or 0)
     step = Step(opt, run.cfg.optim.grad_clip)
     for epoch in range(start, stage.epochs):
         run.at = (index, epoch)
@@ -525,7 +522,7 @@ def _evaluate_epoch(run: Run, row: dict[str, Any]) -> dict[str, Any] | None:
     return metrics
 
 
-def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -> None:
+def _save(run: Run, ckpt: Checkpoint, best_now: bool, row: dict[str, Any]) -> None:
     """Rank 0, in the order :mod:`ccat.run_dir` relies on: the metrics row, last.pt,
     then best.pt (a copy of last.pt); then the epoch's table."""
     run.history.append(row)
@@ -533,12 +530,12 @@ def _save(run: Run, ckpt: dict[str, Any], best_now: bool, row: dict[str, Any]) -
     with _writes_speak(run):
         run_dir.append_metrics(run.out, row)
         with _ctrl_c_waits():  # last.pt, and what the run knows of it, change together
-            checkpoint.save_atomic(ckpt, last)
+            ckpt.save(last)
             run_dir.written(run_dir.LAST)
             if run.replacing:
                 run_dir.discard_replaced(run.out)  # the new run has its first checkpoint
             run.last_good = last
-            run.saved_at = f"stage {ckpt['stage']!r}, epoch {ckpt['epoch']}"
+            run.saved_at = f"stage {ckpt.stage!r}, epoch {ckpt.epoch}"
         if best_now:
             run_dir.copy_atomic(last, run.out / run_dir.BEST)
             run_dir.written(run_dir.BEST)

@@ -288,6 +288,50 @@ def test_a_resume_from_a_checkpoint_not_as_training_wrote_it_is_one_sentence(
     assert (last.read_bytes(), (run / run_dir.METRICS).read_bytes()) == kept
 
 
+# The dict `ccat train` wrote before checkpoints carried a version (version 0): these keys.
+UNVERSIONED_KEYS = {"model", "optimizer", "scheduler", "rng", "method_state", "stage",
+                    "stage_index", "epoch", "step", "best", "best_epoch", "selection",
+                    "metrics", "config", "data", "fingerprint", "fingerprint_params", "code",
+                    "world"}
+
+
+def unversioned(source: Path, target: Path) -> Path:
+    """``source`` as ccat wrote it before the version field: the same dict without it."""
+    state = torch.load(source, weights_only=True)
+    assert set(state) == UNVERSIONED_KEYS | {"version"}
+    assert state["version"] == checkpoint.VERSION
+    torch.save({k: v for k, v in state.items() if k != "version"}, target)
+    return target
+
+
+def test_a_checkpoint_from_before_versions_evaluates_as_it_did(tiny, tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    old = unversioned(tiny.ckpt, tmp_path / "old.pt")
+    assert checkpoint.load(old).version == 0 and checkpoint.load(tiny.ckpt).version == 1
+    code, _, err = ccat(["eval", "--ckpt", old, "--json", tmp_path / "eval.json"],
+                        monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "eval.json").read_text() == (tiny.run / run_dir.EVAL).read_text()
+
+
+@pytest.mark.parametrize("version", [checkpoint.VERSION + 1, "1", True])
+def test_a_checkpoint_of_a_format_this_ccat_does_not_read_names_its_version(
+        tiny, half, tmp_path, monkeypatch, capsys, version: Any) -> None:
+    ckpt = tmp_path / "model.pt"
+    torch.save({**torch.load(tiny.ckpt, weights_only=True), "version": version}, ckpt)
+    said = f"{ckpt} is a checkpoint of format version {version!r}, but this ccat reads"
+    for cmd in READERS:
+        assert refused(ccat(READERS[cmd](ckpt, tmp_path / "out"), monkeypatch, capsys)
+                       ).startswith(f"error: {said}")
+    run = Path(shutil.copytree(half.run, tmp_path / "run"))
+    last = run / run_dir.LAST
+    torch.save({**torch.load(last, weights_only=True), "version": version}, last)
+    sentence = refused(ccat(["train", "--config", half.config, "--out", run, "--resume"],
+                            monkeypatch, capsys))
+    assert sentence.startswith(f"error: {last} is a checkpoint of format version {version!r}")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- devices
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")

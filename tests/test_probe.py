@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from ccat import checkpoint
 from ccat.analysis import probe as probe_module
 from ccat.analysis.probe import fit_probe
 from ccat.cli import app
@@ -84,6 +85,29 @@ def test_eval_probe_adds_the_same_block(tiny_run, tmp_path):
     plain = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--json",
                                 str(tmp_path / "plain.json")])
     assert plain.exit_code == 0 and "probe" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_eval_probe_loads_the_checkpoint_once_and_predicts_each_split_once(tiny_run, tmp_path,
+                                                                          monkeypatch):
+    ckpt = tiny_run / "run" / "best.pt"
+    loads, predicted = [], []
+    real_load, real_predict = torch.load, checkpoint.predict
+
+    def counted_load(f, *args, **kwargs):  # torch's own load, counted for the checkpoint
+        loads.extend([f] if Path(f) == ckpt else [])
+        return real_load(f, *args, **kwargs)
+
+    def counted_predict(method, model, dataset, split, *args, **kwargs):
+        predicted.append(split)
+        return real_predict(method, model, dataset, split, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_load)
+    monkeypatch.setattr(checkpoint, "predict", counted_predict)
+    result = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--probe",
+                                 "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1 and sorted(predicted) == ["test", "train"]
+    assert set(json.loads((tmp_path / "eval.json").read_text())["probe"]) == {"audio", "video"}
 
 
 def test_probe_of_a_label_one_hot_encoder_is_exact(tiny_run, tmp_path, monkeypatch):

@@ -4,9 +4,10 @@ whose state is the projector and the plugin's call count)."""
 import pytest
 import torch
 
+from ccat import checkpoint
 from ccat.methods import METHODS
 from ccat.train import train
-from train_helpers import interrupt_then_resume, tiny_config, write_tiny_dataset
+from train_helpers import interrupt, interrupt_then_resume, tiny_config, write_tiny_dataset
 
 CASES = [(name, {}) for name in METHODS.names()] + [("mla", {"projection": "gsplugin"})]
 # From the first step: OPM's random drops, OPG's gradient noise
@@ -32,4 +33,23 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(name, params, t
     full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True)
                  for run in ("full", "cut"))
     assert full["model"].keys() == cut["model"].keys()
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+
+
+def test_a_run_saved_before_checkpoint_versions_resumes_to_the_same_weights(tiny, tmp_path,
+                                                                           monkeypatch):
+    # AUG: its checkpoint holds the layers it grew, which the resume must rebuild exactly
+    cfg = tiny_config(tiny, tmp_path / "full", method="aug", epochs=2)
+    train(cfg)
+    cfg.out = str(tmp_path / "cut")
+    interrupt(cfg, monkeypatch, at_epoch=2)
+    last = tmp_path / "cut" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["version"]  # the dict as `ccat train` wrote it before the field (version 0)
+    torch.save(state, last)
+    assert checkpoint.load(last, checkpoint.RESUME_KEYS).version == 0
+    train(cfg, resume=True)
+    full, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True)
+                 for run in ("full", "cut"))
+    assert full["model"].keys() == cut["model"].keys() and cut["version"] == checkpoint.VERSION
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])

@@ -327,14 +327,11 @@ def test_the_running_code_is_stamped_with_its_commit():
 
 
 def test_evaluating_a_checkpoint_restores_the_methods_state(tiny, tmp_path):
-    from ccat import checkpoint
-    from ccat.data import open_dataset
-    from ccat.evaluate import load_for_eval
+    from ccat.checkpoint import open_checkpoint
 
     cfg = tiny_config(tiny, tmp_path / "run", method="pmr", epochs=2)
     train(cfg)
-    ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
-    method, _ = load_for_eval(ckpt, open_dataset(tiny), torch.device("cpu"))
-    saved = ckpt["method_state"]["prototypes"]
+    with open_checkpoint(tmp_path / "run" / "last.pt", device="cpu") as opened:
+        method, saved = opened.method, opened.ckpt.method_state["prototypes"]
     assert saved and method.prototypes.keys() == saved.keys()
     assert all(torch.equal(method.prototypes[m], saved[m]) for m in saved)

@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ccat import checkpoint, distributed
-from ccat.config import from_dict
-from ccat.evaluate import DEVICE_FIX, checkpoint_dataset, load_for_eval
-from ccat.predict import Predictions, predict
+from ccat.checkpoint import OpenCheckpoint, open_checkpoint
+from ccat.predict import Predictions
 
 
 @dataclass
@@ -33,22 +31,18 @@ class Collected(Predictions):
 
 def collect(ckpt_path: str | Path, data: str | None = None, split: str = "test",
             device_name: str | None = None) -> Collected:
-    """Run the checkpoint over every sample of ``split`` once, on one process (each
-    process under torchrun predicts all of it), on ``device_name`` (default: the run's)."""
-    ckpt = checkpoint.load(ckpt_path)
-    cfg = from_dict(ckpt["config"])
-    dataset = checkpoint_dataset(ckpt, ckpt_path, data, split)
-    device = distributed.setup(device_name or cfg.device, DEVICE_FIX).device
-    try:
-        if device.type == "cpu":
-            distributed.configure_cpu(cfg.deterministic, cfg.threads)
-        method, model = load_for_eval(ckpt, dataset, device, ckpt_path)
-        pred = predict(method, model, dataset, split, distributed.Context(0, 1, device), cfg,
-                       progress=True)
-    finally:
-        distributed.cleanup()
+    """Open the checkpoint and :func:`collect_open` ``split``, on ``device_name``
+    (default: the run's)."""
+    with open_checkpoint(ckpt_path, data, device_name, (split,)) as opened:
+        return collect_open(opened, split)
+
+
+def collect_open(opened: OpenCheckpoint, split: str) -> Collected:
+    """The opened checkpoint over every sample of ``split``, on one process (each process
+    under torchrun predicts all of it); predicted once per opening."""
+    pred = opened.predict(split, whole=True, progress=True)
     return Collected(**{f.name: getattr(pred, f.name) for f in fields(Predictions)},
-                     classes=list(dataset.classes), modalities=list(model.modalities),
-                     method=cfg.method.name, stage=ckpt["stage"], split=split,
-                     checkpoint=str(ckpt_path), fingerprint=dataset.fingerprint,
-                     dataset=dataset.name)
+                     classes=list(opened.dataset.classes),
+                     modalities=list(opened.model.modalities), method=opened.cfg.method.name,
+                     stage=opened.ckpt.stage, split=split, checkpoint=str(opened.path),
+                     fingerprint=opened.dataset.fingerprint, dataset=opened.dataset.name)

@@ -23,11 +23,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ccat import checkpoint, outputs
-from ccat.analysis.collect import Collected, collect
-from ccat.config import from_dict
+from ccat import outputs
+from ccat.analysis.collect import Collected, collect_open
+from ccat.checkpoint import OpenCheckpoint, open_checkpoint
 from ccat.errors import CcatError
-from ccat.evaluate import checkpoint_selection, value_table
+from ccat.evaluate import value_table
 from ccat.run_dir import run_block
 from ccat.ui import make_console
 
@@ -68,13 +68,23 @@ def linear_probe(ckpt_path: str | Path, data: str | None = None, split: str = "t
                  device: str | None = None) -> dict[str, Any]:
     """The probe of ``ckpt_path`` scored on ``split``, with what identifies the run; the
     features are taken on ``device`` (default: the run's)."""
+    check_split(split)
+    with open_checkpoint(ckpt_path, data, device, (FIT_SPLIT, split)) as opened:
+        return probe_checkpoint(opened, split)
+
+
+def check_split(split: str) -> None:
     if split == FIT_SPLIT:
         raise CcatError(f"the probe is fitted on {FIT_SPLIT!r}; score it on another split "
                         f"(--split test or val)")
-    ckpt = checkpoint.load(ckpt_path)
-    cfg = from_dict(ckpt["config"])
-    train, test = (collect(ckpt_path, data, FIT_SPLIT, device),
-                   collect(ckpt_path, data, split, device))
+
+
+def probe_checkpoint(opened: OpenCheckpoint, split: str) -> dict[str, Any]:
+    """The probe of an opened checkpoint (``ccat probe``, ``ccat eval --probe``), each
+    split's features predicted once per opening."""
+    check_split(split)
+    cfg = opened.cfg
+    train, test = collect_open(opened, FIT_SPLIT), collect_open(opened, split)
     accuracy, converged = probe_accuracies(train, test, cfg.seed)
     for m in (m for m, ok in converged.items() if not ok):
         console.print(f"warning: the {m} probe did not converge in {MAX_ITER} lbfgs "
@@ -83,7 +93,7 @@ def linear_probe(ckpt_path: str | Path, data: str | None = None, split: str = "t
     return {"split": split, "probe": accuracy, "probe_converged": converged,
             "num_samples": {FIT_SPLIT: len(train.keys), split: len(test.keys)},
             "probe_seed": cfg.seed, "run": run_block(cfg, test.dataset),
-            "selection": checkpoint_selection(ckpt), "checkpoint": str(ckpt_path),
+            "selection": opened.ckpt.selection_block(), "checkpoint": str(opened.path),
             "fingerprint": test.fingerprint}
 
 
