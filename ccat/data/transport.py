@@ -573,6 +573,7 @@ class RedirectRefused(Exception):
         self.source, self.target = source, target
 
 
+@functools.cache
 def _no_redirect_session() -> type:
     """aiobotocore's aiohttp session, with every request sent ``allow_redirects=False`` and
     a 3xx answer refused: aiohttp follows redirects to any host by default, and botocore
@@ -598,6 +599,7 @@ def _no_redirect_session() -> type:
     return NoRedirectSession
 
 
+@functools.cache
 def _refuse_redirects() -> Any:
     """An aiohttp trace that stops a redirect before it is followed (gcsfs's session)."""
     import aiohttp
@@ -617,7 +619,10 @@ def _backend_options(scheme: str, limits: Limits) -> dict[str, Any]:
     gs no redirect followed (gcsfs keeps its own timeouts). The deadline, the size cap
     and the rate hold for every backend."""
     if scheme in ("s3", "s3a"):
-        return {"config_kwargs": {
+        # the endpoint botocore would read from the environment, named so that fsspec's
+        # cached instance (one per options) follows a change of it
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return {**({"endpoint_url": endpoint} if endpoint else {}), "config_kwargs": {
             "connect_timeout": min(limits.connect_s, limits.deadline_s),
             "read_timeout": min(limits.stall_s, limits.deadline_s),
             "max_pool_connections": max(limits.parallel, 10),
@@ -646,8 +651,9 @@ class FsspecTransport(Transport):
         try:
             import fsspec
 
-            self.fs = fsspec.filesystem(scheme, skip_instance_cache=True,
-                                        **_backend_options(scheme, limits))
+            # fsspec keeps one instance per scheme and options, so runs in one process
+            # share its client too (making one costs seconds: botocore loads its models)
+            self.fs = fsspec.filesystem(scheme, **_backend_options(scheme, limits))
         except ImportError:
             raise RemoteError(missing_backend(url)) from None
         except Exception as err:  # noqa: BLE001 - each backend raises its own errors
