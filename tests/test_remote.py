@@ -134,13 +134,14 @@ def test_a_backends_timeout_is_told_by_its_type_not_its_name() -> None:
     """botocore's timeouts (not TimeoutError subclasses) and Python's read as timeouts; an
     error whose class name merely says Timeout reads as any other."""
     ReadTimeoutError = pytest.importorskip("botocore.exceptions").ReadTimeoutError
-    from ccat.data.remote import Deadline, HttpLimits, _backend_error
+    from ccat.data.transport import Deadline, FsspecTransport, Limits
 
     class TimeoutNamedButNotOne(Exception):
         pass
 
     def said(err: Exception) -> str:
-        return str(_backend_error("s3://b/k", err, HttpLimits(), Deadline("s3://b/k", 60.0)))
+        transport = FsspecTransport("memory", Limits(), "memory://b/k")  # any fsspec scheme
+        return str(transport._error("s3://b/k", err, Deadline("s3://b/k", 60.0)))
 
     for err in (ReadTimeoutError(endpoint_url="s3://x"), TimeoutError("slow")):
         assert "did not answer within the timeouts" in said(err), said(err)

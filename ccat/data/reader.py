@@ -69,8 +69,9 @@ class BuiltDataset:
 
 def open_dataset(path: str | Path, cache_dir: str | Path | None = None) -> BuiltDataset:
     """Open the built dataset at ``path``: a folder holding ``manifest.json``, or a URL
-    (``http(s)://``, ``s3://``, ...) whose shards are fetched into ``cache_dir`` (default
-    ``$CCAT_CACHE_DIR`` or ``~/.cache/ccat/shards``) and verified first."""
+    (``file://``, ``http(s)://``, ``s3://``, ``gs://``: :mod:`ccat.data.transport`) whose
+    shards are fetched into ``cache_dir`` (default ``$CCAT_CACHE_DIR`` or
+    ``~/.cache/ccat/shards``) and verified first."""
     try:
         if remote.is_remote(path):
             root = remote.materialize(str(path), Path(cache_dir) if cache_dir else None)
