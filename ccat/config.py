@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.resources
 import re
 import reprlib
 import types
@@ -227,7 +228,7 @@ MOVED_TO_PARAMS = ("lambda_reg", "rank", "beta", "temperature", "similarity", "b
 class MethodConfig:
     """Which method trains, and its hyperparameters: ``params``, checked against the chosen
     method's ``Params`` dataclass (``ccat/methods/<name>.py``), which holds its paper's
-    defaults; ``configs/methods/<name>.yaml`` holds what a run differs in from them."""
+    defaults; ``ccat/configs/methods/<name>.yaml`` holds what a run differs in from them."""
 
     MOVED: ClassVar[dict[str, str]] = {key: f"params.{key}" for key in MOVED_TO_PARAMS}
     name: str = "ccat"
@@ -261,7 +262,7 @@ class RunConfig:
     select: Literal["best", "last"] = "best"
     # Whose training settings: "shared" = this config's optimizer, schedule, batch and epochs
     # for every method; "released" = the method's authors' code's for the run's dataset, the
-    # ``released.<dataset>`` layer of configs/methods/<name>.yaml over this config (see
+    # ``released.<dataset>`` layer of ccat/configs/methods/<name>.yaml over this config (see
     # :func:`ccat.run_config.load_config`). A run saved before the key existed is "shared".
     protocol: Literal["shared", "released"] = "shared"
     data: DataConfig = field(default_factory=DataConfig)
@@ -664,7 +665,9 @@ def parse_override(text: str) -> dict[str, Any]:
     return nest(key, load_yaml(raw, f"--set {clipped(key)}", key, lines=False) if raw else "")
 
 
-METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+# Each method's settings (its paper's values where they differ from its Params, and the
+# release's per dataset): package data, so that an installed wheel reads the same files.
+METHOD_CONFIGS = Path(str(importlib.resources.files("ccat") / "configs" / "methods"))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
