@@ -20,7 +20,7 @@ SEED ?= 0
 CONFIG ?= configs/$(DATASET).yaml
 # Whose training settings: shared = CONFIG's optimizer, schedule, batch and epochs for every
 # method; released = each method's authors' code's for the dataset (the released layers of
-# configs/methods/<method>.yaml; a method without one for the dataset is refused). Released
+# ccat/configs/methods/<method>.yaml; a method without one for the dataset is refused). Released
 # runs live apart: runs/<dataset>/released/..., runs/results-released, docs/results-released.md.
 PROTOCOL ?= shared
 PROTOCOL_DIR = $(if $(filter released,$(PROTOCOL)),/released)

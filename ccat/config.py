@@ -1,16 +1,18 @@
 """Typed run configuration: dataclasses with the paper's defaults, strict YAML, overrides.
 
 A run's config is layered: the dataclass defaults, then a YAML file, then ``--set
-key=value`` overrides. Loading is strict: an unknown key, a value of the wrong type or a
-number outside its field's range (each dataclass's ``RANGES``) is a :class:`ConfigError`
-naming the dotted key. Numbers in scientific notation (``1e-3``) are floats, as in YAML 1.2.
+key=value`` overrides. Loading is strict, and pydantic v2 does the checking (:func:`schema`):
+an unknown key, a value of the wrong type or a number outside its field's range (each
+dataclass's ``RANGES``) is a :class:`ConfigError` naming the dotted key. Numbers in
+scientific notation (``1e-3``) are floats, as in YAML 1.2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
+import importlib.resources
 import re
 import reprlib
 import types
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import annotated_types
+import pydantic
 import yaml
 
 from ccat.errors import UserError
@@ -33,18 +37,19 @@ class ConfigError(UserError, ValueError):
 class Range:
     """The valid values of a numeric field: finite, from ``low`` (excluded if ``low_open``)
     to ``high`` (excluded if ``high_open``). Both ends are required: a knob without an upper
-    end lets a typo (``threads=100000``, ``frame_size=100000``) crash or exhaust memory."""
+    end lets a typo (``threads=100000``, ``frame_size=100000``) crash or exhaust memory.
+    pydantic checks it (:func:`schema`), as the bounds :meth:`interval` gives."""
 
     low: float
     high: float
     low_open: bool = False
     high_open: bool = False
 
-    def __contains__(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False  # (an int may be too large for math.isfinite)
-        above = value > self.low or (value == self.low and not self.low_open)
-        return above and (value < self.high or (value == self.high and not self.high_open))
+    def interval(self) -> annotated_types.Interval:
+        """The range as pydantic's ``ge``/``gt`` and ``le``/``lt`` constraints."""
+        return annotated_types.Interval(
+            gt=self.low if self.low_open else None, ge=None if self.low_open else self.low,
+            lt=self.high if self.high_open else None, le=None if self.high_open else self.high)
 
     def __str__(self) -> str:
         return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
@@ -223,7 +228,7 @@ MOVED_TO_PARAMS = ("lambda_reg", "rank", "beta", "temperature", "similarity", "b
 class MethodConfig:
     """Which method trains, and its hyperparameters: ``params``, checked against the chosen
     method's ``Params`` dataclass (``ccat/methods/<name>.py``), which holds its paper's
-    defaults; ``configs/methods/<name>.yaml`` holds what a run differs in from them."""
+    defaults; ``ccat/configs/methods/<name>.yaml`` holds what a run differs in from them."""
 
     MOVED: ClassVar[dict[str, str]] = {key: f"params.{key}" for key in MOVED_TO_PARAMS}
     name: str = "ccat"
@@ -257,7 +262,7 @@ class RunConfig:
     select: Literal["best", "last"] = "best"
     # Whose training settings: "shared" = this config's optimizer, schedule, batch and epochs
     # for every method; "released" = the method's authors' code's for the run's dataset, the
-    # ``released.<dataset>`` layer of configs/methods/<name>.yaml over this config (see
+    # ``released.<dataset>`` layer of ccat/configs/methods/<name>.yaml over this config (see
     # :func:`ccat.run_config.load_config`). A run saved before the key existed is "shared".
     protocol: Literal["shared", "released"] = "shared"
     data: DataConfig = field(default_factory=DataConfig)
@@ -266,65 +271,159 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
 
 
-def _check_value(key: str, hint: Any, value: Any) -> Any:
-    """Return ``value`` if it fits type ``hint`` (ints widen to float), else raise."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"config key {shown(key)} must be one of "
-                              f"{', '.join(map(str, typing.get_args(hint)))}, got {shown(value)}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin in (list, dict):
-        if not isinstance(value, origin):
-            raise ConfigError(f"config key {shown(key)} must be a {origin.__name__}, got "
-                              f"{shown(value)}")
-        args = typing.get_args(hint)
-        if origin is list:
-            return [_check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
-        return {_check_value(key, args[0], k): _check_value(f"{key}.{k}", args[1], v)
-                for k, v in value.items()}
+# Validation. Each config dataclass (and each method's Params) is checked by pydantic v2
+# against a strict model built once from its fields: the field types, with the dataclass's
+# RANGES as pydantic's ge/gt/le/lt constraints on each number (a list's items and a dict's
+# values each), non-finite floats refused and an unknown key refused (extra="forbid").
+# Strict: 3.0 is not an int, '3' not a number, true not 1; an int where a float is wanted is
+# that float, as YAML 1.2 reads JSON's numbers. The dataclasses stay plain dataclasses (the
+# method files' Params included): pydantic's strict mode takes only instances for a
+# dataclass, so the model mirrors it. Every error becomes one sentence naming the dotted key
+# (:func:`_sentence`); ranges are declared once (RANGES) and checked once (:func:`validated`).
+STRICT = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                             protected_namespaces=())
+RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                "finite_number"}
+
+
+@functools.cache
+def schema(cls: type) -> type[pydantic.BaseModel]:
+    """The strict pydantic model of dataclass ``cls``: its fields, their types (a nested
+    dataclass as its own model) and its RANGES; every field required (values are always
+    given whole, defaults filled from an instance)."""
+    hints, ranges = typing.get_type_hints(cls), getattr(cls, "RANGES", {})
+    return pydantic.create_model(
+        f"{cls.__qualname__}Schema", __config__=STRICT,
+        **{f.name: (_constrained(hints[f.name], ranges.get(f.name)), ...)
+           for f in dataclasses.fields(cls)})
+
+
+def _constrained(hint: Any, limit: Range | None) -> Any:
+    """Type ``hint`` for pydantic: ``limit`` on its numbers (a list's items, a dict's values;
+    None passes), a dataclass as its :func:`schema`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _check_value(key, arg, value)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key {shown(key)} has the wrong type: {shown(value)}")
-    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"config key {shown(key)} must be {hint.__name__}, got {shown(value)} "
-                          f"({type(value).__name__})")
-    return value
+        return typing.Union[tuple(_constrained(arg, limit) for arg in args)]
+    if origin is list:
+        return list[_constrained(args[0], limit)]
+    if origin is dict:
+        return dict[args[0], _constrained(args[1], limit)]
+    if dataclasses.is_dataclass(hint):
+        return schema(hint)
+    if limit is not None and hint in (int, float):
+        return typing.Annotated[hint, limit.interval()]
+    return hint
+
+
+def validated(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of dataclass ``cls`` from ``values`` (every field, nested dataclasses as
+    dicts), validated by :func:`schema`; an invalid value is a ConfigError naming its key
+    (prefixed ``prefix``)."""
+    try:
+        checked = schema(cls).model_validate(values)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_sentence(cls, err.errors(include_url=False), prefix)) from None
+    return _instance(cls, checked.model_dump())
+
+
+def _instance(cls: type, values: dict[str, Any]) -> Any:
+    """Dataclass ``cls`` (and the dataclasses in it) from validated ``values``."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _instance(hints[key], value) if dataclasses.is_dataclass(hints[key])
+                  else value for key, value in values.items()})
+
+
+def _sentence(cls: type, errors: list[Any], prefix: str) -> str:
+    """pydantic's errors as one sentence: the first that is not a range's (an unknown key
+    first), else every range's, joined."""
+    others = sorted((e for e in errors if e["type"] not in RANGE_ERRORS),
+                    key=lambda e: e["type"] != "extra_forbidden")
+    if others:
+        return _said(cls, others[0], prefix)
+    return "; ".join(_said(cls, e, prefix) for e in errors) + "."
+
+
+def _said(cls: type, error: Any, prefix: str) -> str:
+    """One pydantic error as the clause a user reads, naming the dotted key."""
+    key, hint, owner, name = _located(cls, error["loc"], prefix)
+    value, kind = error["input"], error["type"]
+    if kind == "extra_forbidden":
+        names = [f.name for f in dataclasses.fields(owner)]
+        here = key.rpartition(".")[0] + "." if "." in key else ""
+        close = difflib.get_close_matches(name, names, n=1)
+        return f"unknown config key {shown(key)}; " + (
+            f"did you mean {here + close[0]!r}?" if close else f"known keys here: {sorted(names)}")
+    if kind in RANGE_ERRORS:
+        if hint is float and type(value) is int:
+            value = float(value)  # as it would be read (pydantic echoes the input)
+        finite = "a finite number " if kind == "finite_number" else ""
+        return f"{clipped(key)} is {shown(value)} but must be {finite}{owner.RANGES[name]}"
+    if typing.get_origin(hint) is Literal:
+        return (f"config key {shown(key)} must be one of "
+                f"{', '.join(map(str, typing.get_args(hint)))}, got {shown(value)}")
+    if typing.get_origin(hint) in (list, dict):
+        return (f"config key {shown(key)} must be a {typing.get_origin(hint).__name__}, "
+                f"got {shown(value)}")
+    if isinstance(hint, type):
+        return (f"config key {shown(key)} must be {hint.__name__}, got {shown(value)} "
+                f"({type(value).__name__})")
+    return f"config key {shown(key)} has the wrong type: {shown(value)}"
+
+
+def _located(cls: type, loc: tuple[Any, ...], prefix: str) -> tuple[str, Any, type, str]:
+    """Where pydantic's ``loc`` points in dataclass ``cls``: the dotted key, the type hint
+    there (its None dropped), and the dataclass and field name that hold it."""
+    key, hint, owner, name = prefix.rstrip("."), cls, cls, ""
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint, args = args[0], list(typing.get_args(args[0]))
+        if dataclasses.is_dataclass(hint):
+            owner, name = hint, str(part)
+            hint = typing.get_type_hints(hint).get(name)
+            key = f"{key}.{name}" if key else name
+        elif typing.get_origin(hint) is list:
+            hint, key = args[0], f"{key}[{part}]"
+        elif typing.get_origin(hint) is dict:
+            is_key = bool(parts) and parts[0] == "[key]"
+            hint = args[0] if is_key else args[1]
+            parts = parts[1:] if is_key else parts
+            key = key if is_key else f"{key}.{part}"
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    return key, hint, owner, name
 
 
 def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set ``values`` (nested dicts) onto dataclass ``obj`` in place, strictly."""
+    """Set ``values`` (one layer: nested dicts) onto dataclass ``obj`` in place, strictly
+    (:func:`validated`): a section merges key by key, a dict field gains the layer's keys,
+    any other value is replaced."""
+    new = validated(type(obj), _layered(obj, values, prefix), prefix)
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, getattr(new, f.name))
+
+
+def _layered(obj: Any, values: Any, prefix: str) -> dict[str, Any]:
+    """Dataclass ``obj`` as nested dicts with layer ``values`` over it, not yet validated."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {shown(prefix.rstrip('.') or '<top>')} must be a "
                           f"mapping, got {shown(values)}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
     check_moved(type(obj), values, prefix)
     if hasattr(obj, "before_merge"):
         obj.before_merge(values)
+    layered = dataclasses.asdict(obj)
     for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean {prefix + close[0]!r}?" if close else \
-                f"known keys here: {sorted(names)}"
-            raise ConfigError(f"unknown config key {shown(dotted)}; {hint}")
-        current = getattr(obj, key)
+        current = getattr(obj, key, None) if key in layered else None
         if dataclasses.is_dataclass(current):
-            merge(current, value, f"{dotted}.")
+            layered[key] = _layered(current, value, f"{prefix}{key}.")
         elif isinstance(current, dict) and isinstance(value, dict):  # later layers add keys
-            setattr(obj, key, {**current, **_check_value(dotted, hints[key], value)})
+            layered[key] = {**current, **value}
         else:
-            setattr(obj, key, _check_value(dotted, hints[key], value))
+            layered[key] = value
+    return layered
 
 
 def check_moved(cls: type, values: dict[str, Any], prefix: str) -> None:
@@ -566,7 +665,9 @@ def parse_override(text: str) -> dict[str, Any]:
     return nest(key, load_yaml(raw, f"--set {clipped(key)}", key, lines=False) if raw else "")
 
 
-METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+# Each method's settings (its paper's values where they differ from its Params, and the
+# release's per dataset): package data, so that an installed wheel reads the same files.
+METHOD_CONFIGS = Path(str(importlib.resources.files("ccat") / "configs" / "methods"))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -622,44 +723,32 @@ def parse_params(cls: type | None, values: Any, method: str) -> Any:
     if cls is None:
         return None
     params = cls()
-    merge(params, values, prefix)
-    check_ranges(params, prefix)
+    merge(params, values, prefix)  # types and ranges
+    check_relations(params, prefix)
     return params
 
 
-def range_errors(obj: Any, prefix: str = "") -> list[str]:
-    """One sentence per numeric field of dataclass ``obj`` (and the dataclasses in it)
-    whose value lies outside its ``RANGES`` entry, list items and dict values each; then
-    those of the dataclass's ``relation_errors(prefix)``, when it has one."""
-    errors = []
-    ranges = getattr(type(obj), "RANGES", {})
+def relation_errors(obj: Any, prefix: str = "") -> list[str]:
+    """The sentences of dataclass ``obj``'s ``relation_errors(prefix)`` (checks between its
+    fields), and those of the dataclasses in it."""
+    errors = obj.relation_errors(prefix) if hasattr(obj, "relation_errors") else []
     for f in dataclasses.fields(obj):
-        value, dotted = getattr(obj, f.name), f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            errors += range_errors(value, f"{dotted}.")
-            continue
-        if f.name not in ranges:
-            continue
-        items = (value.items() if isinstance(value, dict) else
-                 ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else
-                 [("", value)])
-        for suffix, item in items:
-            if item is None:  # a setting not given (OptimConfig's own settings)
-                continue
-            name = f"{dotted}.{suffix}" if isinstance(value, dict) else f"{dotted}{suffix}"
-            if item not in ranges[f.name]:
-                finite = "a finite number " if isinstance(item, float) and \
-                    not math.isfinite(item) else ""
-                errors.append(f"{clipped(name)} is {shown(item)} but must be "
-                              f"{finite}{ranges[f.name]}")
-    if not errors and hasattr(obj, "relation_errors"):  # checks between fields
-        errors += obj.relation_errors(prefix)
+            errors += relation_errors(value, f"{prefix}{f.name}.")
     return errors
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Raise a ConfigError naming every out-of-range numeric field of ``obj``."""
-    errors = range_errors(obj, prefix)
+    """Check dataclass ``obj`` whole: every field against its :func:`schema` (types and
+    ranges), then the relations between fields; the first problem is a ConfigError."""
+    validated(type(obj), dataclasses.asdict(obj), prefix)
+    check_relations(obj, prefix)
+
+
+def check_relations(obj: Any, prefix: str = "") -> None:
+    """Raise a ConfigError naming every broken relation between fields of ``obj``."""
+    errors = relation_errors(obj, prefix)
     if errors:
         raise ConfigError("; ".join(errors) + ".")
 

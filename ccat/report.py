@@ -107,7 +107,7 @@ def protocol_of(folder: Path) -> str:
 # What each protocol means, as the caption says it.
 PROTOCOLS = {"shared": "the config's optimizer, schedule, batch and epochs for every method",
              "released": "each method with the optimizer, schedule, batch and epochs of its "
-                         "authors' code for the dataset (configs/methods/<method>.yaml, "
+                         "authors' code for the dataset (ccat/configs/methods/<method>.yaml, "
                          "released)",
              "unrecorded": "no readable config.yaml"}
 

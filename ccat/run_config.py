@@ -1,5 +1,5 @@
 """The run's config as loaded for training: the YAML layers of :mod:`ccat.config`, with the
-chosen method's ``configs/methods/<name>.yaml`` and its ``method.params`` checked against the
+chosen method's ``ccat/configs/methods/<name>.yaml`` and its ``method.params`` checked against the
 method's ``Params`` and resolved. It sits above the method registry, which
 :mod:`ccat.config` (imported by every layer) must not import, and above the data, whose
 manifest names the dataset that ``protocol: released`` picks the release's settings for.
@@ -34,7 +34,7 @@ RELEASED_KEYS = {"source": None, "optim": None, "data": {"batch_size"}}
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 cli: dict[str, Any] | None = None,
                 method_configs: Path | None = METHOD_CONFIGS) -> RunConfig:
-    """Defaults, then the chosen method's ``configs/methods/<name>.yaml`` (its paper's
+    """Defaults, then the chosen method's ``ccat/configs/methods/<name>.yaml`` (its paper's
     settings), then the YAML file, then (``protocol: released``) the method file's
     ``released.<dataset>`` layer, then ``--set`` overrides, then ``cli``: CLI options
     given as ``{'data.path': ...}`` (None = not given).
@@ -62,7 +62,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(released_layer(released, method_file, released_dataset(probe)))
     elif probe.protocol == RELEASED and method_file is not None:
         raise ConfigError(f"protocol released takes the method's released settings from "
-                          f"{method_file or 'configs/methods/'}, which does not exist; add "
+                          f"{method_file or 'ccat/configs/methods/'}, which does not exist; add "
                           f"one, or train with protocol shared")
     cfg = RunConfig()
     for values in layers + after:

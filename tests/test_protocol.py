@@ -1,4 +1,4 @@
-"""protocol shared / released: the released layers of configs/methods/, how load_config
+"""protocol shared / released: the released layers of ccat/configs/methods/, how load_config
 applies them, the report's caption and `make table PROTOCOL=released`."""
 
 import json

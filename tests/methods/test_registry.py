@@ -49,7 +49,7 @@ def test_every_method_trains_optim_epochs_in_total(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_methods_params_round_trip_through_yaml_and_its_file_validates(name, tmp_path):
     """A method's Params, saved as a run config and loaded back, come back unchanged;
-    configs/methods/<name>.yaml, where there is one, names the method, holds only values
+    ccat/configs/methods/<name>.yaml, where there is one, names the method, holds only values
     that differ from the Params defaults and loads into the defaults plus those."""
     cls = METHODS.get(name).Params
     defaults = dataclasses.asdict(cls()) if cls else {}
