@@ -6,7 +6,7 @@ JSON line.
     python benchmarks/_workers.py RAW --code before=/tmp/old-checkout --code after=. \
         [--workers 1 2 0] [--rounds 2] [-- BUILD OPTIONS]
 
-A code tree is a checkout whose root goes on PYTHONPATH. The build options default to the
+A code tree is a checkout: the builds run in its root (``python -m`` imports from there). The build options default to the
 demo's (Makefile ``synth_data``). ``identical`` says, per worker count, whether every tree
 wrote the same bytes (every shard and the manifest).
 """
@@ -42,7 +42,7 @@ def run(code: Path, raw: Path, workers: int, build: list[str]) -> dict:
         command = [sys.executable, "-m", "preprocess.cli", "build", "cremad", "--raw", str(raw),
                    "--out", str(out), *build, "--workers", str(workers)]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=True,
+        done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=code,
                               env={**os.environ, "PYTHONPATH": str(code), "COLUMNS": "200"})
         wall = time.perf_counter() - start
         files = digests(out)

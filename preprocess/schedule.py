@@ -322,11 +322,21 @@ _ENCODER: list[tuple[Encoder, Callable[[], None]]] = []  # this worker's, set wh
 
 
 def _init_worker(encoder: Encoder, progress: Any) -> None:
-    """Set up a worker: one thread, Ctrl-C left to the parent (which ends the workers), and
-    a report per sample done."""
+    """Set up a worker: one thread, Ctrl-C left to the parent (which ends the workers), an
+    end with the parent, and a report per sample done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_threaded()
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     _ENCODER.append((encoder, lambda: progress.put(1)))
+
+
+def _end_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """End this worker when the build's process is gone (killed): the executor's queues,
+    whose ends every worker holds too, would never tell it."""
+    parent.join()
+    os._exit(1)
 
 
 def _build_there(task: ShardTask) -> tuple[int, dict[str, Any]]:

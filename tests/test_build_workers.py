@@ -4,6 +4,7 @@ resumes keeping its finished shards; progress and --strict work across processes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,17 @@ def manifest_of(out: Path) -> dict:
 def break_clips(raw: Path, ids: list[str]) -> None:
     for clip_id in ids:
         (raw / "VideoFlash" / f"{clip_id}.flv").write_bytes(b"this is not a video")
+
+
+def session_alive(session: int) -> list[int]:
+    """The processes of ``session`` still running (zombies left out), from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == session and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
 
 
 @pytest.fixture()
@@ -100,6 +112,7 @@ def test_strict_with_two_workers_is_one_sentence_naming_the_clip(
     assert not (tmp_path / "out" / spec.MANIFEST_NAME).exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
 def test_a_killed_two_worker_build_resumes_keeping_its_finished_shards(tmp_path: Path,
                                                                       capsys) -> None:
     raw, out = tmp_path / "raw", tmp_path / "killed"
@@ -112,8 +125,15 @@ def test_a_killed_two_worker_build_resumes_keeping_its_finished_shards(tmp_path:
     state = out / writer.STATE_DIR
     while not list(state.glob("*.tar.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    os.kill(process.pid, signal.SIGKILL)  # the build's process alone, as the OOM killer
     process.wait()
+    ends = time.monotonic() + WAIT_S  # the fork server may still be importing torch
+    while session_alive(process.pid) and time.monotonic() < ends:
+        time.sleep(0.05)
+    left = session_alive(process.pid)
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)  # the test's own session, not to linger
+    assert not left, "a worker (or the fork server) outlived its killed build"
     assert not (out / spec.MANIFEST_NAME).exists(), "the build finished before it was killed"
     kept = {p.name.removesuffix(".json"): (out / p.name.removesuffix(".json")).stat().st_mtime_ns
             for p in state.glob("*.tar.json")}
