@@ -68,6 +68,7 @@ def main() -> None:
             for name, code in codes.items():
                 runs[name][str(workers)].append(run(Path(code).resolve(), args.raw, workers,
                                                     args.build))
+                print(name, workers, runs[name][str(workers)][-1], file=sys.stderr, flush=True)
     best = {name: {w: min(r, key=lambda x: x["build_s"]) for w, r in by.items()}
             for name, by in runs.items()}
     result = {"benchmark": "workers", "cores": len(os.sched_getaffinity(0)),

@@ -35,8 +35,9 @@ from preprocess import outdir, writer
 from preprocess.datasets import OptionError, Recipe, check_options
 from preprocess.encode import strict_message
 from preprocess.outdir import STATE_DIR, BuildError, atomic_write
-from preprocess.plan import (PLAN_NAME, BuildOptions, ShardTask, ordered, plan, plan_record,
+from preprocess.plan import (PLAN_NAME, BuildOptions, ShardTask, ordered, plan_record,
                              shard_tasks)
+from preprocess.plan import plan as make_plan  # "plan" names the recorded plans below
 from preprocess.resume import previous_build, read_json, reusable_records
 from preprocess.schedule import BuildReport, build_shards, cores
 from preprocess.splits import Entry, required_splits
@@ -106,7 +107,7 @@ def build_part(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path
                          "with the other parts; empty --out (or build into another) before "
                          "starting the parts")
     options = dataclasses.replace(options, workers=options.workers or cores())
-    head, splits, skipped, unlisted = plan(recipe, raw, split_files, options)
+    head, splits, skipped, unlisted = make_plan(recipe, raw, split_files, options)
     if options.strict and skipped:
         raise BuildError(strict_message(skipped[0]))
     tasks = assign(shard_tasks(splits, options.shard_size), part.count)[part.index]
