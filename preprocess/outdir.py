@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ccat import fileio
 from ccat.data import spec
 from ccat.errors import UserError
 
@@ -56,6 +57,19 @@ def write_error(err: OSError, path: Path) -> BuildError:
         return BuildError(f"cannot write into {path.parent} ({err.strerror}); give --out a "
                           "folder you can write to")
     return BuildError(f"cannot write {path} ({err.strerror}); check the --out folder")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (:mod:`ccat.fileio`); a failure is one BuildError sentence."""
+    try:
+        fileio.write_bytes(path, data)
+    except OSError as err:
+        raise write_error(err, path) from None
+
+
+def record_path(out: Path, shard: str) -> Path:
+    """Where the record of the shard named ``shard`` is kept until the manifest is written."""
+    return out / STATE_DIR / f"{shard}.json"
 
 
 def is_build_file(name: str) -> bool:

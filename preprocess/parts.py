@@ -1,6 +1,6 @@
 """A build in parts: ``ccat-data build NAME ... --part I/N`` and ``ccat-data merge OUT``.
 
-The plan fixes every shard (:mod:`preprocess.writer`), so it also fixes which part builds
+The plan fixes every shard (:mod:`preprocess.plan`), so it also fixes which part builds
 which: :func:`assign` deals the shards, longest first, each to the part with the least
 estimated work so far (its planned source files), and any machine that plans the same
 data gets the same answer. Part ``I`` builds its shards into the shared ``--out`` exactly
@@ -33,7 +33,13 @@ from typing import Any, Callable
 from ccat.data import spec
 from preprocess import outdir, writer
 from preprocess.datasets import OptionError, Recipe, check_options
-from preprocess.outdir import STATE_DIR, BuildError
+from preprocess.encode import strict_message
+from preprocess.outdir import STATE_DIR, BuildError, atomic_write
+from preprocess.plan import (PLAN_NAME, BuildOptions, ShardTask, ordered, plan_record,
+                             shard_tasks)
+from preprocess.plan import plan as make_plan  # "plan" names the recorded plans below
+from preprocess.resume import previous_build, read_json, reusable_records
+from preprocess.schedule import BuildReport, build_shards, cores
 from preprocess.splits import Entry, required_splits
 
 MAX_PARTS = 4096
@@ -69,12 +75,12 @@ class Part:
         return f"part-{self.index}-of-{self.count}.json"
 
 
-def cost(task: writer.ShardTask) -> int:
+def cost(task: ShardTask) -> int:
     """A shard's estimated work, from the plan alone: the source files it decodes."""
     return sum(len(entry.sources) for entry in task.entries)
 
 
-def assign(tasks: list[writer.ShardTask], count: int) -> list[list[writer.ShardTask]]:
+def assign(tasks: list[ShardTask], count: int) -> list[list[ShardTask]]:
     """The shards of each of ``count`` parts, in plan order: the costliest shard first
     (ties in plan order), each to the part with the least cost so far (ties: the lowest
     part), the greedy longest-processing-time rule."""
@@ -88,8 +94,8 @@ def assign(tasks: list[writer.ShardTask], count: int) -> list[list[writer.ShardT
 
 
 def build_part(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path],
-               options: writer.BuildOptions, part: Part,
-               on_progress: Callable[[int, int], None] | None = None) -> writer.BuildReport:
+               options: BuildOptions, part: Part,
+               on_progress: Callable[[int, int], None] | None = None) -> BuildReport:
     """Build (or resume) the shards of ``part`` into ``out``; the manifest is ``merge``'s.
 
     Checks as :func:`preprocess.writer.build` does before anything is written: the plan,
@@ -100,29 +106,29 @@ def build_part(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path
         raise BuildError(f"--overwrite replaces the whole --out, which part {part} shares "
                          "with the other parts; empty --out (or build into another) before "
                          "starting the parts")
-    options = dataclasses.replace(options, workers=options.workers or writer.cores())
-    head, splits, skipped, unlisted = writer.plan(recipe, raw, split_files, options)
+    options = dataclasses.replace(options, workers=options.workers or cores())
+    head, splits, skipped, unlisted = make_plan(recipe, raw, split_files, options)
     if options.strict and skipped:
-        raise BuildError(writer._strict_message(skipped[0]))
-    tasks = assign(writer.shard_tasks(splits, options.shard_size), part.count)[part.index]
-    new_plan = writer.plan_record(head, splits, raw)
+        raise BuildError(strict_message(skipped[0]))
+    tasks = assign(shard_tasks(splits, options.shard_size), part.count)[part.index]
+    new_plan = plan_record(head, splits, raw)
     with outdir.locked(out, part.lock):
         _remove_own_temporaries(out, tasks, part)
-        finished, refusal = writer._previous_build(out, head, new_plan, raw, options.workers,
+        finished, refusal = previous_build(out, head, new_plan, raw, options.workers,
                                                    {t.name for t in tasks})
         if refusal:
             raise BuildError(f"{out} {refusal}; part {part} cannot join it: empty --out (or "
                              "choose another) and start every part again")
         if finished is not None:  # merged already: every shard is there
-            return writer.BuildReport(manifest=finished, out=out, resumed_shards=len(tasks),
+            return BuildReport(manifest=finished, out=out, resumed_shards=len(tasks),
                                       seconds=time.perf_counter() - start)
         record = {"part": part.index, "parts": part.count, "plan_sha256": plan_digest(new_plan),
                   "shards": [t.name for t in tasks], "finished": False}
         _write_record(out, part, record)
-        kept, rebuilt = writer._reusable_records(out, tasks, len(recipe.classes),
+        kept, rebuilt = reusable_records(out, tasks, len(recipe.classes),
                                                  options.workers)
-        report, _ = writer._write_shards(recipe, raw, out, tasks, kept, options, on_progress,
-                                         start, set())
+        report, _ = build_shards(recipe, raw, out, tasks, kept, options, on_progress,
+                                 start=start)
         required = required_splits(split_files, options.val_fraction, options.test_fraction)
         record.update(finished=True, head=head, skipped=skipped, required=sorted(required))
         _write_record(out, part, record)
@@ -134,7 +140,7 @@ def build_part(recipe: Recipe, raw: Path, out: Path, split_files: dict[str, Path
 def _write_record(out: Path, part: Part, record: dict[str, Any]) -> None:
     """Write the part's record in its keys' order (not sorted): the manifest that merge
     writes from its head must keep the one-machine build's key order."""
-    writer._atomic_write(out / STATE_DIR / part.record,
+    atomic_write(out / STATE_DIR / part.record,
                          json.dumps(record, ensure_ascii=False).encode())
 
 
@@ -143,7 +149,7 @@ def plan_digest(plan: dict[str, Any]) -> str:
     return hashlib.sha256(spec.encode_json(plan)).hexdigest()
 
 
-def _remove_own_temporaries(out: Path, tasks: list[writer.ShardTask], part: Part) -> None:
+def _remove_own_temporaries(out: Path, tasks: list[ShardTask], part: Part) -> None:
     """Remove what a killed run of this part left half-written (its shards, their records,
     its part record); the other parts' temporary files may be in use."""
     own = {t.name for t in tasks} | {f"{t.name}.json" for t in tasks} | {part.record}
@@ -165,7 +171,7 @@ def merge(out: Path) -> dict[str, Any]:
     with outdir.locked(out):
         if (out / spec.MANIFEST_NAME).is_file() and not outdir.part_records(out):
             return spec.load_manifest(out)  # merged already
-        plan = writer._read_json(out / STATE_DIR / writer.PLAN_NAME)
+        plan = read_json(out / STATE_DIR / PLAN_NAME)
         names = outdir.part_records(out)
         if plan is None or not names:
             raise BuildError(f"{out} holds no build in parts (no {STATE_DIR}/part-I-of-N.json); "
@@ -177,8 +183,8 @@ def merge(out: Path) -> dict[str, Any]:
         shards = _part_shards(out, records, tasks, len(plan["params"]["classes"]))
         head, skipped = records[0]["head"], records[0]["skipped"]
         by_split = {name: [shards[t.name] for t in tasks if t.split == name]
-                    for name in writer._ordered(plan["splits"])}
-        writer._check_built_splits(by_split, skipped, set(records[0]["required"]))
+                    for name in ordered(plan["splits"])}
+        writer.check_built_splits(by_split, skipped, set(records[0]["required"]))
         return writer._finish(out, head, by_split, skipped, len(head["classes"]))
 
 
@@ -200,7 +206,7 @@ def _part_record(out: Path, part: Part, digest: str) -> dict[str, Any]:
     if not path.exists():
         raise BuildError(f"part {part} is missing from {out}: run `ccat-data build NAME ... "
                          f"--part {part}` with the other parts' options, then merge again")
-    record = writer._read_json(path) or {}
+    record = read_json(path) or {}
     if record.get("plan_sha256") != digest:
         raise BuildError(f"part {part} in {out} was built from another plan (other "
                          "parameters, samples or raw files) than .build/plan.json; build the "
@@ -212,14 +218,14 @@ def _part_record(out: Path, part: Part, digest: str) -> dict[str, Any]:
     return record
 
 
-def _plan_tasks(plan: dict[str, Any]) -> list[writer.ShardTask]:
+def _plan_tasks(plan: dict[str, Any]) -> list[ShardTask]:
     """The shards of the plan recorded in ``.build/plan.json``."""
     splits = {name: [Entry(key, label, dict(enumerate(files))) for key, label, files in rows]
               for name, rows in plan["splits"].items()}
-    return writer.shard_tasks(splits, plan["params"]["sources"]["shard_size"])
+    return shard_tasks(splits, plan["params"]["sources"]["shard_size"])
 
 
-def _part_shards(out: Path, records: list[dict[str, Any]], tasks: list[writer.ShardTask],
+def _part_shards(out: Path, records: list[dict[str, Any]], tasks: list[ShardTask],
                  num_classes: int) -> dict[str, dict[str, Any]]:
     """Every shard's record, checked: the parts' options agree, each part holds the shards
     the plan gives it, and every shard's record is whole and its bytes are the recorded ones."""
@@ -235,7 +241,7 @@ def _part_shards(out: Path, records: list[dict[str, Any]], tasks: list[writer.Sh
         if record["shards"] != [t.name for t in mine]:
             raise BuildError(f"part {part} in {out} built other shards than the plan gives it; "
                              "build the parts again from one command into an empty --out")
-        found, damaged = writer._reusable_records(out, mine, num_classes, writer.cores())
+        found, damaged = reusable_records(out, mine, num_classes, cores())
         missing = [t.name for t in mine if t.name not in found]
         if missing:
             why = damaged.get(missing[0], "its record is missing")

@@ -4,6 +4,8 @@ resumes keeping its finished shards; progress and --strict work across processes
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from ccat.data import spec
-from preprocess import writer
+from preprocess import schedule, writer
 from preprocess.datasets.cremad import Cremad
+from preprocess.encode import Encoder
 from conftest import TINY_BUILD, run_cli, synth_tree
 
 ALL_TRAIN = ["--test-fraction", "0", "--val-fraction", "0"]
@@ -44,6 +47,17 @@ def break_clips(raw: Path, ids: list[str]) -> None:
         (raw / "VideoFlash" / f"{clip_id}.flv").write_bytes(b"this is not a video")
 
 
+def session_alive(session: int) -> list[int]:
+    """The processes of ``session`` still running (zombies left out), from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == session and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
 @pytest.fixture()
 def damaged(raw_copy: Path) -> tuple[Path, list[str]]:
     """The synthetic tree with the first shard's four clips broken (all train, shard size
@@ -56,7 +70,7 @@ def damaged(raw_copy: Path) -> tuple[Path, list[str]]:
 
 def test_same_shards_and_manifest_for_one_two_and_three_workers_with_bad_clips(
         damaged: tuple[Path, list[str]], tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 0.0)  # start the workers at once
+    monkeypatch.setattr(schedule, "WORKER_START_MIN_S", 0.0)  # start the workers at once
     raw, bad = damaged
     outs = [tmp_path / f"w{n}" for n in (1, 2, 3)]
     for n, out in zip((1, 2, 3), outs):
@@ -77,7 +91,7 @@ def test_same_shards_and_manifest_for_one_two_and_three_workers_with_bad_clips(
 
 def test_progress_reaches_every_sample_once_across_workers(synth_raw: Path, tmp_path: Path,
                                                            monkeypatch) -> None:
-    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 0.0)  # start the workers at once
+    monkeypatch.setattr(schedule, "WORKER_START_MIN_S", 0.0)  # start the workers at once
     seen: list[tuple[int, int]] = []
     recipe = Cremad(seconds=1.0, frame_size=32)
     options = writer.BuildOptions(workers=2, shard_size=4)
@@ -98,6 +112,7 @@ def test_strict_with_two_workers_is_one_sentence_naming_the_clip(
     assert not (tmp_path / "out" / spec.MANIFEST_NAME).exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
 def test_a_killed_two_worker_build_resumes_keeping_its_finished_shards(tmp_path: Path,
                                                                       capsys) -> None:
     raw, out = tmp_path / "raw", tmp_path / "killed"
@@ -110,8 +125,15 @@ def test_a_killed_two_worker_build_resumes_keeping_its_finished_shards(tmp_path:
     state = out / writer.STATE_DIR
     while not list(state.glob("*.tar.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    os.kill(process.pid, signal.SIGKILL)  # the build's process alone, as the OOM killer
     process.wait()
+    ends = time.monotonic() + WAIT_S  # the fork server may still be importing torch
+    while session_alive(process.pid) and time.monotonic() < ends:
+        time.sleep(0.05)
+    left = session_alive(process.pid)
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)  # the test's own session, not to linger
+    assert not left, "a worker (or the fork server) outlived its killed build"
     assert not (out / spec.MANIFEST_NAME).exists(), "the build finished before it was killed"
     kept = {p.name.removesuffix(".json"): (out / p.name.removesuffix(".json")).stat().st_mtime_ns
             for p in state.glob("*.tar.json")}
@@ -144,62 +166,62 @@ def test_an_interrupted_build_of_the_older_shard_layout_is_refused(
     assert "--overwrite" in err
 
 
-def pool_tasks(raw: Path, tmp_path: Path) -> tuple[tuple, list[writer.ShardTask]]:
-    """A worker context writing into a fresh --out, and the shard tasks of ``raw``."""
+def pool_tasks(raw: Path, tmp_path: Path) -> tuple[Encoder, list[writer.ShardTask]]:
+    """An encoder writing into a fresh --out, and the shard tasks of ``raw``."""
     recipe = Cremad(seconds=1.0, frame_size=32)
     options = writer.BuildOptions(shard_size=4, val_fraction=0.0, test_fraction=0.0)
     _, splits, _, _ = writer.plan(recipe, raw, {}, options)
     out = tmp_path / "out"
     (out / writer.STATE_DIR).mkdir(parents=True)
-    return ((recipe, raw, out, len(recipe.classes), False, options.raw_hash),
+    return (Encoder(recipe, raw, out, len(recipe.classes), False, options.raw_hash),
             writer.shard_tasks(splits, 4))
 
 
 def test_worker_processes_build_the_same_shard_records_as_this_process(
         synth_raw: Path, tmp_path: Path) -> None:
-    context, tasks = pool_tasks(synth_raw, tmp_path)
+    encoder, tasks = pool_tasks(synth_raw, tmp_path)
     queue, samples = deque(tasks[:3]), []
-    pool = writer._ShardPool(context, 2, queue, samples.append)
+    pool = schedule.Workers(encoder, 2, queue, samples.append)
     pool.start()
     records = []
     try:
-        while queue or pool.in_flight or len(records) < 3:
-            pool.service(wait_s=writer.PROGRESS_POLL_S)  # only the workers build
+        while queue or pool.running or len(records) < 3:
+            pool.service(wait_s=schedule.PROGRESS_POLL_S)  # only the workers build
             records += pool.take_finished()
     finally:
-        pool.stop()
-    assert sum(samples) == 12 and len(pool.workers) == 2
+        started = pool.stop()
+    assert sum(samples) == 12 and 1 <= started <= 2 and os.getpid() not in pool.pids
     here = tmp_path / "here"
     (here / writer.STATE_DIR).mkdir(parents=True)
-    writer._init_worker(context[0], context[1], here, *context[3:], lambda: None)
-    expected = {t.name: writer._build_shard(t) for t in tasks[:3]}
+    local = dataclasses.replace(encoder, out=here)
+    expected = {t.name: local.shard(t, lambda: None) for t in tasks[:3]}
     assert {r["name"]: r for r in records} == expected
-    assert shard_hashes(context[2]) == shard_hashes(here)
+    assert shard_hashes(encoder.out) == shard_hashes(here)
 
 
 def test_a_worker_that_dies_is_one_build_error_not_a_hang(synth_raw: Path,
                                                           tmp_path: Path) -> None:
-    context, tasks = pool_tasks(synth_raw, tmp_path)
+    encoder, tasks = pool_tasks(synth_raw, tmp_path)
     queue = deque(tasks)
-    pool = writer._ShardPool(context, 1, queue, lambda n: None)
+    pool = schedule.Workers(encoder, 1, queue, lambda n: None)
     pool.start()
     deadline = time.monotonic() + WAIT_S
     try:
-        while not pool.in_flight and time.monotonic() < deadline:
-            pool.service(wait_s=writer.PROGRESS_POLL_S)
-        os.kill(pool.workers[0].process.pid, signal.SIGKILL)  # as the out-of-memory killer
+        while not (pool.running and pool.pids) and time.monotonic() < deadline:
+            pool.service(wait_s=schedule.PROGRESS_POLL_S)
+        os.kill(next(iter(pool.pids)), signal.SIGKILL)  # as the out-of-memory killer
         with pytest.raises(writer.BuildError, match="a build worker process died"):
             while time.monotonic() < deadline:
-                pool.service(wait_s=writer.PROGRESS_POLL_S)
+                pool.service(wait_s=schedule.PROGRESS_POLL_S)
                 pool.take_finished()
     finally:
         pool.stop()
-    assert not list(context[2].glob("*.tmp"))
+    assert not list(encoder.out.glob(".*.tmp")) and not list(encoder.out.glob("*.tmp"))
 
 
 def test_a_build_too_short_for_workers_starts_none_and_says_so(
         synth_raw: Path, built: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(writer, "WORKER_START_MIN_S", 1e9)  # no build is long enough
+    monkeypatch.setattr(schedule, "WORKER_START_MIN_S", 1e9)  # no build is long enough
     code, stdout, _ = build(synth_raw, tmp_path / "out", capsys, 2)
     assert code == 0 and "on 1 process;" in stdout
     assert shard_hashes(tmp_path / "out") == shard_hashes(built)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS_BLOCK = re.compile(r"```layers\n(?P<body>.*?)```", re.S)
+BUILDER_BLOCK = re.compile(r"```builder-layers\n(?P<body>.*?)```", re.S)
 
 
-def read_layers(doc: Path = ROOT / "docs" / "internals.md") -> dict[str, tuple[int, str]]:
+def read_layers(doc: Path = ROOT / "docs" / "internals.md",
+                block: re.Pattern = LAYERS_BLOCK) -> dict[str, tuple[int, str]]:
     """Module or package name -> (layer index, layer name), from the doc's block."""
-    body = LAYERS_BLOCK.search(doc.read_text(encoding="utf-8")).group("body")
+    body = block.search(doc.read_text(encoding="utf-8")).group("body")
     layers = {}
     for index, line in enumerate(body.strip().splitlines()):
         name, _, modules = line.partition(":")
@@ -35,8 +37,9 @@ def layer_of(module: str, layers: dict[str, tuple[int, str]]) -> tuple[int, str]
     return layers.get(module)
 
 
-def imported(tree: ast.AST, importer: str, is_package: bool) -> list[tuple[int, str]]:
-    """(line, module) of every import of a ccat module, at any depth of ``tree``."""
+def imported(tree: ast.AST, importer: str, is_package: bool,
+             package: str = "ccat") -> list[tuple[int, str]]:
+    """(line, module) of every import of a ``package`` module, at any depth of ``tree``."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -50,7 +53,7 @@ def imported(tree: ast.AST, importer: str, is_package: bool) -> list[tuple[int, 
             # `from ccat import run_dir` imports the module ccat.run_dir
             found += [(node.lineno, f"{base}.{a.name}" if is_module(f"{base}.{a.name}")
                        else base) for a in node.names]
-    return [(line, name) for line, name in found if name.split(".")[0] == "ccat"]
+    return [(line, name) for line, name in found if name.split(".")[0] == package]
 
 
 def is_module(name: str) -> bool:
@@ -110,3 +113,33 @@ def test_models_read_the_kinds_never_the_loader():
         loader = [name for _, name in imported(tree, module_name(path), path.name == "__init__.py")
                   if layer_of(name, layers)[1] == "loader"]
         assert not loader, f"{path.relative_to(ROOT)} imports {loader}"
+
+
+def builder_violations(path: Path, source: str, layers: dict[str, tuple[int, str]]) -> list[str]:
+    """Why each import of a builder module by ``source`` (a builder module) goes upward."""
+    importer = module_name(path)
+    own = layers[importer]
+    problems = []
+    for line, target in imported(ast.parse(source), importer, False, "preprocess"):
+        theirs = layers.get(target)
+        if theirs is not None and theirs[0] > own[0]:
+            problems.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({theirs[1]}) "
+                            f"upward from {importer} ({own[1]})")
+    return problems
+
+
+def test_no_builder_module_imports_upward():
+    layers = read_layers(block=BUILDER_BLOCK)
+    paths = [ROOT.joinpath(*name.split(".")).with_suffix(".py") for name in layers]
+    assert all(path.is_file() for path in paths), "a module of the builder-layers block is gone"
+    problems = [problem for path in paths
+                for problem in builder_violations(path, path.read_text(encoding="utf-8"), layers)]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_builder_module_importing_upward_is_named():
+    layers = read_layers(block=BUILDER_BLOCK)
+    source = "from preprocess import writer\nfrom preprocess.plan import ShardTask\n"
+    assert builder_violations(ROOT / "preprocess" / "encode.py", source, layers) == [
+        "preprocess/encode.py:1 imports preprocess.writer (build) upward from "
+        "preprocess.encode (encode)"]
