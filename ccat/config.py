@@ -287,14 +287,21 @@ RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_eq
 
 
 @functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """The type hints of dataclass ``cls``, evaluated once (its annotations are strings, and
+    evaluating them is most of the time a merge would otherwise take)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
 def schema(cls: type) -> type[pydantic.BaseModel]:
     """The strict pydantic model of dataclass ``cls``: its fields, their types (a nested
     dataclass as its own model) and its RANGES; every field required (values are always
     given whole, defaults filled from an instance)."""
-    hints, ranges = typing.get_type_hints(cls), getattr(cls, "RANGES", {})
+    ranges = getattr(cls, "RANGES", {})
     return pydantic.create_model(
         f"{cls.__qualname__}Schema", __config__=STRICT,
-        **{f.name: (_constrained(hints[f.name], ranges.get(f.name)), ...)
+        **{f.name: (_constrained(hints(cls)[f.name], ranges.get(f.name)), ...)
            for f in dataclasses.fields(cls)})
 
 
@@ -328,9 +335,9 @@ def validated(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 def _instance(cls: type, values: dict[str, Any]) -> Any:
     """Dataclass ``cls`` (and the dataclasses in it) from validated ``values``."""
-    hints = typing.get_type_hints(cls)
-    return cls(**{key: _instance(hints[key], value) if dataclasses.is_dataclass(hints[key])
-                  else value for key, value in values.items()})
+    return cls(**{key: _instance(hints(cls)[key], value)
+                  if dataclasses.is_dataclass(hints(cls)[key]) else value
+                  for key, value in values.items()})
 
 
 def _sentence(cls: type, errors: list[Any], prefix: str) -> str:
@@ -382,7 +389,7 @@ def _located(cls: type, loc: tuple[Any, ...], prefix: str) -> tuple[str, Any, ty
             hint, args = args[0], list(typing.get_args(args[0]))
         if dataclasses.is_dataclass(hint):
             owner, name = hint, str(part)
-            hint = typing.get_type_hints(hint).get(name)
+            hint = hints(hint).get(name)
             key = f"{key}.{name}" if key else name
         elif typing.get_origin(hint) is list:
             hint, key = args[0], f"{key}[{part}]"
