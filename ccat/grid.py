@@ -191,15 +191,16 @@ class RunTask(submitit.helpers.Checkpointable):
         return str(run_one(run, in_job=True))
 
 
-def failures_error(failed: list[tuple[GridRun, str]], total: int, keep_going: bool) -> GridError:
+def failures_error(failed: list[tuple[GridRun, str]], total: int, keep_going: bool,
+                   others_then: str) -> GridError:
     """One sentence for the failed runs: the first one's reason, and the others' folders."""
     first, reason = failed[0]
-    others = "" if len(failed) == 1 else (
+    more = "" if len(failed) == 1 else (
         f"; {len(failed) - 1} more failed: " + ", ".join(str(r.folder) for r, _ in failed[1:]))
     rest = (f"the other {total - len(failed)} runs went on (--keep-going)" if keep_going
-            else "the other runs were stopped; run the grid again to continue them, or pass "
-                 "--keep-going (make -k) to train them past a failure")
-    return GridError(f"{reason}{others}; {rest}; no report was written")
+            else f"{others_then}; run the grid again to continue, or pass --keep-going "
+                 "(make -k) to train the other runs past a failure")
+    return GridError(f"{reason}{more}; {rest}; no report was written")
 
 
 def run_local(runs: list[GridRun], jobs: int, gpus: int, keep_going: bool = False,
@@ -208,10 +209,11 @@ def run_local(runs: list[GridRun], jobs: int, gpus: int, keep_going: bool = Fals
     A failure starts no further run unless ``keep_going``; the running ones finish."""
     slots: collections.deque[int] = collections.deque(range(jobs))
     lock, stop = threading.Lock(), threading.Event()
+    failed: list[tuple[GridRun, str]] = []
 
-    def pinned(run: GridRun) -> GridRun:
+    def pinned(run: GridRun) -> None:
         if stop.is_set():
-            return run
+            return
         with lock:
             slot = slots.popleft()
         try:
@@ -219,28 +221,24 @@ def run_local(runs: list[GridRun], jobs: int, gpus: int, keep_going: bool = Fals
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             run_one(run, env)
+        except GridError as err:
+            with lock:
+                failed.append((run, str(err)))
+            if not keep_going:
+                stop.set()  # here, before this thread takes the next run
+            return
         finally:
             with lock:
                 slots.append(slot)
         if on_done:
             on_done(run)
-        return run
 
-    failed: list[tuple[GridRun, str]] = []
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(pinned, run): run for run in runs}
-        for future, run in futures.items():
-            err = future.exception()
-            if err is None:
-                continue
-            if not isinstance(err, GridError):
-                raise err
-            failed.append((run, str(err)))
-            if not keep_going:
-                stop.set()
+        for future in [pool.submit(pinned, run) for run in runs]:
+            future.result()  # anything but a failed run (GridError) is raised here
     if failed:
-        raise failures_error(failed, len(runs), keep_going)
-
+        raise failures_error(failed, len(runs), keep_going,
+                             "no further run was started (the running ones finished)")
 
 
 def run_slurm(runs: list[GridRun], options: GridOptions, logs: Path,
@@ -282,7 +280,8 @@ def run_slurm(runs: list[GridRun], options: GridOptions, logs: Path,
         if pending:
             time.sleep(POLL_S)
     if failed:
-        raise failures_error(failed, len(runs), options.keep_going)
+        raise failures_error(failed, len(runs), options.keep_going,
+                             "the other jobs were cancelled")
 
 
 def gpu_count() -> int:

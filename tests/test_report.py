@@ -253,7 +253,7 @@ def test_make_table_stops_at_a_failed_run(tmp_path):
     proc = subprocess.run(make, capture_output=True, text=True)
     assert proc.returncode != 0 and "error:" in proc.stderr
     assert f"runs/sum/s0 failed in `ccat train`" in proc.stderr
-    assert "concat" not in proc.stderr and "were stopped" in proc.stderr
+    assert "concat" not in proc.stderr and "no further run was started" in proc.stderr
     assert not (tmp_path / "runs" / "table.md").exists()
     proc = subprocess.run([*make, "-k"], capture_output=True, text=True)
     assert proc.returncode != 0 and f"{tmp_path}/runs/concat/s0" in proc.stderr
