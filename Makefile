@@ -106,44 +106,47 @@ test: install
 #   make table DATASET=cremad SEEDS="0 1 2" [METHODS="sum ccat"]   -> runs/cremad/table.md
 #   make table DATASET=cremad PROTOCOL=released     -> runs/cremad/released/table.md
 #   make ablation DATASET=cremad SEEDS="0 1 2"            -> runs/cremad/ablation/table.md
-# Every run folder is checked on every call: one holding a run continues it (--resume),
-# which returns at once when it is finished and refuses, naming the keys, when CONFIG or
-# ARGS changed since it was trained (ARGS+=--overwrite retrains such runs); eval.json is
-# written when missing or older than best.pt. A run that fails stops make before the
-# table (`make -k` trains the rest).
+# The runs go through `ccat grid` (docs/cluster.md), one implementation for a machine and a
+# cluster: LAUNCHER=local trains JOBS runs at once, each on its own GPU where there are GPUs;
+# LAUNCHER=slurm submits one Slurm job per run (GRID_ARGS: more `ccat grid` options, e.g.
+# GRID_ARGS="--partition gpu --time 720 --gpus-per-run 1"). Every run folder is checked on
+# every call: one holding a run continues it (--resume), which returns at once when it is
+# finished and refuses, naming the keys, when CONFIG or ARGS changed since it was trained
+# (ARGS+=--overwrite retrains such runs); eval.json is written when missing or older than
+# best.pt. A run that fails stops the grid before the table: no further run starts. make's
+# -k becomes `ccat grid --keep-going` (the other runs train, then the command fails naming
+# each failed run, without the table) and -n `--dry-run` (each run's commands, run nothing).
 METHODS ?= sum concat film bigated ogm_ge qmf mla mmpareto lfm mmcosine pmr inforeg greedy agm reconboost umt relearning gblending valuation opm opg amco mbsd cml dgl arl aug remix unimodal ccat
 SEEDS ?= 0 1 2
 ABLATIONS ?= fixed_classifier alternating secondary lora fresh_encoders
 RUNS ?= runs/$(DATASET)$(PROTOCOL_DIR)
-TABLE_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RUNS)/$(m)/s$(s)))
-ABLATION_RUNS = $(foreach s,$(SEEDS),$(RUNS)/ccat/s$(s)) \
-	$(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(RUNS)/ablation/no_$(a)/s$(s)))
-# --resume for a run folder $(1) that holds a run, unless ARGS asks for --overwrite.
-resume_flag = $(if $(findstring --overwrite,$(ARGS)),,$$(test -f $(1)/config.yaml && echo --resume))
-# Train the run folder $(@D) as method $(1), seed $(2), extra arguments $(3); evaluate best.pt
-# with the linear probe (the per-modality measure comparable across methods).
-train_eval = $(BIN)/ccat train --config $(CONFIG) --method $(1) --data $(SHARDS) --out $(@D) \
-	--set seed=$(2) --set protocol=$(PROTOCOL) $(3) $(ARGS) $(call resume_flag,$(@D)) && \
-	{ test $@ -nt $(@D)/best.pt || \
-	$(BIN)/ccat eval --ckpt $(@D)/best.pt --data $(SHARDS) --probe --json $@; }
+LAUNCHER ?= local
+JOBS ?= 1
+GRID_ARGS ?=
+make_flag = $(findstring $(1),$(firstword -$(MAKEFLAGS)))
+GRID_FLAGS = $(if $(call make_flag,k),--keep-going) $(if $(call make_flag,n),--dry-run)
+# `ccat grid` of methods $(1), config $(2), shards $(3), runs under $(4), more grid options
+# $(5); every run's `ccat train` gets --set seed=S --set protocol=P, its own arguments
+# (--method-args, --variant), then $(6) $(ARGS). The recipe line starts with + so that
+# `make -n` runs it (as --dry-run).
+grid = $(BIN)/ccat grid --config $(2) --data $(3) --methods "$(strip $(1))" \
+	--seeds "$(strip $(SEEDS))" --out $(4) --launcher $(LAUNCHER) --jobs $(JOBS) $(GRID_FLAGS) \
+	$(GRID_ARGS) --set protocol=$(PROTOCOL) $(5) -- $(6) $(ARGS)
 
-.PHONY: table ablation have-shards FORCE
-FORCE:
+# Table 2's runs besides Table 1's ccat: runs/<dataset>/ablation/no_<switch>/s<seed>.
+ABLATION_VARIANTS = $(foreach a,$(ABLATIONS),\
+	--variant 'ablation/no_$(a)=ccat --set method.params.$(a)=false')
 
-table: $(addsuffix /eval.json,$(TABLE_RUNS))
-	$(BIN)/ccat report $(TABLE_RUNS) --out $(RUNS)
+.PHONY: table ablation have-shards
 
-ablation: $(addsuffix /eval.json,$(ABLATION_RUNS))
-	$(BIN)/ccat report $(ABLATION_RUNS) --out $(RUNS)/ablation
+table: have-shards
+	+$(call grid,$(METHODS),$(CONFIG),$(SHARDS),$(RUNS))
+
+ablation: have-shards
+	+$(call grid,ccat,$(CONFIG),$(SHARDS),$(RUNS),--report $(RUNS)/ablation $(ABLATION_VARIANTS))
 
 have-shards: install
 	test -f $(SHARDS)/manifest.json || $(MAKE) shards DATASET=$(DATASET) RAW=$(RAW)
-
-$(RUNS)/ablation/no_%/eval.json: FORCE | have-shards
-	$(call train_eval,ccat,$(patsubst s%,%,$(notdir $*)),--set method.params.$(*D)=false)
-
-$(RUNS)/%/eval.json: FORCE | have-shards
-	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
 
 # docs/results.md and docs/img/results_accuracy.png: `make table` for every method in METHODS
 # and seed in SEEDS on the demo's data and config, in RESULTS_DIR, then `ccat results`, which
@@ -171,19 +174,18 @@ DEMO_SCHEDULE_arl = --set method.params.start=1
 RESULT_RUNS = $(foreach m,$(METHODS),$(foreach s,$(SEEDS),$(RESULTS_DIR)/$(m)/s$(s)))
 RESULTS_COMMAND = make results METHODS="$(strip $(METHODS))" SEEDS="$(strip $(SEEDS))" \
 	RESULTS_ARGS="$(strip $(RESULTS_ARGS))"$(if $(PROTOCOL_DIR), PROTOCOL=released)
+# Each method's DEMO_SCHEDULE_<method>, as `ccat grid --method-args`.
+DEMO_SCHEDULES = $(foreach m,$(METHODS),\
+	$(if $(DEMO_SCHEDULE_$(m)),--method-args '$(m)=$(DEMO_SCHEDULE_$(m))'))
 .PHONY: results results-data
-results: $(addsuffix /eval.json,$(RESULT_RUNS))
+results: results-data
+	+$(call grid,$(METHODS),$(DEMO_CONFIG),$(RESULTS_DIR)/shards,$(RESULTS_DIR),\
+		--no-report $(DEMO_SCHEDULES),$(RESULTS_ARGS))
 	$(BIN)/ccat results $(RESULT_RUNS) --out $(RESULTS_PAGE) --figures $(RESULTS_FIGURES) \
 		--command '$(RESULTS_COMMAND)'
 
 results-data: install
 	$(call synth_data,$(RESULTS_DIR))
-
-$(RESULTS_DIR)/%/eval.json: CONFIG = $(DEMO_CONFIG)
-$(RESULTS_DIR)/%/eval.json: SHARDS = $(RESULTS_DIR)/shards
-$(RESULTS_DIR)/%/eval.json: ARGS = $(DEMO_SCHEDULE_$(*D)) $(RESULTS_ARGS)
-$(RESULTS_DIR)/%/eval.json: FORCE | results-data
-	$(call train_eval,$(*D),$(patsubst s%,%,$(notdir $*)))
 
 bench: install
 	@for script in benchmarks/[a-z]*.py; do $(BIN)/python $$script || exit 1; done

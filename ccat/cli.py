@@ -203,15 +203,28 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
         run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
 
 
-@app.command("grid")
-def grid(config: Path = typer.Option(..., "--config", help="YAML config file"),
+@app.command("grid", context_settings={"allow_extra_args": True,
+                                        "ignore_unknown_options": True})
+def grid(ctx: typer.Context,
+         config: Path = typer.Option(..., "--config", help="YAML config file"),
          data: str = typer.Option(..., help="built dataset folder"),
          methods: str = typer.Option(..., help="methods, e.g. 'sum ccat' or sum,ccat"),
          seeds: str = typer.Option("0 1 2", help="seeds, e.g. '0 1 2' or 0,1,2"),
          out: Path = typer.Option(..., help="folder of the runs: OUT/<method>/s<seed>"),
          set_: list[str] = typer.Option([], "--set", help="override for every run"),
+         method_args: list[str] = typer.Option([], help="METHOD=ARGS: more `ccat train` "
+                                               "arguments for one method's runs; repeatable"),
+         variant: list[str] = typer.Option([], help="NAME=METHOD [ARGS]: runs OUT/NAME/s<seed> "
+                                           "of METHOD with ARGS (an ablation); repeatable"),
          launcher: str = typer.Option("local", help="local (processes here) or slurm"),
          jobs: int = typer.Option(1, help="local: runs at once, each on its own GPU if any"),
+         keep_going: bool = typer.Option(False, help="train the other runs past a failed one "
+                                         "(make -k), then name every failed run"),
+         dry_run: bool = typer.Option(False, help="print each run's commands, run nothing "
+                                      "(make -n)"),
+         report: Optional[Path] = typer.Option(None, help="folder of the report (table.md); "
+                                               "default: OUT"),
+         no_report: bool = typer.Option(False, help="train and evaluate only"),
          partition: str = typer.Option("", help="slurm: partition (default: the cluster's)"),
          time_limit: int = typer.Option(1440, "--time", help="slurm: minutes per run "
                                         "(a run past it is requeued and resumes)"),
@@ -219,17 +232,27 @@ def grid(config: Path = typer.Option(..., "--config", help="YAML config file"),
          cpus_per_run: int = typer.Option(4, help="slurm: CPUs per run"),
          slurm_option: list[str] = typer.Option([], help="slurm: KEY=VALUE sbatch option, "
                                                 "repeatable")) -> None:
-    """Train and evaluate every (method, seed) run, as `make table` does, then the report."""
+    """Train and evaluate every (method, seed) run, as `make table` does, then the report.
+    Arguments after `--` go to every run's `ccat train`, after its own (the Makefile's ARGS)."""
     from ccat import grid as grids
     from ccat.report import report as make_report
 
     names, numbers = grids.split_list(methods), grids.split_list(seeds)
-    runs = grids.runs_of(config, data, names, grids.seeds_of(numbers), out,
-                         [a for s in set_ for a in ("--set", s)])
+    variants = grids.variants_of(names, method_args, variant)
+    runs = grids.runs_of(config, data, variants, grids.seeds_of(numbers), out,
+                         [a for s in set_ for a in ("--set", s)], ctx.args)
+    folders, report_out = [run.folder for run in runs], report or out
+    if dry_run:
+        grids.dry_run(runs)
+        if not no_report:
+            print(shlex.join([sys.executable, "-m", "ccat", "report", *map(str, folders),
+                              "--out", str(report_out)]))
+        return
     options = grids.GridOptions(launcher, jobs, partition, time_limit, gpus_per_run,
-                                cpus_per_run, grids.slurm_options(slurm_option))
+                                cpus_per_run, grids.slurm_options(slurm_option), keep_going)
     grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
-    make_report([run.folder for run in runs], "table", out, "test")
+    if not no_report:
+        make_report(folders, "table", report_out, "test")
 
 
 @app.command("list")

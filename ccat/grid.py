@@ -1,7 +1,7 @@
 """``ccat grid``: the (method, seed) runs of a table, on a machine's GPUs or on Slurm, then
-the report.
+the report. ``make table``, ``make ablation`` and ``make results`` train through it.
 
-Each run is what the Makefile's ``train_eval`` does for one run folder: ``ccat train``
+Each run is what the Makefile's ``train_eval`` did for one run folder: ``ccat train``
 (with ``--resume`` when the folder holds a run: a finished run returns at once, one whose
 config changed is refused naming the keys), then ``ccat eval --probe`` when ``eval.json``
 is missing or older than ``best.pt``. Every run is its own process, so that it can be
@@ -10,19 +10,28 @@ pinned to a GPU (``CUDA_VISIBLE_DEVICES``) or be a Slurm job.
 - ``local``: ``jobs`` runs at once; with GPUs, run slot ``k`` gets GPU ``k mod count``.
 - ``slurm``: one submitit job per run. A job is a ``submitit.helpers.Checkpointable``:
   preempted or out of time, it is requeued and calls the same run again, which continues
-  through ``--resume``.
+  through ``--resume``. Slurm signals every process of a job it stops; the ``ccat``
+  processes of a run ignore SIGTERM and USR2, and the job stops them itself
+  (:func:`run_one`), so that a preemption is never mistaken for a failed run.
+
+A failed run stops the grid: no other run starts (on Slurm the others are cancelled), and
+the error names the run. ``keep_going`` (``make -k``) trains every other run first, then
+names each failed one; neither writes the report.
 """
 
 from __future__ import annotations
 
+import collections
 import os
-import queue
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import submitit
@@ -33,11 +42,25 @@ from ccat.errors import UserError
 LAUNCHERS = ("local", "slurm")
 POLL_S = 2.0
 STATE_CHECK_S = 10.0  # how often Slurm is asked for the job states (one sacct call for all)
-ERROR_TAIL = 2000  # characters of a failed command's output kept in its error
+ERROR_LINES = 20  # lines of a failed command's stderr kept for its error
+# What Slurm sends a job it preempts, requeues or times out (submitit's USR2 comes 90 s
+# before the time limit); a run's processes ignore them and leave the decision to the job.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_GRACE_S = 300.0  # longer than Slurm's KillWait (default 30 s) and usual GraceTimes
 
 
 class GridError(UserError):
     """A grid cannot run, or one of its runs failed; the message names the run."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Runs ``OUT/<name>/s<seed>`` of ``method`` with extra ``ccat train`` arguments of their
+    own: a method (name = method) with its per-method schedule, or an ablation."""
+
+    name: str
+    method: str
+    args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,9 +84,11 @@ class GridRun:
         return command + ["--resume"] if holds_run and "--overwrite" not in command else command
 
     def eval_command(self) -> list[str] | None:
-        """``ccat eval --probe`` of best.pt, or None when eval.json is newer than best.pt."""
+        """``ccat eval --probe`` of best.pt, or None when eval.json is newer than best.pt
+        (``test eval.json -nt best.pt``, to the nanosecond)."""
         best, scores = self.folder / run_dir.BEST, self.folder / run_dir.EVAL
-        if scores.is_file() and scores.stat().st_mtime > best.stat().st_mtime:
+        if scores.is_file() and best.is_file() and \
+                scores.stat().st_mtime_ns > best.stat().st_mtime_ns:
             return None
         return [sys.executable, "-m", "ccat", "eval", "--ckpt", str(best), "--data", self.data,
                 "--probe", "--json", str(scores)]
@@ -80,26 +105,82 @@ class GridOptions:
     gpus_per_run: int = 1  # Slurm only
     cpus_per_run: int = 4
     slurm_options: dict[str, str] = field(default_factory=dict)
+    keep_going: bool = False
 
 
-def runs_of(config: Path, data: str, methods: Sequence[str], seeds: Sequence[int], out: Path,
-            train_args: Sequence[str] = ()) -> list[GridRun]:
-    """The grid's runs, as the Makefile names their folders: ``OUT/<method>/s<seed>``."""
-    return [GridRun(m, s, out / m / f"s{s}", config, data, tuple(train_args))
-            for m in methods for s in seeds]
+def runs_of(config: Path, data: str, variants: Sequence[Variant], seeds: Sequence[int],
+            out: Path, before: Sequence[str] = (), after: Sequence[str] = ()) -> list[GridRun]:
+    """The grid's runs, as the Makefile names their folders: ``OUT/<name>/s<seed>``, each
+    variant's seeds in turn. A run's ``ccat train`` arguments are ``before``, its variant's,
+    then ``after``: the order of the Makefile's ``--set protocol=P $(3) $(ARGS)``."""
+    return [GridRun(v.method, s, out / v.name / f"s{s}", config, data,
+                    (*before, *v.args, *after)) for v in variants for s in seeds]
 
 
-def run_one(run: GridRun, env: dict[str, str] | None = None) -> Path:
-    """Train (or continue, or skip) and evaluate one run; returns its eval.json."""
-    for command in (run.train_command(), run.eval_command()):
+def _ignore_job_signals() -> None:
+    for number in JOB_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def run_one(run: GridRun, env: dict[str, str] | None = None, in_job: bool = False) -> Path:
+    """Train (or continue, or skip) and evaluate one run; returns its eval.json.
+
+    ``in_job``: a Slurm job's run. Slurm's SIGTERM (preemption, requeue, cancel) ends the
+    running command at once and writes no result; the job then waits for what follows:
+    Slurm's SIGKILL (requeued, or ended) or submitit's USR2 (checkpoint and requeue). A
+    SIGTERM that nothing follows within ``STOP_GRACE_S`` continues the run (--resume)."""
+    while _run_commands(run, env, in_job):
+        print(f"ccat grid: Slurm stopped run {run.folder} (SIGTERM); waiting to be requeued "
+              f"or ended, else continuing in {STOP_GRACE_S:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(STOP_GRACE_S)
+    return run.folder / run_dir.EVAL
+
+
+def _run_commands(run: GridRun, env: dict[str, str] | None, in_job: bool) -> bool:
+    """``ccat train``, then ``ccat eval`` when best.pt is newer than eval.json (decided after
+    training); their output passes through, stderr also kept for the error. True when a
+    SIGTERM stopped them (``in_job`` only)."""
+    for make in (run.train_command, run.eval_command):
+        command = make()
         if command is None:
             continue
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            said = (done.stderr.strip() or done.stdout.strip())[-ERROR_TAIL:]
-            raise GridError(f"run {run.folder} failed in `ccat {command[3]}` (exit "
-                            f"{done.returncode}): {said.splitlines()[-1] if said else ''}")
-    return run.folder / run_dir.EVAL
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=_ignore_job_signals if in_job else None)
+        stopped: list[int] = []
+
+        def stop(number: int, frame: object) -> None:
+            stopped.append(number)
+            process.kill()  # safe: every run-folder write is atomic (tests/test_run_folder.py)
+
+        previous = signal.signal(signal.SIGTERM, stop) if in_job else None
+        tail: collections.deque[str] = collections.deque(maxlen=ERROR_LINES)
+        try:
+            for line in process.stderr:
+                sys.stderr.write(line)
+                tail.append(line.rstrip())
+            code = process.wait()
+        except BaseException:  # submitit's USR2 handler exits here after requeueing the job
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            if in_job:
+                signal.signal(signal.SIGTERM, previous)
+        if stopped:
+            return True
+        if code:
+            said = [line for line in tail if line.strip()]
+            raise GridError(f"run {run.folder} failed in `ccat {command[3]}` (exit {code}): "
+                            f"{said[-1] if said else 'no message'}")
+    return False
+
+
+def dry_run(runs: list[GridRun]) -> None:
+    """Print each run's commands as they would run now, running nothing (``make -n``)."""
+    for run in runs:
+        for command in (run.train_command(), run.eval_command()):
+            if command is not None:
+                print(shlex.join(command), flush=True)
 
 
 class RunTask(submitit.helpers.Checkpointable):
@@ -107,36 +188,63 @@ class RunTask(submitit.helpers.Checkpointable):
     and the run continues through --resume."""
 
     def __call__(self, run: GridRun) -> str:
-        return str(run_one(run))
+        return str(run_one(run, in_job=True))
 
 
-def run_local(runs: list[GridRun], jobs: int, gpus: int,
+def failures_error(failed: list[tuple[GridRun, str]], total: int, keep_going: bool,
+                   others_then: str) -> GridError:
+    """One sentence for the failed runs: the first one's reason, and the others' folders."""
+    first, reason = failed[0]
+    more = "" if len(failed) == 1 else (
+        f"; {len(failed) - 1} more failed: " + ", ".join(str(r.folder) for r, _ in failed[1:]))
+    rest = (f"the other {total - len(failed)} runs went on (--keep-going)" if keep_going
+            else f"{others_then}; run the grid again to continue, or pass --keep-going "
+                 "(make -k) to train the other runs past a failure")
+    return GridError(f"{reason}{more}; {rest}; no report was written")
+
+
+def run_local(runs: list[GridRun], jobs: int, gpus: int, keep_going: bool = False,
               on_done: Callable[[GridRun], None] | None = None) -> None:
-    """``jobs`` runs at once, slot ``k`` pinned to GPU ``k mod gpus`` when there are GPUs."""
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(jobs):
-        slots.put(slot)
+    """``jobs`` runs at once, slot ``k`` pinned to GPU ``k mod gpus`` when there are GPUs.
+    A failure starts no further run unless ``keep_going``; the running ones finish."""
+    slots: collections.deque[int] = collections.deque(range(jobs))
+    lock, stop = threading.Lock(), threading.Event()
+    failed: list[tuple[GridRun, str]] = []
 
-    def pinned(run: GridRun) -> GridRun:
-        slot = slots.get()
+    def pinned(run: GridRun) -> None:
+        if stop.is_set():
+            return
+        with lock:
+            slot = slots.popleft()
         try:
             env = dict(os.environ)
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             run_one(run, env)
+        except GridError as err:
+            with lock:
+                failed.append((run, str(err)))
+            if not keep_going:
+                stop.set()  # here, before this thread takes the next run
+            return
         finally:
-            slots.put(slot)
+            with lock:
+                slots.append(slot)
         if on_done:
             on_done(run)
-        return run
 
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(pinned, runs))
+        for future in [pool.submit(pinned, run) for run in runs]:
+            future.result()  # anything but a failed run (GridError) is raised here
+    if failed:
+        raise failures_error(failed, len(runs), keep_going,
+                             "no further run was started (the running ones finished)")
 
 
 def run_slurm(runs: list[GridRun], options: GridOptions, logs: Path,
               on_done: Callable[[GridRun], None] | None = None) -> None:
-    """One Slurm job per run through submitit; a failed run stops the grid with its log."""
+    """One Slurm job per run through submitit. A failed run cancels the others unless
+    ``options.keep_going``; the error names each failed run's log."""
     executor = submitit.SlurmExecutor(folder=logs / "%j")
     extra = dict(options.slurm_options)
     if options.gpus_per_run:
@@ -148,20 +256,32 @@ def run_slurm(runs: list[GridRun], options: GridOptions, logs: Path,
     with executor.batch():
         jobs = [executor.submit(RunTask(), run) for run in runs]
     pending, asked = dict(enumerate(jobs)), time.monotonic()
+    failed: list[tuple[GridRun, str]] = []
     while pending:
         ask = time.monotonic() - asked >= STATE_CHECK_S
         asked = time.monotonic() if ask else asked
         for i, job in list(pending.items()):
-            if job.done(force_check=ask):
-                del pending[i]
-                err = job.exception()
-                if err is not None:
-                    raise GridError(f"run {runs[i].folder} failed on Slurm (job {job.job_id}); "
-                                    f"its log: {job.paths.stderr}")
+            if not job.done(force_check=ask):
+                continue
+            del pending[i]
+            err = job.exception()
+            if err is None:
                 if on_done:
                     on_done(runs[i])
+                continue
+            said = [line for line in str(err).splitlines() if line.strip()]
+            failed.append((runs[i], f"run {runs[i].folder} failed on Slurm (job {job.job_id}, "
+                                    f"{job.state}): {said[-1] if said else 'no message'}; "
+                                    f"its log: {job.paths.stderr}"))
+            if not options.keep_going:
+                for other in pending.values():
+                    other.cancel(check=False)
+                pending.clear()
         if pending:
             time.sleep(POLL_S)
+    if failed:
+        raise failures_error(failed, len(runs), options.keep_going,
+                             "the other jobs were cancelled")
 
 
 def gpu_count() -> int:
@@ -179,7 +299,7 @@ def grid(runs: list[GridRun], options: GridOptions, out: Path,
     if not runs:
         raise GridError("the grid has no runs: give --methods and --seeds")
     if options.launcher == "local":
-        run_local(runs, max(1, options.jobs), gpu_count(), on_done)
+        run_local(runs, max(1, options.jobs), gpu_count(), options.keep_going, on_done)
     else:
         run_slurm(runs, options, out / "grid.logs", on_done)
 
@@ -203,3 +323,26 @@ def slurm_options(items: list[str]) -> dict[str, str]:
     if bad:
         raise GridError(f"--slurm-option {bad[0]!r} is not KEY=VALUE; give e.g. account=abc")
     return dict(item.split("=", 1) for item in items)
+
+
+def variants_of(methods: list[str], method_args: list[str], variants: list[str]) -> list[Variant]:
+    """Each method (with its ``--method-args METHOD=ARGS``), then each ``--variant
+    NAME=METHOD ARGS``; a malformed item or one naming no method of the grid is refused."""
+    per_method: dict[str, tuple[str, ...]] = {}
+    for item in method_args:
+        method, sep, args = item.partition("=")
+        if not sep or method not in methods:
+            raise GridError(f"--method-args {item!r}: give METHOD=ARGS for a method in "
+                            f"--methods, e.g. relearning='--set method.params.reinit_epoch=3'")
+        per_method[method] = per_method.get(method, ()) + tuple(shlex.split(args))
+    found = [Variant(m, m, per_method.get(m, ())) for m in methods]
+    for item in variants:
+        name, sep, spec = item.partition("=")
+        words = shlex.split(spec)
+        folder = PurePosixPath(name)
+        if not sep or not words or not name or folder.is_absolute() or ".." in folder.parts:
+            raise GridError(f"--variant {item!r}: give NAME=METHOD [ARGS] with NAME a folder "
+                            "inside --out, e.g. 'ablation/no_lora=ccat --set "
+                            "method.params.lora=false'")
+        found.append(Variant(name, words[0], tuple(words[1:])))
+    return found

@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from ccat.grid import GridError, Variant, variants_of
 from train_helpers import write_tiny_dataset
 
 CONFIG = ("device: cpu\ndata: {batch_size: 4, workers: 0}\n"
@@ -75,3 +78,52 @@ def test_slurm_grid_gives_the_local_eval_json(setup: tuple[Path, Path], local: P
                 "--cpus-per-run", "1", env={"SLURM_CONF": slurm.env["SLURM_CONF"]})
     assert done.returncode == 0, done.stderr[-2000:]
     assert scores(out) == scores(local)
+
+
+def test_a_requeued_slurm_run_resumes_to_the_uninterrupted_result(
+        setup: tuple[Path, Path], local: Path, slurm, tmp_path: Path) -> None:
+    """`scontrol requeue` after the first epoch, as a preemption with PreemptMode=REQUEUE
+    does (SIGTERM, then SIGKILL, then the job runs again): the job continues through
+    --resume, and the run's eval.json and best.pt weights are the uninterrupted run's."""
+    config, data = setup
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "ccat", "grid", "--config", str(config), "--data", str(data),
+               "--methods", "sum", "--seeds", "1", "--out", str(out), "--launcher", "slurm",
+               "--gpus-per-run", "0", "--cpus-per-run", "1"]
+    env = {**slurm.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = out / "sum" / "s1" / "metrics.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while (not metrics.is_file() or not metrics.read_text().strip()) and \
+            time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    job = next(p.name for p in (out / "grid.logs").iterdir() if p.name.isdigit())
+    slurm.run("scontrol", "requeue", job)
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 0, err[-2000:]
+    assert "REQUEUED" in slurm.run("sacct", "-n", "-D", "-o", "State", "-j", job)
+    log = next((out / "grid.logs" / job).glob("*_log.out")).read_text()
+    assert "resuming" in log  # the second start continued the run
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]  # each epoch once
+    assert scores(out)["sum/s1"] == scores(local)["sum/s1"]
+    weights = [torch.load(run / "sum" / "s1" / "best.pt", map_location="cpu",
+                          weights_only=False)["model"] for run in (out, local)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_methods_arguments_and_variants_are_checked() -> None:
+    found = variants_of(["sum", "ccat"], ["ccat=--set method.params.rank=2"],
+                        ["ablation/no_lora=ccat --set method.params.lora=false"])
+    assert found == [Variant("sum", "sum"),
+                     Variant("ccat", "ccat", ("--set", "method.params.rank=2")),
+                     Variant("ablation/no_lora", "ccat", ("--set", "method.params.lora=false"))]
+    for method_args, variants, named in ((["mla=--set x=1"], [], "--method-args 'mla"),
+                                         ([], ["../up=ccat"], "--variant '../up"),
+                                         ([], ["no_method="], "--variant 'no_method=")):
+        with pytest.raises(GridError, match=named):
+            variants_of(["sum", "ccat"], method_args, variants)

@@ -4,6 +4,7 @@ and the ``make table`` / ``make ablation`` commands."""
 import csv
 import io
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -198,50 +199,65 @@ def test_folder_without_runs_and_duplicate_seeds_are_one_line_errors(runs, tmp_p
 
 
 def test_make_table_and_ablation_dry_run(tmp_path):
+    """`make -n` runs `ccat grid --dry-run`: each run's commands as they would run now."""
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text("{}")  # present, so `make shards` is not called
     common = ["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed", "DATASET=tiny",
               f"SHARDS={shards}", "SEEDS=0 1", f"RUNS={tmp_path}/runs",
               "CONFIG=configs/demo.yaml"]
-    (tmp_path / "runs" / "sum" / "s1").mkdir(parents=True)
-    (tmp_path / "runs" / "sum" / "s1" / "eval.json").write_text("{}")  # a finished run
+    finished = tmp_path / "runs" / "sum" / "s1"
+    finished.mkdir(parents=True)
+    for name in ("config.yaml", "best.pt", "eval.json"):  # a finished, evaluated run
+        (finished / name).write_text("{}")
+    os.utime(finished / "eval.json", ns=(2 * 10**18, 2 * 10**18))  # newer than best.pt
     out = subprocess.run([*common, "METHODS=sum concat", "table"], capture_output=True,
                          text=True, check=True).stdout
     train_lines = [line for line in out.splitlines() if " train " in line]
     eval_lines = [line for line in out.splitlines() if " eval " in line]
-    # finished runs too go through `ccat train --resume`, which refuses changed settings
-    assert len(train_lines) == 4 and len(eval_lines) == 4
+    # finished runs too go through `ccat train --resume`, which refuses changed settings;
+    # eval.json is written when missing or older than best.pt
+    assert len(train_lines) == 4 and len(eval_lines) == 3
     for method, seed in (("sum", 0), ("sum", 1), ("concat", 0), ("concat", 1)):
         run = f"{tmp_path}/runs/{method}/s{seed}"
-        assert any(f"--method {method} " in line and f"--out {run} " in line
-                   and f"--set seed={seed}" in line
-                   and f"test -f {run}/config.yaml && echo --resume" in line
-                   for line in train_lines)
-        assert any(f"--probe --json {run}/eval.json" in line for line in eval_lines)
+        line = next(line for line in train_lines if f"--out {run} " in line)
+        assert f"--method {method} " in line
+        assert line.endswith(f"--set seed={seed} --set protocol=shared" +
+                             (" --resume" if (method, seed) == ("sum", 1) else ""))
+        assert any(f"--probe --json {run}/eval.json" in line
+                   for line in eval_lines) == ((method, seed) != ("sum", 1))
     out = subprocess.run([*common, "METHODS=sum", "ARGS=--overwrite", "table"],
                          capture_output=True, text=True, check=True).stdout
-    assert "--overwrite" in out and "echo --resume" not in out
-    assert any(" report " in line and f"{tmp_path}/runs/sum/s1" in line
-               for line in out.splitlines())
-    out = subprocess.run([*common, "ablation"], capture_output=True, text=True,
-                         check=True).stdout
+    assert "--overwrite" in out and "--resume" not in out
+    assert any(" report " in line and f"{finished}" in line for line in out.splitlines())
+    out = subprocess.run([*common, "ablation", "ARGS=--set optim.lr=0.5"], capture_output=True,
+                         text=True, check=True).stdout
     train_lines = [line for line in out.splitlines() if " train " in line]
     assert len(train_lines) == 12  # 2 full-CCAT runs + 5 switches x 2 seeds
     for switch in ("fixed_classifier", "alternating", "secondary", "lora", "fresh_encoders"):
-        assert sum(f"--set method.params.{switch}=false" in line and f"ablation/no_{switch}/" in line
+        assert sum(line.endswith(f"--set protocol=shared --set method.params.{switch}=false "
+                                 "--set optim.lr=0.5") and f"ablation/no_{switch}/" in line
                    for line in train_lines) == 2
+    assert f"--out {tmp_path}/runs/ablation" in out.splitlines()[-1]  # the report
 
 
 def test_make_table_stops_at_a_failed_run(tmp_path):
+    """A failed run stops the grid before the table; make -k trains the others first and
+    names every failed run."""
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text("{}")  # present, so no build; unreadable to train
-    proc = subprocess.run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "table",
-                           "DATASET=tiny", f"SHARDS={shards}", "SEEDS=0", "METHODS=sum",
-                           f"RUNS={tmp_path}/runs", "CONFIG=configs/demo.yaml"],
-                          capture_output=True, text=True)
+    make = ["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "table", "DATASET=tiny",
+            f"SHARDS={shards}", "SEEDS=0", "METHODS=sum concat", f"RUNS={tmp_path}/runs",
+            "CONFIG=configs/demo.yaml"]
+    proc = subprocess.run(make, capture_output=True, text=True)
     assert proc.returncode != 0 and "error:" in proc.stderr
+    assert f"runs/sum/s0 failed in `ccat train`" in proc.stderr
+    assert "concat" not in proc.stderr and "no further run was started" in proc.stderr
+    assert not (tmp_path / "runs" / "table.md").exists()
+    proc = subprocess.run([*make, "-k"], capture_output=True, text=True)
+    assert proc.returncode != 0 and f"{tmp_path}/runs/concat/s0" in proc.stderr
+    assert "1 more failed" in proc.stderr
     assert not (tmp_path / "runs" / "table.md").exists()
 
 

@@ -111,7 +111,7 @@ def test_outside_a_checkout_the_commit_is_unknown_and_an_empty_command_refused(
 
 def test_make_results_dry_run(tmp_path):
     out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed",
-                          "results", "METHODS=concat ccat", "SEEDS=0 1",
+                          "results", "METHODS=concat reconboost", "SEEDS=0 1",
                           f"RESULTS_DIR={tmp_path}", "RESULTS_ARGS=--set optim.epochs=2"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
@@ -120,14 +120,21 @@ def test_make_results_dry_run(tmp_path):
                for line in lines)
     train_lines = [line for line in lines if " train " in line]
     assert len(train_lines) == 4
-    for method in ("concat", "ccat"):
+    # each run's arguments in the order the per-run make rules gave them: seed, protocol,
+    # the method's DEMO_SCHEDULE, RESULTS_ARGS
+    schedule = {"concat": "", "reconboost": " --set method.params.boost_epochs=1 "
+                                            "--set method.params.rectify_epochs=1"}
+    for method in ("concat", "reconboost"):
         for seed in (0, 1):
             assert any(f"--method {method} " in line and "--config configs/demo.yaml" in line
                        and f"--data {tmp_path}/shards" in line
                        and f"--out {tmp_path}/{method}/s{seed} " in line
-                       and "--set optim.epochs=2" in line for line in train_lines)
+                       and line.endswith(f"--set seed={seed} --set protocol=shared"
+                                         f"{schedule[method]} --set optim.epochs=2")
+                       for line in train_lines)
+    assert not any(" report " in line for line in lines)
     assert any(" results " in line and "--out docs/results.md" in line for line in lines)
-    assert ("--command 'make results METHODS=\"concat ccat\" SEEDS=\"0 1\" "
+    assert ("--command 'make results METHODS=\"concat reconboost\" SEEDS=\"0 1\" "
             "RESULTS_ARGS=\"--set optim.epochs=2\"'") in out
 
 
