@@ -362,6 +362,13 @@ def claim_folder(cfg: RunConfig, resume: bool, overwrite: bool) -> Checkpoint | 
         raise CcatError(f"--resume found no run in {out}; start it without --resume")
     state, saved = saved_run(out)
     check_same_config(saved, cfg, out)
+    if state is not None and state.version == 0 and cfg.data.device_cache:
+        # Format 0 predates the one epoch partition (ccat.data.partition): its device cache
+        # dealt other batches than the streamed loader, so no code now draws what it drew.
+        raise CcatError(f"{out} was trained with data.device_cache by a ccat whose device "
+                        f"cache drew other batches than today's (checkpoint format 0), so "
+                        f"a resume would not equal the uninterrupted run; pass --overwrite "
+                        f"to train it afresh")
     return state
 
 

@@ -53,3 +53,20 @@ def test_a_run_saved_before_checkpoint_versions_resumes_to_the_same_weights(tiny
                  for run in ("full", "cut"))
     assert full["model"].keys() == cut["model"].keys() and cut["version"] == checkpoint.VERSION
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+
+
+def test_a_device_cache_run_saved_before_the_one_partition_is_refused(tiny, tmp_path,
+                                                                      monkeypatch):
+    """Format 0's device cache dealt other batches than today's, so its resume is refused in
+    one sentence rather than continued on batches the run never saw."""
+    from ccat.errors import CcatError
+
+    cfg = tiny_config(tiny, tmp_path / "cut", method="concat", epochs=2)
+    cfg.data.device_cache = True
+    interrupt(cfg, monkeypatch, at_epoch=2)
+    last = tmp_path / "cut" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["version"]
+    torch.save(state, last)
+    with pytest.raises(CcatError, match="drew other batches than today's .*--overwrite"):
+        train(cfg, resume=True)
