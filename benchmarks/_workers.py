@@ -58,8 +58,10 @@ def main() -> None:
     parser.add_argument("--code", action="append", required=True, help="NAME=DIR")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("build", nargs="*", default=DEMO_BUILD)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # build options follow "--"
+    args = parser.parse_args(argv[:cut])
+    args.build = argv[cut + 1:] or DEMO_BUILD
     codes = dict(text.split("=", 1) for text in args.code)
     load_before = os.getloadavg()
     runs: dict[str, dict[str, list[dict]]] = {n: {str(w): [] for w in args.workers} for n in codes}
