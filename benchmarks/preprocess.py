@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 from preprocess import media, writer  # noqa: E402
 from preprocess.datasets.cremad import Cremad  # noqa: E402
-from preprocess.datasets.synth import synthesize_cremad  # noqa: E402
+from preprocess.datasets.synth import replicate_cremad, synthesize_cremad  # noqa: E402
 
 CLIP_GEOMETRY = {"width": 480, "height": 360, "duration": 2.5, "fps": 30}
 LONG_GEOMETRY = {"width": 480, "height": 360, "duration": 10.0, "fps": 30}  # KS, VGGSound
@@ -69,19 +68,6 @@ def decode_floor(raw: Path, ids: list[str]) -> float:
             media._decode_at(stream.codec_context, packets,
                              media.segment_centres(len(packets), 3))
     return (time.perf_counter() - start) / len(ids)
-
-
-def replicate(raw: Path, ids: list[str], total: int) -> list[str]:
-    """Copy clips under fresh CREMA-D ids (actor 1001.., sentence WSI) up to ``total``."""
-    every = list(ids)
-    for n in range(total - len(ids)):
-        source = ids[n % len(ids)]
-        emotion = source.split("_")[2]
-        clip_id = f"{1001 + n % 91}_WSI_{emotion}_X{n // 91}"  # (actor, level) unique per n
-        for folder, suffix in (("AudioWAV", ".wav"), ("VideoFlash", ".flv")):
-            shutil.copyfile(raw / folder / f"{source}{suffix}", raw / folder / f"{clip_id}{suffix}")
-        every.append(clip_id)
-    return every
 
 
 def build_rate(raw: Path, seconds: float, workers: int, raw_hash: str = "blake3") -> float:
@@ -140,7 +126,7 @@ def long_clips(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
     """Floor and --workers 1 build of 10 s clips at 10 s audio (KS / VGGSound geometry),
     measured alternately so that both see the same load."""
     raw = scratch / "raw10"
-    ids = replicate(raw, synthesize_cremad(raw, min(args.distinct_long, args.clips_long),
+    ids = replicate_cremad(raw, synthesize_cremad(raw, min(args.distinct_long, args.clips_long),
                                            seed=0, **LONG_GEOMETRY), args.clips_long)
     decode_floor(raw, ids[:2])
     floors, rates = [], []
@@ -156,7 +142,7 @@ def long_clips(scratch: Path, args: argparse.Namespace) -> dict[str, float]:
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     """Every number of the benchmark, in the JSON line's layout."""
     raw = scratch / "raw"
-    ids = replicate(raw, synthesize_cremad(raw, min(args.distinct, args.clips), seed=0,
+    ids = replicate_cremad(raw, synthesize_cremad(raw, min(args.distinct, args.clips), seed=0,
                                            **CLIP_GEOMETRY), args.clips)
     decode_floor(raw, ids[:4])  # warm caches and codecs
     build_rate(raw, 3.0, 2)  # start the worker server once, outside the timings

@@ -55,6 +55,7 @@ them. Everything is drawn from `numpy` generators seeded by (seed, clip index).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,22 @@ def synthesize_cremad(out: Path, num_clips: int = 120, seed: int = 0, *, easy: s
         if progress is not None:
             progress(done)
     return sorted(plan.clip_id for plan in plans)
+
+
+def replicate_cremad(raw: Path, ids: list[str], total: int) -> list[str]:
+    """Copy the clips ``ids`` of the synthetic CREMA-D tree ``raw`` under fresh CREMA-D ids
+    (actors 1001-1091, sentence WSI, the source's emotion) until it holds ``total`` clips;
+    returns every id. For benchmarks: a copy decodes as its source does, and generating
+    large clips is slow."""
+    every = list(ids)
+    for n in range(total - len(ids)):
+        source = ids[n % len(ids)]
+        emotion = source.split("_")[2]
+        clip_id = f"{1001 + n % 91}_WSI_{emotion}_X{n // 91}"  # (actor, level) unique per n
+        for folder, suffix in (("AudioWAV", ".wav"), ("VideoFlash", ".flv")):
+            shutil.copyfile(raw / folder / f"{source}{suffix}", raw / folder / f"{clip_id}{suffix}")
+        every.append(clip_id)
+    return every
 
 
 def easy_carriers(labels: list[int], reliability: float, seed: int) -> list[bool]:
