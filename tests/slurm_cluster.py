@@ -1,6 +1,8 @@
 """A real single-node Slurm cluster for the tests: Debian's munge, slurmctld, slurmd and
 slurmdbd (job states for submitit) on a private MariaDB, all from installed packages,
-with their configuration, state and logs in one temporary folder, stopped by PID.
+with their configuration, state and logs in one temporary folder, stopped by PID. Each
+cluster has its own munged (socket and key), so that clusters started at once by several
+test sessions never share, or stop, one another's daemons.
 
 Nothing is installed here (`.ci/run` installs the packages); where a program is missing
 or the cluster does not come up, :func:`start` raises :class:`Unavailable` with the
@@ -16,14 +18,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROGRAMS = ("munged", "munge", "mariadb", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db",
-            "sbatch", "sinfo", "sacct", "scancel")
+PROGRAMS = ("munged", "munge", "unmunge", "mungekey", "mariadb", "slurmctld", "slurmd",
+            "slurmdbd", "mariadbd", "mariadb-install-db", "sbatch", "sinfo", "sacct", "scancel")
 START_S = 60  # the most each daemon is given to come up
-SYSTEM_MUNGE = Path("/run/munge")
 DB_USER = "slurm"
 
 
@@ -39,6 +41,7 @@ class Cluster:
     env: dict[str, str]
     pid_files: list[Path] = field(default_factory=list)
     children: dict[Path, subprocess.Popen] = field(default_factory=dict)  # not daemonized
+    munge: Path | None = None  # this cluster's munged: socket, key, PID file and log
 
     def run(self, *command: str) -> str:
         return subprocess.run(command, env=self.env, check=True, capture_output=True,
@@ -59,6 +62,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        if self.munge is not None:
+            shutil.rmtree(self.munge, ignore_errors=True)
 
 
 def _which(program: str) -> str | None:
@@ -128,24 +133,30 @@ def start(root: Path) -> Cluster:
 
 
 def _start_munge(cluster: Cluster) -> None:
-    """Use the machine's munged when it answers; else start it (cluster.md, steps 1-2)."""
-    def answers() -> bool:
-        encoded = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-        return encoded.returncode == 0 and subprocess.run(
-            ["unmunge"], input=encoded.stdout, capture_output=True, timeout=10).returncode == 0
-
-    with contextlib.suppress(Exception):
-        if answers():
-            return
-    if not Path("/etc/munge/munge.key").exists():
-        subprocess.run([_which("mungekey"), "--create"], check=True, capture_output=True)
-    SYSTEM_MUNGE.mkdir(parents=True, exist_ok=True)
-    shutil.chown(SYSTEM_MUNGE, "munge", "munge")
-    pid_file = SYSTEM_MUNGE / "munged.pid"
-    subprocess.run(["runuser", "-u", "munge", "--", _which("munged"),
-                    f"--pid-file={pid_file}"], check=True, capture_output=True, timeout=30)
+    """This cluster's own munged (cluster.md, steps 1-2, on a private socket and key), so
+    that clusters started at once (test sessions, benchmarks) never stop each other's.
+    munged wants every folder above its socket open to all (o+x), which pytest's 0700
+    temporary folders are not: the socket's folder is a fresh one under /tmp."""
+    folder = Path(tempfile.mkdtemp(prefix="ccat-munge-"))
+    folder.chmod(0o755)
+    cluster.munge = folder
+    socket_path, pid_file = folder / "munge.socket", folder / "munged.pid"
+    subprocess.run([_which("mungekey"), "--create", f"--keyfile={folder / 'munge.key'}"],
+                   check=True, capture_output=True, timeout=30)
+    subprocess.run([_which("munged"), f"--socket={socket_path}",
+                    f"--key-file={folder / 'munge.key'}", f"--pid-file={pid_file}",
+                    f"--log-file={folder / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"],
+                   check=True, capture_output=True, timeout=30)
     cluster.pid_files.append(pid_file)
-    _wait("munged", answers)
+
+    def answers() -> bool:
+        encoded = subprocess.run(["munge", "-n", f"--socket={socket_path}"],
+                                 capture_output=True, timeout=10)
+        return encoded.returncode == 0 and subprocess.run(
+            ["unmunge", f"--socket={socket_path}"], input=encoded.stdout, capture_output=True,
+            timeout=10).returncode == 0
+
+    _wait("munged", answers, folder / "munged.log")
 
 
 def _start_mariadb(cluster: Cluster) -> None:
@@ -178,8 +189,10 @@ def _start_slurm(cluster: Cluster) -> None:
     (root / "state").mkdir(exist_ok=True)
     (root / "spool").mkdir(exist_ok=True)
     dbd = root / "slurmdbd.conf"
+    auth = f"socket={cluster.munge / 'munge.socket'}"
     dbd.write_text("\n".join([
-        "AuthType=auth/munge", "DbdHost=localhost", f"DbdPort={ports['dbd']}", "SlurmUser=root",
+        "AuthType=auth/munge", f"AuthInfo={auth}", "DbdHost=localhost",
+        f"DbdPort={ports['dbd']}", "SlurmUser=root",
         f"PidFile={root / 'slurmdbd.pid'}", f"LogFile={root / 'slurmdbd.log'}",
         "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1",
         f"StoragePort={cluster.env['CCAT_TEST_DB_PORT']}", f"StorageUser={DB_USER}",
@@ -189,7 +202,7 @@ def _start_slurm(cluster: Cluster) -> None:
     (root / "slurm.conf").write_text("\n".join([
         "ClusterName=ccattest", f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ports['ctld']}", f"SlurmdPort={ports['d']}",
-        "AuthType=auth/munge", "AuthInfo=cred_expire=10", "CredType=cred/munge",
+        "AuthType=auth/munge", f"AuthInfo=cred_expire=10,{auth}", "CredType=cred/munge",
         "SlurmUser=root", "SlurmdUser=root", "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none", "MpiDefault=none",
         "SwitchType=switch/none", "SelectType=select/cons_tres",
@@ -201,6 +214,7 @@ def _start_slurm(cluster: Cluster) -> None:
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
         "AccountingStorageType=accounting_storage/slurmdbd",
         "AccountingStorageHost=localhost", f"AccountingStoragePort={ports['dbd']}",
+        f"AccountingStoragePass={cluster.munge / 'munge.socket'}",  # munged for slurmdbd
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} "
         "State=UNKNOWN",
         f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
