@@ -141,8 +141,9 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
                "--out", str(out), *TINY_BUILD]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / ".build" / "train-000000.tar.json").exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a bound for a hung build, not a speed check
+    while not (out / ".build" / "train-000000.tar.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the build never started"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

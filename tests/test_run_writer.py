@@ -231,8 +231,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny, config_file, tmp_pat
     refusal = (f"{out} is being written by another ccat train (process {first.pid} on host "
                f"{socket.gethostname()}); wait for it to end, or train into another --out")
     try:
-        deadline = time.monotonic() + 120
-        while not signed(out / run_dir.LOCK) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 600  # a bound for a hung start, not a speed check
+        while not signed(out / run_dir.LOCK):
+            assert first.poll() is None and time.monotonic() < deadline, "the run never started"
             time.sleep(0.1)
         proc = subprocess.run([sys.executable, "-m", "ccat", "train", *map(str, args),
                                "--resume"], capture_output=True, text=True)
