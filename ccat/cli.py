@@ -59,6 +59,30 @@ def interruptions_speak() -> Iterator[None]:
         raise typer.Exit(INTERRUPTED_EXIT) from None
 
 
+@contextlib.contextmanager
+def grid_interruptions(what: str) -> Iterator[None]:
+    """Ctrl-C in a grid or sweep (the runs' own ``ccat train`` processes are interrupted
+    with it and say where each stopped): one line, exit code 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] {what} stopped; run the same command "
+                      f"again to continue it (finished runs are reused, stopped ones resume)",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+
+
+# The launch options that `ccat grid` and `ccat sweep` share (ccat.grid.GridOptions).
+LAUNCHER = typer.Option("local", help="local (processes here) or slurm")
+JOBS = typer.Option(1, help="local: runs at once, each on its own GPU if any")
+PARTITION = typer.Option("", help="slurm: partition (default: the cluster's)")
+TIME_LIMIT = typer.Option(1440, "--time", help="slurm: minutes per run (a run past it is "
+                          "requeued and resumes)")
+GPUS_PER_RUN = typer.Option(1, help="slurm: GPUs per run")
+CPUS_PER_RUN = typer.Option(4, help="slurm: CPUs per run")
+SLURM_OPTION = typer.Option([], help="slurm: KEY=VALUE sbatch option, repeatable")
+
+
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted training: ``ccat train`` gets
     ``--resume`` (and loses ``--overwrite``); ``ccat sweep`` resumes when run again."""
@@ -193,14 +217,21 @@ def sweep(config: Path = typer.Option(..., "--config", help="YAML config file"),
           out: Optional[Path] = typer.Option(None, help="sweep folder; default: beside the "
                                              "config's run folder, named sweep"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. optim.epochs=10"),
-          ) -> None:
-    """Search the LoRA rank at the config's beta, then beta at the best rank (validation)."""
-    from ccat.sweep import parse_grid, sweep as run_sweep
+          launcher: str = LAUNCHER, jobs: int = JOBS, partition: str = PARTITION,
+          time_limit: int = TIME_LIMIT, gpus_per_run: int = GPUS_PER_RUN,
+          cpus_per_run: int = CPUS_PER_RUN, slurm_option: list[str] = SLURM_OPTION) -> None:
+    """Search the LoRA rank at the config's beta, then beta at the best rank (validation).
+    Each phase's runs go through `ccat grid`'s launchers: --jobs K at once here, or Slurm."""
+    from ccat import grid as grids
+    from ccat.sweep import Command, parse_grid, sweep as run_sweep
 
     cfg = load_config(config, set_, {"data.path": data})
     ranks, betas = parse_grid(rank, "--rank", integer=True), parse_grid(beta, "--beta")
-    with interruptions_speak():
-        run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep")
+    launch = grids.GridOptions(launcher, jobs, partition, time_limit, gpus_per_run,
+                               cpus_per_run, grids.slurm_options(slurm_option))
+    with grid_interruptions("the sweep"):
+        run_sweep(cfg, ranks, betas, out or Path(cfg.out).parent / "sweep",
+                  Command(config, cfg.data.path, tuple(set_)), launch)
 
 
 @app.command("grid", context_settings={"allow_extra_args": True,
@@ -216,8 +247,8 @@ def grid(ctx: typer.Context,
                                                "arguments for one method's runs; repeatable"),
          variant: list[str] = typer.Option([], help="NAME=METHOD [ARGS]: runs OUT/NAME/s<seed> "
                                            "of METHOD with ARGS (an ablation); repeatable"),
-         launcher: str = typer.Option("local", help="local (processes here) or slurm"),
-         jobs: int = typer.Option(1, help="local: runs at once, each on its own GPU if any"),
+         launcher: str = LAUNCHER,
+         jobs: int = JOBS,
          keep_going: bool = typer.Option(False, help="train the other runs past a failed one "
                                          "(make -k), then name every failed run"),
          dry_run: bool = typer.Option(False, help="print each run's commands, run nothing "
@@ -225,13 +256,9 @@ def grid(ctx: typer.Context,
          report: Optional[Path] = typer.Option(None, help="folder of the report (table.md); "
                                                "default: OUT"),
          no_report: bool = typer.Option(False, help="train and evaluate only"),
-         partition: str = typer.Option("", help="slurm: partition (default: the cluster's)"),
-         time_limit: int = typer.Option(1440, "--time", help="slurm: minutes per run "
-                                        "(a run past it is requeued and resumes)"),
-         gpus_per_run: int = typer.Option(1, help="slurm: GPUs per run"),
-         cpus_per_run: int = typer.Option(4, help="slurm: CPUs per run"),
-         slurm_option: list[str] = typer.Option([], help="slurm: KEY=VALUE sbatch option, "
-                                                "repeatable")) -> None:
+         partition: str = PARTITION, time_limit: int = TIME_LIMIT,
+         gpus_per_run: int = GPUS_PER_RUN, cpus_per_run: int = CPUS_PER_RUN,
+         slurm_option: list[str] = SLURM_OPTION) -> None:
     """Train and evaluate every (method, seed) run, as `make table` does, then the report.
     Arguments after `--` go to every run's `ccat train`, after its own (the Makefile's ARGS)."""
     from ccat import grid as grids
@@ -250,7 +277,8 @@ def grid(ctx: typer.Context,
         return
     options = grids.GridOptions(launcher, jobs, partition, time_limit, gpus_per_run,
                                 cpus_per_run, grids.slurm_options(slurm_option), keep_going)
-    grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
+    with grid_interruptions("the grid"):
+            grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
     if not no_report:
         make_report(folders, "table", report_out, "test")
 

@@ -73,6 +73,7 @@ class GridRun:
     config: Path
     data: str
     train_args: tuple[str, ...] = ()
+    evaluate: bool = True  # ``ccat eval --probe`` after training (a sweep's trials: no)
 
     def train_command(self) -> list[str]:
         """``ccat train`` of this run; ``--resume`` once its folder holds a run (the Makefile's
@@ -85,7 +86,9 @@ class GridRun:
 
     def eval_command(self) -> list[str] | None:
         """``ccat eval --probe`` of best.pt, or None when eval.json is newer than best.pt
-        (``test eval.json -nt best.pt``, to the nanosecond)."""
+        (``test eval.json -nt best.pt``, to the nanosecond), or when the run is not evaluated."""
+        if not self.evaluate:
+            return None
         best, scores = self.folder / run_dir.BEST, self.folder / run_dir.EVAL
         if scores.is_file() and best.is_file() and \
                 scores.stat().st_mtime_ns > best.stat().st_mtime_ns:

@@ -2,10 +2,12 @@
 Figure 4): every rank at the config's beta, then every beta at the best rank, each run
 scored by the fused validation accuracy of the epoch its best.pt holds.
 
-Runs go to ``OUT/r<rank>_b<beta>`` through :func:`ccat.train.train`, in this process. A
-folder whose run finished (last.pt at the last epoch of the last stage) with the same
-config is reused, an unfinished one is resumed, one holding a run with another config
-(outside ``config.RESUME_FREE_KEYS``) is refused. The score is the fused validation
+Runs go to ``OUT/r<rank>_b<beta>``, each a ``ccat train`` through :mod:`ccat.grid` (the
+runs of a phase at once: ``--launcher local --jobs K`` on this machine's GPUs, or one
+Slurm job each), so a sweep and a table train the same way. A folder whose run finished
+(last.pt at the last epoch of the last stage) with the same config is reused without
+starting a process, an unfinished one is resumed, one holding a run with another config
+(outside ``config.RESUME_FREE_KEYS``) is refused before anything starts. The score is the fused validation
 accuracy of best.pt's epoch in the last stage (the stage best.pt follows), chosen by the
 config's ``select``: the best epoch, a tie going to the later one, or the last epoch;
 ties between trials go to the earlier grid value.
@@ -23,13 +25,14 @@ from typing import Any
 
 from rich.table import Table
 
+from ccat import grid as grids
 from ccat import run_dir
 from ccat.analysis.plots import new_figure, run_title, save
 from ccat.config import RunConfig, from_dict, to_dict
 from ccat.data.reader import open_dataset
 from ccat.errors import CcatError
 from ccat.run_config import resolve_params
-from ccat.train import check_same_config, finished, is_selected, saved_run, train
+from ccat.train import check_same_config, finished, is_selected, saved_run
 from ccat.ui import make_console
 
 MAX_GRID = 1000  # values one option may expand to; more is a typo in a range's step
@@ -111,8 +114,19 @@ def run_name(rank: int, beta: float) -> str:
     return f"r{rank}_b{beta:g}"
 
 
-def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
-    """Train ``cfg`` into ``trial.folder``, reusing or resuming what is there."""
+@dataclass(frozen=True)
+class Command:
+    """What the sweep's ``ccat train`` runs are given: the config file, the built data and
+    the ``--set`` overrides, as ``ccat sweep`` got them (each trial adds its rank and beta)."""
+
+    config: Path
+    data: str
+    overrides: tuple[str, ...] = ()
+
+
+def _check_trial(trial: Trial, cfg: RunConfig) -> bool:
+    """Set ``trial.status``; True when its folder holds the finished run (reused as it is).
+    A run there with another config is refused, naming the keys."""
     folder = trial.folder
     resume = run_dir.holds_run(folder)
     done = False
@@ -123,7 +137,18 @@ def run_trial(trial: Trial, cfg: RunConfig) -> list[dict[str, Any]]:
     trial.status = "reused" if done else "resumed" if resume else "trained"
     console.print(f"[bold]sweep[/bold] rank {trial.rank}, beta {trial.beta:g}: {folder} "
                   f"({'reused' if done else 'resuming' if resume else 'training'})")
-    return train(cfg, resume=resume)
+    return done
+
+
+def _grid_run(trial: Trial, cfg: RunConfig, command: Command) -> grids.GridRun:
+    """The trial as a grid run: ``ccat train`` of the config's method and seed with the
+    sweep's overrides, then the trial's rank and beta; no ``ccat eval`` (the sweep scores
+    validation rows, never test)."""
+    args = [a for item in command.overrides for a in ("--set", item)]
+    args += ["--set", f"method.params.rank={trial.rank}",
+             "--set", f"method.params.beta={trial.beta!r}"]
+    return grids.GridRun(cfg.method.name, cfg.seed, trial.folder, command.config,
+                         command.data, tuple(args), evaluate=False)
 
 
 def score(trial: Trial, rows: list[dict[str, Any]], val: str, select: str = "best") -> None:
@@ -159,14 +184,16 @@ def _searchable(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _run_phase(phase: str, points: list[tuple[int, float]], base: RunConfig,
-               out: Path) -> list[Trial]:
-    trials = []
-    for rank, beta in points:
-        trial = Trial(phase, rank, beta, out / run_name(rank, beta))
-        rows = run_trial(trial, _trial_config(base, rank, beta, trial.folder))
-        score(trial, rows, base.data.val_split, base.select)
-        trials.append(trial)
+def _run_phase(phase: str, points: list[tuple[int, float]], base: RunConfig, out: Path,
+               command: Command, launch: grids.GridOptions) -> list[Trial]:
+    """Train the phase's trials on ``launch`` (all at once, as it allows), then score each."""
+    trials = [Trial(phase, rank, beta, out / run_name(rank, beta)) for rank, beta in points]
+    runs = [_grid_run(trial, base, command) for trial in trials
+            if not _check_trial(trial, _trial_config(base, trial.rank, trial.beta, trial.folder))]
+    if runs:
+        grids.grid(runs, launch, out, lambda run: console.print(f"done: {run.folder}"))
+    for trial in trials:
+        score(trial, run_dir.read_metrics(trial.folder), base.data.val_split, base.select)
     return trials
 
 
@@ -174,18 +201,21 @@ def _best(trials: list[Trial]) -> Trial:
     return max(trials, key=lambda t: t.val_acc)  # max keeps the first of equals
 
 
-def sweep(base: RunConfig, ranks: list[int], betas: list[float], out: str | Path) -> dict[str, Any]:
+def sweep(base: RunConfig, ranks: list[int], betas: list[float], out: str | Path,
+          command: Command, launch: grids.GridOptions = grids.GridOptions()) -> dict[str, Any]:
     """Rank first (beta at the config's value), then beta at the best rank; writes
-    OUT/sweep.md, sweep.csv, sweep.json, rank.png and beta.png; returns the choice."""
+    OUT/sweep.md, sweep.csv, sweep.json, rank.png and beta.png; returns the choice.
+    ``base`` is ``command`` loaded (:func:`ccat.run_config.load_config`)."""
     check_grids(ranks, betas)
     base = _searchable(base)
     _check_validation(base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rank_trials = _run_phase("rank", [(r, base.method.params["beta"]) for r in ranks], base,
-                             out)
+                             out, command, launch)
     best_rank = _best(rank_trials).rank
-    beta_trials = _run_phase("beta", [(best_rank, b) for b in betas], base, out)
+    beta_trials = _run_phase("beta", [(best_rank, b) for b in betas], base, out, command,
+                             launch)
     chosen = _best(beta_trials)
     trials = rank_trials + beta_trials
     result = {"rank": chosen.rank, "beta": chosen.beta, "val_acc": chosen.val_acc,

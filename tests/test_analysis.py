@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,9 +217,9 @@ def test_sweep_chooses_on_validation_and_reuses_finished_runs(tiny):
     out = tiny.root / "sweep"
     args = ["sweep", "--config", str(tiny.config), "--rank", "1,2", "--beta", "0.1:0.2:0.1",
             "--out", str(out)]
-    first = runner.invoke(app, args)
+    first = runner.invoke(app, [*args, "--jobs", "2"])  # a phase's runs two at a time
     assert first.exit_code == 0, first.output
-    assert "r1_b0.1 (reused)" in first.output  # the fixture's run, same config
+    assert "r1_b0.1 (reused)" in first.output  # the fixture's run, same config: no process
     rank_acc = {r: best_of(out / f"r{r}_b0.1") for r in (1, 2)}
     best_rank = 1 if rank_acc[1] >= rank_acc[2] else 2  # ties go to the earlier grid value
     beta_acc = {b: best_of(out / f"r{best_rank}_b{b}") for b in ("0.1", "0.2")}
@@ -243,6 +247,39 @@ def test_sweep_chooses_on_validation_and_reuses_finished_runs(tiny):
     assert again.output.count("(reused)") == 4 and "(training)" not in again.output
     assert {p: p.stat().st_mtime_ns for p in out.glob("r*_b*/last.pt")} == stamps
     assert json.loads((out / "sweep.json").read_text())["rank"] == chosen["rank"]
+
+
+def interrupt_sweep(command: list[str], ready) -> str:
+    """Start ``command`` in a process group of its own, send the group SIGINT (as a terminal
+    does) once ``ready()``, return what it printed; it must exit 130."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "COLUMNS": "500"})  # one line, unwrapped
+    deadline = time.monotonic() + 600  # a bound for a hang, not a speed check
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    said, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, said
+    return said
+
+
+def test_ctrl_c_stops_a_sweep_in_one_line_and_running_it_again_resumes(tiny, tmp_path):
+    """Ctrl-C reaches the sweep and its trial's `ccat train`: the trial says where it
+    stopped, the sweep's last line how to continue (exit 130); the same command again
+    resumes the trial from its checkpoint."""
+    out = tmp_path / "sweep"
+    last = out / "r2_b0.1" / "last.pt"
+    command = [sys.executable, "-m", "ccat", "sweep", "--config", str(tiny.config), "--rank",
+               "2", "--beta", "0.1", "--out", str(out), "--set", "optim.epochs=500"]
+    said = interrupt_sweep(command, last.is_file)
+    assert "interrupted: training of" in said and "Traceback" not in said
+    assert said.rstrip().splitlines()[-1].startswith(
+        "interrupted: the sweep stopped; run the same command again to continue it")
+    saved = torch.load(last, weights_only=True)["epoch"]
+    said = interrupt_sweep(command, lambda: torch.load(last, weights_only=True)["epoch"] > saved)
+    assert "r2_b0.1 (resuming)" in said and f"resuming {last.parent}: " in said, said
 
 
 def test_sweep_score_takes_the_later_of_tied_epochs_as_best_pt_does():
