@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ccat.grid import GridError, Variant, variants_of
+from ccat.train import TIMING_KEYS
 from train_helpers import write_tiny_dataset
 
 CONFIG = ("device: cpu\ndata: {batch_size: 4, workers: 0}\n"
@@ -78,6 +79,34 @@ def test_slurm_grid_gives_the_local_eval_json(setup: tuple[Path, Path], local: P
                 "--cpus-per-run", "1", env={"SLURM_CONF": slurm.env["SLURM_CONF"]})
     assert done.returncode == 0, done.stderr[-2000:]
     assert scores(out) == scores(local)
+
+
+def test_a_sweep_on_slurm_chooses_and_trains_as_the_local_sweep(
+        setup: tuple[Path, Path], slurm, tmp_path: Path) -> None:
+    """`ccat sweep` sends its trials through the grid's launchers: on Slurm (one job a
+    trial) it trains the same runs to the same validation rows and the same choice."""
+    config, data = setup
+    chosen = {}
+    for launcher, env in (("local", {}), ("slurm", {"SLURM_CONF": slurm.env["SLURM_CONF"]})):
+        out = tmp_path / launcher
+        command = [sys.executable, "-m", "ccat", "sweep", "--config", str(config), "--data",
+                   str(data), "--rank", "1,2", "--beta", "0.1", "--out", str(out),
+                   "--launcher", launcher, "--gpus-per-run", "0", "--cpus-per-run", "1",
+                   "--set", "method.name=ccat", "--set", "method.params.pretrain_epochs=1",
+                   "--set", "method.params.beta=0.1"]  # the beta phase reuses its best rank
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env,
+                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        chosen[launcher] = json.loads((out / "sweep.json").read_text())
+        chosen[launcher]["rows"] = {  # the rows without their wall times
+            p.parent.name: [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+                            for line in p.read_text().splitlines()]
+            for p in sorted(out.glob("r*_b*/metrics.jsonl"))}
+        assert not list(out.glob("r*_b*/eval.json"))  # trials are scored on validation only
+    assert len(chosen["local"]["rows"]) == 2
+    assert list((tmp_path / "slurm" / "grid.logs").iterdir())  # the trials were Slurm jobs
+    assert chosen["slurm"] == chosen["local"]
 
 
 def test_a_requeued_slurm_run_resumes_to_the_uninterrupted_result(
