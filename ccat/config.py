@@ -789,6 +789,13 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 RESUME_FREE_KEYS = ("out", "threads", "data.path", "data.cache_dir", "data.workers",
                     "data.prefetch", "data.pin_memory", "data.verify")
 UNSET = "(unset)"
+# Method params added after runs were saved without them, by (method, param): the value
+# that does what the code before the param did, so a run saved then reads as having it.
+# Exact by construction: add an entry only with the value that reproduces the old code.
+ADDED_PARAMS: dict[tuple[str, str], Any] = {
+    ("ogm_ge", "variant"): "paper",  # 2026-12-08: "released" added; before, always "paper"
+    ("opg", "variant"): "paper",
+}
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -804,8 +811,12 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def differences(saved: RunConfig, new: RunConfig,
                 free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
-    """``(dotted key, saved value, new value)`` for every key outside ``free`` that differs."""
+    """``(dotted key, saved value, new value)`` for every key outside ``free`` that differs;
+    a param of :data:`ADDED_PARAMS` that ``saved`` lacks counts as its listed value."""
     old, now = flatten(to_dict(saved)), flatten(to_dict(new))
+    for (method, param), value in ADDED_PARAMS.items():
+        if saved.method.name == method:
+            old.setdefault(f"method.params.{param}", value)
     return [(k, old.get(k, UNSET), now.get(k, UNSET)) for k in sorted(old.keys() | now.keys())
             if k not in free and old.get(k, UNSET) != now.get(k, UNSET)]
 

@@ -132,7 +132,8 @@ class WindowEnd(Enum):
       on 1-based epochs. AGM (run/CREMAD_main.py:159, epochs from 1 at :611-635; its
       ``starts`` is read 0-based, so one above 0 begins an epoch later than released), and
       OGM-GE, whose release counts from 0 (main.py:132, :275) and so also modulates epoch
-      ``ends``: ccat's OGM-GE departs from it by that one epoch.
+      ``ends``: ccat's OGM-GE departs from it by that one epoch (its ``variant:
+      released`` reads ``ends`` as INCLUDED, the release's window).
     """
 
     INCLUDED = "included"

@@ -6,13 +6,18 @@ confidence in the correct class (from its block of the head) gives a discrepancy
 the dominant modality's encoder gradient is damped by k = 1 - tanh(alpha * rho) (Eq. 10),
 and Gaussian noise with the gradient's own spread is added (GE), inside the modulation
 window of epochs.
+
+``method.params.variant``: "paper" (the default) modulates every encoder parameter inside
+epochs [modulation_starts, modulation_ends); "released" is GeWu-Lab/OGM-GE_CVPR2022
+(343dc1d) main.py L132-148 exactly: the 4-D gradients (convolution kernels) only, noise
+``normal_(0, std + 1e-8)``, and the window starts..ends inclusive, one epoch longer.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,8 @@ from ccat.step import Step
 
 MODULATIONS = ("OGM_GE", "OGM", "Normal")  # the released code's --modulation choices
 TINY_SCORE = 1e-12  # keeps rho finite if every softmax score underflows
+RELEASED_NOISE_EPS = 1e-8  # main.py L139: normal_(0, parms.grad.std().item() + 1e-8)
+VARIANTS = ("paper", "released")
 
 
 def correct_class_score(logits: torch.Tensor, label: torch.Tensor) -> float:
@@ -59,16 +66,23 @@ def coefficients(ratios: dict[str, float], alpha: float) -> dict[str, float]:
     return coefs
 
 
-def modulate(encoder: nn.Module, coef: float, noise: bool) -> None:
+def modulate(encoder: nn.Module, coef: float, noise: bool, released: bool = False) -> None:
     """g <- k g (OGM), plus h ~ N(0, std(g)^2) elementwise with g's std before scaling (GE).
 
-    Every parameter of the encoder, as the paper's theta^u; the released code touches
-    only the 4-D convolution kernels.
+    Every parameter of the encoder, as the paper's theta^u. ``released``: the released
+    code's rule exactly (main.py L132-148): only the 4-D gradients (convolution kernels)
+    are touched, and GE's noise is ``zeros_like(g).normal_(0, std(g) + 1e-8)``.
     """
     for p in encoder.parameters():
         if p.grad is None:
             continue
         grad = p.grad
+        if released:
+            if grad.dim() != 4:
+                continue
+            p.grad = grad * coef + torch.zeros_like(grad).normal_(
+                0, grad.std().item() + RELEASED_NOISE_EPS) if noise else grad * coef
+            continue
         scaled = grad * coef
         if noise and grad.numel() > 1:
             scaled = scaled + torch.randn_like(grad) * grad.std()
@@ -91,6 +105,10 @@ class OGMGE(JointMethod):
         modulation_starts: int = 0  # first modulated epoch (0-based)
         # First epoch no longer modulated; the released code's check is inclusive (<= ends).
         modulation_ends: int = 50
+        # "paper": every encoder parameter, the window [starts, ends); "released": the
+        # release's rule exactly: 4-D kernels only, std + 1e-8, and (for ogm_ge) the
+        # window starts..ends inclusive on 0-based epochs (main.py L132).
+        variant: Literal["paper", "released"] = "paper"
 
     def __init__(self, cfg: MethodConfig, epochs: int):
         super().__init__(cfg, epochs)
@@ -98,12 +116,18 @@ class OGMGE(JointMethod):
             raise ConfigError(f"method.params.modulation must be one of {', '.join(MODULATIONS)}, "
                               f"not {self.params.modulation!r}")
 
+    # How variant "released" reads modulation_ends: the release's check, <= ends on 0-based
+    # epochs (main.py L132, epochs from 0 at L275).
+    released_window = WindowEnd.INCLUDED
+
     def modulating(self) -> bool:
-        """Whether this epoch lies in [modulation_starts, modulation_ends) (WindowEnd says
-        how this departs from the release by one epoch)."""
+        """Whether this epoch lies in [modulation_starts, modulation_ends), or with variant
+        "released" in the release's window (WindowEnd says how the two differ by one
+        epoch)."""
         p = self.params
+        end = self.released_window if p.variant == "released" else WindowEnd.EXCLUDED
         return p.modulation != "Normal" and in_window(self.epoch, p.modulation_starts,
-                                                      p.modulation_ends, WindowEnd.EXCLUDED)
+                                                      p.modulation_ends, end)
 
     def damping(self, ratios: dict[str, float]) -> dict[str, float]:
         """Each modality's gradient coefficient k^u for the ratios rho^u (Eq. 10)."""
@@ -122,7 +146,8 @@ class OGMGE(JointMethod):
         active = self.modulating()
         if active:  # under torchrun, Step then averages the noise over ranks too
             for m in model.modalities:
-                modulate(model.encoders[m], coefs[m], noise=self.params.modulation == "OGM_GE")
+                modulate(model.encoders[m], coefs[m], noise=self.params.modulation == "OGM_GE",
+                         released=self.params.variant == "released")
         step.step()
         out = {"loss": loss.item()}
         out.update({f"ratio/{m}": r for m, r in ratios.items()})

@@ -17,7 +17,8 @@ head with b / 2); code/scripts/train_ogm.sh (alpha 0.8, epochs 0 to 60).
 
 Departures from that code, as ``ogm_ge``'s: every parameter of the dominant encoder is
 modulated (the release touches its 4-D convolution kernels only) and the noise's spread is
-the gradient's std (the release adds 1e-8); more than two modalities: rho^m = s^m / the
+the gradient's std (the release adds 1e-8); ``variant: released`` takes the release's
+(L154-169) for both; more than two modalities: rho^m = s^m / the
 others' mean, every modality above 1 damped (a tie of all: the last). The release's
 ``--use_OGM_plus`` (a fixed 4x on the weaker modality) is not in its scripts nor here.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ccat.config import NON_NEGATIVE, Range
-from ccat.methods.base import METHODS
+from ccat.methods.base import METHODS, WindowEnd
 from ccat.methods.ogm_ge import OGMGE
 
 
@@ -58,6 +59,10 @@ class OPG(OGMGE):
         modulation_ends: int = 61
         # Epochs never modulated: main.py L91 warm_up = epoch <= 5 (0-based), so 6.
         warmup_epochs: int = 6
+
+    # Its modulation_ends (61) already is the release's inclusive 60, so variant "released"
+    # keeps the window and changes only what is modulated and the noise (OGMGE.Params).
+    released_window = WindowEnd.EXCLUDED
 
     def modulating(self) -> bool:
         """Whether this epoch is past the warm-up and in [modulation_starts, modulation_ends)."""

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from ccat.config import ConfigError
-from ccat.methods.ogm_ge import coefficients, correct_class_score, discrepancy_ratios
+from ccat.config import ConfigError, differences, from_dict, to_dict
+from ccat.methods.ogm_ge import (coefficients, correct_class_score, discrepancy_ratios,
+                                  modulate)
+from ccat.run_config import load_config
 from ccat.step import Step
 from method_helpers import build_pair as build
 from train_helpers import CLASSES, random_batch
@@ -85,3 +87,56 @@ def test_ogm_coefficients_match_the_released_branches_ties_included():
             released_ogm_coefficients(score_a, score_v, 0.8))
     tie = coefficients({"audio": 1.0, "video": 1.0}, 0.8)
     assert tie["audio"] == pytest.approx(0.336, abs=1e-3) and tie["video"] == 1.0
+
+
+def released_modulation(named_grads, coeff, modulation):
+    """main.py L135-148 for one modality's parameters: only 4-D gradients (convolution
+    kernels) change; OGM_GE: g * coeff + zeros_like(g).normal_(0, g.std().item() + 1e-8),
+    OGM: g *= coeff."""
+    out = {}
+    for name, grad in named_grads:
+        grad = grad.clone()
+        if len(grad.size()) == 4:
+            if modulation == "OGM_GE":
+                grad = grad * coeff + torch.zeros_like(grad).normal_(0, grad.std().item() + 1e-8)
+            elif modulation == "OGM":
+                grad *= coeff
+        out[name] = grad
+    return out
+
+
+@pytest.mark.parametrize("modulation", ["OGM_GE", "OGM"])
+def test_variant_released_modulates_as_the_released_code_on_hand_built_tensors(modulation):
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(),
+                                  torch.nn.Linear(12, 2))
+    grads = [torch.randn_like(p) for p in encoder.parameters()]
+    for p, g in zip(encoder.parameters(), grads):
+        p.grad = g.clone()
+    torch.manual_seed(7)
+    modulate(encoder, 0.3, noise=modulation == "OGM_GE", released=True)
+    torch.manual_seed(7)
+    expected = released_modulation(zip(range(len(grads)), grads), 0.3, modulation)
+    for k, p in enumerate(encoder.parameters()):
+        assert torch.equal(p.grad, expected[k]), k  # bit for bit, the noise's draws included
+    assert torch.equal(encoder[2].weight.grad, grads[2])  # 2-D: untouched, as released
+
+
+def test_variant_released_takes_the_released_window_and_old_runs_read_as_paper():
+    for variant, modulated in (("paper", False), ("released", True)):  # main.py: epoch <= ends
+        method, _ = build("ogm_ge", modulation_ends=2, variant=variant)
+        method.begin_epoch(2)
+        assert method.modulating() is modulated
+    for variant in ("paper", "released"):  # OPG's ends (61) is the release's inclusive 60
+        method, _ = build("opg", variant=variant)
+        method.begin_epoch(60)
+        assert method.modulating()
+        method.begin_epoch(61)
+        assert not method.modulating()
+    for name in ("ogm_ge", "opg"):  # a run saved before the param: its code was "paper"
+        saved = to_dict(load_config(None, [f"method.name={name}"]))
+        del saved["method"]["params"]["variant"]
+        saved = from_dict(saved)
+        assert differences(saved, load_config(None, [f"method.name={name}"])) == []
+        released = load_config(None, [f"method.name={name}", "method.params.variant=released"])
+        assert differences(saved, released) == [("method.params.variant", "paper", "released")]
