@@ -13,8 +13,9 @@ each a fresh ``ccat-data build cremad`` process into a fresh folder:
 Each figure is the command's wall time: imports, planning, the parts' start (for Slurm:
 submission, scheduling with ``sched_interval=2``, srun, submitit, Python), the build, and
 the merge. ``shards_identical`` says whether every build wrote the same shards, and
-``parts_identical_to_workers1`` whether the parts' builds wrote the one-process build's bytes,
-every shard and the manifest (which records ``--workers``, outside the fingerprint). Without a cluster the Slurm figure is left out with the reason.
+``parts_identical_to_workers1`` whether the parts' builds wrote the one-process build's
+bytes, every shard and the manifest (which records ``--workers``, outside the
+fingerprint). Without a cluster the Slurm figure is left out with the reason.
 """
 
 from __future__ import annotations

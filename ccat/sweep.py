@@ -7,10 +7,10 @@ runs of a phase at once: ``--launcher local --jobs K`` on this machine's GPUs, o
 Slurm job each), so a sweep and a table train the same way. A folder whose run finished
 (last.pt at the last epoch of the last stage) with the same config is reused without
 starting a process, an unfinished one is resumed, one holding a run with another config
-(outside ``config.RESUME_FREE_KEYS``) is refused before anything starts. The score is the fused validation
-accuracy of best.pt's epoch in the last stage (the stage best.pt follows), chosen by the
-config's ``select``: the best epoch, a tie going to the later one, or the last epoch;
-ties between trials go to the earlier grid value.
+(outside ``config.RESUME_FREE_KEYS``) is refused before anything starts. The score is the
+fused validation accuracy of best.pt's epoch in the last stage (the stage best.pt
+follows), chosen by the config's ``select``: the best epoch, a tie going to the later one,
+or the last epoch; ties between trials go to the earlier grid value.
 """
 
 from __future__ import annotations
