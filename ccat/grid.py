@@ -22,6 +22,7 @@ names each failed one; neither writes the report.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shlex
 import signal
@@ -147,8 +148,14 @@ def _run_commands(run: GridRun, env: dict[str, str] | None, in_job: bool) -> boo
         command = make()
         if command is None:
             continue
+        # Locally a run's commands are a process group of their own, so Ctrl-C reaches the
+        # grid alone and the grid interrupts each run once (run_local); in a Slurm job,
+        # Slurm signals every process of the job and the job decides (module docstring).
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=_ignore_job_signals if in_job else None)
+                                   preexec_fn=_ignore_job_signals if in_job else None,
+                                   process_group=None if in_job else 0)
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
         stopped: list[int] = []
 
         def stop(number: int, frame: object) -> None:
@@ -167,6 +174,8 @@ def _run_commands(run: GridRun, env: dict[str, str] | None, in_job: bool) -> boo
             process.wait()
             raise
         finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
             if in_job:
                 signal.signal(signal.SIGTERM, previous)
         if stopped:
@@ -176,6 +185,19 @@ def _run_commands(run: GridRun, env: dict[str, str] | None, in_job: bool) -> boo
             raise GridError(f"run {run.folder} failed in `ccat {command[3]}` (exit {code}): "
                             f"{said[-1] if said else 'no message'}")
     return False
+
+
+_RUNNING: set[subprocess.Popen] = set()  # the runs' commands running now (local launcher)
+_RUNNING_LOCK = threading.Lock()
+
+
+def _interrupt_running() -> None:
+    """Ctrl-C for each running command: ``ccat train`` says where it stopped and exits 130."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
 
 
 def dry_run(runs: list[GridRun]) -> None:
@@ -236,9 +258,16 @@ def run_local(runs: list[GridRun], jobs: int, gpus: int, keep_going: bool = Fals
         if on_done:
             on_done(run)
 
-    with ThreadPoolExecutor(jobs) as pool:
+    pool = ThreadPoolExecutor(jobs)
+    try:
         for future in [pool.submit(pinned, run) for run in runs]:
             future.result()  # anything but a failed run (GridError) is raised here
+    except KeyboardInterrupt:  # no further run starts, --keep-going or not
+        stop.set()
+        _interrupt_running()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if failed:
         raise failures_error(failed, len(runs), keep_going,
                              "no further run was started (the running ones finished)")

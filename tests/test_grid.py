@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,34 @@ def test_local_grid_trains_every_run_once_then_reports_and_refuses_a_changed_con
     assert {p: p.stat().st_mtime_ns for p in local.glob("*/s*/*.pt")} == stamps
     changed = grid(config, data, local, "--set", "optim.lr=0.02")
     assert changed.returncode == 2 and "optim.lr" in changed.stderr  # ccat train's refusal
+
+
+def test_ctrl_c_stops_the_grid_and_its_run_even_with_keep_going(
+        setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the grid's process group, as a terminal sends it) interrupts the
+    running run once (its own one line), starts no further run although --keep-going
+    would go past a failed one, and ends the grid in one line, exit 130."""
+    config, data = setup
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "ccat", "grid", "--config", str(config), "--data",
+               str(data), "--methods", "sum concat", "--seeds", "0", "--out", str(out),
+               "--keep-going", "--set", "optim.epochs=500"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1", "COLUMNS": "500"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = out / "sum" / "s0" / "last.pt"
+    deadline = time.monotonic() + WAIT_S  # a bound for a hang, not a speed check
+    while not first.is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    said, _ = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 130, said
+    assert said.count("interrupted: training of") == 1 and "Traceback" not in said, said
+    assert said.rstrip().splitlines()[-1].startswith("interrupted: the grid stopped; run the "
+                                                     "same command again")
+    assert not (out / "concat").exists()  # no further run started
 
 
 def test_slurm_grid_gives_the_local_eval_json(setup: tuple[Path, Path], local: Path, slurm,
