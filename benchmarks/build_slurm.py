@@ -94,7 +94,8 @@ def main() -> None:
         else:
             try:
                 runs["parts3_slurm"] = timed_build(
-                    raw, root / "slurm-out", {**env, **cluster.env}, "--workers", "1",
+                    raw, root / "slurm-out", {**env, "SLURM_CONF": cluster.env["SLURM_CONF"]},
+                    "--workers", "1",
                     "--parts", "3", "--launcher", "slurm", "--cpus-per-task", "1")
             finally:
                 cluster.stop()

@@ -278,7 +278,7 @@ def grid(ctx: typer.Context,
     options = grids.GridOptions(launcher, jobs, partition, time_limit, gpus_per_run,
                                 cpus_per_run, grids.slurm_options(slurm_option), keep_going)
     with grid_interruptions("the grid"):
-            grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
+        grids.grid(runs, options, out, lambda run: console.print(f"done: {run.folder}"))
     if not no_report:
         make_report(folders, "table", report_out, "test")
 

@@ -34,7 +34,6 @@ from ccat.step import Step
 MODULATIONS = ("OGM_GE", "OGM", "Normal")  # the released code's --modulation choices
 TINY_SCORE = 1e-12  # keeps rho finite if every softmax score underflows
 RELEASED_NOISE_EPS = 1e-8  # main.py L139: normal_(0, parms.grad.std().item() + 1e-8)
-VARIANTS = ("paper", "released")
 
 
 def correct_class_score(logits: torch.Tensor, label: torch.Tensor) -> float:
